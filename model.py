@@ -1,0 +1,355 @@
+"""GPT-2: the model, its presets, its Hugging Face name map, the checkpoint loader and the sampler.
+
+Architecture only: no optimizer, no ranks, no prints. The one file I/O is `GPT.from_checkpoint`, the
+single loader every script uses (hellaswag.py, sample.py, export_hf.py, the trainer's resume).
+
+    uv run python -c "from model import GPT, GPTConfig; m = GPT(GPTConfig(**{'n_layer': 2, 'n_head': 2, 'n_embd': 64})); print(m.num_params())"
+
+Numerics match Hugging Face's `GPT2LMHeadModel` (tanh GELU, LayerNorm eps 1e-5, pre-LN, learned
+positions, tied embedding / lm_head), so weights move both ways through `hf_state_dict` /
+`load_hf_state_dict`, which share one name map.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 bytes + <|endoftext|>
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    block_size: int = 1024  # longest sequence (learned position table)
+    vocab_size: int = GPT2_VOCAB_SIZE  # real tokens: the softmax runs over these only
+    # 50257 padded to 50304 (a multiple of 128) for faster matmuls. The extra rows are never
+    # scored: logits are cut back to vocab_size, as llm.c does, so an imported OpenAI GPT-2 (whose
+    # padded rows are zero) gives exactly Hugging Face's probabilities.
+    padded_vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError("padded_vocab_size must be >= vocab_size")
+
+
+# Model presets: keyword overrides of GPTConfig. The four GPT-2 sizes are OpenAI's.
+MODEL_PRESETS: dict[str, dict] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+    # CPU-sized: 4 layers of width 128 (~7M parameters, most of them the 50304 x 128 embedding),
+    # context 256: trains at a few thousand tokens/s on 2 cores, enough to watch loss fall in minutes.
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
+}
+
+
+class KVCache:
+    """Preallocated keys and values for incremental decoding: (B, n_head, max_len, head_dim) per layer."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
+        shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions filled so far (same for every layer after a full forward)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, n_head, t, head_dim) at the current length; return all keys/values so far."""
+        start, end = self.length, self.length + k.size(2)
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.residual_scaled_init = True
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        # (B, T, C) -> (B, n_head, T, head_dim)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if kv_cache is None or kv_cache.length == 0:
+            if kv_cache is not None:
+                kv_cache.update(layer, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            # Decoding: T new queries after the cached prefix. One query sees every cached key; for
+            # several, mask so query i sees the prefix and the new keys up to i.
+            k, v = kv_cache.update(layer, k, v)
+            mask = None
+            if T > 1:
+                prefix = k.size(2) - T
+                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=prefix)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU; the exact one differs by ~5e-4
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.residual_scaled_init = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache, layer)  # pre-LayerNorm residual blocks
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input / output embedding
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "residual_scaled_init", False):
+                # Residual projections add into the stream 2 * n_layer times: scale so its variance
+                # does not grow with depth (GPT-2 paper, section 2.3).
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy over
+        `targets` (B, T) when given (positions with target -1 are ignored)."""
+        B, T = idx.size()
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, kv_cache, layer)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)[..., : self.config.vocab_size]  # drop the padding rows
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # ---- sizes -------------------------------------------------------------------------------
+    def num_params(self, include_position_embedding: bool = True) -> int:
+        """Parameter count, the tied embedding counted once."""
+        n = sum(p.numel() for p in self.parameters())
+        if not include_position_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token (forward + backward), the PaLM-paper estimate used for MFU:
+        6 per weight that multiplies (all but the position table; the tied embedding counts once, as
+        the lm_head matmul) plus 12 * n_layer * n_embd * seq_len for the attention scores and sums.
+        GPT-2 124M at seq_len 1024: ~0.86 GFLOP/token."""
+        weights = self.num_params(include_position_embedding=False)
+        return 6 * weights + 12 * self.config.n_layer * self.config.n_embd * seq_len
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "GPT":
+        """Load one of our checkpoints (training or final) as a GPT in eval mode.
+
+        `weights_only=True`: a checkpoint holds tensors and plain values and cannot run code."""
+        ckpt = load_checkpoint_file(path, map_location)
+        if "model" not in ckpt or "model_config" not in ckpt:
+            raise ValueError(f"{path} is not a checkpoint of this repo (no 'model'/'model_config' keys)")
+        model = cls(GPTConfig(**ckpt["model_config"]))
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()
+            raise ValueError(f"{path}: weights do not fit its model_config ({first[1].strip() if len(first) > 1 else first[0]})") from None
+        return model.eval()
+
+    def model_config_dict(self) -> dict:
+        return asdict(self.config)
+
+
+def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict:
+    """torch.load a checkpoint safely, turning the usual failures into one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found: pass the path of a model_*.pt file in your log dir")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}): use an earlier checkpoint") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a checkpoint of this repo (expected a dict)")
+    return ckpt
+
+
+# ---- Hugging Face interop: one name map, used for import and export ---------------------------
+# Our parameter names are GPT-2's own, so the map is the identity, plus a transpose for the four
+# matrices Hugging Face stores as Conv1D (in_features, out_features) instead of Linear (out, in).
+_HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _hf_to_ours_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.t() if name.endswith(_HF_TRANSPOSED) else tensor
+
+
+def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights under Hugging Face GPT2LMHeadModel names and layouts, vocab cut to 50257."""
+    vocab = model.config.vocab_size
+    out = {}
+    for name, tensor in model.state_dict().items():
+        tensor = _hf_to_ours_tensor(name, tensor)  # a transpose is its own inverse
+        if name in ("transformer.wte.weight", "lm_head.weight"):
+            tensor = tensor[:vocab]
+        out[name] = tensor.detach().clone().contiguous()
+    return out
+
+
+def load_hf_state_dict(model: GPT, hf_sd: dict[str, torch.Tensor]) -> GPT:
+    """Copy a Hugging Face GPT2LMHeadModel state dict into `model` (same sizes, padded vocab)."""
+    ours = model.state_dict()
+    hf_sd = {k: v for k, v in hf_sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    hf_sd.setdefault("lm_head.weight", hf_sd["transformer.wte.weight"])  # tied in HF too
+    missing = sorted(set(ours) - set(hf_sd))
+    if missing:
+        raise ValueError(f"Hugging Face state dict lacks {missing[:3]}: is it a GPT-2 of this size?")
+    with torch.no_grad():
+        for name, target in ours.items():
+            src = _hf_to_ours_tensor(name, hf_sd[name])
+            if name in ("transformer.wte.weight", "lm_head.weight"):
+                target.zero_()  # padding rows: never scored
+                target[: src.size(0)].copy_(src)
+            elif src.shape != target.shape:
+                raise ValueError(f"{name}: Hugging Face shape {tuple(src.shape)} != ours {tuple(target.shape)}")
+            else:
+                target.copy_(src)
+    return model
+
+
+def gpt_config_from_hf(hf_config) -> GPTConfig:
+    """Our GPTConfig for a transformers GPT2Config."""
+    return GPTConfig(
+        block_size=hf_config.n_positions,
+        vocab_size=hf_config.vocab_size,
+        padded_vocab_size=max(hf_config.vocab_size, math.ceil(hf_config.vocab_size / 128) * 128),
+        n_layer=hf_config.n_layer,
+        n_head=hf_config.n_head,
+        n_embd=hf_config.n_embd,
+    )
+
+
+# ---- sampling --------------------------------------------------------------------------------
+@torch.no_grad()
+def generate(
+    model: GPT,
+    prompt: list[int],
+    max_new_tokens: int,
+    num_samples: int = 1,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    generator: torch.Generator | None = None,
+    stop_token: int | None = None,
+    use_kv_cache: bool = True,
+) -> list[list[int]]:
+    """Sample `num_samples` continuations of `prompt` (token ids). Returns the new tokens of each,
+    cut before `stop_token`. temperature 0 = greedy. With the KV cache each new token costs one
+    position; without it the whole sequence is recomputed (kept to test the cache against).
+    The generator lives on the model's device and fixes the draws."""
+    device = next(model.parameters()).device
+    total = len(prompt) + max_new_tokens
+    if not prompt:
+        raise ValueError("prompt is empty: give at least one token (e.g. <|endoftext|>)")
+    if total > model.config.block_size:
+        raise ValueError(
+            f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+            f"block_size {model.config.block_size}: ask for fewer tokens"
+        )
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    tokens = torch.tensor(prompt, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
+    cache = None
+    if use_kv_cache:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        cache = KVCache(model.config, num_samples, total, device, dtype)
+    done = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    next_input = tokens
+    with autocast:
+        for _ in range(max_new_tokens):
+            logits, _ = model(next_input if use_kv_cache else tokens, kv_cache=cache)
+            logits = logits[:, -1, :].float()  # (num_samples, vocab)
+            if temperature == 0:
+                new = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    top_values, top_ids = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1)
+                    choice = torch.multinomial(F.softmax(top_values, dim=-1), 1, generator=generator)
+                    new = torch.gather(top_ids, -1, choice)
+                else:
+                    new = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            tokens = torch.cat([tokens, new], dim=1)
+            next_input = new
+            if stop_token is not None:
+                done |= new.squeeze(1) == stop_token
+                if bool(done.all()):
+                    break
+    model.train(was_training)
+    out = []
+    for row in tokens[:, len(prompt) :].tolist():
+        if stop_token is not None and stop_token in row:
+            row = row[: row.index(stop_token)]
+        out.append(row)
+    return out

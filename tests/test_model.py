@@ -1,0 +1,135 @@
+"""model.py: GPT-2 numerics against Hugging Face, sizes and FLOPs, the KV-cache sampler, the loader."""
+
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from model import (
+    GPT,
+    MODEL_PRESETS,
+    GPTConfig,
+    generate,
+    gpt_config_from_hf,
+    hf_state_dict,
+    load_hf_state_dict,
+)
+
+
+def tiny_hf_model(seed=0):
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    # A freshly initialised HF GPT-2 has zero biases and unit LayerNorms: randomise them so a
+    # swapped or untransposed tensor cannot hide.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_hf_parity_both_ways():
+    hf = tiny_hf_model()
+    ours = load_hf_state_dict(GPT(gpt_config_from_hf(hf.config)), hf.state_dict()).eval()
+    idx = torch.randint(0, 50257, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        hf_logits = hf(idx).logits
+        our_logits, _ = ours(idx)
+    assert our_logits.shape == hf_logits.shape == (3, 40, 50257)
+    assert (our_logits - hf_logits).abs().max().item() < 1e-4
+
+    # ... and back: our weights exported into a fresh HF model give the same logits.
+    hf2 = GPT2LMHeadModel(hf.config).eval()
+    missing, unexpected = hf2.load_state_dict(hf_state_dict(ours), strict=False)
+    assert not unexpected and all(".attn.bias" in k or ".attn.masked_bias" in k for k in missing)
+    with torch.no_grad():
+        assert (hf2(idx).logits - hf_logits).abs().max().item() < 1e-5
+
+
+def test_hf_loss_matches_our_loss():
+    hf = tiny_hf_model(seed=3)
+    ours = load_hf_state_dict(GPT(gpt_config_from_hf(hf.config)), hf.state_dict()).eval()
+    idx = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        hf_loss = hf(idx, labels=idx).loss  # HF shifts labels inside
+        _, our_loss = ours(idx[:, :-1], targets=idx[:, 1:])
+    assert abs(hf_loss.item() - our_loss.item()) < 1e-5
+
+
+def test_gpt2_124m_size_and_flops():
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**MODEL_PRESETS["gpt2"]))
+    # 124M with the 50304-row embedding (OpenAI's 50257 rows give 124,439,808).
+    assert model.num_params() == 124_475_904
+    assert model.num_params() - model.num_params(include_position_embedding=False) == 1024 * 768
+    flops = model.flops_per_token(1024)
+    assert flops == 6 * (124_475_904 - 1024 * 768) + 12 * 12 * 768 * 1024
+    assert 0.85e9 < flops < 0.87e9  # the ~860 MFLOP/token quoted for GPT-2 124M
+
+
+def test_residual_projections_get_scaled_init():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=64))
+    c_proj_std = model.transformer.h[0].mlp.c_proj.weight.std().item()
+    c_fc_std = model.transformer.h[0].mlp.c_fc.weight.std().item()
+    assert c_fc_std == pytest.approx(0.02, rel=0.05)
+    assert c_proj_std == pytest.approx(0.02 / math.sqrt(16), rel=0.05)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_logits_cover_real_vocab_only():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    logits, loss = model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long))
+    assert logits.shape[-1] == 50257 and model.lm_head.weight.shape[0] == 50304
+    assert math.isfinite(loss.item())
+
+
+def test_kv_cache_sampling_equals_full_recompute():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64)).eval()
+    prompt = [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    greedy_cached = generate(model, prompt, 20, num_samples=2, temperature=0, use_kv_cache=True)
+    greedy_full = generate(model, prompt, 20, num_samples=2, temperature=0, use_kv_cache=False)
+    assert greedy_cached == greedy_full and len(greedy_cached[0]) == 20
+    sampled = [
+        generate(model, prompt, 20, num_samples=3, top_k=50, use_kv_cache=cache,
+                 generator=torch.Generator().manual_seed(7))
+        for cache in (True, False)
+    ]
+    assert sampled[0] == sampled[1]
+
+
+def test_generate_stops_at_stop_token_and_checks_length():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)).eval()
+    first = generate(model, [1, 2, 3], 5, temperature=0)[0]
+    cut = generate(model, [1, 2, 3], 5, temperature=0, stop_token=first[2])[0]
+    assert cut == first[: first.index(first[2])]
+    with pytest.raises(ValueError, match="block_size"):
+        generate(model, [1, 2, 3], 40)
+
+
+def test_from_checkpoint_round_trip_and_errors(tmp_path):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    path = tmp_path / "model_final.pt"
+    torch.save({"model": model.state_dict(), "model_config": model.model_config_dict(), "step": 3}, path)
+    loaded = GPT.from_checkpoint(path)
+    assert not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        GPT.from_checkpoint(tmp_path / "nope.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        GPT.from_checkpoint(truncated)
+    wrong = tmp_path / "wrong.pt"
+    bigger = GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=16)
+    torch.save({"model": model.state_dict(), "model_config": bigger.__dict__, "step": 3}, wrong)
+    with pytest.raises(ValueError, match="do not fit"):
+        GPT.from_checkpoint(wrong)
