@@ -285,6 +285,8 @@ def evaluate_val_loss(model, val_loader: ValLoader, dist_info: runtime.DistInfo,
     device = dist_info.device
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, tokens]
     for x, y, num_valid in val_loader:
+        if num_valid == 0:
+            continue  # an all-padding batch (ranks with fewer windows): nothing to score
         y = y.clone()
         y[num_valid:] = -1
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
