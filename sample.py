@@ -1,0 +1,53 @@
+"""Generate text from a checkpoint of ours (KV-cached sampling, the same sampler training uses).
+
+    uv run sample.py --checkpoint log/model_final.pt --prompt "The meaning of life is" --num-samples 2
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from cli import field, parse_config
+from model import GPT, generate
+from runtime import resolve_device
+from tokenizer import EOT_TOKEN, get_encoding
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    checkpoint: str = field("log/model_final.pt", "checkpoint to sample from (a model_*.pt of train_gpt2.py)")
+    prompt: str = field("Hello, I'm a language model,", "text to continue")
+    num_samples: int = field(4, "how many continuations")
+    max_new_tokens: int = field(64, "tokens to generate per sample (stops early at <|endoftext|>)")
+    temperature: float = field(1.0, "softmax temperature; 0 = greedy")
+    top_k: int = field(50, "sample among the k most likely tokens (0 = all)")
+    seed: int = field(42, "seed of the sampling generator")
+    device: str = field("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(SampleConfig, argv, description=__doc__)
+    try:
+        device = resolve_device(cfg.device)
+        model = GPT.from_checkpoint(cfg.checkpoint, map_location=device).to(device)
+        if cfg.num_samples < 1 or cfg.max_new_tokens < 1 or cfg.temperature < 0:
+            raise ValueError("--num-samples and --max-new-tokens must be >= 1 and --temperature >= 0")
+        enc = get_encoding()
+        prompt = enc.encode(cfg.prompt) if cfg.prompt else [EOT_TOKEN]
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        rows = generate(model, prompt, cfg.max_new_tokens, num_samples=cfg.num_samples, temperature=cfg.temperature,
+                        top_k=cfg.top_k or None, generator=generator, stop_token=EOT_TOKEN)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for i, row in enumerate(rows):
+        print(f"--- sample {i} ---")
+        print(cfg.prompt + enc.decode(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""export_hf.py: our checkpoint -> a Hugging Face GPT-2 folder with the same logits and tokenizer."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from model import GPT, GPTConfig
+from tokenizer import get_encoding
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def save_random_checkpoint(path: Path, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128))
+    with torch.no_grad():  # non-trivial biases and LayerNorms, so a wrong map cannot hide
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    torch.save({"model": model.state_dict(), "model_config": model.model_config_dict(), "step": 7}, path)
+    return model.eval()
+
+
+def test_export_loads_in_transformers_with_same_logits_and_tokens(tmp_path):
+    ours = save_random_checkpoint(tmp_path / "model_final.pt")
+    out_dir = tmp_path / "hf"
+    result = subprocess.run(
+        [sys.executable, "export_hf.py", "--checkpoint", str(tmp_path / "model_final.pt"), "--out-dir", str(out_dir)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (out_dir / "model.safetensors").is_file() and not list(out_dir.glob("*.bin"))
+
+    hf = GPT2LMHeadModel.from_pretrained(out_dir).eval()
+    assert hf.config.vocab_size == 50257 and hf.config.n_positions == 128
+    idx = torch.randint(0, 50257, (2, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (hf(idx).logits - ours(idx)[0]).abs().max().item()
+    assert diff < 1e-4
+
+    text = "Hello world! Tokenizers must agree, even on naïve café text.<|endoftext|>"
+    hf_ids = AutoTokenizer.from_pretrained(out_dir)(text)["input_ids"]
+    assert hf_ids == get_encoding().encode(text, allowed_special="all")
+
+
+def test_export_errors_are_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "export_hf.py", "--checkpoint", str(tmp_path / "missing.pt"), "--out-dir", str(tmp_path / "o")],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
