@@ -56,6 +56,61 @@ MODEL_PRESETS: dict[str, dict] = {
 }
 
 
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `h @ weight.T` against `targets`, never holding more than `chunk_rows`
+    rows of logits. The plain path keeps (N, 50304) logits and their gradient: 13 GB in fp32 for
+    the reference's 64 x 1024 micro-batch. Here each chunk's logits are made, turned into the loss
+    and into the gradients w.r.t. h and weight (softmax - one-hot), and dropped; backward only
+    scales the saved gradients. Same math as the plain path up to float summation order."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab_size: int, chunk_rows: int):
+        # h (N, C), weight (padded_vocab, C), targets (N,) with -1 = ignore
+        device_type = h.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
+        need_grad_h, need_grad_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(dtype)
+        valid = targets != -1
+        safe_targets = targets.clamp(min=0)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_grad_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_grad_w else None
+        for start in range(0, h.size(0), chunk_rows):
+            end = min(start + chunk_rows, h.size(0))
+            h_chunk = h[start:end].to(dtype)
+            logits = (h_chunk @ w.t())[:, :vocab_size].float()  # (rows, vocab_size)
+            log_z = torch.logsumexp(logits, dim=-1)  # (rows,)
+            rows = torch.arange(end - start, device=h.device)
+            chunk_valid = valid[start:end]
+            target_logit = logits[rows, safe_targets[start:end]]
+            loss_sum += torch.where(chunk_valid, log_z - target_logit, 0.0).sum()
+            if need_grad_h or need_grad_w:
+                grad_logits = torch.exp(logits.sub_(log_z[:, None]))  # softmax, in place: (rows, vocab_size)
+                grad_logits[rows, safe_targets[start:end]] -= 1.0
+                grad_logits *= chunk_valid[:, None]
+                grad_logits = grad_logits.to(dtype)
+                if need_grad_h:
+                    grad_h[start:end] = (grad_logits @ w[:vocab_size]).to(h.dtype)
+                if need_grad_w:
+                    grad_w[:vocab_size] += (grad_logits.t() @ h_chunk).float()
+        num_valid = valid.sum().clamp(min=1)
+        if need_grad_h:
+            grad_h = grad_h / num_valid.to(grad_h.dtype)
+        if need_grad_w:
+            grad_w = (grad_w / num_valid).to(weight.dtype)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss_sum / num_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None,
+            grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None,
+            None, None, None,
+        )
+
+
 class KVCache:
     """Preallocated keys and values for incremental decoding: (B, n_head, max_len, head_dim) per layer."""
 
@@ -144,6 +199,9 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # tied input / output embedding
+        # Rows of logits per chunk when a loss is asked for: 0 = the plain path (full logits).
+        # A speed/memory setting of the trainer, not part of the architecture or the checkpoint.
+        self.loss_chunk_rows = 0
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -166,7 +224,8 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab_size), and the mean cross-entropy over
-        `targets` (B, T) when given (positions with target -1 are ignored)."""
+        `targets` (B, T) when given (positions with target -1 are ignored). With
+        `loss_chunk_rows` set and targets given, logits are never built and None is returned."""
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -178,6 +237,13 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.length += T
         x = self.transformer.ln_f(x)
+        if targets is not None and self.loss_chunk_rows:
+            # Loss without logits: (B*T, C) hidden states straight into the chunked lm_head + CE.
+            loss = ChunkedLinearCrossEntropy.apply(
+                x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                self.config.vocab_size, self.loss_chunk_rows,
+            )
+            return None, loss
         logits = self.lm_head(x)[..., : self.config.vocab_size]  # drop the padding rows
         loss = None
         if targets is not None:

@@ -133,3 +133,35 @@ def test_from_checkpoint_round_trip_and_errors(tmp_path):
     torch.save({"model": model.state_dict(), "model_config": bigger.__dict__, "step": 3}, wrong)
     with pytest.raises(ValueError, match="do not fit"):
         GPT.from_checkpoint(wrong)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, 4096])
+def test_chunked_loss_equals_plain_loss_and_gradients(chunk_rows):
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32))
+    chunked = GPT(plain.config)
+    chunked.load_state_dict(plain.state_dict())
+    chunked.loss_chunk_rows = chunk_rows
+    idx = torch.randint(0, 50257, (3, 20))
+    targets = torch.randint(0, 50257, (3, 20))
+    targets[1, 5:9] = -1  # ignored positions (padding) must be ignored the same way
+    _, plain_loss = plain(idx, targets)
+    logits, chunked_loss = chunked(idx, targets)
+    assert logits is None
+    assert abs(plain_loss.item() - chunked_loss.item()) < 1e-5
+    plain_loss.backward()
+    chunked_loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), chunked.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_chunked_loss_under_no_grad_and_all_ignored():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    idx = torch.randint(0, 50257, (2, 8))
+    targets = torch.randint(0, 50257, (2, 8))
+    _, plain_loss = model(idx, targets)
+    model.loss_chunk_rows = 5
+    with torch.no_grad():
+        _, loss = model(idx, targets)
+    assert abs(loss.item() - plain_loss.item()) < 1e-5

@@ -1,0 +1,716 @@
+"""Plot a training run from its JSONL logs: losses, learning rate, throughput, HellaSwag.
+
+Reads `<log-dir>/metrics.jsonl` (written by train_gpt2.py) and, if present,
+`<log-dir>/hellaswag_results.jsonl` (written by hellaswag.py), and writes into the log dir:
+
+    training_loss.png  validation_loss.png  learning_rate.png  throughput.png
+    hellaswag_accuracy.png  overview.png (all five panels in one figure)
+
+Runs on CPU in a few seconds, also while training is still writing the log:
+
+    uv run plot.py                                              # log/ -> log/*.png
+    uv run plot.py --summary                                    # + markdown table, log/summary.md
+    uv run plot.py --log-dir runA --log-dir runB --out-dir cmp  # several runs in one figure
+
+Conventions (the README's "Plotting a run" section says the same):
+- A resumed run appends a new config record and may repeat steps: the last record per (type, step)
+  wins, as the resumed process is the one whose weights continue.
+- Smoothed train loss is a debiased exponential moving average over the logged steps, drawn over the
+  raw curve: `--smoothing` is the weight of the past (0 = off), lowered for short logs so the lag
+  stays within 2% of the steps (the legend shows the weight used).
+- Mean tokens/s and MFU skip the first `--warmup-steps` train records after each (re)start
+  (torch.compile and CUDA warm-up make those steps slow). Wall time sums, over the (re)starts,
+  the time from the config record to that process's last record; gaps between jobs do not count.
+
+Figures are drawn with matplotlib's Agg canvas on `Figure` objects (no pyplot, so no GUI backend
+and no global figure state), and every file is written to a temp file then `os.replace`d.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
+
+METRICS_FILE = "metrics.jsonl"
+HELLASWAG_FILE = "hellaswag_results.jsonl"
+PANELS = ("training_loss", "validation_loss", "learning_rate", "throughput", "hellaswag_accuracy")
+
+# Baselines (value, label). Val loss: OpenAI's GPT-2 124M checkpoint on the FineWeb-Edu val shard
+# (edufineweb_val_000000), the number the reference run compares against.
+GPT2_VAL_LOSS = (3.2924, "OpenAI GPT-2 124M")
+# HellaSwag acc_norm on the 10,042 val examples. 0.2955: GPT-2 124M with completion-style scoring,
+# the metric hellaswag.py and the training loop compute; 0.3114: the same model with
+# lm-evaluation-harness (multiple-choice) scoring, comparable to the harness-style points only;
+# 0.337: GPT-3 Small (125M), zero-shot, Brown et al. 2020; 0.25: one of four endings at random.
+GPT2_HELLASWAG = (0.2955, "OpenAI GPT-2 124M")
+GPT2_HELLASWAG_HARNESS = (0.3114, "OpenAI GPT-2 124M, harness style")
+GPT3_HELLASWAG = (0.337, "GPT-3 124M (paper)")
+RANDOM_HELLASWAG = (0.25, "random")
+
+# metrics.jsonl record types plotted, their numeric fields, and the one field a record must have.
+SERIES_FIELDS = {
+    "train": ("tokens", "train_loss", "lr", "grad_norm", "step_ms", "tokens_per_sec", "mfu", "time"),
+    "val": ("tokens", "val_loss", "time"),
+    "hellaswag": ("tokens", "hellaswag_acc", "hellaswag_acc_norm", "count", "time"),
+}
+REQUIRED_FIELD = {"train": "train_loss", "val": "val_loss", "hellaswag": "hellaswag_acc_norm"}
+RESULT_FIELDS = ("acc", "acc_norm", "harness_acc", "harness_acc_norm", "count", "seconds", "time")
+
+
+@dataclass(frozen=True)
+class PlotConfig:
+    log_dirs: tuple[str, ...] = field(default=("log",), metadata={
+        "flag": "--log-dir", "help": "run directory holding metrics.jsonl; repeat the flag to compare runs"})
+    out_dir: str = field(default="", metadata={
+        "help": "where figures and summary.md go (default: the first --log-dir)"})
+    summary: bool = field(default=False, metadata={
+        "help": "print a markdown table of each run's results and write summary.md"})
+    smoothing: float = field(default=0.95, metadata={
+        "help": "EMA weight of the past for the smoothed train loss, in [0, 1); 0 = no smoothing"})
+    # 10: torch.compile's first step and a few recompiles/cache warm-ups on H100s; 0.05% of a 19,073-step run.
+    warmup_steps: int = field(default=10, metadata={
+        "help": "train records skipped after each (re)start when averaging tokens/s and MFU (compile, warm-up)"})
+
+    def __post_init__(self):
+        if not self.log_dirs:
+            raise ValueError("no log dir given: pass --log-dir DIR (default: log)")
+        if not 0.0 <= self.smoothing < 1.0:
+            raise ValueError(f"--smoothing {self.smoothing} is outside [0, 1): use e.g. 0.95, or 0 for none")
+        if self.warmup_steps < 0:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} is negative: use 0 or more")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run's logs, cleaned: each series is a dict of equal-length lists sorted by step."""
+
+    name: str
+    log_dir: Path
+    configs: list[dict]  # the config records, one per (re)start, in file order
+    train: dict[str, list]  # "step", SERIES_FIELDS["train"], "since_restart" (0 = first record after a (re)start)
+    val: dict[str, list]  # "step", SERIES_FIELDS["val"]
+    hellaswag: dict[str, list]  # "step", SERIES_FIELDS["hellaswag"]  (in-training evaluations)
+    results: dict[str, list]  # hellaswag.py: "step" (int or None), "label", "checkpoint", "model", RESULT_FIELDS
+    restarts: list[tuple[float, float]]  # (first, last) record time of each (re)start
+    skipped: list[str]  # "file:line: reason" for every line that was not used
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, object) for every JSON-object line; a reason string for each line that is not."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    records, skipped = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            # A live run may be caught mid-write: its last line has no newline yet.
+            partial = n == len(lines) and not text.endswith("\n")
+            why = "incomplete last line (the run may still be writing it)" if partial else "not valid JSON"
+            skipped.append(f"{path}:{n}: {why}")
+            continue
+        if not isinstance(obj, dict):
+            skipped.append(f"{path}:{n}: not a JSON object")
+            continue
+        records.append((n, obj))
+    return records, skipped
+
+
+def _line_order(skipped: str) -> tuple[str, int]:
+    """Sort key for "file:line: reason" strings: by file, then line number."""
+    m = re.match(r"(.*?):(\d+): ", skipped)
+    return (m[1], int(m[2])) if m else (skipped, 0)
+
+
+def _columns(rows: list[dict], keys) -> dict[str, list]:
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def _bad_field(rec: dict, required: str, fields) -> str | None:
+    if not _is_number(rec.get(required)):
+        return f"'{required}' missing or not a number"
+    for k in fields:
+        if rec.get(k) is not None and not _is_number(rec[k]):
+            return f"'{k}' is not a number"
+    return None
+
+
+def load_run(log_dir: str | os.PathLike, name: str | None = None) -> Run:
+    """Read one run directory. Raises ValueError (one line) when there is no usable metrics.jsonl."""
+    log_dir = Path(log_dir)
+    path = log_dir / METRICS_FILE
+    if not log_dir.is_dir():
+        raise ValueError(f"log dir {log_dir} does not exist: train first (uv run train_gpt2.py) or pass --log-dir DIR")
+    if not path.is_file():
+        raise ValueError(f"{path} not found: train first (uv run train_gpt2.py) or pass the run's --log-dir")
+    try:
+        lines, skipped = _read_jsonl(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}: check its permissions") from None
+
+    configs: list[dict] = []
+    latest: dict[tuple[str, int], dict] = {}  # (type, step) -> last record: a resumed run's record wins
+    times: list[list[float]] = [[]]  # record times per (re)start; index 0 = records before any config
+    n_train = [0]  # train records seen in each (re)start, in file order
+    for n, rec in lines:
+        kind, step = rec.get("type"), rec.get("step")
+        if not isinstance(kind, str) or not isinstance(step, int) or isinstance(step, bool):
+            skipped.append(f"{path}:{n}: no string 'type' and integer 'step'")
+            continue
+        if kind == "config":
+            configs.append(rec)
+            times.append([])
+            n_train.append(0)
+        elif kind in SERIES_FIELDS:
+            why = _bad_field(rec, REQUIRED_FIELD[kind], SERIES_FIELDS[kind])
+            if why:
+                skipped.append(f"{path}:{n}: {kind} record {why}")
+                continue
+            if kind == "train":
+                rec = {**rec, "since_restart": n_train[-1]}
+                n_train[-1] += 1
+            latest[(kind, step)] = rec
+        # other types ("sample", future ones) are valid but not plotted
+        if _is_number(rec.get("time")):
+            times[-1].append(float(rec["time"]))
+    if not configs and not latest:
+        raise ValueError(f"{path} has no records (empty, or only bad lines): "
+                         "wait for the first log step or check --log-dir")
+
+    series = {}
+    for kind, fields in SERIES_FIELDS.items():
+        rows = sorted((r for (k, _), r in latest.items() if k == kind), key=lambda r: r["step"])
+        keys = ("step", *fields, "since_restart") if kind == "train" else ("step", *fields)
+        series[kind] = _columns(rows, keys)
+
+    return Run(
+        name=name or log_dir.resolve().name or str(log_dir),
+        log_dir=log_dir,
+        configs=configs,
+        train=series["train"],
+        val=series["val"],
+        hellaswag=series["hellaswag"],
+        results=_load_results(log_dir / HELLASWAG_FILE, skipped),
+        restarts=[(min(t), max(t)) for t in times if t],
+        skipped=sorted(skipped, key=_line_order),
+    )
+
+
+def _load_results(path: Path, skipped: list[str]) -> dict[str, list]:
+    """hellaswag.py's results; re-evaluating the same (checkpoint, model, step) replaces the old row."""
+    keys = ("step", "label", "checkpoint", "model", *RESULT_FIELDS)
+    if not path.is_file():
+        return {k: [] for k in keys}
+    try:
+        lines, bad = _read_jsonl(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}: check its permissions") from None
+    skipped.extend(bad)
+    latest: dict[tuple, dict] = {}
+    for n, rec in lines:
+        step, ckpt, model = rec.get("step"), rec.get("checkpoint"), rec.get("model")
+        why = _bad_field(rec, "acc_norm", RESULT_FIELDS)
+        if why is None and step is not None and (not isinstance(step, int) or isinstance(step, bool)):
+            why = "'step' is not an integer or null"
+        if why is None and not all(v is None or isinstance(v, str) for v in (ckpt, model)):
+            why = "'checkpoint' or 'model' is not a string"
+        if why is None and not (ckpt or model):
+            why = "neither 'checkpoint' nor 'model' is set"
+        if why:
+            skipped.append(f"{path}:{n}: {why}")
+            continue
+        label = Path(str(ckpt or model)).name or str(ckpt or model)
+        latest[(ckpt, model, step)] = {**rec, "label": label}
+    rows = sorted(latest.values(), key=lambda r: (r["step"] is None, r["step"] or 0))
+    return _columns(rows, keys)
+
+
+def load_runs(log_dirs) -> list[Run]:
+    """load_run for each dir, named by the dir's name, or by the path as given where names collide."""
+    names = [Path(d).resolve().name or str(d) for d in log_dirs]
+    runs = []
+    for i, d in enumerate(log_dirs):
+        name = names[i] if names.count(names[i]) == 1 else str(d)
+        if any(r.name == name for r in runs):
+            name = f"{name}#{i + 1}"
+        runs.append(load_run(d, name=name))
+    return runs
+
+
+# ---------------------------------------------------------------- derived numbers
+
+
+def ema(values: list[float], weight: float) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing); non-finite values are held over."""
+    out, acc, norm = [], 0.0, 0.0
+    for v in values:
+        if v is not None and math.isfinite(v):
+            acc = weight * acc + (1.0 - weight) * v
+            norm = weight * norm + (1.0 - weight)
+        out.append(acc / norm if norm > 0 else math.nan)
+    return out
+
+
+def ema_weight(smoothing: float, n_points: int) -> float:
+    """`smoothing`, lowered for short logs so the EMA's time constant 1/(1-w) stays within 2% of the
+    logged steps: a 200-step run (or a big run's first minutes) falls too fast for a 20-step lag."""
+    return max(0.0, min(smoothing, 1.0 - 50.0 / max(n_points, 1)))
+
+
+def _train_config(record: dict) -> dict:
+    """The TrainConfig fields of a config record ({} when absent)."""
+    cfg = record.get("config")
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def tokens_per_step(run: Run) -> float | None:
+    """Tokens per optimizer step, from the records (train: tokens after step i = (i+1) * tokens/step)."""
+    for step, tokens in zip(reversed(run.train["step"]), reversed(run.train["tokens"])):
+        if _is_number(tokens) and tokens > 0:
+            return tokens / (step + 1)
+    for step, tokens in zip(run.val["step"], run.val["tokens"]):
+        if _is_number(tokens) and step > 0:
+            return tokens / step
+    for cfg in reversed(run.configs):
+        value = _train_config(cfg).get("tokens_per_step")
+        if _is_number(value) and value > 0:
+            return float(value)
+    return None
+
+
+def _finite(values) -> list[float]:
+    return [float(v) for v in values if _is_number(v) and math.isfinite(v)]
+
+
+def _mean(values) -> float | None:
+    values = _finite(values)
+    return sum(values) / len(values) if values else None
+
+
+def _max(values) -> float | None:
+    values = _finite(values)
+    return max(values) if values else None
+
+
+def run_stats(run: Run, warmup_steps: int = PlotConfig.warmup_steps) -> dict:
+    """The numbers behind one summary row (None where the log has nothing to say)."""
+    train, val = run.train, run.val
+    steady = [i for i, k in enumerate(train["since_restart"]) if k >= warmup_steps]
+    val_pairs = [(s, v) for s, v in zip(val["step"], val["val_loss"]) if math.isfinite(v)]
+    max_steps = next((_train_config(c)["max_steps"] for c in reversed(run.configs)
+                      if isinstance(_train_config(c).get("max_steps"), int)), None)
+    own = [i for i, c in enumerate(run.results["checkpoint"]) if c]  # this run's checkpoints, not e.g. HF gpt2
+    wall = sum(last - first for first, last in run.restarts) if run.restarts else None
+    return {
+        "run": run.name,
+        "steps": train["step"][-1] + 1 if train["step"] else None,
+        "max_steps": max_steps,
+        "tokens": train["tokens"][-1] if train["tokens"] and _is_number(train["tokens"][-1]) else None,
+        "final_val_loss": val_pairs[-1][1] if val_pairs else None,
+        "best_val_loss": min(v for _, v in val_pairs) if val_pairs else None,
+        "hellaswag_train": _max(run.hellaswag["hellaswag_acc_norm"]),
+        "hellaswag_ref": _max(run.results["acc_norm"][i] for i in own),
+        "hellaswag_harness": _max(run.results["harness_acc_norm"][i] for i in own),
+        "tokens_per_sec": _mean(train["tokens_per_sec"][i] for i in steady),
+        "mfu": _mean(train["mfu"][i] for i in steady),
+        "wall_seconds": wall,
+    }
+
+
+def _fmt_count(x: float) -> str:
+    """1234567890 -> '1.23B', 524288 -> '524K'."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def _fmt_duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def summarize(runs: list[Run], warmup_steps: int = PlotConfig.warmup_steps) -> str:
+    """A markdown table, one row per run, and a note on how each column is computed."""
+    dash = "–"
+
+    def num(v, fmt):
+        return dash if v is None else format(v, fmt)
+
+    header = ["run", "steps", "tokens", "final val loss", "best val loss", "HellaSwag (training loop)",
+              "HellaSwag (hellaswag.py)", "HellaSwag (harness style)", "tokens/s", "MFU", "wall time"]
+    rows = []
+    for run in runs:
+        s = run_stats(run, warmup_steps)
+        steps = dash if s["steps"] is None else f"{s['steps']:,}"
+        if s["max_steps"] is not None and s["steps"] is not None:
+            steps += f" / {s['max_steps']:,}"
+        rows.append([
+            s["run"].replace("|", "\\|"), steps,
+            dash if s["tokens"] is None else _fmt_count(s["tokens"]),
+            num(s["final_val_loss"], ".4f"), num(s["best_val_loss"], ".4f"),
+            num(s["hellaswag_train"], ".4f"), num(s["hellaswag_ref"], ".4f"), num(s["hellaswag_harness"], ".4f"),
+            dash if s["tokens_per_sec"] is None else f"{s['tokens_per_sec']:,.0f}",
+            dash if s["mfu"] is None else f"{100 * s['mfu']:.1f}%",
+            dash if s["wall_seconds"] is None else _fmt_duration(s["wall_seconds"]),
+        ])
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    note = (
+        "HellaSwag columns: best acc_norm on the val set. Training loop and hellaswag.py use the same "
+        f"completion-style scoring (OpenAI GPT-2 124M: {GPT2_HELLASWAG[0]}, GPT-3 124M: {GPT3_HELLASWAG[0]}); "
+        f"harness style is lm-evaluation-harness's multiple-choice scoring (GPT-2 124M: {GPT2_HELLASWAG_HARNESS[0]}). "
+        f"Val loss baseline: OpenAI GPT-2 124M {GPT2_VAL_LOSS[0]}. "
+        f"tokens/s and MFU: means over train steps, skipping the first {warmup_steps} after each (re)start; "
+        "wall time (h:mm:ss): sum over (re)starts of first-to-last record time."
+    )
+    lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- drawing
+
+
+def _xy(series: dict[str, list], key: str, scale: float = 1.0) -> tuple[list, list]:
+    pairs = [(s, v * scale) for s, v in zip(series["step"], series[key]) if v is not None]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _label(text: str, run: Run, runs: list[Run]) -> str:
+    return f"{run.name}: {text}" if len(runs) > 1 else text
+
+
+def _no_data(ax, what: str) -> None:
+    ax.text(0.5, 0.62, f"no data: {what}", transform=ax.transAxes, ha="center", va="center", fontsize=12,
+            color="0.35", gid="no-data", bbox={"facecolor": "white", "edgecolor": "0.8", "boxstyle": "round"})
+
+
+def _baseline(ax, value_label: tuple[float, str], style: str, color: str) -> None:
+    value, label = value_label
+    ax.axhline(value, linestyle=style, color=color, linewidth=1.3, label=f"{label} ({value:g})",
+               gid=f"baseline/{label}")
+
+
+def _focus_ylim(ax, curves: list[tuple[list, list]], keep: tuple[float, ...] = (), skip: float = 0.05) -> None:
+    """Zoom y onto everything after the first `skip` of each curve's steps (plus `keep` values):
+    the first steps' loss (~11 at init) would otherwise squash the part of the curve worth reading."""
+    tail = []
+    for xs, ys in curves:
+        if xs:
+            cut = xs[0] + skip * (xs[-1] - xs[0])
+            tail += [y for x, y in zip(xs, ys) if x >= cut and math.isfinite(y)]
+    if len(tail) < 2:
+        return
+    lo, hi = min(tail + list(keep)), max(tail + list(keep))
+    pad = 0.06 * (hi - lo) or 0.05 * abs(hi) or 0.1
+    ax.set_ylim(lo - pad, hi + pad)
+
+
+def _draw_training_loss(ax, runs: list[Run], smoothing: float) -> None:
+    curves = []
+    for i, run in enumerate(runs):
+        x, y = _xy(run.train, "train_loss")
+        if not x:
+            continue
+        color = f"C{i % 10}"
+        ax.plot(x, y, color=color, alpha=0.3, linewidth=0.8, gid=f"{run.name}/train_loss",
+                label=_label("train loss (raw)", run, runs) if len(runs) == 1 else "_raw")
+        weight = ema_weight(smoothing, len(y))
+        if weight > 0:
+            ax.plot(x, ema(y, weight), color=color, linewidth=1.8, gid=f"{run.name}/train_loss_ema",
+                    label=_label(f"train loss (EMA {weight:.3g})", run, runs))
+        curves.append((x, y))
+    if not curves:
+        _no_data(ax, "no train records yet")
+    _focus_ylim(ax, curves)
+    ax.set_title("Training loss")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+
+
+def _draw_validation_loss(ax, runs: list[Run], smoothing: float) -> None:
+    curves = []
+    for i, run in enumerate(runs):
+        x, y = _xy(run.val, "val_loss")
+        if x:
+            ax.plot(x, y, color=f"C{i % 10}", marker="o", markersize=3, linewidth=1.6,
+                    gid=f"{run.name}/val_loss", label=_label("val loss", run, runs))
+            curves.append((x, y))
+    _baseline(ax, GPT2_VAL_LOSS, "--", "0.35")
+    if not curves:
+        _no_data(ax, "no val records yet")
+    _focus_ylim(ax, curves, keep=(GPT2_VAL_LOSS[0],))
+    ax.set_title("Validation loss (FineWeb-Edu val shard)")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+
+
+def _draw_learning_rate(ax, runs: list[Run], smoothing: float) -> None:
+    drawn = False
+    for i, run in enumerate(runs):
+        x, y = _xy(run.train, "lr")
+        if x:
+            ax.plot(x, y, color=f"C{i % 10}", linewidth=1.6, gid=f"{run.name}/lr",
+                    label=_label("learning rate", run, runs))
+            drawn = True
+    if not drawn:
+        _no_data(ax, "no train records yet")
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.1e}" if v else "0"))
+    ax.set_title("Learning rate")
+    ax.set_ylabel("learning rate")
+
+
+def _draw_throughput(ax, runs: list[Run], smoothing: float) -> None:
+    handles, drawn = [], False
+    mfu_ax = None
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        x, y = _xy(run.train, "tokens_per_sec")
+        if x:
+            handles += ax.plot(x, y, color=color, linewidth=1.2, gid=f"{run.name}/tokens_per_sec",
+                               label=_label("tokens/s", run, runs))
+            drawn = True
+        mx, my = _xy(run.train, "mfu", scale=100.0)
+        if mx:
+            if mfu_ax is None:
+                mfu_ax = ax.twinx()
+                mfu_ax.set_ylabel("MFU (%)")
+            handles += mfu_ax.plot(mx, my, color=color, linewidth=1.0, linestyle=":", alpha=0.9,
+                                   gid=f"{run.name}/mfu", label=_label("MFU (%)", run, runs))
+    if not drawn:
+        _no_data(ax, "no train records yet")
+    ax.set_ylim(bottom=0)
+    if mfu_ax is not None:
+        mfu_ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_count(v)))
+    ax.set_title("Throughput (left) and MFU (right)" if mfu_ax is not None else "Throughput (MFU not logged)")
+    ax.set_ylabel("tokens/s")
+    if handles:
+        ax.legend(handles=handles, loc="lower right", fontsize=8)
+
+
+def _draw_hellaswag(ax, runs: list[Run], smoothing: float) -> None:
+    drawn, harness, levels = False, False, {}
+    several = len(runs) > 1
+    marks = {"acc_norm": {"marker": "s", "markerfacecolor": "none", "markeredgewidth": 1.5},
+             "harness_acc_norm": {"marker": "^"}}
+    what = {"acc_norm": "acc_norm, hellaswag.py", "harness_acc_norm": "harness acc_norm, hellaswag.py"}
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        named = False  # with several runs, the legend names each run once and explains markers once
+        x, y = _xy(run.hellaswag, "hellaswag_acc_norm")
+        if x:
+            ax.plot(x, y, color=color, marker="o", markersize=3, linewidth=1.6, gid=f"{run.name}/hellaswag_acc_norm",
+                    label=run.name if several else "acc_norm, training loop")
+            drawn = named = True
+        res = run.results
+        for key in ("acc_norm", "harness_acc_norm"):
+            pairs = [(s, v) for s, v in zip(res["step"], res[key]) if s is not None and v is not None]
+            if not pairs:
+                continue
+            label = what[key] if not several else ("_" if named else run.name)
+            ax.plot([p[0] for p in pairs], [p[1] for p in pairs], color=color, markersize=7, linestyle="none",
+                    gid=f"{run.name}/results_{key}", label=label, **marks[key])
+            drawn = named = True
+            harness |= key == "harness_acc_norm"
+        # Evaluations with no step (e.g. `hellaswag.py --model gpt2`) have no x: drawn once as levels.
+        for label, value, step in zip(res["label"], res["acc_norm"], res["step"]):
+            if step is None:
+                levels[(label, value)] = True
+    for j, (label, value) in enumerate(levels):
+        ax.axhline(value, color="tab:purple", linestyle=(j, (1, 2)), linewidth=1.4, gid=f"results/{label}",
+                   label=f"{label}, hellaswag.py ({value:.4f})")
+        drawn = True
+    if several:  # marker meaning, once, in a neutral colour
+        for key in ("acc_norm", "harness_acc_norm"):
+            pairs = (sv for run in runs for sv in zip(run.results["step"], run.results[key]))
+            if any(s is not None and v is not None for s, v in pairs):
+                ax.plot([], [], color="0.3", linestyle="none", markersize=7, label=what[key], **marks[key])
+    _baseline(ax, GPT3_HELLASWAG, "--", "tab:red")
+    if harness:
+        _baseline(ax, GPT2_HELLASWAG_HARNESS, "-.", "0.55")
+    _baseline(ax, GPT2_HELLASWAG, "--", "0.35")
+    _baseline(ax, RANDOM_HELLASWAG, ":", "0.6")
+    if not drawn:
+        _no_data(ax, "no HellaSwag evaluations yet")
+    # Room below the random line for the legend (up to eight entries), so it hides no curve.
+    values = _finite(v for run in runs for v in (*run.hellaswag["hellaswag_acc_norm"], *run.results["acc_norm"],
+                                                 *run.results["harness_acc_norm"]))
+    lo, hi = min(values + [RANDOM_HELLASWAG[0]]), max(values + [GPT3_HELLASWAG[0]])
+    ax.set_ylim(lo - 0.4 * (hi - lo), hi + 0.08 * (hi - lo))
+    ax.legend(loc="lower right", ncol=2, fontsize=7)
+    counts = {c for run in runs for c in (*run.hellaswag["count"], *run.results["count"]) if c is not None}
+    ax.set_title("HellaSwag accuracy" + (f" ({counts.pop():,} val examples)" if len(counts) == 1 else ""))
+    ax.set_ylabel("acc_norm (length-normalized)")
+
+
+DRAW = {
+    "training_loss": _draw_training_loss,
+    "validation_loss": _draw_validation_loss,
+    "learning_rate": _draw_learning_rate,
+    "throughput": _draw_throughput,
+    "hellaswag_accuracy": _draw_hellaswag,
+}
+
+
+def _finish_axes(ax, tps: float | None, legend: bool, last_step: int) -> None:
+    ax.set_xlabel("step")
+    ax.grid(True, alpha=0.3)
+    ax.set_xlim(0, max(1.0, 1.02 * last_step))  # every panel spans the same steps, so they line up
+    if tps:
+        top = ax.secondary_xaxis("top", functions=(lambda s: s * tps, lambda t: t / tps))
+        top.set_xlabel("tokens")
+        top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_count(v) if v else "0"))
+    if legend and ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
+def _shared_tokens_per_step(runs: list[Run]) -> float | None:
+    """The tokens axis only makes sense when every run with a known batch uses the same one."""
+    known = [t for t in (tokens_per_step(r) for r in runs) if t]
+    if known and max(known) - min(known) <= 1e-6 * max(known):
+        return known[0]
+    return None
+
+
+def build_figures(runs: list[Run], smoothing: float = PlotConfig.smoothing) -> dict[str, Figure]:
+    """One Figure per panel plus "overview" (all panels), each with an Agg canvas, not yet saved."""
+    tps = _shared_tokens_per_step(runs)
+    last_step = max((s for r in runs for series in (r.train, r.val, r.hellaswag, r.results)
+                     for s in series["step"] if s is not None), default=0)
+    title = ", ".join(r.name for r in runs)
+    figures = {}
+    for name in PANELS:
+        fig = Figure(figsize=(9, 5.5), dpi=150, layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.add_subplot()
+        DRAW[name](ax, runs, smoothing)
+        _finish_axes(ax, tps, legend=name not in ("throughput", "hellaswag_accuracy"), last_step=last_step)
+        fig.suptitle(title, fontsize=9, color="0.4", x=0.99, ha="right")
+        figures[name] = fig
+
+    fig = Figure(figsize=(18, 10), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(2, 3)
+    # Training loss gets two columns: it is the curve people read first.
+    slots = {"training_loss": grid[0, :2], "validation_loss": grid[0, 2], "learning_rate": grid[1, 0],
+             "throughput": grid[1, 1], "hellaswag_accuracy": grid[1, 2]}
+    for name, slot in slots.items():
+        ax = fig.add_subplot(slot)
+        DRAW[name](ax, runs, smoothing)
+        _finish_axes(ax, tps, legend=name not in ("throughput", "hellaswag_accuracy"), last_step=last_step)
+    fig.suptitle(f"GPT-2 training: {title}", fontsize=14)
+    figures["overview"] = fig
+    return figures
+
+
+# ---------------------------------------------------------------- writing
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path):
+    """Yield a temp file path in path's dir; on success it replaces path, on failure it is removed."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; figures are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def make_figures(runs: list[Run], out_dir: str | os.PathLike,
+                 smoothing: float = PlotConfig.smoothing) -> dict[str, Path]:
+    """Draw and save every figure as out_dir/<name>.png; returns name -> path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, fig in build_figures(runs, smoothing).items():
+        path = out_dir / f"{name}.png"
+        with _atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        paths[name] = path
+    return paths
+
+
+def write_text(path: Path, text: str) -> None:
+    with _atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(PlotConfig):
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+        elif isinstance(f.default, tuple):  # repeatable; argparse's append would add to the default
+            parser.add_argument(flag, dest=f.name, action="append", metavar="DIR",
+                                help=f"{f.metadata['help']} (default: {' '.join(f.default)})")
+        else:
+            text = f.metadata["help"]
+            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
+                                help=text if "default" in text else f"{text} (default: {f.default!r})")
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> PlotConfig:
+    args = vars(build_parser().parse_args(argv))
+    args["log_dirs"] = tuple(args["log_dirs"] or PlotConfig.log_dirs)
+    return PlotConfig(**args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse_config(argv)
+        runs = load_runs(cfg.log_dirs)
+    except ValueError as e:
+        raise SystemExit(f"plot.py: {e}") from None
+    for run in runs:
+        if run.skipped:
+            more = f"; ... {len(run.skipped) - 5} more" if len(run.skipped) > 5 else ""
+            print(f"plot.py: warning: skipped {len(run.skipped)} bad line(s) in {run.log_dir}: "
+                  f"{'; '.join(run.skipped[:5])}{more}", file=sys.stderr)
+    out_dir = Path(cfg.out_dir or cfg.log_dirs[0])
+    try:
+        paths = make_figures(runs, out_dir, cfg.smoothing)
+    except OSError as e:
+        raise SystemExit(f"plot.py: cannot write figures to {out_dir}: {e.strerror}: "
+                         "pass a writable --out-dir") from None
+    print(f"wrote {', '.join(p.name for p in paths.values())} to {out_dir}")
+    if cfg.summary:
+        table = summarize(runs, cfg.warmup_steps)
+        write_text(out_dir / "summary.md", table)
+        print(table, end="")
+        print(f"wrote {out_dir / 'summary.md'}")
+
+
+if __name__ == "__main__":
+    main()

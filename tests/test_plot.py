@@ -1,0 +1,403 @@
+"""plot.py: real metrics.jsonl / hellaswag_results.jsonl files in temp dirs, real matplotlib figures.
+
+The logs are written the way train_gpt2.py and hellaswag.py write them (schema in the team contract):
+a decaying loss curve, a run that crashed and resumed from an earlier checkpoint (second config record,
+repeated steps), a run still being written, bad lines, logs without val or HellaSwag records.
+"""
+
+import itertools
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import plot
+
+ROOT = Path(__file__).resolve().parent.parent
+TPS = 524_288  # tokens per optimizer step of the reference run
+T0 = 1_750_000_000.0
+WARMUP = plot.PlotConfig.warmup_steps
+
+
+def _config(step, time, resumed_from=None):
+    return {"type": "config", "step": step, "time": time,
+            "config": {"tokens_per_step": TPS, "max_steps": 200, "log_dir": "log"},
+            "git_sha": "abc123", "torch": "2.11.0", "cuda": None, "device_name": "cpu", "world_size": 1,
+            "resumed_from": resumed_from, "flops_per_token": 850_000_000, "peak_flops": 989e12}
+
+
+def _segment(start, stop, time, seed, *, val_every=25, hs_every=50, mfu=True, val=True, hs=True):
+    """Records of one training process from step `start` (after its config record) to step `stop`."""
+    rng = random.Random(seed)
+    recs = [_config(start, time, None if start == 0 else f"log/model_{start:05d}.pt")]
+    time += 30.0  # compile before the first step
+    for i in range(start, stop):
+        s = i  # steps completed before step i; evaluations run first, as in the loop
+        if val and s % val_every == 0:
+            recs.append({"type": "val", "step": s, "tokens": s * TPS,
+                         "val_loss": 3.1 + 8.0 * math.exp(-s / 40) + rng.gauss(0, 0.01), "time": time})
+        if hs and s % hs_every == 0 and s > 0:
+            acc_norm = 0.25 + 0.05 * (1 - math.exp(-s / 80)) + rng.gauss(0, 0.002)
+            recs.append({"type": "hellaswag", "step": s, "tokens": s * TPS, "hellaswag_acc": acc_norm - 0.01,
+                         "hellaswag_acc_norm": acc_norm, "count": 10042, "time": time})
+        warm = i - start < WARMUP
+        step_ms = 4000.0 if warm else 500.0 + rng.uniform(-20, 20)
+        time += step_ms / 1000
+        lr = 6e-4 * min(1.0, (i + 1) / 20) * (0.55 + 0.45 * math.cos(math.pi * i / 200))
+        recs.append({"type": "train", "step": i, "tokens": (i + 1) * TPS,
+                     "train_loss": 3.0 + 8.0 * math.exp(-i / 40) + rng.gauss(0, 0.05), "lr": lr,
+                     "grad_norm": 0.5 + rng.random(), "step_ms": step_ms, "tokens_per_sec": TPS / (step_ms / 1000),
+                     "mfu": (0.4 + rng.uniform(-0.01, 0.01)) * (0.1 if warm else 1.0) if mfu else None,
+                     "time": time})
+    s = stop  # the last step evaluates too
+    if val:
+        recs.append({"type": "val", "step": s, "tokens": s * TPS, "val_loss": 3.1 + 8.0 * math.exp(-s / 40),
+                     "time": time + 5})
+    return recs
+
+
+def _write(path, records, extra_lines=()):
+    lines = [json.dumps(r) for r in records] + list(extra_lines)
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+def _by_step(records, kind):
+    """The contract's rule, applied by the test: last record per step wins."""
+    out = {}
+    for r in records:
+        if r["type"] == kind:
+            out[r["step"]] = r
+    return dict(sorted(out.items()))
+
+
+@pytest.fixture
+def resumed_run(tmp_path):
+    """A 200-step run that crashed after step 119 and resumed from its step-100 checkpoint, plus
+    hellaswag.py results for two checkpoints and for HF gpt2 (no step)."""
+    log = tmp_path / "resumed"
+    log.mkdir()
+    first = _segment(0, 120, T0, seed=1)[:-1]  # crashed: no final val
+    second = _segment(100, 200, T0 + 10_000, seed=2)
+    records = first + second
+    _write(log / "metrics.jsonl", records)
+    results = [
+        {"checkpoint": "log/model_00100.pt", "model": None, "step": 100, "acc": 0.27, "acc_norm": 0.281,
+         "harness_acc": 0.275, "harness_acc_norm": 0.290, "count": 10042, "seconds": 60.0, "time": T0 + 20_000},
+        {"checkpoint": "log/model_00200.pt", "model": None, "step": 200, "acc": 0.28, "acc_norm": 0.297,
+         "harness_acc": 0.285, "harness_acc_norm": 0.305, "count": 10042, "seconds": 60.0, "time": T0 + 20_100},
+        {"checkpoint": None, "model": "gpt2", "step": None, "acc": 0.2859, "acc_norm": 0.2955,
+         "harness_acc": 0.2892, "harness_acc_norm": 0.3114, "count": 10042, "seconds": 60.0, "time": T0 + 20_200},
+    ]
+    _write(log / "hellaswag_results.jsonl", results)
+    return log, records, results
+
+
+def _line(fig, gid):
+    lines = [ln for ax in fig.axes for ln in ax.get_lines() if ln.get_gid() == gid]
+    assert len(lines) == 1, f"expected one line {gid!r}, found {len(lines)}"
+    return lines[0]
+
+
+def _axes_with(fig, gid):
+    return next(ax for ax in fig.axes if any(ln.get_gid() == gid for ln in ax.get_lines()))
+
+
+# ---------------------------------------------------------------- reading
+
+
+def test_resumed_run_keeps_last_record_per_type_and_step(resumed_run):
+    log, records, _ = resumed_run
+    run = plot.load_run(log)
+    train, val = _by_step(records, "train"), _by_step(records, "val")
+    assert run.train["step"] == list(range(200))  # 20 repeated steps collapsed, in order
+    assert run.train["train_loss"] == [r["train_loss"] for r in train.values()]
+    # Step 110 was logged by both processes: the resumed one wins.
+    first_110, second_110 = [r for r in records if r["type"] == "train" and r["step"] == 110]
+    assert first_110["train_loss"] != second_110["train_loss"]
+    assert run.train["train_loss"][110] == second_110["train_loss"]
+    assert run.val["step"] == list(val) == [0, 25, 50, 75, 100, 125, 150, 175, 200]
+    assert run.val["val_loss"] == [r["val_loss"] for r in val.values()]
+    assert len(run.configs) == 2 and run.configs[1]["resumed_from"] == "log/model_00100.pt"
+    # Position since each (re)start: steps 100.. restart the count.
+    assert run.train["since_restart"][:3] == [0, 1, 2] and run.train["since_restart"][100] == 0
+    assert run.skipped == []
+
+
+def test_bad_lines_and_partial_last_line_are_skipped_with_line_numbers(tmp_path, capsys):
+    log = tmp_path / "live"
+    log.mkdir()
+    records = _segment(0, 60, T0, seed=3)[:-1]
+    lines = [json.dumps(r) for r in records]
+    lines.insert(10, "{not json")  # line 11
+    lines.insert(20, json.dumps({"type": "train", "step": 5, "train_loss": "high"}))  # line 21
+    lines.insert(30, json.dumps([1, 2]))  # line 31
+    # A run still writing: the last line is cut mid-record, with no newline yet.
+    text = "\n".join(lines) + "\n" + json.dumps({"type": "train", "step": 60, "train_loss": 4.0})[:25]
+    (log / "metrics.jsonl").write_text(text)
+
+    run = plot.load_run(log)
+    assert run.train["step"] == list(range(60))
+    assert [s.split(":")[1] for s in run.skipped] == ["11", "21", "31", str(len(lines) + 1)]
+    assert "still be writing" in run.skipped[-1]
+
+    plot.main(["--log-dir", str(log)])
+    err = capsys.readouterr().err
+    assert "skipped 4 bad line(s)" in err and "metrics.jsonl:11: not valid JSON" in err
+    assert (log / "overview.png").is_file()
+
+
+def test_empty_or_missing_log_exits_with_one_line_message(tmp_path):
+    with pytest.raises(SystemExit) as missing:
+        plot.main(["--log-dir", str(tmp_path / "nope")])
+    assert "does not exist" in str(missing.value.code) and "--log-dir" in str(missing.value.code)
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as no_file:
+        plot.main(["--log-dir", str(tmp_path / "empty")])
+    assert "metrics.jsonl not found" in str(no_file.value.code)
+
+    (tmp_path / "empty" / "metrics.jsonl").write_text("\n\n")
+    with pytest.raises(SystemExit) as empty:
+        plot.main(["--log-dir", str(tmp_path / "empty")])
+    assert "has no records" in str(empty.value.code)
+    assert "\n" not in str(empty.value.code)
+    assert list((tmp_path / "empty").glob("*.png")) == []
+
+    with pytest.raises(SystemExit) as bad_flag:
+        plot.main(["--log-dir", str(tmp_path / "empty"), "--smoothing", "1.5"])
+    assert "--smoothing" in str(bad_flag.value.code)
+
+
+def test_flags_are_generated_from_config_fields():
+    assert plot.parse_config([]) == plot.PlotConfig()
+    assert plot.PlotConfig().log_dirs == ("log",)
+    cfg = plot.parse_config(["--log-dir", "a", "--log-dir", "b", "--out-dir", "o", "--summary",
+                             "--smoothing", "0.5", "--warmup-steps", "3"])
+    assert cfg == plot.PlotConfig(log_dirs=("a", "b"), out_dir="o", summary=True, smoothing=0.5, warmup_steps=3)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def test_figures_are_written_as_pngs_into_the_log_dir(resumed_run):
+    log, _, _ = resumed_run
+    paths = plot.make_figures([plot.load_run(log)], log)
+    expected = {"training_loss", "validation_loss", "learning_rate", "throughput", "hellaswag_accuracy", "overview"}
+    assert set(paths) == expected
+    for name, path in paths.items():
+        assert path == log / f"{name}.png"
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert len(data) > 20_000, (name, len(data))  # a drawn figure, not an empty canvas
+    assert not [p for p in log.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp file
+
+
+def test_plotted_series_equal_logged_values(resumed_run):
+    log, records, _ = resumed_run
+    run = plot.load_run(log)
+    train, val, hs = _by_step(records, "train"), _by_step(records, "val"), _by_step(records, "hellaswag")
+    figs = plot.build_figures([run])
+    name = run.name
+    for fig_name in ("training_loss", "overview"):
+        raw = _line(figs[fig_name], f"{name}/train_loss")
+        assert list(raw.get_xdata()) == list(train)
+        assert list(raw.get_ydata()) == [r["train_loss"] for r in train.values()]
+    checks = {
+        ("validation_loss", "val_loss"): (list(val), [r["val_loss"] for r in val.values()]),
+        ("learning_rate", "lr"): (list(train), [r["lr"] for r in train.values()]),
+        ("throughput", "tokens_per_sec"): (list(train), [r["tokens_per_sec"] for r in train.values()]),
+        ("throughput", "mfu"): (list(train), [100 * r["mfu"] for r in train.values()]),
+        ("hellaswag_accuracy", "hellaswag_acc_norm"): (list(hs), [r["hellaswag_acc_norm"] for r in hs.values()]),
+        ("hellaswag_accuracy", "results_acc_norm"): ([100, 200], [0.281, 0.297]),
+        ("hellaswag_accuracy", "results_harness_acc_norm"): ([100, 200], [0.290, 0.305]),
+    }
+    for (fig_name, key), (xs, ys) in checks.items():
+        line = _line(figs[fig_name], f"{name}/{key}")
+        assert list(line.get_xdata()) == xs, key
+        assert list(line.get_ydata()) == pytest.approx(ys, rel=1e-12), key
+    # The HF gpt2 row has no step: drawn as a level at its acc_norm.
+    assert set(_line(figs["hellaswag_accuracy"], "results/gpt2").get_ydata()) == {0.2955}
+    # MFU lives on its own (twin) y-axis, tokens/s on the main one.
+    tput = figs["throughput"]
+    assert _axes_with(tput, f"{name}/mfu") is not _axes_with(tput, f"{name}/tokens_per_sec")
+    assert _axes_with(tput, f"{name}/mfu").get_ylabel() == "MFU (%)"
+
+
+def test_smoothed_train_loss_is_a_debiased_ema_of_the_raw_curve(resumed_run):
+    run = plot.load_run(resumed_run[0])
+    fig = plot.build_figures([run], smoothing=0.7)["training_loss"]
+    raw = list(_line(fig, f"{run.name}/train_loss").get_ydata())
+    smooth = list(_line(fig, f"{run.name}/train_loss_ema").get_ydata())
+    assert smooth[0] == pytest.approx(raw[0])  # debiased: no pull towards 0 at the start
+    assert smooth[1] == pytest.approx((0.7 * 0.3 * raw[0] + 0.3 * raw[1]) / (1 - 0.7**2))
+    def noise(ys):
+        return sum((b - a) ** 2 for a, b in itertools.pairwise(ys[150:]))
+
+    assert noise(smooth) < noise(raw) / 4
+    assert plot.ema([2.0] * 5, 0.95) == pytest.approx([2.0] * 5)
+    assert "EMA 0.7" in _line(fig, f"{run.name}/train_loss_ema").get_label()
+    # The default 0.95 lags 20 steps: kept for a 19,073-step run, lowered to a 4-step lag for 200 steps.
+    assert plot.ema_weight(0.95, 19_073) == 0.95
+    assert plot.ema_weight(0.95, 200) == pytest.approx(0.75)
+    assert plot.ema_weight(0.95, 30) == 0.0
+    default = plot.build_figures([run])["training_loss"]
+    assert "EMA 0.75" in _line(default, f"{run.name}/train_loss_ema").get_label()
+
+
+def test_baselines_are_labelled_lines_and_inside_the_view(resumed_run):
+    figs = plot.build_figures([plot.load_run(resumed_run[0])])
+    for fig_name, values in (("validation_loss", {3.2924}), ("hellaswag_accuracy", {0.2955, 0.337, 0.25, 0.3114})):
+        ax = figs[fig_name].axes[0]
+        base = {ln.get_ydata()[0]: ln.get_label() for ln in ax.get_lines() if str(ln.get_gid()).startswith("baseline/")}
+        assert set(base) == values
+        lo, hi = ax.get_ylim()
+        assert all(lo < v < hi for v in values), (fig_name, lo, hi)
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert any("GPT-2 124M" in t for t in legend)
+    hs_legend = [t.get_text() for t in figs["hellaswag_accuracy"].axes[0].get_legend().get_texts()]
+    assert "GPT-3 124M (paper) (0.337)" in hs_legend and "OpenAI GPT-2 124M (0.2955)" in hs_legend
+
+
+def test_top_axis_shows_tokens_from_the_logged_tokens_per_step(resumed_run):
+    fig = plot.build_figures([plot.load_run(resumed_run[0])])["validation_loss"]
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    (top,) = ax.child_axes
+    assert top.get_xlabel() == "tokens"
+    lo, hi = ax.get_xlim()
+    assert top.get_xlim() == pytest.approx((lo * TPS, hi * TPS))
+    assert ax.get_xlabel() == "step"
+
+
+def test_log_without_val_or_hellaswag_shows_no_data_panels(tmp_path):
+    log = tmp_path / "bare"
+    log.mkdir()
+    _write(log / "metrics.jsonl", _segment(0, 30, T0, seed=4, val=False, hs=False, mfu=False))
+    run = plot.load_run(log)
+    assert run.val["step"] == [] and run.hellaswag["step"] == [] and run.results["step"] == []
+    figs = plot.build_figures([run])
+    for name in ("validation_loss", "hellaswag_accuracy"):
+        texts = [t.get_text() for t in figs[name].axes[0].texts if t.get_gid() == "no-data"]
+        assert len(texts) == 1 and texts[0].startswith("no data"), name
+    assert not [t for t in figs["training_loss"].axes[0].texts if t.get_gid() == "no-data"]
+    # Empty panels still span the run's steps, like the others, so panels line up.
+    assert figs["validation_loss"].axes[0].get_xlim() == figs["training_loss"].axes[0].get_xlim() == (0, 29 * 1.02)
+    assert "MFU not logged" in figs["throughput"].axes[0].get_title()
+    paths = plot.make_figures([run], log)
+    assert all(p.stat().st_size > 10_000 for p in paths.values())
+    stats = plot.run_stats(run)
+    assert stats["best_val_loss"] is None and stats["mfu"] is None and stats["hellaswag_train"] is None
+    assert "| – |" in plot.summarize([run])
+
+
+def test_run_with_only_a_config_record_plots_empty_panels(tmp_path):
+    log = tmp_path / "starting"
+    log.mkdir()
+    _write(log / "metrics.jsonl", [_config(0, T0)])
+    paths = plot.make_figures([plot.load_run(log)], log)
+    assert len(paths) == 6 and all(p.is_file() for p in paths.values())
+
+
+def test_several_runs_in_one_figure_labelled_by_dir(resumed_run, tmp_path):
+    log_a = resumed_run[0]
+    log_b = tmp_path / "short"
+    log_b.mkdir()
+    _write(log_b / "metrics.jsonl", _segment(0, 80, T0, seed=5))
+    out = tmp_path / "compare"
+    plot.main(["--log-dir", str(log_a), "--log-dir", str(log_b), "--out-dir", str(out), "--summary"])
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{n}.png" for n in (*plot.PANELS, "overview"))
+    assert not list(log_a.glob("training_loss.png"))  # --out-dir given: log dirs untouched
+    runs = plot.load_runs([log_a, log_b])
+    fig = plot.build_figures(runs)["validation_loss"]
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "resumed: val loss" in legend and "short: val loss" in legend
+    assert _line(fig, "short/val_loss").get_color() != _line(fig, "resumed/val_loss").get_color()
+    table = (out / "summary.md").read_text()
+    assert table.count("| resumed |") == 1 and table.count("| short |") == 1
+
+
+def test_runs_with_the_same_dir_name_get_distinct_labels(tmp_path):
+    for parent in ("a", "b"):
+        (tmp_path / parent / "log").mkdir(parents=True)
+        _write(tmp_path / parent / "log" / "metrics.jsonl", _segment(0, 12, T0, seed=6))
+    runs = plot.load_runs([tmp_path / "a" / "log", tmp_path / "b" / "log"])
+    assert len({r.name for r in runs}) == 2
+
+
+# ---------------------------------------------------------------- summary
+
+
+def _parse_table(markdown):
+    rows = [ln for ln in markdown.splitlines() if ln.startswith("|")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in rows]
+    header, body = cells[0], cells[2:]
+    return [dict(zip(header, row)) for row in body]
+
+
+def test_summary_numbers_are_computed_from_the_logged_values(resumed_run):
+    log, records, _ = resumed_run
+    run = plot.load_run(log)
+    train, val, hs = _by_step(records, "train"), _by_step(records, "val"), _by_step(records, "hellaswag")
+    stats = plot.run_stats(run)
+    assert stats["steps"] == 200 and stats["max_steps"] == 200
+    assert stats["tokens"] == 200 * TPS
+    assert stats["best_val_loss"] == min(r["val_loss"] for r in val.values())
+    assert stats["final_val_loss"] == val[200]["val_loss"]
+    assert stats["hellaswag_train"] == max(r["hellaswag_acc_norm"] for r in hs.values())
+    assert stats["hellaswag_ref"] == 0.297  # best of this run's checkpoints; HF gpt2's 0.2955 is not this run
+    assert stats["hellaswag_harness"] == 0.305
+    # Warm-up: first WARMUP train records of each process; steps 100-119 of the first were replaced.
+    steady = [r for s, r in train.items() if WARMUP <= s < 100 or s >= 100 + WARMUP]
+    assert stats["tokens_per_sec"] == pytest.approx(sum(r["tokens_per_sec"] for r in steady) / len(steady))
+    assert stats["mfu"] == pytest.approx(sum(r["mfu"] for r in steady) / len(steady))
+    assert 0.39 < stats["mfu"] < 0.41  # the slow first steps (mfu 0.04) are out
+    # Wall time: each process from its config record to its last record, the gap between them excluded.
+    spans = []
+    for lo, hi in ((0, 1), (1, 2)):
+        idx = [i for i, r in enumerate(records) if r["type"] == "config"] + [len(records)]
+        seg = records[idx[lo]:idx[hi]]
+        spans.append(max(r["time"] for r in seg) - min(r["time"] for r in seg))
+    assert stats["wall_seconds"] == pytest.approx(sum(spans))
+    assert stats["wall_seconds"] < 10_000
+
+    (row,) = _parse_table(plot.summarize([run]))
+    assert row["run"] == "resumed"
+    assert row["steps"] == "200 / 200"
+    assert row["tokens"] == "105M"  # 200 * 524,288 = 104,857,600
+    assert float(row["best val loss"]) == pytest.approx(stats["best_val_loss"], abs=5e-5)
+    assert float(row["final val loss"]) == pytest.approx(stats["final_val_loss"], abs=5e-5)
+    assert float(row["HellaSwag (training loop)"]) == pytest.approx(stats["hellaswag_train"], abs=5e-5)
+    assert row["HellaSwag (hellaswag.py)"] == "0.2970" and row["HellaSwag (harness style)"] == "0.3050"
+    assert float(row["tokens/s"].replace(",", "")) == pytest.approx(stats["tokens_per_sec"], abs=0.5)
+    assert row["MFU"] == f"{100 * stats['mfu']:.1f}%"
+    h, m, s = map(int, row["wall time"].split(":"))
+    assert h * 3600 + m * 60 + s == round(stats["wall_seconds"])
+
+
+def test_cli_subprocess_writes_figures_and_summary(resumed_run, tmp_path):
+    log = resumed_run[0]
+    out = subprocess.run([sys.executable, str(ROOT / "plot.py"), "--log-dir", str(log), "--summary"],
+                         cwd=tmp_path, capture_output=True, text=True, check=False, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "| run | steps | tokens |" in out.stdout and "| resumed | 200 / 200 |" in out.stdout
+    assert (log / "summary.md").read_text() in out.stdout
+    assert (log / "overview.png").stat().st_size > 50_000
+
+    # Default --log-dir is ./log: none here, so a one-line message and exit code 1, no traceback.
+    missing = subprocess.run([sys.executable, str(ROOT / "plot.py")], cwd=tmp_path, capture_output=True,
+                             text=True, check=False, timeout=120)
+    assert missing.returncode == 1
+    assert missing.stderr.strip().count("\n") == 0 and "log" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_importing_plot_has_no_side_effects():
+    code = "import sys, plot; print('matplotlib.pyplot' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "False\n" and out.stderr == ""
