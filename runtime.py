@@ -8,6 +8,7 @@ Everything that reads torchrun's environment lives here; the rest of the code ta
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -61,6 +62,21 @@ def setup_distributed(device_flag: str = "auto") -> DistInfo:
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, local_rank, world_size, device, rank == 0)
+
+
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+def sdpa_backend(name: str):
+    """Context forcing one scaled-dot-product-attention kernel ('auto': PyTorch's own choice).
+    A forced kernel that cannot run the inputs raises instead of silently falling back."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernel = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel([kernel])
 
 
 def teardown_distributed() -> None:

@@ -83,9 +83,15 @@ class TrainConfig:
     keep_checkpoints: int = field(3, "keep the newest K step checkpoints (model_final.pt is always kept)")
     log_every: int = field(1, "log (and sync with the device) every N steps")
     resume: str = field("auto", "auto: continue from the newest valid checkpoint in --log-dir; never: start fresh", choices=("auto", "never"))
-    # machine
+    # machine and speed levers (bench.py measures each; none changes the recipe's math beyond rounding)
     device: str = field("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     compile: bool = field(True, "torch.compile the model (CUDA only; ignored with a warning on CPU)")
+    compile_mode: str = field("default", "torch.compile mode", choices=("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"))
+    attn_backend: str = field("auto", "scaled-dot-product attention kernel (auto: PyTorch picks)", choices=runtime.SDPA_BACKENDS)
+    loss_chunk_rows: int = field(0, "compute lm_head + cross-entropy in chunks of N rows, never building the full logits (0: plain path)")
+    fused_adamw: bool = field(True, "fused AdamW kernel on CUDA")
+    activation_checkpointing: bool = field(False, "recompute each block in backward to save memory (gpt2-large/xl on one GPU)")
+    ddp_bucket_mb: int = field(25, "DDP gradient all-reduce bucket size in MB")
     demo: bool = field(False, "CPU demo: tiny model on the small corpus shipped in assets/demo (~2 minutes)")
 
     @property
@@ -114,6 +120,8 @@ class TrainConfig:
             raise ValueError("--*-every flags must be >= 0 (and --log-every >= 1)")
         if self.keep_checkpoints < 1:
             raise ValueError("--keep-checkpoints must be at least 1")
+        if self.loss_chunk_rows < 0 or self.ddp_bucket_mb < 1:
+            raise ValueError("--loss-chunk-rows must be >= 0 and --ddp-bucket-mb >= 1")
 
     def grad_accum_steps(self, world_size: int) -> int:
         return self.tokens_per_step // (self.micro_batch_size * self.seq_len * world_size)
@@ -165,7 +173,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2),
-        eps=cfg.eps, fused=device.type == "cuda",  # one kernel for all parameters on GPU
+        eps=cfg.eps, fused=cfg.fused_adamw and device.type == "cuda",  # one kernel for all parameters on GPU
     )
 
 
@@ -426,10 +434,7 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo) -> int:
     metrics.start(start_step if ckpt is not None else None, evals_done)
     del ckpt
 
-    model = torch.compile(raw_model) if cfg.compile and device.type == "cuda" else raw_model
-    # DDP all-reduces gradients in buckets during the last micro-step's backward.
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist_info.distributed else model
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    model, train_model, autocast = wrap_model(raw_model, cfg, dist_info)
 
     flops_per_token = raw_model.flops_per_token(cfg.seq_len)
     peak = runtime.peak_flops(device)
@@ -498,28 +503,10 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo) -> int:
             save_checkpoint(log_dir / f"model_{step:05d}.pt", raw_model, optimizer, step, train_loader, cfg,
                             evals_done=True, keep=cfg.keep_checkpoints)
 
-        # ---- one optimizer step: grad_accum micro-steps, clip, AdamW ----
         if clock is None:
             clock = time.perf_counter()
-        loss_accum = torch.zeros((), device=device)
-        for micro_step in range(grad_accum):
-            x, y = train_loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            last_micro = micro_step == grad_accum - 1
-            # Gradients are all-reduced only on the last micro-step; no_sync covers forward and backward.
-            sync_context = train_model.no_sync() if dist_info.distributed and not last_micro else nullcontext()
-            with sync_context:
-                with autocast:
-                    _, loss = train_model(x, y)
-                loss = loss / grad_accum  # the step's loss is the mean over its micro-batches
-                loss_accum += loss.detach()
-                loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        lr = learning_rate(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_accum, grad_norm, lr = train_step(train_model, raw_model, optimizer, train_loader, cfg, step,
+                                               grad_accum, dist_info, autocast)
         steps_since_log += 1
 
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
@@ -552,6 +539,52 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo) -> int:
                         evals_done=True, keep=None)
         print(f"done: {cfg.max_steps} steps, final checkpoint {log_dir / 'model_final.pt'}")
     return 0
+
+
+def wrap_model(raw_model: GPT, cfg: TrainConfig, dist_info: runtime.DistInfo):
+    """Apply the speed settings and return (model, train_model, autocast): `model` is the compiled
+    module (evaluation calls it), `train_model` its DDP wrapper under torchrun (training calls it)."""
+    device = dist_info.device
+    raw_model.loss_chunk_rows = cfg.loss_chunk_rows
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
+    model = raw_model
+    if cfg.compile and device.type == "cuda":
+        model = torch.compile(raw_model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+    train_model = model
+    if dist_info.distributed:
+        # DDP all-reduces gradients in buckets while the last micro-step's backward still runs.
+        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                          bucket_cap_mb=cfg.ddp_bucket_mb)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    return model, train_model, autocast
+
+
+def train_step(train_model, raw_model: GPT, optimizer, train_loader: TrainLoader, cfg: TrainConfig, step: int,
+               grad_accum: int, dist_info: runtime.DistInfo, autocast):
+    """One optimizer step: grad_accum micro-steps, clip, AdamW. Returns (mean loss, grad norm) as
+    device tensors (no sync) and the learning rate used."""
+    device = dist_info.device
+    loss_accum = torch.zeros((), device=device)
+    with runtime.sdpa_backend(cfg.attn_backend):
+        for micro_step in range(grad_accum):
+            x, y = train_loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            last_micro = micro_step == grad_accum - 1
+            # Gradients are all-reduced only on the last micro-step; no_sync covers forward and backward.
+            sync_context = train_model.no_sync() if dist_info.distributed and not last_micro else nullcontext()
+            with sync_context:
+                with autocast:
+                    _, loss = train_model(x, y)
+                loss = loss / grad_accum  # the step's loss is the mean over its micro-batches
+                loss_accum += loss.detach()
+                loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    lr = learning_rate(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_accum, grad_norm, lr
 
 
 def run_hellaswag(raw_model, model, cfg, step, dist_info, autocast, metrics) -> None:
