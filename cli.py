@@ -31,6 +31,12 @@ def build_parser(config_cls, description: str | None = None, defaults: dict | No
     """An ArgumentParser with one flag per field of `config_cls`. `defaults` overrides field defaults
     for the help text only (e.g. a preset); unset flags parse as None so presets can fill them."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser, config_cls, defaults)
+    return parser
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict | None = None) -> None:
+    """Add one flag per field of `config_cls` to `parser` (several configs may share a parser)."""
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         kind = hints[f.name]
@@ -50,7 +56,19 @@ def build_parser(config_cls, description: str | None = None, defaults: dict | No
             kwargs["choices"] = list(f.metadata["choices"])
         kwargs["help"] += f" (default: {default})" if default not in (None, "") else ""
         parser.add_argument(flag_name(f), type=kind, metavar=f.name.upper(), **kwargs)
-    return parser
+
+
+def parse_value(config_cls, name: str, text: str):
+    """Convert `text` to the type of field `name` of `config_cls` (for NAME=VALUE style options)."""
+    hints = typing.get_type_hints(config_cls)
+    if name not in hints:
+        raise ValueError(f"unknown setting {name!r}: use a field name such as {next(iter(hints))}")
+    kind = hints[name]
+    if kind is bool:
+        if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"{name}={text}: expected true or false")
+        return text.lower() in ("1", "true", "yes", "on")
+    return kind(text)
 
 
 def given_flags(namespace: argparse.Namespace) -> dict:

@@ -1,0 +1,218 @@
+"""Benchmark the real training step (forward, backward, clip, AdamW, gradient accumulation as
+configured): tokens/s, MFU, ms/step, peak memory, one table row per configuration.
+
+    uv run bench.py --model tiny --micro-batch-size 2 --seq-len 64 --tokens-per-step 256 --steps 3 --warmup 1
+    uv run bench.py                                            # GPT-2 124M, reference batch, on a GPU
+    uv run bench.py --sweep micro_batch_size=16,32,64 --sweep loss_chunk_rows=0,8192 --json
+
+Every flag of train_gpt2.py is accepted and means the same. Tokens are synthetic (uniform random
+ids, a fixed seed) unless --data-dir is given, so it runs anywhere with no data. Warm-up steps
+(torch.compile included) are not timed; timed steps are measured with CUDA events on a GPU. MFU uses
+the trainer's formula and peak table. It imports neither `datasets` nor `transformers`, so it runs
+on a bare GPU machine with torch + numpy + tiktoken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import itertools
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import runtime
+from cli import add_config_flags, field, given_flags, parse_value
+from dataloader import TrainLoader
+from train_gpt2 import TrainConfig, build_model, make_optimizer, train_step, wrap_model
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    steps: int = field(10, "timed optimizer steps")
+    warmup: int = field(3, "untimed steps first (compilation, allocator, cuDNN autotuning)")
+    sweep: tuple[str, ...] = field((), "NAME=V1,V2,... over a train_gpt2 setting; repeat for a grid", flag="--sweep")
+    profile: bool = field(False, "write a torch.profiler trace of 2 steps and print the top kernels by time")
+    trace_path: str = field("bench_trace.json", "where --profile writes its Chrome trace")
+    json: bool = field(False, "print one JSON object per configuration instead of a table")
+
+
+class SyntheticLoader:
+    """Uniform random token ids of the right shape, from a fixed seed: no data needed."""
+
+    def __init__(self, micro_batch_size: int, seq_len: int, vocab_size: int, pin_memory: bool, seed: int = 0):
+        self.shape = (micro_batch_size, seq_len + 1)
+        self.vocab_size, self.pin_memory = vocab_size, pin_memory
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.randint(0, self.vocab_size, self.shape, generator=self.generator)
+        if self.pin_memory:
+            rows = rows.pin_memory()
+        return rows[:, :-1], rows[:, 1:]
+
+
+def sweep_grid(cfg: TrainConfig, sweeps: tuple[str, ...]) -> list[tuple[dict, TrainConfig]]:
+    """Expand ("micro_batch_size=16,32", "compile=true,false") into the grid of TrainConfigs."""
+    axes = []
+    for spec in sweeps:
+        name, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise ValueError(f"--sweep {spec!r}: write NAME=V1,V2 with a train_gpt2 setting name, e.g. micro_batch_size=16,32")
+        name = name.replace("-", "_")
+        axes.append([(name, parse_value(TrainConfig, name, v)) for v in values.split(",")])
+    grid = []
+    for combo in itertools.product(*axes) if axes else [()]:
+        overrides = dict(combo)
+        grid.append((overrides, dataclasses.replace(cfg, **overrides)))
+    return grid
+
+
+def detect_attention_kernel(fn) -> str:
+    """Which SDPA kernel a CUDA step ran, from the kernel names the profiler saw."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = " ".join(e.key.lower() for e in prof.key_averages())
+    for key, label in (("cudnn", "cudnn"), ("flash", "flash"), ("fmha", "efficient"), ("efficient", "efficient")):
+        if key in names:
+            return label
+    return "math"
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process peak RSS)
+
+
+def bench_one(cfg: TrainConfig, bench: BenchConfig, dist_info: runtime.DistInfo, synthetic: bool) -> dict:
+    cfg.validate(dist_info.world_size)
+    device = dist_info.device
+    raw_model = build_model(cfg, is_main=False).to(device)
+    optimizer = make_optimizer(raw_model, cfg, device)
+    model, train_model, autocast = wrap_model(raw_model, cfg, dist_info)
+    pin = device.type == "cuda"
+    if synthetic:
+        loader = SyntheticLoader(cfg.micro_batch_size, cfg.seq_len, raw_model.config.vocab_size, pin, seed=cfg.seed + dist_info.rank)
+    else:
+        loader = TrainLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, dist_info.rank, dist_info.world_size,
+                             seed=cfg.seed, shuffle=cfg.shuffle, pin_memory=pin)
+    grad_accum = cfg.grad_accum_steps(dist_info.world_size)
+    step = iter(range(10**9))
+
+    def one_step():
+        return train_step(train_model, raw_model, optimizer, loader, cfg, next(step), grad_accum, dist_info, autocast)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(bench.warmup):
+        one_step()
+    sync()
+    kernel = cfg.attn_backend
+    if device.type == "cuda" and cfg.attn_backend == "auto":
+        kernel = "auto->" + detect_attention_kernel(one_step)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    losses = [one_step()[0] for _ in range(bench.steps)]
+    if device.type == "cuda":
+        end.record()
+        sync()
+        seconds = start.elapsed_time(end) / 1000
+    else:
+        seconds = time.perf_counter() - t0
+    if bench.profile:
+        profile_steps(one_step, bench.trace_path, device)
+    tokens_per_sec = bench.steps * cfg.tokens_per_step / seconds
+    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
+    row = {
+        "model": cfg.model, "micro_batch_size": cfg.micro_batch_size, "seq_len": cfg.seq_len,
+        "tokens_per_step": cfg.tokens_per_step, "grad_accum": grad_accum, "world_size": dist_info.world_size,
+        "compile": cfg.compile and device.type == "cuda", "compile_mode": cfg.compile_mode, "attention": kernel,
+        "loss_chunk_rows": cfg.loss_chunk_rows, "fused_adamw": cfg.fused_adamw and device.type == "cuda",
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "tokens_per_sec": tokens_per_sec, "step_ms": 1000 * seconds / bench.steps,
+        "mfu": runtime.mfu(flops_per_token, tokens_per_sec, runtime.peak_flops(device), dist_info.world_size),
+        "peak_memory_gb": peak_memory_gb(device), "final_loss": losses[-1].item(),
+        "device": runtime.device_name(device), "torch": torch.__version__, "synthetic": synthetic,
+    }
+    del raw_model, model, train_model, optimizer, loader
+    return row
+
+
+def profile_steps(one_step, trace_path: str, device: torch.device) -> None:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(2):
+            one_step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    prof.export_chrome_trace(trace_path)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15))
+    print(f"trace written to {trace_path} (open in chrome://tracing or ui.perfetto.dev)")
+
+
+def format_row(row: dict, overrides: dict) -> str:
+    setting = " ".join(f"{k}={v}" for k, v in overrides.items()) or "as configured"
+    if "error" in row:
+        return f"{setting:40s} | {row['error']}"
+    mfu = f"{100 * row['mfu']:5.1f}%" if row["mfu"] is not None else "  n/a "
+    return (f"{setting:40s} | {row['tokens_per_sec']:11,.0f} tok/s | mfu {mfu} | {row['step_ms']:9.1f} ms/step | "
+            f"{row['peak_memory_gb']:6.2f} GiB | B={row['micro_batch_size']} x{row['grad_accum']} | attn {row['attention']} | "
+            f"loss {row['final_loss']:.4f} | {row['device']} | torch {row['torch']}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser, TrainConfig)
+    add_config_flags(parser, BenchConfig)
+    flags = given_flags(parser.parse_args(argv))
+    bench_fields = {f.name for f in dataclasses.fields(BenchConfig)}
+    bench = BenchConfig(**{k: v for k, v in flags.items() if k in bench_fields})
+    train_flags = {k: v for k, v in flags.items() if k not in bench_fields}
+    synthetic = "data_dir" not in train_flags
+    try:
+        cfg = TrainConfig(**train_flags)
+        grid = sweep_grid(cfg, bench.sweep)
+        dist_info = runtime.setup_distributed(cfg.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.device == "cuda" or dist_info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    status = 0
+    try:
+        for overrides, run_cfg in grid:
+            try:
+                row = bench_one(run_cfg, bench, dist_info, synthetic)
+            except torch.cuda.OutOfMemoryError:
+                row, status = {"error": "out of memory: lower --micro-batch-size or use --loss-chunk-rows"}, 3
+            except (ValueError, RuntimeError) as e:  # e.g. a forced attention kernel that cannot run
+                row, status = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}, 2
+            if dist_info.is_main:
+                print(json.dumps({**overrides, **row}) if bench.json else format_row(row, overrides), flush=True)
+            gc.collect()
+            if dist_info.device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch._dynamo.reset()  # each configuration compiles afresh
+    finally:
+        runtime.teardown_distributed()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
