@@ -1,0 +1,328 @@
+"""fineweb.py: token stream, determinism, resume after SIGKILL, --verify, bad input, offline Hub.
+
+Everything is real: tiktoken, Hugging Face `datasets` reading local files, worker processes, files on
+disk, a real SIGKILL, a real ENOSPC (/dev/full). The oracle for the token stream is computed here
+independently: pyarrow reads the parquet, tiktoken's encode_ordinary encodes each document.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import fineweb
+from fineweb import FinewebConfig, PrepError, prepare
+from tokenizer import EOT_TOKEN, get_encoding
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARD = 50_000  # small shards: ~13 of them over the subset, most boundaries inside a document
+
+
+@pytest.fixture(scope="module")
+def subset(fineweb_sample_dir) -> list[str]:
+    """The first 4 parquet files of the sample: 400 documents, ~0.6M tokens."""
+    return [str(p) for p in sorted(fineweb_sample_dir.glob("*.parquet"))[:4]]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    """A private `datasets` cache, so tests never touch the user's ~/.cache."""
+    return str(tmp_path_factory.mktemp("hf_cache"))
+
+
+def texts_of(files: list[str]) -> list[str]:
+    return [t for f in files for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
+
+
+def expected_stream(texts: list) -> np.ndarray:
+    enc = get_encoding()
+    return np.concatenate([np.array([EOT_TOKEN] + enc.encode_ordinary(t), dtype=np.uint16) for t in texts if t])
+
+
+def read_stream(out_dir: Path, manifest: dict) -> np.ndarray:
+    return np.concatenate([np.load(out_dir / s["file"]) for s in manifest["shards"]])
+
+
+def run(files, out_dir, cache, **kw) -> dict:
+    return prepare(FinewebConfig(input=tuple(files), out_dir=str(out_dir), **kw), cache_dir=cache, progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(subset, cache, tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted run: 2 workers, map-style (Arrow) dataset."""
+    out = tmp_path_factory.mktemp("reference")
+    return out, run(subset, out, cache, shard_size=SHARD, workers=2)
+
+
+def sha_list(manifest: dict) -> list[str]:
+    return [s["sha256"] for s in manifest["shards"]]
+
+
+def env_for_cli(tmp_path: Path) -> dict:
+    return {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": str(ROOT)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Token stream
+
+
+def test_shards_hold_every_document_in_order_across_shard_boundaries(subset, reference):
+    out, manifest = reference
+    texts = texts_of(subset)
+    expected = expected_stream(texts)
+    stream = read_stream(out, manifest)
+    assert stream.dtype == np.uint16
+    np.testing.assert_array_equal(stream, expected)  # nothing lost or repeated at any boundary
+    shards = manifest["shards"]
+    assert len(shards) == -(-len(expected) // SHARD) >= 10
+    assert [s["tokens"] for s in shards[:-1]] == [SHARD] * (len(shards) - 1)  # filled exactly
+    assert [s["file"] for s in shards[:2]] == ["edufineweb_val_000000.npy", "edufineweb_train_000001.npy"]
+    assert {s["split"] for s in shards[1:]} == {"train"} and shards[0]["split"] == "val"
+    assert manifest["complete"] and manifest["total_tokens"] == len(expected)
+    assert manifest["total_documents"] == sum(s["documents"] for s in shards) == len(texts)
+    # documents counted where their <|endoftext|> is
+    eot_per_shard = [int((np.load(out / s["file"]) == EOT_TOKEN).sum()) for s in shards]
+    assert eot_per_shard == [s["documents"] for s in shards]
+    enc = get_encoding()
+    assert enc.decode(stream.tolist()) == "".join("<|endoftext|>" + t for t in texts)
+
+
+def test_shard_files_are_plain_npy_identical_to_np_save(reference, tmp_path):
+    out, manifest = reference
+    for record in manifest["shards"][:3]:
+        data = (out / record["file"]).read_bytes()
+        np.save(tmp_path / "x.npy", np.load(out / record["file"]))
+        assert data == (tmp_path / "x.npy").read_bytes()
+        assert hashlib.sha256(data).hexdigest() == record["sha256"]
+
+
+def test_one_worker_streaming_and_spawned_workers_write_identical_shards(subset, cache, reference, tmp_path):
+    _, ref = reference
+    one = run(subset, tmp_path / "one", cache, shard_size=SHARD, workers=1)
+    streamed = run(subset, tmp_path / "stream", cache, shard_size=SHARD, workers=2, streaming=True)
+    # spawn = the start method of Windows and macOS: the workers must get everything by pickling
+    spawned = prepare(
+        FinewebConfig(input=tuple(subset), out_dir=str(tmp_path / "spawn"), shard_size=SHARD, workers=2),
+        cache_dir=cache, mp_context="spawn", progress=False,
+    )
+    assert ref["shards"] == one["shards"] == streamed["shards"] == spawned["shards"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume
+
+
+def test_resume_after_a_crash_mid_document_is_byte_identical(subset, cache, reference, tmp_path):
+    ref_dir, ref = reference
+    out = tmp_path / "out"
+    shutil.copytree(ref_dir, out)
+    # The state a crash leaves after shard k: manifest lists k shards, later files may exist.
+    k = next(i for i, s in enumerate(ref["shards"][2:], 2) if s["next_document_offset"] > 0)
+    crashed = dict(ref, complete=False, shards=ref["shards"][: k + 1])
+    (out / "manifest.json").write_text(json.dumps(crashed))
+    (out / ref["shards"][k + 2]["file"]).unlink()  # a later shard missing; k+1 unrecorded but present
+    (out / ref["shards"][k + 1]["file"]).write_bytes(b"stale")
+    # resumed in streaming mode: the same rows, skipped with IterableDataset.skip instead of by index
+    resumed = run(subset, out, cache, shard_size=SHARD, workers=2, streaming=True)
+    assert resumed["shards"] == ref["shards"]
+    assert sha_list(resumed) == [hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() for s in ref["shards"]]
+
+
+def test_max_tokens_stops_early_and_a_longer_rerun_continues(subset, cache, reference, tmp_path):
+    ref_dir, ref = reference
+    short = run(subset, tmp_path, cache, shard_size=SHARD, workers=2, max_tokens=123_456)
+    assert short["total_tokens"] == 123_456 and short["stop_reason"] == "max_tokens"
+    np.testing.assert_array_equal(read_stream(tmp_path, short), read_stream(ref_dir, ref)[:123_456])
+    full = run(subset, tmp_path, cache, shard_size=SHARD, workers=2)  # partial last shard redone
+    assert full["shards"] == ref["shards"]
+    with pytest.raises(PrepError, match="other settings.*shard_size"):
+        run(subset, tmp_path, cache, shard_size=SHARD + 1, workers=2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL and process groups are POSIX")
+def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(fineweb_sample_dir, cache, tmp_path):
+    files = sorted(str(p) for p in fineweb_sample_dir.glob("*.parquet"))  # all 2,800 documents
+    shard = 20_000  # ~220 shards: a wide window to kill in
+    expected = run(files, tmp_path / "straight", cache, shard_size=shard, workers=1)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "fineweb.py"), "--input", *files, "--out-dir", str(out),
+           "--shard-size", str(shard), "--workers", "1"]
+    env = env_for_cli(tmp_path)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if len(json.loads((out / "manifest.json").read_text())["shards"]) >= 3:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.002)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)  # kill -9 of the main process, as a crash or scancel would
+        proc.wait(timeout=30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its pool workers too, if any is still alive
+        except ProcessLookupError:
+            pass
+    killed = json.loads((out / "manifest.json").read_text())
+    assert not killed["complete"] and 3 <= len(killed["shards"]) < len(expected["shards"])
+    # whatever is under a real shard name is a complete shard
+    for p in out.glob("edufineweb_*.npy"):
+        assert len(np.load(p)) == shard, p.name
+    rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "resuming" in rerun.stdout
+    final = json.loads((out / "manifest.json").read_text())
+    assert final["complete"] and sha_list(final) == sha_list(expected)
+    assert [hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() for s in final["shards"]] == sha_list(expected)
+    check = subprocess.run([sys.executable, str(ROOT / "fineweb.py"), "--out-dir", str(out), "--verify"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert check.returncode == 0 and "all match" in check.stdout, check.stdout + check.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# --verify
+
+
+def test_verify_names_each_bad_shard(reference, tmp_path, capsys):
+    ref_dir, ref = reference
+    out = tmp_path / "out"
+    shutil.copytree(ref_dir, out)
+    fineweb.main(["--out-dir", str(out), "--verify"])
+    assert "all match" in capsys.readouterr().out
+    names = [s["file"] for s in ref["shards"]]
+    with open(out / names[1], "r+b") as f:  # truncated
+        f.truncate(f.seek(0, 2) - 2)
+    with open(out / names[2], "r+b") as f:  # one flipped byte
+        f.seek(5000)
+        byte = f.read(1)
+        f.seek(5000)
+        f.write(bytes([byte[0] ^ 0x01]))
+    arr = np.load(out / names[3])  # an id no GPT-2 token has, with a manifest that agrees with the file
+    arr[777] = 60_000
+    np.save(out / names[3], arr)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][3]["sha256"] = hashlib.sha256((out / names[3]).read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit) as err:
+        fineweb.main(["--out-dir", str(out), "--verify"])
+    printed = capsys.readouterr().out
+    assert f"BAD {names[1]}: " in printed and "truncated" in printed
+    assert f"BAD {names[2]}: sha256" in printed
+    assert f"BAD {names[3]}: token id 60000 at position 777" in printed
+    assert all(n not in printed for n in names[:1] + names[4:])
+    assert names[1] in str(err.value) and names[3] in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one line naming the problem
+
+
+def cli_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as err:
+        fineweb.main(list(argv))
+    message = str(err.value)
+    assert message.startswith("fineweb.py: error: ") and "\n" not in message
+    return message
+
+
+def test_no_input_files_is_a_one_line_error(tmp_path, capsys):
+    message = cli_error(capsys, "--input", str(tmp_path / "nothing" / "*.parquet"), "--out-dir", str(tmp_path / "o"))
+    assert "no input files" in message and "nothing" in message
+
+
+def test_file_without_text_column_is_named(subset, tmp_path, capsys):
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"id": ["a"], "body": ["no text column here"]}), bad)
+    message = cli_error(capsys, "--input", subset[0], str(bad), "--out-dir", str(tmp_path / "o"))
+    assert str(bad) in message and "no `text` column" in message and "body" in message
+    bad_json = tmp_path / "bad.jsonl.gz"
+    with gzip.open(bad_json, "wt") as f:
+        f.write(json.dumps({"content": "x"}) + "\n")
+    message = cli_error(capsys, "--input", str(bad_json), "--out-dir", str(tmp_path / "o"))
+    assert str(bad_json) in message and "no `text` column" in message
+
+
+def test_unwritable_out_dir_is_a_one_line_error(subset, tmp_path, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    message = cli_error(capsys, "--input", subset[0], "--out-dir", str(a_file / "out"))
+    assert "cannot write to --out-dir" in message
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root writes anywhere; the case above covers it
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert "cannot write to --out-dir" in cli_error(capsys, "--input", subset[0], "--out-dir", str(locked))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux /dev/full for a real ENOSPC")
+def test_full_disk_is_a_one_line_error_and_leaves_no_shard(subset, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    # Writes to /dev/full fail with ENOSPC: the first shard's temp file leads there.
+    fineweb._tmp_path(out, 0).symlink_to("/dev/full")
+    # --streaming: local files are read in place, nothing goes to the user's datasets cache
+    message = cli_error(capsys, "--input", *subset, "--out-dir", str(out), "--shard-size", str(SHARD), "--streaming")
+    assert "disk full" in message and "rerun the same command" in message
+    assert not list(out.glob("edufineweb_*")) and not fineweb._tmp_path(out, 0).exists()
+
+
+def test_empty_and_undecodable_documents_are_skipped_and_counted(cache, tmp_path):
+    texts = ["first document", "", None, "fourth, with émoji 🚀", "", "a literal <|endoftext|> is text"]
+    src = tmp_path / "docs.jsonl.gz"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts))
+    m = run([src], tmp_path / "json", cache, shard_size=7)
+    assert (m["total_documents"], m["skipped_empty"], m["skipped_undecodable"]) == (3, 3, 0)
+    np.testing.assert_array_equal(read_stream(tmp_path / "json", m), expected_stream(texts))
+    # a binary `text` column holding bytes that are not UTF-8
+    raw = [b"good one", b"\xff\xfe not utf-8 \xc3", "caf\u00e9".encode(), b""]
+    src = tmp_path / "binary.parquet"
+    pq.write_table(pa.table({"text": pa.array(raw, pa.binary())}), src)
+    m = run([src], tmp_path / "bin", cache, shard_size=1000, streaming=True)
+    assert (m["total_documents"], m["skipped_empty"], m["skipped_undecodable"]) == (2, 1, 1)
+    np.testing.assert_array_equal(read_stream(tmp_path / "bin", m), expected_stream(["good one", "café"]))
+
+
+def test_txt_files_are_one_document_each(cache, tmp_path):
+    (tmp_path / "a.txt").write_text("First file.\n\nTwo paragraphs.\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("Second file.", encoding="utf-8")
+    m = run([str(tmp_path / "*.txt")], tmp_path / "out", cache, shard_size=4)
+    np.testing.assert_array_equal(
+        read_stream(tmp_path / "out", m), expected_stream(["First file.\n\nTwo paragraphs.\n", "Second file."])
+    )
+
+
+def test_hub_without_network_fails_fast_with_one_line(tmp_path):
+    env = {**env_for_cli(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    t = time.time()
+    proc = subprocess.run([sys.executable, str(ROOT / "fineweb.py"), "--out-dir", str(tmp_path / "o")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and time.time() - t < 60
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fineweb.py: error: cannot load HuggingFaceFW/fineweb-edu (sample-10BT)"), proc.stderr
+    assert "HF_HUB_OFFLINE" in last and "--input" in last
+
+
+def test_importing_does_nothing(tmp_path):
+    code = "import sys, fineweb; assert 'datasets' not in sys.modules; print('ok')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env_for_cli(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == "ok\n" and proc.stderr == "", proc.stderr
