@@ -418,11 +418,17 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo) -> int:
         raise SystemExit(f"{log_dir} already holds checkpoints of another run: pass a new --log-dir, or delete them, or use --resume auto")
     start_step, evals_done, resumed_from = 0, False, None
     if ckpt is not None:
-        if ckpt["step"] >= cfg.max_steps:
+        # A signal during the last step leaves model_{max_steps}.pt, saved before the final evals:
+        # resuming it runs them and writes model_final.pt. Only that file (or a checkpoint past
+        # --max-steps) means the run is over.
+        if ckpt["step"] > cfg.max_steps or (ckpt["step"] == cfg.max_steps and Path(ckpt["path"]).name == "model_final.pt"):
             if is_main:
                 print(f"training already finished: {ckpt['path']} is at step {ckpt['step']} of {cfg.max_steps}. "
                       "Use a new --log-dir (or --resume never after deleting it) for another run.")
             return 0
+        if ckpt.get("model_config") != raw_model.model_config_dict():
+            raise ValueError(f"{ckpt['path']} holds another model ({ckpt['config'].get('model')}: {ckpt.get('model_config')}) "
+                             f"than --model {cfg.model}: resume with its --model, or start this run in a new --log-dir")
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         train_loader.load_state_dict(ckpt["loader"])

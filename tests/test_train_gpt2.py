@@ -1,0 +1,645 @@
+"""train_gpt2.py, the training core: schedule, decay groups, DDP equivalence, exact resume (also after
+SIGKILL), SIGTERM/SIGUSR1, corrupt checkpoints, one-line errors, MFU, metrics.jsonl, golden losses.
+
+Real parts only: shards of real GPT-2 tokens (Tiny Shakespeare, np.save'd uint16 like fineweb.py
+writes them), the real trainer CLI in fresh processes, real torchrun + gloo for DDP, real signals.
+
+Every trainer run here uses one small config (`BASE_FLAGS`: the tiny preset, 2 x 32 tokens per
+micro-batch, 128 tokens per step = 2 micro-steps on 1 process, 20 steps) and one pinned numeric
+environment (`TRAIN_ENV`: 1 thread, AVX2 kernels), so runs can be compared bit for bit, and the
+first 20 losses against tests/golden/tiny_losses.json. To regenerate that file after a change that
+is MEANT to change the computation:
+
+    REGENERATE_GOLDEN=1 uv run pytest tests/test_train_gpt2.py -k golden
+
+(This file is also the DDP gradient worker: `torchrun ... tests/test_train_gpt2.py grad-worker OUT CONFIG_JSON`.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # also run as a script (the DDP worker below)
+    sys.path.insert(0, str(ROOT))
+
+import runtime  # noqa: E402
+import train_gpt2  # noqa: E402
+from dataloader import TrainLoader  # noqa: E402
+from model import GPT, MODEL_PRESETS, GPTConfig  # noqa: E402
+from tokenizer import EOT_TOKEN, get_encoding  # noqa: E402
+from train_gpt2 import TrainConfig, learning_rate, make_optimizer, param_groups  # noqa: E402
+
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_losses.json"
+RUN_TIMEOUT = 240  # seconds for one trainer process (a 20-step run takes ~15 s on a busy 2-core box)
+
+# The run every CLI test uses (data and log dirs are added per test). 128 tokens per step = 2
+# micro-steps of 2 x 32 on one process, 1 micro-step on each of 2 DDP ranks.
+BASE_FLAGS = [
+    "--model", "tiny", "--micro-batch-size", "2", "--seq-len", "32", "--tokens-per-step", "128",
+    "--max-steps", "20", "--warmup-steps", "5", "--max-lr", "3e-3", "--val-every", "10", "--val-tokens", "256",
+    "--ckpt-every", "5", "--sample-every", "0", "--hellaswag-every", "0", "--device", "cpu", "--no-compile",
+]
+MAX_STEPS, TOKENS_PER_STEP = 20, 128
+
+# Same numbers on any x86 machine with AVX2, in every run: one thread (the order of float sums
+# depends on the thread count) and the AVX2 code paths of MKL, ATen and oneDNN (not AVX-512's).
+TRAIN_ENV = {
+    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONUNBUFFERED": "1",
+}
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def run_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
+    env.update(TRAIN_ENV)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
+
+
+def trainer_cmd(data_dir: Path, log_dir: Path, *extra: str, nproc: int = 1) -> list[str]:
+    args = [str(ROOT / "train_gpt2.py"), *BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), *extra]
+    if nproc == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_ok(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = run(cmd, cwd)
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    return result
+
+
+def read_metrics(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def records(log_dir: Path, kind: str) -> list[dict]:
+    return [r for r in read_metrics(log_dir) if r["type"] == kind]
+
+
+def train_losses(log_dir: Path) -> list[float]:
+    return [r["train_loss"] for r in records(log_dir, "train")]
+
+
+def last_train_step(log_dir: Path) -> int:
+    """Largest train step logged so far (-1 if none); tolerates a line being written right now."""
+    path = log_dir / "metrics.jsonl"
+    if not path.exists():
+        return -1
+    steps = [-1]
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("type") == "train":
+            steps.append(record["step"])
+    return max(steps)
+
+
+def final_weights(log_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(log_dir / "model_final.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == MAX_STEPS
+    return ckpt["model"]
+
+
+def assert_same_weights(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    different = [name for name in expected if not torch.equal(actual[name], expected[name])]
+    assert not different, f"parameters not bitwise equal: {different}"
+
+
+def assert_train_steps_once(log_dir: Path) -> None:
+    steps = [r["step"] for r in records(log_dir, "train")]
+    assert steps == list(range(MAX_STEPS)), f"train steps logged: {steps}"
+
+
+def wait_for(proc: subprocess.Popen, condition, what: str, timeout: float = RUN_TIMEOUT) -> None:
+    """Poll `condition()` every 10 ms while `proc` runs; fail if it exits or time runs out first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"trainer exited ({proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def start(cmd: list[str], cwd: Path, out_path: Path) -> subprocess.Popen:
+    out = open(out_path, "w")  # a file, not a pipe: a full pipe would block the trainer
+    return subprocess.Popen(cmd, cwd=cwd, env=run_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+# ---------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def one_thread():
+    """In-process compute on one thread: two threads on a busy 2-core machine spin and run ~5x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """Real GPT-2 tokens of Tiny Shakespeare as reference-format shards: 20K-token val shard 0, 3 train shards."""
+    if not SHAKESPEARE.is_file():
+        pytest.fail(f"offline test data {SHAKESPEARE} is missing: tests expect ../shared/data beside the repo")
+    tokens = np.array([EOT_TOKEN, *get_encoding().encode_ordinary(SHAKESPEARE.read_text())], dtype=np.uint16)
+    out = tmp_path_factory.mktemp("shards")
+    np.save(out / "edufineweb_val_000000.npy", tokens[:20_000])
+    for i, part in enumerate(np.array_split(tokens[20_000:], 3), start=1):
+        np.save(out / f"edufineweb_train_{i:06d}.npy", part)
+    return out
+
+
+@pytest.fixture(scope="module")
+def straight_run(data_dir, tmp_path_factory):
+    """The uninterrupted reference run: BASE_FLAGS for 20 steps, plus samples every 10 steps (the one
+    run that samples: the resumed runs below do not, so equal weights also show sampling leaves
+    training untouched). Checkpoints at steps 5, 10, 15 and model_final.pt. Tests copy, never modify."""
+    work = tmp_path_factory.mktemp("straight")
+    log_dir = work / "log"
+    result = run_ok(trainer_cmd(data_dir, log_dir, "--sample-every", "10"), work)
+    return {"log_dir": log_dir, "stdout": result.stdout, "weights": final_weights(log_dir),
+            "losses": train_losses(log_dir)}
+
+
+# ---------------------------------------------------------------------------------------- schedule, optimizer
+
+
+def test_learning_rate_schedule_of_the_reference_run():
+    cfg = TrainConfig()  # 6e-4, 715 warmup steps, cosine to 10% at 19,073
+    max_lr, min_lr, warmup, total = 6e-4, 6e-5, 715, 19_073
+    assert (cfg.max_lr, cfg.max_lr * cfg.min_lr_frac, cfg.warmup_steps, cfg.max_steps) == (max_lr, pytest.approx(min_lr), warmup, total)
+
+    def cosine(step):
+        return min_lr + 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) * (max_lr - min_lr)
+
+    assert learning_rate(0, cfg) == pytest.approx(max_lr / 715, rel=1e-12)  # the first step already moves
+    assert learning_rate(1, cfg) == pytest.approx(2 * max_lr / 715, rel=1e-12)
+    assert learning_rate(714, cfg) == pytest.approx(max_lr, rel=1e-12)  # warmup ends at the peak...
+    assert learning_rate(715, cfg) == pytest.approx(max_lr, rel=1e-12)  # ...where the cosine starts
+    middle = (warmup + total) // 2
+    assert learning_rate(middle, cfg) == pytest.approx(cosine(middle), rel=1e-12)
+    assert learning_rate(19_072, cfg) == pytest.approx(cosine(19_072), rel=1e-12)
+    assert 0 < learning_rate(19_072, cfg) - min_lr < 1e-10  # the last step: a hair above the floor
+    for step in (19_073, 19_074, 25_000, 10**7):
+        assert learning_rate(step, cfg) == pytest.approx(min_lr, rel=1e-12)
+    lrs = [learning_rate(s, cfg) for s in range(warmup, total + 1, 97)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:])), "lr must not rise after warmup"
+
+
+def test_weight_decay_groups_matrices_and_embeddings_only():
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
+    groups = param_groups(model, 0.1)
+    decay, no_decay = groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}  # the tied embedding is listed once
+    decayed = [names[id(p)] for p in decay["params"]]
+    not_decayed = [names[id(p)] for p in no_decay["params"]]
+
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert set(decayed) == {n for n, p in model.named_parameters() if p.dim() >= 2}
+    assert "transformer.wte.weight" in decayed and "transformer.wpe.weight" in decayed
+    assert all(n.endswith(".bias") or ".ln_" in n or n.startswith("transformer.ln_f") for n in not_decayed)
+    assert not any(n.endswith(".bias") or "ln_" in n for n in decayed)
+    # the tied wte / lm_head tensor once, and every parameter in exactly one group
+    all_ids = [id(p) for g in groups for p in g["params"]]
+    assert all_ids.count(id(model.lm_head.weight)) == 1
+    assert len(all_ids) == len(set(all_ids)) == len(list(model.parameters()))
+    assert sum(p.numel() for g in groups for p in g["params"]) == model.num_params()
+
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+
+
+def test_loss_falls_when_overfitting_one_batch(one_thread):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))  # small: 30 steps in a few seconds
+    tokens = get_encoding().encode_ordinary(SHAKESPEARE.read_text()[:2000])
+    batch = torch.tensor(tokens[: 4 * 33], dtype=torch.long).view(4, 33)  # (B, T+1)
+    x, y = batch[:, :-1], batch[:, 1:]
+    opt = make_optimizer(model, TrainConfig(max_lr=1e-2), torch.device("cpu"))  # the trainer's AdamW and groups
+    losses = []
+    for _ in range(30):
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[0] > 10  # ~ln(50257) = 10.8 at init
+    assert losses[-1] < losses[0] / 4, f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+# ---------------------------------------------------------------------------------------- MFU
+
+
+def test_mfu_formula_for_gpt2_124m_on_h100():
+    with torch.device("meta"):  # sizes without allocating 124M parameters
+        model = GPT(GPTConfig(**MODEL_PRESETS["gpt2"]))
+    L, C, T, V = 12, 768, 1024, 50304
+    per_layer = (C * 3 * C + 3 * C) + (C * C + C) + (C * 4 * C + 4 * C) + (4 * C * C + C) + 4 * C  # attn, mlp, 2 LNs
+    weights = L * per_layer + V * C + 2 * C  # + tied embedding/lm_head + ln_f (position table excluded)
+    expected_flops = 6 * weights + 12 * L * C * T
+    assert model.flops_per_token(T) == expected_flops
+    assert 0.84e9 < expected_flops < 0.88e9  # the well-known ~0.86 GFLOP/token of GPT-2 small at T=1024
+
+    h100_sxm = 989.4e12
+    assert runtime.mfu(expected_flops, 300_000, h100_sxm) == pytest.approx(expected_flops * 300_000 / h100_sxm, rel=1e-12)
+    assert runtime.mfu(expected_flops, 300_000, h100_sxm) == pytest.approx(0.2594, abs=1e-4)  # 855.4 MFLOP x 300K / 989.4T
+    # 8 GPUs at 8x the tokens: the same utilisation
+    assert runtime.mfu(expected_flops, 8 * 300_000, h100_sxm, world_size=8) == pytest.approx(runtime.mfu(expected_flops, 300_000, h100_sxm))
+    assert runtime.mfu(expected_flops, 300_000, None) is None  # unknown GPU
+    assert runtime.mfu(expected_flops, 0.0, h100_sxm) is None
+    assert runtime.mfu(expected_flops, 10**7, h100_sxm) == 1.0  # impossible numbers never exceed 100%
+    assert runtime.peak_flops(torch.device("cpu")) is None
+    assert dict(runtime.PEAK_BF16_TFLOPS)["H100"] == 989.4
+
+
+# ---------------------------------------------------------------------------------------- bad inputs
+
+
+def _main_in_process(argv: list[str], capsys) -> tuple[int, str]:
+    """Run train_gpt2.main like the CLI does; return (exit code, what it printed to stderr)."""
+    try:
+        code = train_gpt2.main(argv)
+        err = capsys.readouterr().err
+    except SystemExit as e:  # raise SystemExit("message"): Python prints the message and exits 1
+        err = capsys.readouterr().err + (e.code if isinstance(e.code, str) else "")
+        code = 1 if isinstance(e.code, str) else e.code
+    return code, err
+
+
+BAD_INPUTS = {
+    # name: (extra flags, setup(tmp, data_dir) -> data dir to use, phrase the error must contain)
+    "missing data dir": ([], lambda tmp, data: tmp / "nowhere", "does not exist"),
+    "no val shard": ([], lambda tmp, data: _train_shards_only(tmp, data), "no val shard"),
+    "tokens per step not divisible": (["--tokens-per-step", "100"], lambda tmp, data: data, "not a multiple"),
+    "seq len above block size": (["--seq-len", "512", "--tokens-per-step", "1024"], lambda tmp, data: data, "exceeds"),
+    "missing hellaswag file": (["--hellaswag-every", "5", "--hellaswag-data", "no/such.jsonl"], lambda tmp, data: data, "hellaswag"),
+    "resume never over checkpoints": (["--resume", "never"], lambda tmp, data: _log_dir_with_checkpoint(tmp, data), "--resume"),
+    "resume another model's checkpoint": ([], lambda tmp, data: _log_dir_of_another_model(tmp, data), "another model"),
+}
+
+
+def _train_shards_only(tmp: Path, data: Path) -> Path:
+    out = tmp / "train_only"
+    out.mkdir()
+    for path in data.glob("*_train_*.npy"):
+        shutil.copy(path, out / path.name)
+    return out
+
+
+def _log_dir_with_checkpoint(tmp: Path, data: Path) -> Path:
+    (tmp / "log").mkdir()
+    (tmp / "log" / "model_00005.pt").write_bytes(b"a previous run's checkpoint")
+    return data
+
+
+def _log_dir_of_another_model(tmp: Path, data: Path) -> Path:
+    """A real checkpoint whose model differs from --model tiny's (another preset, or a preset edited since)."""
+    cfg = TrainConfig(model="tiny", data_dir=str(data), micro_batch_size=2, seq_len=32, tokens_per_step=128)
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
+    (tmp / "log").mkdir()
+    train_gpt2.save_checkpoint(tmp / "log" / "model_00005.pt", model, make_optimizer(model, cfg, torch.device("cpu")), 5,
+                               TrainLoader(data, 2, 32), cfg, evals_done=True, keep=None)
+    return data
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_line_error(case, data_dir, tmp_path, capsys):
+    extra, setup, phrase = BAD_INPUTS[case]
+    data = setup(tmp_path, data_dir)
+    argv = [*BASE_FLAGS, "--data-dir", str(data), "--log-dir", str(tmp_path / "log"), *extra]
+    code, err = _main_in_process(argv, capsys)
+    assert code not in (0, None)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line, got:\n{err}"
+    assert phrase.lower() in lines[0].lower()
+    if case == "resume never over checkpoints":
+        assert (tmp_path / "log" / "model_00005.pt").exists()  # refused, and nothing deleted
+
+
+@pytest.mark.timeout(120)
+def test_bad_input_cli_exits_nonzero_without_traceback(data_dir, tmp_path):
+    """The two ways errors leave the CLI (ValueError -> exit 2, SystemExit -> exit 1), in real processes."""
+    cmds = {
+        "flags": trainer_cmd(data_dir, tmp_path / "log1", "--tokens-per-step", "100"),
+        "files": trainer_cmd(data_dir, tmp_path / "log2", "--hellaswag-every", "5", "--hellaswag-data", "no/such.jsonl"),
+    }
+    procs = {k: subprocess.Popen(c, cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, c in cmds.items()}
+    try:
+        results = {name: proc.communicate(timeout=100) for name, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            proc.kill()
+    for name, (out, err) in results.items():
+        assert procs[name].returncode != 0, name
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, f"{name}:\n{err}"
+
+
+# ---------------------------------------------------------------------------------------- metrics and golden
+
+
+@pytest.mark.timeout(300)
+def test_metrics_jsonl_records_config_train_val_and_samples(straight_run, data_dir):
+    log_dir = straight_run["log_dir"]
+    rows = read_metrics(log_dir)
+    cfg = train_gpt2.parse_args([*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--sample-every", "10"])
+
+    config = rows[0]
+    assert config["type"] == "config" and config["step"] == 0
+    assert config["config"] == dataclasses.asdict(cfg)
+    assert config["world_size"] == 1 and config["resumed_from"] is None and config["peak_flops"] is None
+    assert config["flops_per_token"] == GPT(cfg.model_config).flops_per_token(32)
+    assert config["torch"] == torch.__version__ and config["cuda"] is None
+    assert {"git_sha", "device_name", "time"} <= config.keys()
+    assert [r["type"] for r in rows].count("config") == 1
+
+    train = records(log_dir, "train")
+    assert [r["step"] for r in train] == list(range(MAX_STEPS))
+    fields = {"type", "step", "tokens", "train_loss", "lr", "grad_norm", "step_ms", "tokens_per_sec", "mfu", "time"}
+    for r in train:
+        assert fields <= r.keys(), fields - r.keys()
+        assert r["tokens"] == (r["step"] + 1) * TOKENS_PER_STEP
+        assert r["lr"] == pytest.approx(learning_rate(r["step"], cfg), rel=1e-12)
+        assert math.isfinite(r["train_loss"]) and r["grad_norm"] > 0
+        assert r["step_ms"] > 0 and r["tokens_per_sec"] > 0 and r["mfu"] is None  # no known peak on CPU
+    assert train[0]["train_loss"] > 10 and train[-1]["train_loss"] < train[0]["train_loss"] - 2
+
+    val = records(log_dir, "val")
+    assert [r["step"] for r in val] == [0, 10, 20]  # every --val-every steps and at the end
+    assert all(r["tokens"] == r["step"] * TOKENS_PER_STEP and math.isfinite(r["val_loss"]) for r in val)
+    assert val[-1]["val_loss"] < val[0]["val_loss"]
+
+    samples = records(log_dir, "sample")
+    assert [r["step"] for r in samples] == [10, 20]
+    for r in samples:
+        assert len(r["samples"]) == 4 and all(s.startswith(cfg.sample_prompt) for s in r["samples"])
+
+    # human lines: one fixed-format line per step
+    step_lines = [line for line in straight_run["stdout"].splitlines() if re.match(r"step +\d+/20 \| loss ", line)]
+    assert len(step_lines) == MAX_STEPS
+
+
+@pytest.mark.timeout(300)
+def test_golden_losses_of_the_tiny_preset(straight_run):
+    """The tiny preset's first 20 train losses under BASE_FLAGS and TRAIN_ENV, exactly. A refactor that
+    is not meant to change the computation must reproduce them bit for bit."""
+    losses = straight_run["losses"]
+    assert len(losses) == MAX_STEPS
+    if os.environ.get("REGENERATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        golden = {
+            "what": "train_loss of steps 0..19 from metrics.jsonl (tests/test_train_gpt2.py::test_golden_losses_of_the_tiny_preset)",
+            "command": "train_gpt2.py " + " ".join(BASE_FLAGS) + " --sample-every 10 --data-dir SHARDS --log-dir LOG",
+            "data": "SHARDS = Tiny Shakespeare as GPT-2 tokens ([50256] + encode_ordinary(text)): val = the first 20,000 "
+                    "tokens, then 3 train shards of np.array_split(the rest, 3) (see the data_dir fixture)",
+            "env": TRAIN_ENV,
+            "torch": torch.__version__,
+            "regenerate": "REGENERATE_GOLDEN=1 uv run pytest tests/test_train_gpt2.py -k golden",
+            "losses": losses,
+        }
+        runtime.atomic_write_bytes(GOLDEN, (json.dumps(golden, indent=1) + "\n").encode())
+        pytest.skip(f"wrote {GOLDEN}")
+    golden = json.loads(GOLDEN.read_text())
+    mismatch = [(i, a, b) for i, (a, b) in enumerate(zip(losses, golden["losses"])) if a != b]
+    assert len(golden["losses"]) == MAX_STEPS and not mismatch, (
+        f"losses differ from {GOLDEN.name} (made with torch {golden['torch']}, this is {torch.__version__}) "
+        f"at (step, now, golden): {mismatch[:5]}"
+    )
+
+
+# ---------------------------------------------------------------------------------------- resume
+
+
+@pytest.mark.timeout(300)
+def test_resume_skips_corrupt_newest_checkpoint_and_matches_uninterrupted_run(straight_run, data_dir, tmp_path):
+    """N/2 + stop + fresh process + N/2 == N straight, bit for bit. The straight run's files stand for a
+    run stopped after step 15's checkpoint (its later output removed), with that newest checkpoint
+    torn (a disk that filled up, a bad copy): it is skipped with a warning and step 10's is used."""
+    log_dir = tmp_path / "log"
+    shutil.copytree(straight_run["log_dir"], log_dir)
+    (log_dir / "model_final.pt").unlink()
+    newest = log_dir / "model_00015.pt"
+    os.truncate(newest, newest.stat().st_size // 2)
+    result = run_ok(trainer_cmd(data_dir, log_dir), tmp_path)
+    assert "skipping unreadable checkpoint" in result.stderr and "model_00015.pt" in result.stderr
+    assert f"resuming from {log_dir / 'model_00010.pt'} at step 10" in result.stdout
+    assert_same_weights(final_weights(log_dir), straight_run["weights"])
+    assert train_losses(log_dir) == straight_run["losses"]
+    assert_train_steps_once(log_dir)  # the copied records past step 10 were dropped, not duplicated
+    assert [r["step"] for r in records(log_dir, "val")] == [0, 10, 20]  # step 10's val kept, not redone
+    config = records(log_dir, "config")
+    assert [r["step"] for r in config] == [0, 10] and config[1]["resumed_from"] == str(log_dir / "model_00010.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_resume_after_sigkill_matches_uninterrupted_run(straight_run, data_dir, tmp_path):
+    """kill -9 between checkpoints, rerun the same command: same weights, and metrics.jsonl holds each
+    train step once, with the uninterrupted run's losses."""
+    log_dir = tmp_path / "log"
+    cmd = trainer_cmd(data_dir, log_dir, "--ckpt-every", "3")
+    proc = start(cmd, tmp_path, tmp_path / "killed.out")
+    try:
+        # past the step-3 checkpoint by two logged steps, before the step-6 one
+        wait_for(proc, lambda: (log_dir / "model_00003.pt").exists() and last_train_step(log_dir) >= 4,
+                 "the step-3 checkpoint and two more steps")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "the trainer finished before it could be killed"
+    # Steps 3 and 4 were logged after the step-3 checkpoint: the rerun must drop, not repeat, them. (A
+    # very late kill may also have caught the step-6 checkpoint: the rerun then starts there.)
+    newest = max(int(p.stem.split("_")[1]) for p in log_dir.glob("model_0*.pt"))
+    assert newest in (3, 6) and last_train_step(log_dir) >= 4
+
+    result = run_ok(cmd, tmp_path)
+    assert f"resuming from {log_dir / f'model_{newest:05d}.pt'} at step {newest}" in result.stdout
+    assert_same_weights(final_weights(log_dir), straight_run["weights"])
+    assert_train_steps_once(log_dir)
+    assert train_losses(log_dir) == straight_run["losses"]
+    assert [r["step"] for r in records(log_dir, "val")] == [0, 10, 20]
+    assert sorted(p.name for p in log_dir.glob("model_0*.pt")) == ["model_00012.pt", "model_00015.pt", "model_00018.pt"]  # newest 3 kept
+
+
+def _run_until_signal(cmd, cwd: Path, log_dir: Path, after_step: int, sig: signal.Signals, name: str) -> str:
+    """Start the trainer, send `sig` once train step `after_step` is logged, wait; return its output."""
+    proc = start(cmd, cwd, cwd / f"{name}.out")
+    try:
+        wait_for(proc, lambda: last_train_step(log_dir) >= after_step, f"train step {after_step}")
+        proc.send_signal(sig)
+        proc.wait(timeout=RUN_TIMEOUT)
+    finally:
+        proc.kill()
+    out = (cwd / f"{name}.out").read_text()
+    assert proc.returncode == 0, f"{sig.name}: exit {proc.returncode}\n{out[-3000:]}"
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_sigterm_and_sigusr1_checkpoint_at_step_boundary_exit_zero_and_resume_exactly(straight_run, data_dir, tmp_path):
+    """What SLURM sends before a time limit: the run saves at the next step boundary and exits 0, and
+    the requeued command continues to the uninterrupted run's weights. SIGTERM mid-run, then SIGUSR1
+    during the last step (whose checkpoint must still lead to the final evals and model_final.pt)."""
+    log_dir = tmp_path / "log"
+    cmd = trainer_cmd(data_dir, log_dir)
+
+    out = _run_until_signal(cmd, tmp_path, log_dir, 1, signal.SIGTERM, "sigterm")
+    match = re.search(r"SIGTERM: checkpoint saved at step (\d+)", out)
+    assert match, out[-3000:]
+    stop_step = int(match.group(1))
+    assert 2 <= stop_step < MAX_STEPS - 2 and not (log_dir / "model_final.pt").exists()
+    assert torch.load(log_dir / f"model_{stop_step:05d}.pt", map_location="cpu", weights_only=True)["step"] == stop_step
+    assert last_train_step(log_dir) == stop_step - 1  # saved at the step boundary right after the signal
+
+    out = _run_until_signal(cmd, tmp_path, log_dir, MAX_STEPS - 2, signal.SIGUSR1, "sigusr1")
+    assert f"resuming from {log_dir / f'model_{stop_step:05d}.pt'} at step {stop_step}" in out
+    if f"SIGUSR1: checkpoint saved at step {MAX_STEPS}" in out:
+        assert not (log_dir / "model_final.pt").exists()
+        result = run_ok(cmd, tmp_path)  # the requeued job: final evals, then model_final.pt
+        assert f"resuming from {log_dir / f'model_{MAX_STEPS:05d}.pt'} at step {MAX_STEPS}" in result.stdout
+    else:  # rare: the test process was too slow and the signal landed after the last step's log line
+        assert "SIGUSR1" not in out and "done:" in out
+    assert_same_weights(final_weights(log_dir), straight_run["weights"])
+    assert_train_steps_once(log_dir)
+    assert train_losses(log_dir) == straight_run["losses"]
+    assert [r["step"] for r in records(log_dir, "val")] == [0, 10, 20]
+
+
+# ---------------------------------------------------------------------------------------- DDP
+
+
+class GradRecorder(torch.optim.Optimizer):
+    """An optimizer whose step() records the gradients it is handed (after clipping) and moves nothing."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.named = list(model.named_parameters())  # the tied embedding once
+        super().__init__([p for _, p in self.named], {"lr": 0.0})
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def step(self, closure=None):
+        self.grads = {name: p.grad.detach().clone() for name, p in self.named}
+
+
+def one_step_gradients(cfg: TrainConfig, dist_info: runtime.DistInfo) -> dict:
+    """Step 0 of `cfg` through the trainer's own wrap_model + train_step (micro-steps, no_sync, DDP
+    all-reduce, clipping); returns the mean loss, the grad norm and the gradients the optimizer gets."""
+    model = train_gpt2.build_model(cfg, dist_info.is_main)
+    _, train_model, autocast = train_gpt2.wrap_model(model, cfg, dist_info)
+    loader = TrainLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, dist_info.rank, dist_info.world_size,
+                         seed=cfg.seed, shuffle=cfg.shuffle)
+    recorder = GradRecorder(model)
+    loss, grad_norm, _ = train_gpt2.train_step(train_model, model, recorder, loader, cfg, 0,
+                                               cfg.grad_accum_steps(dist_info.world_size), dist_info, autocast)
+    if dist_info.distributed:
+        torch.distributed.all_reduce(loss)
+        loss /= dist_info.world_size
+    return {"loss": loss, "grad_norm": grad_norm, "grads": recorder.grads}
+
+
+def _grad_worker(out_path: str, cfg_json: str) -> None:
+    """torchrun entry point: every rank computes, rank 0 saves."""
+    dist_info = runtime.setup_distributed("cpu")
+    try:
+        result = one_step_gradients(TrainConfig(**json.loads(cfg_json)), dist_info)
+        if dist_info.is_main:
+            torch.save(result, out_path)
+    finally:
+        runtime.teardown_distributed()
+
+
+@pytest.mark.timeout(200)
+def test_ddp_two_ranks_give_the_gradients_of_one_process_with_twice_the_accumulation(data_dir, tmp_path, one_thread):
+    # 256 tokens per step: 4 micro-steps of 2 x 32 on 1 process, 2 per rank on 2 (so no_sync is used)
+    cfg = TrainConfig(model="tiny", data_dir=str(data_dir), micro_batch_size=2, seq_len=32, tokens_per_step=256,
+                      device="cpu", compile=False)
+    assert (cfg.grad_accum_steps(1), cfg.grad_accum_steps(2)) == (4, 2)
+    out = tmp_path / "ddp_grads.pt"
+    # two ranks as plain processes with torchrun's environment (the launcher itself is tested below)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**run_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, str(Path(__file__).resolve()), "grad-worker", str(out), json.dumps(dataclasses.asdict(cfg))]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [proc.communicate(timeout=150)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    ddp = torch.load(out, weights_only=True)
+
+    single = one_step_gradients(cfg, runtime.DistInfo(0, 0, 1, torch.device("cpu"), True))
+    assert ddp["grads"].keys() == single["grads"].keys()
+    assert abs(ddp["loss"].item() - single["loss"].item()) < 1e-6
+    assert abs(ddp["grad_norm"].item() - single["grad_norm"].item()) < 1e-6
+    worst = max((ddp["grads"][n] - g).abs().max().item() for n, g in single["grads"].items())
+    assert worst < 1e-6, f"largest gradient difference {worst:.3g}"
+    assert min(g.abs().max().item() for n, g in single["grads"].items() if "c_attn.bias" not in n) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ddp_two_process_torchrun_run_matches_single_process_loss_curve(straight_run, data_dir, tmp_path):
+    """A 2-process torchrun CPU run of the tiny preset (gloo): same tokens per step as the 1-process
+    run with 2 micro-steps, so the same loss curve to 1e-5, and a checkpoint any world size resumes."""
+    log_dir = tmp_path / "log"
+    run_ok(trainer_cmd(data_dir, log_dir, nproc=2), tmp_path)
+    config = records(log_dir, "config")
+    assert len(config) == 1 and config[0]["world_size"] == 2 and config[0]["grad_accum_steps"] == 1
+    train = records(log_dir, "train")
+    assert [r["step"] for r in train] == list(range(MAX_STEPS))
+    assert [r["tokens"] for r in train] == [(s + 1) * TOKENS_PER_STEP for s in range(MAX_STEPS)]
+    diffs = [abs(a - b) for a, b in zip(train_losses(log_dir), straight_run["losses"])]
+    assert max(diffs) < 1e-5, f"loss curves differ by up to {max(diffs):.3g}"
+    straight_val = [r["val_loss"] for r in records(straight_run["log_dir"], "val")]
+    assert [r["val_loss"] for r in records(log_dir, "val")] == pytest.approx(straight_val, abs=1e-5)
+    assert final_weights(log_dir).keys() == straight_run["weights"].keys()  # unwrapped: no "module." prefix
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "grad-worker":
+        _grad_worker(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(f"usage: torchrun --nproc_per_node=2 {sys.argv[0]} grad-worker OUT_PATH CONFIG_JSON")
