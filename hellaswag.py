@@ -1,0 +1,169 @@
+"""Evaluate a checkpoint (or a Hugging Face GPT-2) on HellaSwag's 10,042 validation examples.
+
+    uv run hellaswag.py --checkpoint log/model_final.pt
+    uv run hellaswag.py --hf gpt2                       # OpenAI's 124M through transformers
+    uv run hellaswag.py --download-only                 # fetch the data once, e.g. on a login node
+    uv run hellaswag.py --checkpoint CKPT --data ../shared/data/hellaswag/hellaswag_val.jsonl --limit 200 --device cpu
+    torchrun --standalone --nproc_per_node=8 hellaswag.py --checkpoint log/model_final.pt
+
+Prints one line with both scoring styles (reference = build-nanogpt's, harness = lm-evaluation-harness's;
+defined in hellaswag_eval.py and the README) and appends one JSON object to
+<log-dir>/hellaswag_results.jsonl. Under torchrun the examples are split across ranks; the numbers are
+identical to one process. bf16 autocast on CUDA, float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import runtime
+from cli import field, parse_config
+from hellaswag_eval import DEFAULT_DATA_PATH, download, evaluate_hellaswag, load_examples
+from model import GPT, gpt_config_from_hf, load_hf_state_dict
+
+DEFAULT_CHECKPOINT = "log/model_final.pt"
+
+
+@dataclass(frozen=True)
+class HellaSwagConfig:
+    checkpoint: str = field("", f"our checkpoint to evaluate (default {DEFAULT_CHECKPOINT} unless --hf is given)")
+    hf: str = field("", "a Hugging Face GPT-2 name or folder instead (gpt2, gpt2-medium, an export_hf.py output)")
+    data: str = field("", f"a local hellaswag_val.jsonl (default: {DEFAULT_DATA_PATH}, downloaded there once)")
+    verify: bool = field(True, "check the data file's sha256 (--no-verify for a deliberate subset)")
+    download_only: bool = field(False, f"download the data to --data (or {DEFAULT_DATA_PATH}) and exit")
+    limit: int = field(0, "evaluate the first N examples only (0: all 10,042)")
+    batch_size: int = field(0, "sequences (one example's ending each) per forward (0: 128 on CUDA, 16 on CPU)")
+    log_dir: str = field("log", "append the result to <log-dir>/hellaswag_results.jsonl")
+    device: str = field("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    compile: bool = field(False, "torch.compile the model (CUDA only; pays off for the full set on a big model)")
+
+    def validate(self) -> None:
+        if self.checkpoint and self.hf:
+            raise ValueError("give --checkpoint or --hf, not both")
+        if self.limit < 0 or self.batch_size < 0:
+            raise ValueError("--limit and --batch-size must be >= 0")
+
+
+def load_hf_model(name: str) -> GPT:
+    """A transformers GPT-2 (hub name or folder) as our GPT, so the same scorer runs on it."""
+    try:
+        from transformers import AutoConfig, GPT2LMHeadModel
+
+        hf_config = AutoConfig.from_pretrained(name)
+        if hf_config.model_type != "gpt2":
+            raise ValueError(f"--hf {name} is a {hf_config.model_type!r} model: only GPT-2 models load into this repo's GPT")
+        hf = GPT2LMHeadModel.from_pretrained(name)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f"--hf {name}: could not load it ({first}); a hub name needs the network once (or a cache under "
+            "HF_HOME); offline, pass a local folder such as an export_hf.py output"
+        ) from None
+    return load_hf_state_dict(GPT(gpt_config_from_hf(hf.config)), hf.state_dict()).eval()
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The "step" stored in one of our checkpoints (memory-mapped: the tensors are not read)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    step = ckpt.get("step") if isinstance(ckpt, dict) else None
+    return int(step) if isinstance(step, int) else None
+
+
+def data_path(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> Path:
+    """--data as given (it must exist), or the default cache, downloaded once by rank 0."""
+    if cfg.data:
+        return Path(cfg.data)
+    path, error = Path(DEFAULT_DATA_PATH), None
+    if dist_info.is_main:
+        try:
+            download(path)
+        except (ValueError, OSError) as e:
+            error = e
+    if dist_info.distributed:  # every rank learns whether rank 0 got the file
+        ok = torch.tensor([0 if error else 1], device=dist_info.device)
+        dist.broadcast(ok, src=0)
+        if not ok.item() and error is None:
+            error = ValueError(f"rank 0 could not download {path}: see its message")
+    if error:
+        raise error
+    return path
+
+
+def evaluate(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> dict:
+    device = dist_info.device
+    path = data_path(cfg, dist_info)
+    examples = load_examples(path, limit=cfg.limit or None, verify=cfg.verify)
+    if cfg.hf:
+        model, checkpoint, step = load_hf_model(cfg.hf), None, None
+    else:
+        checkpoint = cfg.checkpoint or DEFAULT_CHECKPOINT
+        model, step = GPT.from_checkpoint(checkpoint), checkpoint_step(checkpoint)
+    model.to(device)
+    if cfg.compile and device.type != "cuda":
+        if dist_info.is_main:
+            warnings.warn("--compile is ignored on CPU (compiling costs more than it saves there)", stacklevel=1)
+    elif cfg.compile:
+        model = torch.compile(model)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # any fp32 matmul left outside autocast
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    start = time.perf_counter()
+    result = evaluate_hellaswag(model, examples, dist_info, autocast=autocast, batch_size=cfg.batch_size or None)
+    seconds = time.perf_counter() - start
+    record = {
+        "checkpoint": checkpoint, "model": cfg.hf or None, "step": step,
+        "acc": result["acc"], "acc_norm": result["acc_norm"],
+        "harness_acc": result["harness_acc"], "harness_acc_norm": result["harness_acc_norm"],
+        "count": result["count"], "seconds": round(seconds, 3), "time": time.time(),
+    }
+    if dist_info.is_main:
+        log_dir = Path(cfg.log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        runtime.append_jsonl(log_dir / "hellaswag_results.jsonl", record)
+        name = cfg.hf or f"{checkpoint} (step {step})"
+        print(f"hellaswag | {name} | {result['count']:,} examples | reference acc {result['acc']:.4f} "
+              f"acc_norm {result['acc_norm']:.4f} | harness acc {result['harness_acc']:.4f} "
+              f"acc_norm {result['harness_acc_norm']:.4f} | {seconds:.1f} s | {log_dir / 'hellaswag_results.jsonl'}")
+    return record
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(HellaSwagConfig, argv, description=__doc__)
+    try:
+        cfg.validate()
+        if cfg.download_only:  # no model, no process group: a login node only needs the network
+            path = Path(cfg.data or DEFAULT_DATA_PATH)
+            download(path)
+            load_examples(path, verify=cfg.verify)
+            print(f"HellaSwag validation data ready: {path}")
+            return 0
+    except (ValueError, OSError) as e:  # ConnectionError and FileNotFoundError are OSErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        dist_info = runtime.setup_distributed(cfg.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        evaluate(cfg, dist_info)
+        return 0
+    except (ValueError, OSError) as e:  # data, checkpoint, model: one line, no traceback
+        if dist_info.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        runtime.teardown_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
