@@ -445,9 +445,10 @@ def format_step_line(step: int, max_steps: int, loss: float, lr: float, grad_nor
 
 
 # ---- the run ------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, dist_info: runtime.DistInfo) -> int:
+def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: StopFlag | None = None) -> int:
     cfg.validate(dist_info.world_size)
     device, is_main = dist_info.device, dist_info.is_main
+    stop = stop or StopFlag()
     log_dir = Path(cfg.log_dir)
     if is_main:
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -520,8 +521,6 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo) -> int:
               f"{cfg.tokens_per_step:,} tokens/step = {dist_info.world_size} ranks x {grad_accum} micro-steps x "
               f"{cfg.micro_batch_size} x {cfg.seq_len}")
 
-    stop = StopFlag()
-    stop.install()
     # Throughput counts training only: the clock is paused (after a device sync) around evals.
     train_seconds, steps_since_log, clock = 0.0, 0, None
     stop_agreed = False  # set only from the all-reduced flag (log steps), never from a local signal
@@ -544,9 +543,11 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo) -> int:
             if is_main:
                 save_checkpoint(log_dir / f"model_{step:05d}.pt", raw_model, optimizer, step, train_loader, cfg,
                                 evals_done=False, keep=cfg.keep_checkpoints)
-                print(f"{stop.signal_name or 'signal on another rank'}: checkpoint saved at step {step}; "
-                      "exiting so the job can be requeued")
-            return 0
+                print(f"{stop.signal_name or 'signal on another rank'}: checkpoint saved at step {step}"
+                      + ("; finishing the final evaluation" if last_step else "; exiting so the job can be requeued"))
+            if not last_step:
+                return 0
+            stop_agreed = False  # training is done: run the final evals and write model_final.pt
 
         def due(every: int) -> bool:
             return bool(every) and (step % every == 0 or last_step) and not skip_evals
@@ -670,13 +671,16 @@ def run_hellaswag(raw_model, model, cfg, step, dist_info, autocast, metrics) -> 
 
 
 def main(argv=None) -> int:
+    # Catch SIGTERM / SIGUSR1 from the first moment: one sent during start-up must not be lost.
+    stop = StopFlag()
+    stop.install()
     cfg = parse_args(argv)
     try:
         dist_info = runtime.setup_distributed(cfg.device)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     try:
-        return train(cfg, dist_info)
+        return train(cfg, dist_info, stop)
     except ValueError as e:  # user-fixable problems (data, flags): one line, no traceback
         if dist_info.is_main:
             print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """export_hf.py: our checkpoint -> a Hugging Face GPT-2 folder with the same logits and tokenizer."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,18 @@ def test_export_errors_are_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_hellaswag_on_the_export_equals_hellaswag_on_the_checkpoint(tmp_path, hellaswag_val_path):
+    save_random_checkpoint(tmp_path / "model_final.pt", seed=3)
+    subprocess.run([sys.executable, "export_hf.py", "--checkpoint", str(tmp_path / "model_final.pt"),
+                    "--out-dir", str(tmp_path / "hf")], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    common = ["--data", str(hellaswag_val_path), "--limit", "40", "--device", "cpu", "--log-dir", str(tmp_path / "log")]
+    for source in (["--checkpoint", str(tmp_path / "model_final.pt")], ["--hf", str(tmp_path / "hf")]):
+        result = subprocess.run([sys.executable, "hellaswag.py", *source, *common], cwd=ROOT,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+    ours, theirs = [json.loads(line) for line in (tmp_path / "log" / "hellaswag_results.jsonl").read_text().splitlines()]
+    assert ours["checkpoint"] and theirs["model"] and ours["count"] == theirs["count"] == 40
+    for key in ("acc", "acc_norm", "harness_acc", "harness_acc_norm"):
+        assert ours[key] == theirs[key], key
