@@ -146,7 +146,6 @@ def bench_one(cfg: TrainConfig, bench: BenchConfig, dist_info: runtime.DistInfo,
         "peak_memory_gb": peak_memory_gb(device), "final_loss": losses[-1].item(),
         "device": runtime.device_name(device), "torch": torch.__version__, "synthetic": synthetic,
     }
-    del raw_model, model, train_model, optimizer, loader
     return row
 
 

@@ -2,7 +2,8 @@
 
     micro_batch_size: int = 64  -> --micro-batch-size 64
     compile: bool = True        -> --compile / --no-compile
-    log_dirs: tuple[str, ...]   -> --log-dir A --log-dir B (repeatable; the flag is the singular)
+    log_dirs: tuple[str, ...]   -> --log-dir A B, or --log-dir A --log-dir B (flag name from metadata)
+    max_tokens: int             -> --max-tokens 1e9 (ints also as 1e9 or 100_000_000)
 
 Each field's help comes from `field(metadata={"help": ...})`; choices from metadata "choices".
 """
@@ -15,9 +16,10 @@ import typing
 from typing import Any, Sequence
 
 
-def field(default: Any, help: str, choices: Sequence | None = None, flag: str | None = None):
-    """A dataclass field with a default, a help string and optional choices / flag name."""
-    metadata = {"help": help, "choices": choices, "flag": flag}
+def field(default: Any, help: str, choices: Sequence | None = None, flag: str | None = None,
+          metavar: str | None = None):
+    """A dataclass field with a default, a help string and optional choices / flag name / metavar."""
+    metadata = {"help": help, "choices": choices, "flag": flag, "metavar": metavar}
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for sequence defaults (configs are frozen)")
     return dataclasses.field(default=default, metadata=metadata)
@@ -47,15 +49,31 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, defaults: dict
             parser.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, **kwargs)
             continue
         if origin is tuple:
+            # `--input a b` and `--input a --input b` both collect (a, b); unset = the field default.
             item = typing.get_args(kind)[0]
-            parser.add_argument(flag_name(f), type=item, action="append", **kwargs)
+            metavar = f.metadata.get("metavar") or f.name.upper()
+            if f.default:
+                kwargs["help"] += f" (default: {' '.join(map(str, f.default))})"
+            parser.add_argument(flag_name(f), type=_int if item is int else item, action="extend", nargs="+",
+                                metavar=metavar, **kwargs)
             continue
         if origin is typing.Union or str(origin) == "types.UnionType":  # Optional[X] / X | None
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if f.metadata.get("choices"):
             kwargs["choices"] = list(f.metadata["choices"])
         kwargs["help"] += f" (default: {default})" if default not in (None, "") else ""
-        parser.add_argument(flag_name(f), type=kind, metavar=f.name.upper(), **kwargs)
+        parser.add_argument(flag_name(f), type=_int if kind is int else kind, metavar=f.name.upper(), **kwargs)
+
+
+def _int(text: str) -> int:
+    """Whole numbers, also written 524_288 or 1e9."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
+    return int(value)
 
 
 def parse_value(config_cls, name: str, text: str):

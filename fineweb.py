@@ -21,8 +21,6 @@ uninterrupted run. `--verify` re-checks every shard against the manifest.
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import errno
 import glob
 import gzip
@@ -44,6 +42,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from cli import build_parser, given_flags
 from tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE, get_encoding
 
 MANIFEST = "manifest.json"
@@ -71,7 +70,8 @@ class FinewebConfig:
     )
     input: tuple[str, ...] = field(
         default=(),
-        metadata={"help": "local parquet / jsonl(.gz) / txt files, globs or folders to tokenize instead of the Hub"},
+        metadata={"help": "local parquet / jsonl(.gz) / txt files, globs or folders to tokenize instead of the Hub",
+                  "metavar": "FILE_OR_GLOB"},
     )
     out_dir: str = field(default="edu_fineweb10B", metadata={"help": "folder for the shards and manifest.json"})
     shard_size: int = field(default=100_000_000, metadata={"help": "tokens per shard (the last may be shorter)"})
@@ -856,38 +856,12 @@ def verify(out_dir: str | Path, workers: int = 0) -> list[tuple[str, str]]:
 # CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(FinewebConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif str(f.type).startswith("tuple"):
-            parser.add_argument(flag, nargs="+", default=f.default, metavar="FILE_OR_GLOB", help=f.metadata["help"])
-        else:
-            kind = _int_arg if f.type in ("int", int) else str
-            shown = f" (default: {f.default})" if f.default not in ("", 0) else ""
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"] + shown)
-    return parser
-
-
-def _int_arg(text: str) -> int:
-    """Integers, also written 100_000_000 or 1e9."""
-    try:
-        value = float(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value != int(value):
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}")
-    return int(value)
-
-
 def main(argv: list[str] | None = None) -> None:
     # fineweb.py never uses torch; without this, `datasets` imports it (seconds) for every
     # streaming dataset. Set before `datasets` is first imported; the user's value wins.
     os.environ.setdefault("USE_TORCH", "0")
-    args = build_parser().parse_args(argv)
-    cfg = FinewebConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items()})
+    parser = build_parser(FinewebConfig, description=__doc__.split("\n\n")[0])
+    cfg = FinewebConfig(**given_flags(parser.parse_args(argv)))
     try:
         validate(cfg)
     except ValueError as e:

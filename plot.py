@@ -28,9 +28,7 @@ and no global figure state), and every file is written to a temp file then `os.r
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -43,6 +41,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
+
+from cli import build_parser, given_flags
 
 METRICS_FILE = "metrics.jsonl"
 HELLASWAG_FILE = "hellaswag_results.jsonl"
@@ -73,7 +73,7 @@ RESULT_FIELDS = ("acc", "acc_norm", "harness_acc", "harness_acc_norm", "count", 
 @dataclass(frozen=True)
 class PlotConfig:
     log_dirs: tuple[str, ...] = field(default=("log",), metadata={
-        "flag": "--log-dir", "help": "run directory holding metrics.jsonl; repeat the flag to compare runs"})
+        "flag": "--log-dir", "metavar": "DIR", "help": "run directory holding metrics.jsonl; repeat the flag to compare runs"})
     out_dir: str = field(default="", metadata={
         "help": "where figures and summary.md go (default: the first --log-dir)"})
     summary: bool = field(default=False, metadata={
@@ -665,26 +665,9 @@ def write_text(path: Path, text: str) -> None:
 # ---------------------------------------------------------------- CLI
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(PlotConfig):
-        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
-        elif isinstance(f.default, tuple):  # repeatable; argparse's append would add to the default
-            parser.add_argument(flag, dest=f.name, action="append", metavar="DIR",
-                                help=f"{f.metadata['help']} (default: {' '.join(f.default)})")
-        else:
-            text = f.metadata["help"]
-            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
-                                help=text if "default" in text else f"{text} (default: {f.default!r})")
-    return parser
-
-
 def parse_config(argv: list[str] | None = None) -> PlotConfig:
-    args = vars(build_parser().parse_args(argv))
-    args["log_dirs"] = tuple(args["log_dirs"] or PlotConfig.log_dirs)
-    return PlotConfig(**args)
+    parser = build_parser(PlotConfig, description=__doc__.split("\n\n")[0])
+    return PlotConfig(**given_flags(parser.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> None:

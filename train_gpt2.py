@@ -15,10 +15,8 @@ Metrics: <log dir>/metrics.jsonl, one JSON object per line (schema in the README
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
 import random
 import re
 import signal
@@ -33,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
