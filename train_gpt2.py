@@ -19,6 +19,7 @@ import json
 import math
 import random
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -86,6 +87,9 @@ class TrainConfig:
     ckpt_every: int = field(1000, "checkpoint every N steps (and at the end, and on SIGTERM/SIGUSR1)")
     keep_checkpoints: int = field(3, "keep the newest K step checkpoints (model_final.pt is always kept)")
     log_every: int = field(1, "log (and sync with the device) every N steps")
+    tensorboard: bool = field(False, "also write every metrics record to TensorBoard (<log dir>/tensorboard; `uv sync --extra loggers`)")
+    wandb: bool = field(False, "also send every metrics record to Weights & Biases (WANDB_MODE=offline works without an account)")
+    wandb_project: str = field("gpt2-fineweb", "Weights & Biases project")
     resume: str = field("auto", "auto: continue from the newest valid checkpoint in --log-dir; never: start fresh", choices=("auto", "never"))
     # machine and speed levers (bench.py measures each; none changes the recipe's math beyond rounding)
     device: str = field("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
@@ -306,11 +310,68 @@ def save_checkpoint(path: Path, model: GPT, optimizer, step: int, loader: TrainL
 
 
 # ---- metrics log --------------------------------------------------------------------------------
-class MetricsLog:
-    """<log dir>/metrics.jsonl on the main rank: one JSON object per line, appended and flushed."""
+class TensorBoardMirror:
+    """Every numeric field of every record as a TensorBoard scalar `<type>/<field>` at its step."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, log_dir: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("--tensorboard needs the tensorboard package: run `uv sync --extra loggers`") from None
+        self.writer = SummaryWriter(str(log_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        kind, step = record["type"], record["step"]
+        if kind == "config":
+            self.writer.add_text("config", f"```\n{json.dumps(record, indent=1)}\n```", step)
+        elif kind == "sample":
+            self.writer.add_text("samples", "\n\n".join(record["samples"]), step)
+        for key, value in record.items():
+            if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbMirror:
+    """Every record to a Weights & Biases run that a resumed job continues (its id is kept in the
+    log dir). WANDB_MODE=offline writes it locally for a later `wandb sync`."""
+
+    def __init__(self, log_dir: Path, project: str, config: dict):
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("--wandb needs the wandb package: run `uv sync --extra loggers`") from None
+        id_file = log_dir / "wandb_run_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
+        runtime.atomic_write_bytes(id_file, run_id.encode())
+        self.wandb = wandb
+        self.run = wandb.init(project=project, id=run_id, resume="allow", dir=str(log_dir), config=config,
+                              name=log_dir.resolve().name)
+        self.run.define_metric("*", step_metric="step")  # our step, not wandb's own counter
+
+    def write(self, record: dict) -> None:
+        kind = record["type"]
+        if kind == "sample":
+            data = {"sample/text": self.wandb.Html("<br>".join(record["samples"]))}
+        else:
+            data = {f"{kind}/{k}": v for k, v in record.items()
+                    if k not in ("type", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if data:
+            self.run.log({"step": record["step"], **data})
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsLog:
+    """<log dir>/metrics.jsonl on the main rank: one JSON object per line, appended and flushed.
+    It is the source of truth; TensorBoard / W&B mirrors, when asked for, get the same records."""
+
+    def __init__(self, path: Path, enabled: bool, mirrors: list | None = None):
+        self.path, self.enabled, self.mirrors = path, enabled, mirrors or []
 
     def start(self, resume_step: int | None, evals_done: bool) -> None:
         """Fresh run: empty the file. Resumed run at step S: drop what the killed run logged past
@@ -338,7 +399,14 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            runtime.append_jsonl(self.path, {**record, "time": time.time()})
+            record = {**record, "time": time.time()}
+            runtime.append_jsonl(self.path, record)
+            for mirror in self.mirrors:
+                mirror.write(record)
+
+    def close(self) -> None:
+        for mirror in self.mirrors:
+            mirror.close()
 
 
 # ---- evaluation and sampling --------------------------------------------------------------------
@@ -499,7 +567,12 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: StopFlag | None =
         start_step, evals_done, resumed_from = ckpt["step"], ckpt.get("evals_done", False), ckpt["path"]
         if is_main:
             print(f"resuming from {ckpt['path']} at step {start_step}")
-    metrics = MetricsLog(log_dir / "metrics.jsonl", is_main)
+    mirrors = []
+    if is_main and cfg.tensorboard:
+        mirrors.append(TensorBoardMirror(log_dir))
+    if is_main and cfg.wandb:
+        mirrors.append(WandbMirror(log_dir, cfg.wandb_project, asdict(cfg)))
+    metrics = MetricsLog(log_dir / "metrics.jsonl", is_main, mirrors)
     metrics.start(start_step if ckpt is not None else None, evals_done)
     del ckpt
 
@@ -544,6 +617,7 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: StopFlag | None =
                 print(f"{stop.signal_name or 'signal on another rank'}: checkpoint saved at step {step}"
                       + ("; finishing the final evaluation" if last_step else "; exiting so the job can be requeued"))
             if not last_step:
+                metrics.close()
                 return 0
             stop_agreed = False  # training is done: run the final evals and write model_final.pt
 
@@ -591,6 +665,7 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: StopFlag | None =
                 if is_main:
                     print(f"error: loss is {loss_value} at step {step}: stopping. The last good checkpoint in "
                           f"{log_dir} is untouched; lower --max-lr or resume from it.", file=sys.stderr)
+                metrics.close()
                 return 1
             stop_agreed = stops > 0  # every rank sees the same sum, so all stop at the same step
             tokens_per_sec = steps_since_log * cfg.tokens_per_step / max(train_seconds, 1e-9)
@@ -607,6 +682,7 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: StopFlag | None =
         save_checkpoint(log_dir / "model_final.pt", raw_model, optimizer, cfg.max_steps, train_loader, cfg,
                         evals_done=True, keep=None)
         print(f"done: {cfg.max_steps} steps, final checkpoint {log_dir / 'model_final.pt'}")
+    metrics.close()
     return 0
 
 

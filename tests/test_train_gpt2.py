@@ -645,3 +645,47 @@ if __name__ == "__main__":
         _grad_worker(sys.argv[2], sys.argv[3])
     else:
         sys.exit(f"usage: torchrun --nproc_per_node=2 {sys.argv[0]} grad-worker OUT_PATH CONFIG_JSON")
+
+
+# ---------------------------------------------------------------------------- logging mirrors
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_tensorboard_and_wandb_mirror_every_metrics_record(data_dir, tmp_path, monkeypatch):
+    """--tensorboard and --wandb (offline: no account, no network) get the records metrics.jsonl
+    gets; metrics.jsonl stays the source of truth."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = tmp_path / "log"
+    cmd = trainer_cmd(data_dir, log_dir, "--max-steps", "6", "--warmup-steps", "2", "--val-every", "3",
+                      "--tensorboard", "--wandb", "--wandb-project", "test")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_ok(cmd, tmp_path)
+
+    events = EventAccumulator(str(log_dir / "tensorboard"))
+    events.Reload()
+    train = records(log_dir, "train")
+    logged = [(e.step, e.value) for e in events.Scalars("train/train_loss")]
+    assert [s for s, _ in logged] == [r["step"] for r in train]
+    assert [v for _, v in logged] == pytest.approx([r["train_loss"] for r in train], rel=1e-6)
+    assert [e.step for e in events.Scalars("val/val_loss")] == [0, 3, 6]
+
+    offline_runs = list((log_dir / "wandb").glob("offline-run-*"))
+    run_id = (log_dir / "wandb_run_id.txt").read_text().strip()
+    assert len(offline_runs) == 1 and offline_runs[0].name.endswith(run_id)
+    assert list(offline_runs[0].glob("*.wandb"))  # the run's records, for `wandb sync`
+
+
+def test_logging_mirror_without_its_package_is_a_one_line_error(data_dir, tmp_path):
+    # A fresh interpreter where importing tensorboard fails, as on an install without the extra.
+    blocker = tmp_path / "site"
+    (blocker / "tensorboard").mkdir(parents=True)
+    (blocker / "tensorboard" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    env = run_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(blocker), env["PYTHONPATH"]])
+    result = subprocess.run(trainer_cmd(data_dir, tmp_path / "log", "--tensorboard"), cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "uv sync --extra loggers" in result.stderr
