@@ -689,3 +689,11 @@ def test_logging_mirror_without_its_package_is_a_one_line_error(data_dir, tmp_pa
                             capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "uv sync --extra loggers" in result.stderr
+
+
+def test_init_from_openai_weights_offline_is_a_one_line_error(data_dir, tmp_path):
+    env = {**run_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_home")}
+    result = subprocess.run(trainer_cmd(data_dir, tmp_path / "log", "--init-from", "gpt2"), cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--init-from gpt2: could not load the weights" in result.stderr
