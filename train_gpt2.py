@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import runtime
 from cli import build_parser, field, given_flags
 from dataloader import TrainLoader, ValLoader
-from model import GPT, MODEL_PRESETS, GPTConfig, generate, load_checkpoint_file
+from model import GPT, MODEL_PRESETS, GPTConfig, generate, gpt_config_from_hf, load_checkpoint_file, load_hf_state_dict
 from muon import CombinedOptimizer, Muon
 from tokenizer import EOT_TOKEN, get_encoding
 
@@ -471,12 +471,12 @@ def prepare_demo_data(cfg: TrainConfig, is_main: bool) -> None:
            "--shard-size", str(DEMO_SHARD_SIZE), "--workers", "1"]
     result = subprocess.run(cmd, stdout=subprocess.DEVNULL)
     if result.returncode != 0:
-        raise SystemExit(f"demo data preparation failed (exit {result.returncode}): see the message above")
+        raise ValueError(f"demo data preparation failed (exit {result.returncode}): see the message above")
 
 
 def check_hellaswag_data(cfg: TrainConfig) -> None:
     if cfg.hellaswag_every and not Path(cfg.hellaswag_data).is_file():
-        raise SystemExit(
+        raise ValueError(
             f"HellaSwag file {cfg.hellaswag_data} not found: run `uv run hellaswag.py --download-only` on a "
             "machine with network (or pass --hellaswag-data PATH), or turn it off with --hellaswag-every 0"
         )
@@ -486,14 +486,12 @@ def build_model(cfg: TrainConfig, is_main: bool) -> GPT:
     torch.manual_seed(cfg.seed)  # the same init on every rank
     model = GPT(cfg.model_config)
     if cfg.init_from:
-        from model import gpt_config_from_hf, load_hf_state_dict
-
         try:
             from transformers import GPT2LMHeadModel
 
             hf = GPT2LMHeadModel.from_pretrained(cfg.init_from)
         except OSError as e:
-            raise SystemExit(
+            raise ValueError(
                 f"--init-from {cfg.init_from}: could not load the weights ({str(e).splitlines()[0]}); they need "
                 "the network once, or a Hugging Face cache that has them (HF_HOME)"
             ) from None
@@ -543,7 +541,7 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: StopFlag | None =
     # Resume: the newest valid checkpoint in the log dir, whatever world size wrote it.
     ckpt = load_latest_checkpoint(log_dir, is_main) if cfg.resume == "auto" else None
     if cfg.resume == "never" and checkpoint_paths(log_dir):
-        raise SystemExit(f"{log_dir} already holds checkpoints of another run: pass a new --log-dir, or delete them, or use --resume auto")
+        raise ValueError(f"{log_dir} already holds checkpoints of another run: pass a new --log-dir, or delete them, or use --resume auto")
     start_step, evals_done, resumed_from = 0, False, None
     if ckpt is not None:
         # A signal during the last step leaves model_{max_steps}.pt, saved before the final evals:
