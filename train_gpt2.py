@@ -144,7 +144,7 @@ DEMO_PRESET = dict(
     model="tiny", data_dir="demo_fineweb", tokens_per_step=4096, micro_batch_size=8, seq_len=256,
     max_steps=120, warmup_steps=10, max_lr=3e-3, val_every=30, val_tokens=32_768,
     hellaswag_every=0, sample_every=60, ckpt_every=40, device="cpu",
-    loss_chunk_rows=2048,  # the 50304-wide output layer is most of a tiny model's work: ~1.4x faster on CPU
+    loss_chunk_rows=256,  # the 50304-wide output layer is most of a tiny model's work: 1.5x faster on CPU (BENCHMARKS.md)
 )
 DEMO_SHARD_SIZE = 100_000
 
