@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -283,21 +282,7 @@ def test_ddp_with_muon_gives_the_gradients_of_one_process_with_twice_the_accumul
                       max_lr=3e-3, muon_lr=RECIPES["fast"]["muon_lr"])
     assert (cfg.grad_accum_steps(1), cfg.grad_accum_steps(2)) == (4, 2)
     out = tmp_path / "ddp_muon.pt"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**core.run_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "grad-worker", str(out), json.dumps(dataclasses.asdict(cfg))]
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        outputs = [proc.communicate(timeout=150)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    core.run_gloo_pair(Path(__file__), out, cfg, tmp_path)
     ddp = torch.load(out, weights_only=True)
     single = muon_steps(cfg, runtime.DistInfo(0, 0, 1, torch.device("cpu"), True), weights=ddp["weights"])
 

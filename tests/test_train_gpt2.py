@@ -560,6 +560,26 @@ class GradRecorder(torch.optim.Optimizer):
         self.grads = {name: p.grad.detach().clone() for name, p in self.named}
 
 
+def run_gloo_pair(test_file: Path, out: Path, cfg: TrainConfig, cwd: Path) -> None:
+    """Run `test_file`'s `grad-worker` entry point as 2 gloo ranks (real env:// rendezvous on a
+    free local port) writing `out`; fail with both ranks' output if either fails."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**run_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, str(test_file.resolve()), "grad-worker", str(out), json.dumps(dataclasses.asdict(cfg))]
+        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [proc.communicate(timeout=150)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+
+
 def one_step_gradients(cfg: TrainConfig, dist_info: runtime.DistInfo) -> dict:
     """Step 0 of `cfg` through the trainer's own wrap_model + train_step (micro-steps, no_sync, DDP
     all-reduce, clipping); returns the mean loss, the grad norm and the gradients the optimizer gets."""
@@ -595,21 +615,7 @@ def test_ddp_two_ranks_give_the_gradients_of_one_process_with_twice_the_accumula
     assert (cfg.grad_accum_steps(1), cfg.grad_accum_steps(2)) == (4, 2)
     out = tmp_path / "ddp_grads.pt"
     # two ranks as plain processes with torchrun's environment (the launcher itself is tested below)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    procs = []
-    for rank in range(2):
-        env = {**run_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        cmd = [sys.executable, str(Path(__file__).resolve()), "grad-worker", str(out), json.dumps(dataclasses.asdict(cfg))]
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        outputs = [proc.communicate(timeout=150)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    run_gloo_pair(Path(__file__), out, cfg, tmp_path)
     ddp = torch.load(out, weights_only=True)
 
     single = one_step_gradients(cfg, runtime.DistInfo(0, 0, 1, torch.device("cpu"), True))
