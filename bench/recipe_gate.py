@@ -14,7 +14,8 @@ The gate passes when every fast run ends at or below the baseline's mean final l
 standard errors (of the baseline seeds). It also prints the tokens each recipe needs to reach the
 baseline's mean final loss (linear interpolation between evaluations) and a markdown table for
 BENCHMARKS.md. Finished runs are reused (their folder name is a hash of their flags), so an
-interrupted gate continues where it stopped. ~20 minutes on an idle 2-core machine:
+interrupted gate continues where it stopped. On the shared 2-core machine here a run trained at
+~1,100 tokens/s (one thread, two runs at a time): ~80 minutes for the whole gate.
 
     uv run bench/recipe_gate.py
     uv run bench/recipe_gate.py --tokens 307200 --seed 1 --fast-override muon_lr=0.04   # a pilot
