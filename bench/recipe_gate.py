@@ -14,8 +14,11 @@ The gate passes when every fast run ends at or below the baseline's mean final l
 standard errors (of the baseline seeds). It also prints the tokens each recipe needs to reach the
 baseline's mean final loss (linear interpolation between evaluations) and a markdown table for
 BENCHMARKS.md. Finished runs are reused (their folder name is a hash of their flags), so an
-interrupted gate continues where it stopped. On the shared 2-core machine here a run trained at
-~1,100 tokens/s (one thread, two runs at a time): ~80 minutes for the whole gate.
+interrupted gate continues where it stopped; runs checkpoint every 100 steps, so a killed run
+resumes (exactly) instead of starting over. On the quiet 2-core machine here a run trains at
+~1,000 tokens/s (one thread, two runs at a time): one seed's pair takes ~21 minutes, the whole gate
+~65 (more when other jobs share the cores). Results: <work dir>/results.json; the recorded run is
+bench/results/recipe_gate.json and its table is in BENCHMARKS.md.
 
     uv run bench/recipe_gate.py
     uv run bench/recipe_gate.py --tokens 307200 --seed 1 --fast-override muon_lr=0.04   # a pilot
@@ -132,7 +135,7 @@ def run_flags(cfg: GateConfig, recipe: str, seed: int) -> list[str]:
     flags = ["--model", "tiny", "--micro-batch-size", "8", "--seq-len", str(SEQ_LEN), "--tokens-per-step", str(TOKENS_PER_STEP),
              "--max-steps", str(steps),
              "--val-every", str(cfg.val_every), "--val-tokens", str(cfg.val_tokens), "--hellaswag-every", "0",
-             "--sample-every", "0", "--ckpt-every", "0", "--seed", str(seed), "--device", "cpu", "--no-compile",
+             "--sample-every", "0", "--ckpt-every", "100", "--keep-checkpoints", "1", "--seed", str(seed), "--device", "cpu", "--no-compile",
              "--loss-chunk-rows", str(cfg.loss_chunk_rows), "--log-every", "25"]
     if recipe == "baseline":  # AdamW + cosine to 10%: train_gpt2's defaults
         return flags + ["--warmup-steps", str(max(1, round(cfg.warmup_frac * steps))), "--max-lr", str(cfg.baseline_lr)]
@@ -146,8 +149,11 @@ def run_flags(cfg: GateConfig, recipe: str, seed: int) -> list[str]:
 
 
 def run_dir(work: Path, recipe: str, seed: int, flags: list[str]) -> Path:
-    """Named by a hash of the run's flags (and of the recipe they name): changed settings, new run."""
-    what = " ".join(flags) + (json.dumps(RECIPES["fast"], sort_keys=True) if recipe == "fast" else "")
+    """Named by a hash of the run's flags (and of the recipe they name): changed settings, new run.
+    The checkpoint flags are left out: they change no number, and a killed run resumes from them."""
+    i = flags.index("--ckpt-every")
+    kept = flags[:i] + flags[i + 4:]
+    what = " ".join(kept) + (json.dumps(RECIPES["fast"], sort_keys=True) if recipe == "fast" else "")
     digest = hashlib.sha256(what.encode()).hexdigest()[:10]
     return work / "runs" / f"{recipe}_s{seed}_{digest}"
 
@@ -188,7 +194,7 @@ def run_one(cfg: GateConfig, data: Path, work: Path, recipe: str, seed: int) -> 
         cmd = [sys.executable, str(ROOT / "train_gpt2.py"), *flags, "--data-dir", str(data), "--log-dir", str(log_dir)]
         (log_dir / "command.txt").write_text(" ".join(cmd) + "\n")
         start = time.perf_counter()
-        with open(log_dir / "train.out", "w") as out:
+        with open(log_dir / "train.out", "a") as out:  # a resumed run appends
             code = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
         if code != 0:
             raise SystemExit(f"{recipe} seed {seed} failed (exit {code}): see {log_dir / 'train.out'}")
