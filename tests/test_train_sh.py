@@ -284,9 +284,11 @@ def process_running(marker: str) -> bool:
             args = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        # Not the `bash -c 'trap "" USR1; exec ...'` wrapper itself: until it has exec'd torchrun,
-        # USR1 is not ignored yet and would kill the step (a race of the test, not of SLURM's signal).
-        if args[0].endswith(b"bash"):
+        # Only Python (torchrun once the `bash -c 'trap "" USR1; exec ...'` wrapper has exec'd it, or
+        # a training process): srun's and the wrapper's own command lines name train_gpt2.py too, but
+        # until the wrapper has exec'd, USR1 is not ignored yet and would kill the step (a race of
+        # the test, which signals in the first milliseconds; SLURM signals 300 s before the limit).
+        if not os.path.basename(args[0]).startswith(b"python"):
             continue
         if any(a.endswith(b"train_gpt2.py") for a in args) and marker.encode() in b" ".join(args):
             return True
