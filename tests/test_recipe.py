@@ -14,7 +14,6 @@ Runs reuse tests/test_train_gpt2.py's tiny setup (Tiny Shakespeare shards, `BASE
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import subprocess
 import sys
@@ -256,17 +255,6 @@ def muon_steps(cfg: TrainConfig, dist_info: runtime.DistInfo, weights: list[dict
     return {"losses": losses, "grads": optimizer.grads, "weights": before, "ranks_agree": ranks_agree}
 
 
-def _grad_worker(out_path: str, cfg_json: str) -> None:
-    dist_info = runtime.setup_distributed("cpu")
-    try:
-        result = muon_steps(TrainConfig(**json.loads(cfg_json)), dist_info)
-        if dist_info.is_main:
-            torch.save(result, out_path)
-        torch.distributed.barrier()
-    finally:
-        runtime.teardown_distributed()
-
-
 @pytest.mark.timeout(200)
 def test_ddp_with_muon_gives_the_gradients_of_one_process_with_twice_the_accumulation(data_dir, tmp_path, one_thread):
     """Two gloo ranks (2 micro-steps each, so no_sync runs) vs one process (4 micro-steps), 3 steps with
@@ -314,7 +302,4 @@ def test_ddp_torchrun_muon_run_matches_single_process_loss_curve(muon_run, data_
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "grad-worker":
-        _grad_worker(sys.argv[2], sys.argv[3])
-    else:
-        sys.exit(f"usage: torchrun --nproc_per_node=2 {sys.argv[0]} grad-worker OUT_PATH CONFIG_JSON")
+    core.grad_worker_main(muon_steps)

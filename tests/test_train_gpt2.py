@@ -596,13 +596,18 @@ def one_step_gradients(cfg: TrainConfig, dist_info: runtime.DistInfo) -> dict:
     return {"loss": loss, "grad_norm": grad_norm, "grads": recorder.grads}
 
 
-def _grad_worker(out_path: str, cfg_json: str) -> None:
-    """torchrun entry point: every rank computes, rank 0 saves."""
+def grad_worker_main(compute) -> None:
+    """The `grad-worker` entry point that run_gloo_pair starts in each rank (this file's and
+    test_recipe.py's): `compute(TrainConfig, DistInfo)` on every rank, rank 0 saves its result."""
+    if len(sys.argv) != 4 or sys.argv[1] != "grad-worker":
+        sys.exit(f"usage: torchrun --nproc_per_node=2 {sys.argv[0]} grad-worker OUT_PATH CONFIG_JSON")
+    out_path, cfg_json = sys.argv[2], sys.argv[3]
     dist_info = runtime.setup_distributed("cpu")
     try:
-        result = one_step_gradients(TrainConfig(**json.loads(cfg_json)), dist_info)
+        result = compute(TrainConfig(**json.loads(cfg_json)), dist_info)
         if dist_info.is_main:
             torch.save(result, out_path)
+        torch.distributed.barrier()  # no rank tears down while rank 0 still saves
     finally:
         runtime.teardown_distributed()
 
@@ -647,10 +652,7 @@ def test_ddp_two_process_torchrun_run_matches_single_process_loss_curve(straight
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "grad-worker":
-        _grad_worker(sys.argv[2], sys.argv[3])
-    else:
-        sys.exit(f"usage: torchrun --nproc_per_node=2 {sys.argv[0]} grad-worker OUT_PATH CONFIG_JSON")
+    grad_worker_main(one_step_gradients)
 
 
 # ---------------------------------------------------------------------------- logging mirrors
