@@ -129,6 +129,9 @@ def prepare_data(cfg: GateConfig, work: Path) -> Path:
 
 
 # ---- runs -----------------------------------------------------------------------------------------
+CHECKPOINT_FLAGS = ("--ckpt-every", "--keep-checkpoints")  # each takes one value; no effect on any number
+
+
 def run_flags(cfg: GateConfig, recipe: str, seed: int) -> list[str]:
     """train_gpt2.py flags of one run (without --data-dir / --log-dir)."""
     steps = cfg.tokens // TOKENS_PER_STEP if recipe == "baseline" else math.floor(cfg.tokens / cfg.ratio / TOKENS_PER_STEP)
@@ -151,8 +154,7 @@ def run_flags(cfg: GateConfig, recipe: str, seed: int) -> list[str]:
 def run_dir(work: Path, recipe: str, seed: int, flags: list[str]) -> Path:
     """Named by a hash of the run's flags (and of the recipe they name): changed settings, new run.
     The checkpoint flags are left out: they change no number, and a killed run resumes from them."""
-    i = flags.index("--ckpt-every")
-    kept = flags[:i] + flags[i + 4:]
+    kept = [f for k, f in enumerate(flags) if f not in CHECKPOINT_FLAGS and (k == 0 or flags[k - 1] not in CHECKPOINT_FLAGS)]
     what = " ".join(kept) + (json.dumps(RECIPES["fast"], sort_keys=True) if recipe == "fast" else "")
     digest = hashlib.sha256(what.encode()).hexdigest()[:10]
     return work / "runs" / f"{recipe}_s{seed}_{digest}"
@@ -187,7 +189,8 @@ def run_one(cfg: GateConfig, data: Path, work: Path, recipe: str, seed: int) -> 
     flags = run_flags(cfg, recipe, seed)
     log_dir = run_dir(work, recipe, seed, flags)
     steps = int(flags[flags.index("--max-steps") + 1])
-    done = (log_dir / "model_final.pt").exists() and val_curve(log_dir)[-1:] and val_curve(log_dir)[-1][0] == steps * TOKENS_PER_STEP
+    curve = val_curve(log_dir)
+    done = (log_dir / "model_final.pt").exists() and curve and curve[-1][0] == steps * TOKENS_PER_STEP
     if not done:
         log_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads), "PYTHONUNBUFFERED": "1"}
@@ -198,10 +201,11 @@ def run_one(cfg: GateConfig, data: Path, work: Path, recipe: str, seed: int) -> 
             code = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
         if code != 0:
             raise SystemExit(f"{recipe} seed {seed} failed (exit {code}): see {log_dir / 'train.out'}")
+        curve = val_curve(log_dir)
         print(f"  {recipe:8s} seed {seed}: {time.perf_counter() - start:6.0f} s wall, final val loss "
-              f"{val_curve(log_dir)[-1][1]:.4f}", flush=True)
+              f"{curve[-1][1]:.4f}", flush=True)
     return {"recipe": recipe, "seed": seed, "steps": steps, "tokens": steps * TOKENS_PER_STEP, "log_dir": str(log_dir),
-            "curve": val_curve(log_dir), "final": val_curve(log_dir)[-1][1], "train_seconds": train_seconds(log_dir),
+            "curve": curve, "final": curve[-1][1], "train_seconds": train_seconds(log_dir),
             "flags": flags}
 
 
