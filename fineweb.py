@@ -7,7 +7,7 @@
 working and vice versa. Local parquet / jsonl(.gz) / txt files go through the same Hugging Face
 `datasets` code path (`--input`), which is how the tests and the demo run offline. On CPU:
 
-    uv run fineweb.py --input '../shared/data/fineweb_sample/*.parquet' --out-dir /tmp/fw --shard-size 1000000
+    uv run fineweb.py --input assets/demo/fineweb_demo.parquet --out-dir /tmp/fw --shard-size 100000
     uv run fineweb.py --out-dir /tmp/fw --verify
 
 How it is fast: every core tokenizes batches of documents (tiktoken straight to a numpy array, no

@@ -3,7 +3,7 @@
     uv run hellaswag.py --checkpoint log/model_final.pt
     uv run hellaswag.py --hf gpt2                       # OpenAI's 124M through transformers
     uv run hellaswag.py --download-only                 # fetch the data once, e.g. on a login node
-    uv run hellaswag.py --checkpoint CKPT --data ../shared/data/hellaswag/hellaswag_val.jsonl --limit 200 --device cpu
+    uv run hellaswag.py --checkpoint CKPT --data tests/data/hellaswag_val_300.jsonl --no-verify --device cpu  # 300 shipped examples
     torchrun --standalone --nproc_per_node=8 hellaswag.py --checkpoint log/model_final.pt
 
 Prints one line with both scoring styles (reference = build-nanogpt's, harness = lm-evaluation-harness's;

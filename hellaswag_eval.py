@@ -3,7 +3,7 @@
 Used by `hellaswag.py` (a checkpoint or a Hugging Face model, both styles) and by the trainer
 (every --hellaswag-every steps, reference style). Nothing here prints, parses flags or picks a device.
 
-    uv run python -c "import hellaswag_eval as h; print(len(h.load_examples('../shared/data/hellaswag/hellaswag_val.jsonl')))"
+    uv run python -c "import hellaswag_eval as h; print(len(h.load_examples('tests/data/hellaswag_val_300.jsonl', verify=False)))"
 
 Each example has a context and 4 endings; a model "answers" by which ending it finds most likely.
 Two ways of turning that into text and numbers are in use, and they give different accuracies:

@@ -7,11 +7,12 @@ The reference strategy (written here from its description, not copied): a pool o
 workers fed one document at a time by `pool.imap(tokenize, dataset, chunksize=16)` from a
 map-style `datasets.Dataset`; each document becomes [EOT] + encode_ordinary(text) as a Python
 list, then a numpy array checked and cast to uint16; the main process appends the arrays to a
-shard buffer and `np.save`s each full shard itself. Both read ../shared/data/fineweb_sample
-repeated (symlinks) to >= 20M tokens from the same warm `datasets` cache and write shards of the
-same size, which must come out byte-identical. On CPU:
+shard buffer and `np.save`s each full shard itself. Both read the `--input` parquet files (default:
+the shipped demo corpus) repeated (symlinks) to >= 20M tokens from the same warm `datasets` cache
+and write shards of the same size, which must come out byte-identical. On CPU:
 
-    uv run bench/bench_fineweb.py            # ~1 minute on 2 cores
+    uv run bench/bench_fineweb.py                                 # ~1 minute on 2 cores
+    uv run bench/bench_fineweb.py --input 'fineweb_sample/*.parquet'   # the recorded run: 2,800 FineWeb documents
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import fineweb  # noqa: E402
 from tokenizer import EOT_TOKEN, get_encoding  # noqa: E402
 
-SAMPLE = ROOT.parent / "shared" / "data" / "fineweb_sample"
+DEMO = ROOT / "assets" / "demo" / "fineweb_demo.parquet"
 
 
 def reference_tokenize(doc: dict) -> np.ndarray:
@@ -80,6 +81,8 @@ def shard_hashes(out_dir: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", nargs="+", default=[str(DEMO.relative_to(ROOT))],
+                        help="parquet files with a `text` column (default: the shipped demo corpus)")
     parser.add_argument("--min-tokens", type=float, default=20e6, help="repeat the sample to at least this")
     parser.add_argument("--shard-size", type=int, default=10_000_000, help="tokens per shard, both pipelines")
     parser.add_argument("--workers", type=int, default=0, help="fineweb.py workers (0 = all cores)")
@@ -88,9 +91,10 @@ def main() -> None:
     import pyarrow.parquet as pq
     import torch
 
-    sample = sorted(SAMPLE.glob("*.parquet"))
-    if not sample:
-        raise SystemExit(f"bench: no parquet files in {SAMPLE}")
+    sample = sorted(Path(f).resolve() for f in args.input)
+    missing = [str(f) for f in sample if not f.is_file()]
+    if missing:
+        raise SystemExit(f"bench: no such input file: {', '.join(missing)}")
     work = Path(tempfile.mkdtemp(prefix="bench_fineweb_"))
     try:
         # ~1,560 tokens per document in this sample: enough copies for min_tokens (checked below).

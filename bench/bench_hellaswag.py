@@ -30,7 +30,7 @@ from hellaswag_eval import evaluate_hellaswag, load_examples  # noqa: E402
 from model import GPT, MODEL_PRESETS, GPTConfig  # noqa: E402
 from tokenizer import get_encoding  # noqa: E402
 
-SHARED_DATA = ROOT.parent / "shared" / "data" / "hellaswag" / "hellaswag_val.jsonl"
+FIXTURE = ROOT / "tests" / "data" / "hellaswag_val_300.jsonl"  # 300 real examples shipped with the repo
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class BenchConfig:
     model: str = field("tiny", "model preset (random init: speed does not depend on the weights)", choices=tuple(MODEL_PRESETS))
     examples: int = field(300, "the first N validation examples")
     batch_size: int = field(16, "rows per forward of the batched scorer (on CPU small batches keep the logits in cache)")
-    data: str = field(str(SHARED_DATA), "hellaswag_val.jsonl")
+    data: str = field(str(FIXTURE.relative_to(ROOT)), "a hellaswag_val.jsonl (e.g. hellaswag/hellaswag_val.jsonl, the full set)")
     device: str = field("cpu", "cpu or cuda", choices=("cpu", "cuda"))
 
 

@@ -20,8 +20,12 @@ resumes (exactly) instead of starting over. On the quiet 2-core machine here a r
 ~65 (more when other jobs share the cores). Results: <work dir>/results.json; the recorded run is
 bench/results/recipe_gate.json and its table is in BENCHMARKS.md.
 
-    uv run bench/recipe_gate.py
-    uv run bench/recipe_gate.py --tokens 307200 --seed 1 --fast-override muon_lr=0.04   # a pilot
+    uv run bench/recipe_gate.py --sample 'fineweb_sample/*.parquet'
+    uv run bench/recipe_gate.py --sample 'fineweb_sample/*.parquet' --tokens 307200 --seed 1 --fast-override muon_lr=0.04
+
+(The recorded gate ran on 2,800 unchanged FineWeb `sample-10BT` documents, 28 parquet files, ~4.4M
+GPT-2 tokens; the 348-document demo corpus in assets/demo is too small for its 1M training tokens
+without repeats.)
 """
 
 from __future__ import annotations
@@ -45,14 +49,13 @@ import runtime  # noqa: E402
 from cli import field, parse_config, parse_value  # noqa: E402
 from train_gpt2 import RECIPES, TrainConfig  # noqa: E402
 
-SAMPLE = ROOT.parent / "shared" / "data" / "fineweb_sample"
 TOKENS_PER_STEP = 2048  # 8 sequences x 256 tokens
 SEQ_LEN = 256
 
 
 @dataclass(frozen=True)
 class GateConfig:
-    sample: str = field(str(SAMPLE / "*.parquet"), "FineWeb parquet files (column `text`, and `id` for the split)")
+    sample: str = field("", "FineWeb parquet files, a glob (column `text`, and `id` for the split); required")
     work_dir: str = field("log/recipe_gate", "folder for the split, token shards, runs and results (finished runs are reused)")
     seeds: tuple[int, ...] = field((1, 2, 3), "paired seeds: each fixes init and data order of both recipes", flag="--seed")
     tokens: int = field(1_048_576, "the baseline's training tokens (512 steps of 2,048: the issue's 1M)")
@@ -91,7 +94,8 @@ def prepare_data(cfg: GateConfig, work: Path) -> Path:
         return data
     files = sorted(glob.glob(cfg.sample))
     if not files:
-        raise SystemExit(f"no parquet files match --sample {cfg.sample}: point it at the FineWeb sample")
+        raise SystemExit(f"no parquet files match --sample {cfg.sample!r}: pass a glob of FineWeb parquet files, "
+                         "e.g. --sample 'fineweb_sample/*.parquet'")
     table = pa.concat_tables([pq.read_table(f, columns=["id", "text"]) for f in files])
     ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
     held = held_out_ids(ids, cfg.holdout_frac)

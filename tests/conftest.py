@@ -1,34 +1,58 @@
-"""Shared test fixtures: paths to the offline data in ../shared/data and the repo root."""
+"""Shared test fixtures. Every test runs from a clone of the repo alone: its data ships in the repo.
+
+- `assets/demo/fineweb_demo.parquet`: 348 real FineWeb documents (ODC-By; see assets/demo/README.md),
+  the corpus of the demo, the data tests and the training tests.
+- `tests/data/hellaswag_val_300.jsonl`: 300 real HellaSwag validation examples (MIT; see
+  tests/data/README.md).
+"""
 
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+DEMO_PARQUET = ROOT / "assets" / "demo" / "fineweb_demo.parquet"
+HELLASWAG_FIXTURE = Path(__file__).resolve().parent / "data" / "hellaswag_val_300.jsonl"
+VAL_TOKENS = 20_000  # shard 0 of the training-test data: the first 20,000 tokens of the stream
 
 # Tests import the top-level scripts and modules (flat layout, no package).
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-def _require(path: Path) -> Path:
-    if not path.exists():
-        pytest.fail(f"offline test data {path} is missing: tests expect ../shared/data beside the repo")
-    return path
+def demo_texts() -> list[str]:
+    return pq.read_table(DEMO_PARQUET, columns=["text"]).column("text").to_pylist()
+
+
+def demo_token_stream() -> np.ndarray:
+    """The demo corpus as fineweb.py tokenizes it: every document as [<|endoftext|>] + its GPT-2 ids."""
+    from tokenizer import EOT_TOKEN, get_encoding
+
+    enc = get_encoding()
+    return np.concatenate([np.array([EOT_TOKEN, *enc.encode_ordinary(t)], dtype=np.uint16) for t in demo_texts() if t])
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    return _require(SHARED_DATA)
-
-
-@pytest.fixture(scope="session")
-def fineweb_sample_dir() -> Path:
-    return _require(SHARED_DATA / "fineweb_sample")
+def demo_parquet() -> Path:
+    return DEMO_PARQUET
 
 
 @pytest.fixture(scope="session")
 def hellaswag_val_path() -> Path:
-    return _require(SHARED_DATA / "hellaswag" / "hellaswag_val.jsonl")
+    """300 real validation examples (not the full file: load them with verify=False / --no-verify)."""
+    return HELLASWAG_FIXTURE
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The demo corpus as reference-format token shards (np.save'd uint16, 571,177 tokens): the first
+    20,000 tokens as val shard 0, the rest as 3 train shards (np.array_split)."""
+    tokens = demo_token_stream()
+    out = tmp_path_factory.mktemp("shards")
+    np.save(out / "edufineweb_val_000000.npy", tokens[:VAL_TOKENS])
+    for i, part in enumerate(np.array_split(tokens[VAL_TOKENS:], 3), start=1):
+        np.save(out / f"edufineweb_train_{i:06d}.npy", part)
+    return out

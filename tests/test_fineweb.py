@@ -32,9 +32,17 @@ SHARD = 50_000  # small shards: ~13 of them over the subset, most boundaries ins
 
 
 @pytest.fixture(scope="module")
-def subset(fineweb_sample_dir) -> list[str]:
-    """The first 4 parquet files of the sample: 400 documents, ~0.6M tokens."""
-    return [str(p) for p in sorted(fineweb_sample_dir.glob("*.parquet"))[:4]]
+def subset(demo_parquet, tmp_path_factory) -> list[str]:
+    """The demo corpus (348 real FineWeb documents, 571K tokens) as 4 parquet files, so several input
+    files are read in order, with all the source's columns (id, text, url)."""
+    table = pq.read_table(demo_parquet)
+    out = tmp_path_factory.mktemp("subset")
+    bounds = np.linspace(0, table.num_rows, 5).astype(int)
+    paths = []
+    for i, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+        paths.append(str(out / f"part-{i}.parquet"))
+        pq.write_table(table.slice(start, stop - start), paths[-1])
+    return paths
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +162,9 @@ def test_max_tokens_stops_early_and_a_longer_rerun_continues(subset, cache, refe
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL and process groups are POSIX")
-def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(fineweb_sample_dir, cache, tmp_path):
-    files = sorted(str(p) for p in fineweb_sample_dir.glob("*.parquet"))  # all 2,800 documents
-    shard = 20_000  # ~220 shards: a wide window to kill in
+def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(demo_parquet, cache, tmp_path):
+    files = [str(demo_parquet)]  # 348 documents, 571K tokens
+    shard = 2_000  # ~286 shards: a wide window to kill in
     expected = run(files, tmp_path / "straight", cache, shard_size=shard, workers=1)
     out = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "fineweb.py"), "--input", *files, "--out-dir", str(out),

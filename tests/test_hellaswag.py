@@ -1,6 +1,6 @@
 """HellaSwag: both scoring styles against a plain per-example loop, ranks, data errors, the CLI.
 
-The model is a small random GPT (2 layers, width 16) with a 64-token context, so some of the real
+The model is a small random GPT (2 layers, width 16) with a 96-token context, so some of the real
 examples are longer than the context and the left-truncation path runs too.
 """
 
@@ -38,12 +38,13 @@ from hellaswag_eval import (
     harness_query,
     load_examples,
     score_examples,
+    verify_sha256,
 )
 from model import GPT, GPTConfig
 from tokenizer import get_encoding
 
 ROOT = Path(__file__).resolve().parent.parent
-SMALL = {"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 64}
+SMALL = {"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 96}  # longest ending: 77 tokens
 NUM_EXAMPLES = 200
 CPU = runtime.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
 
@@ -60,7 +61,7 @@ def model() -> GPT:
 
 @pytest.fixture(scope="module")
 def examples(hellaswag_val_path) -> list[dict]:
-    return load_examples(hellaswag_val_path, limit=NUM_EXAMPLES)
+    return load_examples(hellaswag_val_path, limit=NUM_EXAMPLES, verify=False)  # the fixture is a subset
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def _rank_worker(rank: int, world_size: int, port: int, data_path: str, out_dir:
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     dist_info = runtime.setup_distributed("cpu")
-    scores = score_examples(small_model(), load_examples(data_path, limit=limit), dist_info, batch_size=16)
+    scores = score_examples(small_model(), load_examples(data_path, limit=limit, verify=False), dist_info, batch_size=16)
     np.savez(Path(out_dir) / f"rank{rank}.npz", **{style: s["loglik"] for style, s in scores.items()})
     runtime.teardown_distributed()  # barrier, then destroy
 
@@ -181,7 +182,7 @@ def test_two_gloo_processes_give_the_same_numbers_as_one(tmp_path, hellaswag_val
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    single = score_examples(small_model(), load_examples(hellaswag_val_path, limit=limit), CPU, batch_size=16)
+    single = score_examples(small_model(), load_examples(hellaswag_val_path, limit=limit, verify=False), CPU, batch_size=16)
     for rank in range(2):
         saved = np.load(tmp_path / f"rank{rank}.npz")
         for style, s in single.items():
@@ -233,19 +234,26 @@ def http_server(tmp_path):
 
 
 def test_download_checks_sha256_and_writes_once(tmp_path, http_server, hellaswag_val_path):
+    """The real download code against a local server. The fixture stands for the official file: its
+    own sha256 is the expected one here; the pinned hash of the full file refuses it."""
     www, base = http_server
-    (www / "hellaswag_val.jsonl").write_bytes(hellaswag_val_path.read_bytes())
-    (www / "truncated.jsonl").write_bytes(hellaswag_val_path.read_bytes()[:100_000])
+    data = hellaswag_val_path.read_bytes()
+    expected = hashlib.sha256(data).hexdigest()
+    (www / "hellaswag_val.jsonl").write_bytes(data)
+    (www / "truncated.jsonl").write_bytes(data[:100_000])
     target = tmp_path / "cache" / "hellaswag_val.jsonl"
 
     with pytest.raises(ValueError, match="sha256.*nothing was written"):
-        download(target, url=f"{base}/truncated.jsonl")
+        download(target, url=f"{base}/truncated.jsonl", expected_sha256=expected)
+    with pytest.raises(ValueError, match="sha256.*nothing was written"):  # not the official 10,042 examples
+        download(target, url=f"{base}/hellaswag_val.jsonl")
     assert not target.exists() and not list((tmp_path / "cache").glob("*"))
 
-    assert download(target, url=f"{base}/hellaswag_val.jsonl") == target
-    assert target.read_bytes() == hellaswag_val_path.read_bytes()
+    assert download(target, url=f"{base}/hellaswag_val.jsonl", expected_sha256=expected) == target
+    assert target.read_bytes() == data
+    verify_sha256(target, expected)  # the check load_examples runs, on the file it wrote
     (www / "hellaswag_val.jsonl").unlink()
-    assert download(target, url=f"{base}/hellaswag_val.jsonl") == target  # cached: no second request
+    assert download(target, url=f"{base}/hellaswag_val.jsonl", expected_sha256=expected) == target  # cached
 
 
 def test_download_without_network_says_how_to_get_the_file(tmp_path):
@@ -276,7 +284,8 @@ def test_bad_data_files_give_one_line_errors(tmp_path, hellaswag_val_path):
 
     with pytest.raises(FileNotFoundError, match="--download-only"):
         load_examples(tmp_path / "missing.jsonl")
-    assert hashlib.sha256(hellaswag_val_path.read_bytes()).hexdigest() == HELLASWAG_SHA256  # the pinned hash
+    with pytest.raises(ValueError, match=f"sha256.*{HELLASWAG_SHA256[:12]}"):  # the pinned hash of the full file
+        load_examples(hellaswag_val_path)
 
 
 # ---- the CLI --------------------------------------------------------------------------------------
@@ -292,13 +301,13 @@ def test_cli_appends_one_result_line_per_run(tmp_path, hellaswag_val_path, model
     ckpt = tmp_path / "model_final.pt"
     save_tiny_checkpoint(ckpt, step=7)
     cmd = [sys.executable, str(ROOT / "hellaswag.py"), "--checkpoint", str(ckpt), "--data", str(hellaswag_val_path),
-           "--limit", "20", "--log-dir", str(tmp_path / "log"), "--device", "cpu"]
+           "--no-verify", "--limit", "20", "--log-dir", str(tmp_path / "log"), "--device", "cpu"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
     assert out.returncode == 0, out.stderr
     summary = out.stdout.strip().splitlines()
     assert len(summary) == 1 and "reference acc" in summary[0] and "harness acc" in summary[0]
 
-    expected = evaluate_hellaswag(model, load_examples(hellaswag_val_path, limit=20), CPU)
+    expected = evaluate_hellaswag(model, load_examples(hellaswag_val_path, limit=20, verify=False), CPU)
     assert hellaswag.main(cmd[2:]) == 0  # the same run in-process appends a second line
     records = [json.loads(line) for line in (tmp_path / "log" / "hellaswag_results.jsonl").read_text().splitlines()]
     assert len(records) == 2
@@ -312,7 +321,8 @@ def test_cli_appends_one_result_line_per_run(tmp_path, hellaswag_val_path, model
 
 
 def test_cli_errors_are_one_line(tmp_path, hellaswag_val_path, capsys):
-    data = ["--data", str(hellaswag_val_path), "--limit", "4", "--device", "cpu", "--log-dir", str(tmp_path / "log")]
+    data = ["--data", str(hellaswag_val_path), "--no-verify", "--limit", "4", "--device", "cpu",
+            "--log-dir", str(tmp_path / "log")]
 
     wrong_shape = tmp_path / "wrong_shape.pt"
     save_tiny_checkpoint(wrong_shape, config={**SMALL, "n_embd": 32}, weights_from=SMALL)

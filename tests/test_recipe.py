@@ -3,7 +3,7 @@ schedule at its corners, how the recipe layers with --demo and explicit flags, e
 Muon's momentum in the checkpoint, DDP equivalence with Muon, Hugging Face export of a Muon run, and
 the one-line error for resuming with another optimizer.
 
-Runs reuse tests/test_train_gpt2.py's tiny setup (Tiny Shakespeare shards, `BASE_FLAGS`: 20 steps of
+Runs reuse tests/test_train_gpt2.py's tiny setup (the demo corpus's shards, `BASE_FLAGS`: 20 steps of
 128 tokens, and its pinned one-thread environment), plus `--recipe fast`.
 
     uv run pytest tests/test_recipe.py -q
@@ -30,7 +30,7 @@ for path in (str(ROOT), str(TESTS)):  # also run as a script (the DDP worker bel
 
 import runtime  # noqa: E402
 import test_train_gpt2 as core  # noqa: E402  (helpers and pinned environment of the trainer tests)
-from test_train_gpt2 import data_dir, one_thread  # noqa: E402, F401  (fixtures: Tiny Shakespeare shards, 1 thread)
+from test_train_gpt2 import one_thread  # noqa: E402, F401  (fixture: 1 thread)
 import train_gpt2  # noqa: E402
 from dataloader import TrainLoader  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402

@@ -1,8 +1,8 @@
 """train_gpt2.py, the training core: schedule, decay groups, DDP equivalence, exact resume (also after
 SIGKILL), SIGTERM/SIGUSR1, corrupt checkpoints, one-line errors, MFU, metrics.jsonl, golden losses.
 
-Real parts only: shards of real GPT-2 tokens (Tiny Shakespeare, np.save'd uint16 like fineweb.py
-writes them), the real trainer CLI in fresh processes, real torchrun + gloo for DDP, real signals.
+Real parts only: shards of real GPT-2 tokens (the FineWeb demo corpus shipped in assets/demo, np.save'd
+uint16 like fineweb.py writes them; the `data_dir` fixture of conftest.py), the real trainer CLI in fresh processes, real torchrun + gloo for DDP, real signals.
 
 Every trainer run here uses one small config (`BASE_FLAGS`: the tiny preset, 2 x 32 tokens per
 micro-batch, 128 tokens per step = 2 micro-steps on 1 process, 20 steps) and one pinned numeric
@@ -42,10 +42,9 @@ import runtime  # noqa: E402
 import train_gpt2  # noqa: E402
 from dataloader import TrainLoader  # noqa: E402
 from model import GPT, MODEL_PRESETS, GPTConfig  # noqa: E402
-from tokenizer import EOT_TOKEN, get_encoding  # noqa: E402
+from conftest import VAL_TOKENS, demo_token_stream  # noqa: E402
 from train_gpt2 import TrainConfig, learning_rate, make_optimizer, param_groups  # noqa: E402
 
-SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_losses.json"
 RUN_TIMEOUT = 240  # seconds for one trainer process (a 20-step run takes ~15 s on a busy 2-core box)
 
@@ -169,19 +168,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """Real GPT-2 tokens of Tiny Shakespeare as reference-format shards: 20K-token val shard 0, 3 train shards."""
-    if not SHAKESPEARE.is_file():
-        pytest.fail(f"offline test data {SHAKESPEARE} is missing: tests expect ../shared/data beside the repo")
-    tokens = np.array([EOT_TOKEN, *get_encoding().encode_ordinary(SHAKESPEARE.read_text())], dtype=np.uint16)
-    out = tmp_path_factory.mktemp("shards")
-    np.save(out / "edufineweb_val_000000.npy", tokens[:20_000])
-    for i, part in enumerate(np.array_split(tokens[20_000:], 3), start=1):
-        np.save(out / f"edufineweb_train_{i:06d}.npy", part)
-    return out
-
-
 @pytest.fixture(scope="module")
 def straight_run(data_dir, tmp_path_factory):
     """The uninterrupted reference run: BASE_FLAGS for 20 steps, plus samples every 10 steps (the one
@@ -247,8 +233,8 @@ def test_weight_decay_groups_matrices_and_embeddings_only():
 def test_loss_falls_when_overfitting_one_batch(one_thread):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))  # small: 30 steps in a few seconds
-    tokens = get_encoding().encode_ordinary(SHAKESPEARE.read_text()[:2000])
-    batch = torch.tensor(tokens[: 4 * 33], dtype=torch.long).view(4, 33)  # (B, T+1)
+    tokens = demo_token_stream()[: 4 * 33].astype(np.int64)
+    batch = torch.from_numpy(tokens).view(4, 33)  # (B, T+1)
     x, y = batch[:, :-1], batch[:, 1:]
     opt = make_optimizer(model, TrainConfig(max_lr=1e-2), torch.device("cpu"))  # the trainer's AdamW and groups
     losses = []
@@ -398,7 +384,7 @@ def test_metrics_jsonl_records_config_train_val_and_samples(straight_run, data_d
         assert r["lr"] == pytest.approx(learning_rate(r["step"], cfg), rel=1e-12)
         assert math.isfinite(r["train_loss"]) and r["grad_norm"] > 0
         assert r["step_ms"] > 0 and r["tokens_per_sec"] > 0 and r["mfu"] is None  # no known peak on CPU
-    assert train[0]["train_loss"] > 10 and train[-1]["train_loss"] < train[0]["train_loss"] - 2
+    assert train[0]["train_loss"] > 10 and train[-1]["train_loss"] < train[0]["train_loss"] - 1.5  # 10.88 -> 8.96
 
     val = records(log_dir, "val")
     assert [r["step"] for r in val] == [0, 10, 20]  # every --val-every steps and at the end
@@ -415,32 +401,54 @@ def test_metrics_jsonl_records_config_train_val_and_samples(straight_run, data_d
     assert len(step_lines) == MAX_STEPS
 
 
+def cpu_vendor() -> str:
+    """The float results of MKL's kernels depend on the CPU maker even with MKL_CBWR pinned (the
+    same losses differed by ~1e-6 between an Intel and an AMD machine): goldens are kept per maker."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+GOLDEN_TOLERANCE = 1e-4  # on a CPU maker without a golden of its own: far below any real change of the math
+
+
 @pytest.mark.timeout(300)
 def test_golden_losses_of_the_tiny_preset(straight_run):
-    """The tiny preset's first 20 train losses under BASE_FLAGS and TRAIN_ENV, exactly. A refactor that
-    is not meant to change the computation must reproduce them bit for bit."""
+    """The tiny preset's first 20 train losses under BASE_FLAGS and TRAIN_ENV, exactly, on a CPU
+    maker the golden file has numbers for (within GOLDEN_TOLERANCE elsewhere). A refactor that is
+    not meant to change the computation must reproduce them bit for bit."""
     losses = straight_run["losses"]
     assert len(losses) == MAX_STEPS
+    vendor, key = cpu_vendor(), f"{cpu_vendor()} torch {torch.__version__}"
+    golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"losses": {}}
     if os.environ.get("REGENERATE_GOLDEN") == "1":
-        GOLDEN.parent.mkdir(exist_ok=True)
         golden = {
             "what": "train_loss of steps 0..19 from metrics.jsonl (tests/test_train_gpt2.py::test_golden_losses_of_the_tiny_preset)",
             "command": "train_gpt2.py " + " ".join(BASE_FLAGS) + " --sample-every 10 --data-dir SHARDS --log-dir LOG",
-            "data": "SHARDS = Tiny Shakespeare as GPT-2 tokens ([50256] + encode_ordinary(text)): val = the first 20,000 "
-                    "tokens, then 3 train shards of np.array_split(the rest, 3) (see the data_dir fixture)",
+            "data": f"SHARDS = assets/demo/fineweb_demo.parquet as GPT-2 tokens ([50256] + encode_ordinary(text) per "
+                    f"document): val = the first {VAL_TOKENS:,} tokens, then 3 train shards of np.array_split(the rest, 3) "
+                    "(the data_dir fixture of tests/conftest.py)",
             "env": TRAIN_ENV,
-            "torch": torch.__version__,
-            "regenerate": "REGENERATE_GOLDEN=1 uv run pytest tests/test_train_gpt2.py -k golden",
-            "losses": losses,
+            "regenerate": "REGENERATE_GOLDEN=1 uv run pytest tests/test_train_gpt2.py -k golden (adds or replaces this "
+                          "machine's entry; only after a change MEANT to alter the computation)",
+            "losses": {**golden.get("losses", {}), key: losses},  # per "<CPU vendor> torch <version>"
         }
         runtime.atomic_write_bytes(GOLDEN, (json.dumps(golden, indent=1) + "\n").encode())
-        pytest.skip(f"wrote {GOLDEN}")
-    golden = json.loads(GOLDEN.read_text())
-    mismatch = [(i, a, b) for i, (a, b) in enumerate(zip(losses, golden["losses"])) if a != b]
-    assert len(golden["losses"]) == MAX_STEPS and not mismatch, (
-        f"losses differ from {GOLDEN.name} (made with torch {golden['torch']}, this is {torch.__version__}) "
-        f"at (step, now, golden): {mismatch[:5]}"
-    )
+        pytest.skip(f"wrote {GOLDEN} for {key}")
+    entries = golden["losses"]
+    exact = entries.get(key) or next((v for k, v in entries.items() if k.startswith(vendor + " ")), None)
+    if exact is not None:
+        mismatch = [(i, a, b) for i, (a, b) in enumerate(zip(losses, exact)) if a != b]
+        assert len(exact) == MAX_STEPS and not mismatch, (
+            f"losses differ from {GOLDEN.name} ({vendor}) at (step, now, golden): {mismatch[:5]}")
+    else:
+        reference = next(iter(entries.values()))
+        worst = max(abs(a - b) for a, b in zip(losses, reference))
+        assert worst < GOLDEN_TOLERANCE, f"losses differ from {GOLDEN.name} by up to {worst:.3g} on a {vendor} CPU"
 
 
 # ---------------------------------------------------------------------------------------- resume

@@ -22,12 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from model import load_checkpoint_file
-from tokenizer import EOT_TOKEN, get_encoding
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SH = ROOT / "train.sh"
@@ -101,15 +99,9 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 # ---- fixtures ------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-def shards(tmp_path_factory, shared_data) -> Path:
-    """Tiny Shakespeare as reference-format shards: 000000 val, 000001 train."""
-    enc = get_encoding()
-    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()
-    tokens = np.asarray([EOT_TOKEN, *enc.encode_ordinary(text)], dtype=np.uint16)
-    out = tmp_path_factory.mktemp("shards")
-    np.save(out / "edufineweb_val_000000.npy", tokens[:20_000])
-    np.save(out / "edufineweb_train_000001.npy", tokens[20_000:])
-    return out
+def shards(data_dir) -> Path:
+    """The demo corpus as reference-format shards (conftest.py): val shard 000000, train 000001-000003."""
+    return data_dir
 
 
 @pytest.fixture(scope="session")
