@@ -5,11 +5,13 @@ configured): tokens/s, MFU, ms/step, peak memory, one table row per configuratio
     uv run bench.py                                            # GPT-2 124M, reference batch, on a GPU
     uv run bench.py --sweep micro_batch_size=16,32,64 --sweep loss_chunk_rows=0,8192 --json
 
-Every flag of train_gpt2.py is accepted and means the same. Tokens are synthetic (uniform random
-ids, a fixed seed) unless --data-dir is given, so it runs anywhere with no data. Warm-up steps
-(torch.compile included) are not timed; timed steps are measured with CUDA events on a GPU. MFU uses
-the trainer's formula and peak table. It imports neither `datasets` nor `transformers`, so it runs
-on a bare GPU machine with torch + numpy + tiktoken.
+The flags of train_gpt2.py that shape the step (model, batch, optimizer, speed levers) are accepted
+and mean the same; --help lists them apart from the benchmark's own. The step is built by the
+trainer's own build_run and train_step. Tokens are synthetic (uniform random ids, a fixed seed)
+unless --data-dir is given, so it runs anywhere with no data. Warm-up steps (torch.compile included)
+are not timed; timed steps are measured with CUDA events on a GPU, and each step's time is printed
+to stderr as it ends. MFU uses the trainer's formula and peak table. It imports neither `datasets`
+nor `transformers`, so it runs on a bare GPU machine with torch + numpy + tiktoken.
 """
 
 from __future__ import annotations
@@ -27,9 +29,16 @@ from dataclasses import dataclass
 import torch
 
 import runtime
-from cli import add_config_flags, field, given_flags, parse_value
-from dataloader import TrainLoader
-from train_gpt2 import TrainConfig, build_model, make_optimizer, train_step, wrap_model
+from cli import add_config_flags, field, parse_flags, parse_value
+from train_gpt2 import TrainConfig, build_run, resolve_flags, train_step
+
+# The train_gpt2.py settings that shape a training step; the others (evals, checkpoints, logging,
+# the schedule's length) mean nothing to a benchmark and are not offered.
+STEP_FLAGS = ("model", "data_dir", "shuffle", "tokens_per_step", "micro_batch_size", "seq_len", "optimizer", "recipe",
+              "max_lr", "muon_lr", "muon_momentum", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "seed",
+              "device", "compile", "compile_mode", "attn_backend", "loss_chunk_rows", "fused_adamw",
+              "activation_checkpointing", "ddp_bucket_mb")
+CPU_SIZED = "--model tiny --micro-batch-size 2 --seq-len 64 --tokens-per-step 256 --steps 3 --warmup 1"
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,10 @@ class BenchConfig:
     profile: bool = field(False, "write a torch.profiler trace of 2 steps and print the top kernels by time")
     trace_path: str = field("bench_trace.json", "where --profile writes its Chrome trace")
     json: bool = field(False, "print one JSON object per configuration instead of a table")
+
+    def __post_init__(self):
+        if self.steps < 1 or self.warmup < 0:
+            raise ValueError("--steps must be >= 1 and --warmup >= 0")
 
 
 class SyntheticLoader:
@@ -92,26 +105,29 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def bench_one(cfg: TrainConfig, bench: BenchConfig, dist_info: runtime.DistInfo, synthetic: bool) -> dict:
-    cfg.validate(dist_info.world_size)
     device = dist_info.device
-    raw_model = build_model(cfg, is_main=False).to(device)
-    optimizer = make_optimizer(raw_model, cfg, device)
-    model, train_model, autocast = wrap_model(raw_model, cfg, dist_info)
-    pin = device.type == "cuda"
+    loader = None
     if synthetic:
-        loader = SyntheticLoader(cfg.micro_batch_size, cfg.seq_len, raw_model.config.vocab_size, pin, seed=cfg.seed + dist_info.rank)
-    else:
-        loader = TrainLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, dist_info.rank, dist_info.world_size,
-                             seed=cfg.seed, shuffle=cfg.shuffle, pin_memory=pin)
-    grad_accum = cfg.grad_accum_steps(dist_info.world_size)
+        loader = SyntheticLoader(cfg.micro_batch_size, cfg.seq_len, cfg.model_config.vocab_size, device.type == "cuda",
+                                 seed=cfg.seed + dist_info.rank)
+    run = build_run(dataclasses.replace(cfg, val_every=0), dist_info, train_loader=loader)
     step = iter(range(10**9))
-
-    def one_step():
-        return train_step(train_model, raw_model, optimizer, loader, cfg, next(step), grad_accum, dist_info, autocast)
+    total = bench.warmup + bench.steps
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    def one_step():
+        t0, index = time.perf_counter(), next(step)
+        out = train_step(run, index)
+        # Progress on stderr: every step on a CPU (minutes each at 124M); on a GPU only the warm-up
+        # (compilation), since a host sync between timed steps would change what is timed.
+        if dist_info.is_main and (device.type == "cpu" or index < bench.warmup):
+            sync()
+            what = "warm-up" if index < bench.warmup else "timed"
+            print(f"  step {index + 1}/{total} ({what}): {time.perf_counter() - t0:.2f} s", file=sys.stderr, flush=True)
+        return out
 
     for _ in range(bench.warmup):
         one_step()
@@ -134,10 +150,10 @@ def bench_one(cfg: TrainConfig, bench: BenchConfig, dist_info: runtime.DistInfo,
     if bench.profile:
         profile_steps(one_step, bench.trace_path, device)
     tokens_per_sec = bench.steps * cfg.tokens_per_step / seconds
-    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
+    flops_per_token = run.model.flops_per_token(cfg.seq_len)
     row = {
         "model": cfg.model, "micro_batch_size": cfg.micro_batch_size, "seq_len": cfg.seq_len,
-        "tokens_per_step": cfg.tokens_per_step, "grad_accum": grad_accum, "world_size": dist_info.world_size,
+        "tokens_per_step": cfg.tokens_per_step, "grad_accum": run.grad_accum, "world_size": dist_info.world_size,
         "compile": cfg.compile and device.type == "cuda", "compile_mode": cfg.compile_mode, "attention": kernel,
         "loss_chunk_rows": cfg.loss_chunk_rows, "fused_adamw": cfg.fused_adamw and device.type == "cuda",
         "activation_checkpointing": cfg.activation_checkpointing,
@@ -174,25 +190,33 @@ def format_row(row: dict, overrides: dict) -> str:
             f"loss {row['final_loss']:.4f} | {row['device']} | torch {row['torch']}")
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> tuple[BenchConfig, dict]:
+    """(the benchmark's settings, the train_gpt2 flags given), from a parser that groups the two."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser, TrainConfig)
-    add_config_flags(parser, BenchConfig)
-    flags = given_flags(parser.parse_args(argv))
+    add_config_flags(parser.add_argument_group("benchmark"), BenchConfig)
+    add_config_flags(parser.add_argument_group("the training step (train_gpt2.py's flags, same meaning)"),
+                     TrainConfig, only=STEP_FLAGS)
+    flags = parse_flags(parser, argv)
     bench_fields = {f.name for f in dataclasses.fields(BenchConfig)}
-    bench = BenchConfig(**{k: v for k, v in flags.items() if k in bench_fields})
-    train_flags = {k: v for k, v in flags.items() if k not in bench_fields}
-    synthetic = "data_dir" not in train_flags
+    return BenchConfig(**{k: v for k, v in flags.items() if k in bench_fields}), \
+        {k: v for k, v in flags.items() if k not in bench_fields}
+
+
+def main(argv=None) -> int:
     try:
-        cfg = TrainConfig(**train_flags)
+        bench, train_flags = parse(argv)
+        cfg = TrainConfig(**resolve_flags(train_flags))
         grid = sweep_grid(cfg, bench.sweep)
         dist_info = runtime.setup_distributed(cfg.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cfg.device == "cuda" or dist_info.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    synthetic = "data_dir" not in train_flags
+    if dist_info.device.type == "cpu" and dist_info.is_main:
+        print(f"bench: timing {cfg.model} at {cfg.micro_batch_size} x {cfg.seq_len} x {cfg.grad_accum_steps(1)} micro-steps "
+              f"on the CPU ({bench.warmup} warm-up + {bench.steps} timed steps, each printed as it ends)"
+              + (f"; the reference configuration takes minutes per step here: for a CPU-sized run use {CPU_SIZED}"
+                 if "model" not in train_flags else ""), file=sys.stderr, flush=True)
     status = 0
     try:
         for overrides, run_cfg in grid:
@@ -208,6 +232,9 @@ def main(argv=None) -> int:
             if dist_info.device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch._dynamo.reset()  # each configuration compiles afresh
+    except KeyboardInterrupt:
+        print("\nbench: interrupted", file=sys.stderr)
+        return 130
     finally:
         runtime.teardown_distributed()
     return status

@@ -34,11 +34,16 @@ ValLoader: a FIXED evaluation set: the first `val_tokens` tokens of the (first) 
   real row. Fixed shapes keep torch.compile from recompiling, equal batch counts keep collectives in
   step, and the union of the valid rows over ranks is exactly the n windows for any world size / B.
 
+Token ids are checked as they are read (every batch's ids < 50257, on the host: ~20 us for a
+64 x 1025 batch, far under 1% of a step), so a corrupt shard stops the run with its name instead of
+an IndexError (or, on a GPU, a device-side assert that takes the process group down).
+
 Nothing here uses a global RNG; everything is a pure function of (files, seed, position).
 """
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -48,6 +53,7 @@ import numpy as np
 import torch
 
 from cli import field, parse_config
+from tokenizer import VOCAB_SIZE
 
 
 class DataError(ValueError):
@@ -108,14 +114,26 @@ def _check_sizes(micro_batch_size: int, seq_len: int, rank: int, world_size: int
         raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size={world_size})")
 
 
-def _gather(shards: list[np.ndarray], shard_ids: np.ndarray, windows: np.ndarray, seq_len: int) -> np.ndarray:
+def check_token_ids(tokens: np.ndarray, path: Path) -> None:
+    """Every id must be a GPT-2 token: a larger one (a corrupt or foreign shard) would index past
+    the embedding table."""
+    top = int(tokens.max()) if tokens.size else 0
+    if top >= VOCAB_SIZE:
+        raise DataError(f"shard {path} holds token id {top}, not a GPT-2 id (< {VOCAB_SIZE}): the shard is corrupt; "
+                        "`uv run fineweb.py --out-dir <its folder> --verify` names every bad shard, then rewrite them")
+
+
+def _gather(shards: list[np.ndarray], paths: list[Path], shard_ids: np.ndarray, windows: np.ndarray,
+            seq_len: int) -> np.ndarray:
     """Rows = windows `windows[i]` of shards `shard_ids[i]`, as a (len, T+1) uint16 array."""
     out = np.empty((len(windows), seq_len + 1), dtype=np.uint16)
     offsets = np.arange(seq_len + 1, dtype=np.int64)
     for s in np.unique(shard_ids):
         rows = np.flatnonzero(shard_ids == s)
         # (rows, T+1) token positions: one fancy index reads exactly these pages of the mmap
-        out[rows] = shards[s][windows[rows, None] * seq_len + offsets]
+        block = shards[s][windows[rows, None] * seq_len + offsets]
+        check_token_ids(block, paths[s])
+        out[rows] = block
     return out
 
 
@@ -220,7 +238,7 @@ class TrainLoader:
         for e in np.unique(epochs):
             sel = np.flatnonzero(epochs == e)
             shard_ids, windows = self._epoch_plan(int(e)).locate(pos[sel])
-            out[sel] = _gather(self.shards, shard_ids, windows, self.T)
+            out[sel] = _gather(self.shards, self.paths, shard_ids, windows, self.T)
         return out
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,25 +263,27 @@ class TrainLoader:
             "num_windows": self.num_windows,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue after `state["rows_consumed"]` rows; any world size and micro-batch size work."""
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Continue after `state["rows_consumed"]` rows; any world size and micro-batch size work.
+        `strict=False` (the trainer's --allow-config-change) accepts another seed, shuffle, seq_len or
+        data: the stream continues at the same token position, in this loader's own order."""
         for key, flag, mine in (
             ("seq_len", "--seq-len", self.T),
             ("shuffle", "--shuffle/--no-shuffle", self.shuffle),
             ("seed", "--seed", self.seed),
         ):
-            if state[key] != mine:
+            if strict and state[key] != mine:
                 raise DataError(
                     f"loader state was saved with {key}={state[key]} but this run has {key}={mine}: "
                     f"resume with the same {flag} or start a new run"
                 )
-        if state["num_windows"] != self.num_windows:
+        if strict and state["num_windows"] != self.num_windows:
             raise DataError(
                 f"data changed: the checkpoint's {self.split} split had {state['num_windows']} windows, "
                 f"{len(self.paths)} shards now hold {self.num_windows}: resume with the same --data-dir "
-                f"contents or start a new run"
+                f"contents, start a new run, or pass --allow-config-change to continue on the new data"
             )
-        self._base = int(state["rows_consumed"])
+        self._base = int(state["rows_consumed"]) * int(state["seq_len"]) // self.T  # same tokens read
         self._calls = 0
 
 
@@ -298,6 +318,7 @@ class ValLoader:
                 f"val shard {path} has {len(self.tokens)} tokens, too few for --val-tokens {val_tokens} "
                 f"at --seq-len {seq_len}: use --val-tokens {max_val} or less"
             )
+        check_token_ids(self.tokens[: self.num_windows * seq_len + 1], path)  # the fixed set, once
         self.windows = np.arange(rank, self.num_windows, world_size)  # this rank's windows
         # Every rank runs the same number of batches (a rank with fewer windows gets all-padding
         # ones), so collectives and compiled graphs stay in step across ranks.
@@ -320,6 +341,21 @@ class ValLoader:
             yield x, y, num_valid
 
 
+def describe_source(data_dir: str | Path) -> str | None:
+    """What the shards were made from, as fineweb.py's manifest.json records it ("HuggingFaceFW/
+    fineweb-edu (sample-10BT)", "fineweb_demo.parquet"), or None without a manifest."""
+    try:
+        source = json.loads((Path(data_dir) / "manifest.json").read_text())["settings"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if "dataset" in source:
+        return f"{source['dataset']} ({source.get('name')})" if source.get("name") else source["dataset"]
+    names = [Path(f["path"]).name for f in source.get("files", [])]
+    if not names:
+        return None
+    return ", ".join(names) if len(names) <= 2 else f"{names[0]} and {len(names) - 1} more files"
+
+
 # --------------------------------------------------------------------------------------- CLI
 
 
@@ -334,12 +370,14 @@ class InspectConfig:
     shuffle: bool = field(True, "shuffle shards and windows each epoch")
     batches: int = field(20, "micro-batches to time")
 
+    def __post_init__(self):
+        if self.batches < 1:
+            raise ValueError(f"--batches must be >= 1, got {self.batches}")
+
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(InspectConfig, argv, description="Summarise a token-shard folder and time the train loader.")
-    if cfg.batches < 1:
-        raise SystemExit(f"error: --batches must be >= 1, got {cfg.batches}")
     try:
+        cfg = parse_config(InspectConfig, argv, description="Summarise a token-shard folder and time the train loader.")
         train = TrainLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed, shuffle=cfg.shuffle)
         val = ValLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, cfg.val_tokens)
     except ValueError as e:  # DataError and bad sizes: one line, no traceback

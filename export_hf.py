@@ -6,31 +6,54 @@ tokenizer files) that `transformers.GPT2LMHeadModel.from_pretrained` loads with 
 The folder then works with lm-evaluation-harness (`--model hf --model_args pretrained=DIR`), the
 Hub (`huggingface-cli upload`), and `uv run hellaswag.py --hf DIR`. Weights are safetensors, never
 pickles; the vocab padding (50304 -> 50257) is trimmed.
+
+--out-dir must be new, empty, or a previous export (a folder holding only the files an export
+writes): that one is replaced atomically. Anything else there is refused, never deleted.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import checkpoint
+import fileio
 from cli import field, parse_config
 from model import GPT, hf_state_dict
 
 HF_TOKENIZER_FILES = Path(__file__).resolve().parent / "assets" / "gpt2_hf_tokenizer"  # OpenAI's vocab + merges
+# What save_pretrained writes for a GPT-2 model and its tokenizer (the last four in older transformers):
+# a folder holding only these names is a previous export and may be replaced.
+EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                          "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                          "added_tokens.json"})
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     checkpoint: str = field("log/model_final.pt", "checkpoint to export")
-    out_dir: str = field("gpt2-fineweb-hf", "folder to write (replaced atomically if it exists)")
+    out_dir: str = field("gpt2-fineweb-hf", "folder to write: new, empty, or a previous export (replaced atomically)")
+
+
+def check_out_dir(out_dir: Path, checkpoint_path: Path) -> None:
+    """Refuse, in one line, any --out-dir whose replacement could lose a file that is not ours."""
+    if out_dir.resolve() in (checkpoint_path.resolve().parent, *checkpoint_path.resolve().parents):
+        raise ValueError(f"--out-dir {out_dir} holds the checkpoint being exported: choose an empty or new folder")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file: choose an empty or new folder")
+    entries = list(out_dir.iterdir())
+    names = {p.name for p in entries}
+    previous_export = {"config.json", "model.safetensors"} <= names
+    if entries and not (previous_export and names <= EXPORT_FILES and all(p.is_file() for p in entries)):
+        raise ValueError(f"--out-dir {out_dir} holds other files: choose an empty or new folder")
 
 
 def export(model: GPT, out_dir: str | Path) -> Path:
-    """Write `model` as a GPT2LMHeadModel folder. Built in a temp folder beside `out_dir` and
-    renamed into place, so an interrupted export never leaves a half-written model."""
+    """Write `model` as a GPT2LMHeadModel folder, built beside `out_dir` and renamed into place, so
+    an interrupted export never leaves a half-written model (check_out_dir first)."""
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
     c = model.config
@@ -45,26 +68,19 @@ def export(model: GPT, out_dir: str | Path) -> Path:
     if unexpected or any(not k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing):
         raise ValueError(f"name map mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
-    try:
+    with fileio.atomic_dir(out_dir) as staging:
         hf_model.save_pretrained(staging, safe_serialization=True)
         GPT2TokenizerFast.from_pretrained(HF_TOKENIZER_FILES).save_pretrained(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(ExportConfig, argv, description=__doc__)
     try:
-        model = GPT.from_checkpoint(cfg.checkpoint)
+        cfg = parse_config(ExportConfig, argv, description=__doc__)
+        check_out_dir(Path(cfg.out_dir), Path(cfg.checkpoint))
+        model = checkpoint.load_model(cfg.checkpoint)
         out = export(model, cfg.out_dir)
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {cfg.checkpoint} ({model.num_params():,} parameters) to {out}/")

@@ -21,7 +21,6 @@ uninterrupted run. `--verify` re-checks every shard against the manifest.
 
 from __future__ import annotations
 
-import errno
 import glob
 import gzip
 import hashlib
@@ -36,19 +35,24 @@ import sys
 import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from cli import build_parser, given_flags
+import fileio
+from cli import field, parse_config
 from tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE, get_encoding
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 PREFIX = "edufineweb"  # the reference's file names, so existing dataloaders find the shards
 SHARD_RE = re.compile(rf"^{PREFIX}_(val|train)_(\d{{6}})\.npy$")
+# A shard is written to `.shard-NNNNNN.<random>.tmp`, then renamed: hidden and without "val"/"train"
+# in the name, so loaders that pick files by split substring (as the reference's does) can never see
+# a half-written shard. A killed run may leave such temp files; the next run deletes them.
+TMP_PREFIX = ".shard-"
 # Documents per worker task. FineWeb-Edu averages ~1k tokens a document and tiktoken does ~5M
 # tokens/s per core, so a task is ~25 ms of work: large against the ~0.1 ms cost of a task,
 # small enough that results stream steadily into the shard buffer.
@@ -63,38 +67,32 @@ class PrepError(Exception):
 
 @dataclass(frozen=True)
 class FinewebConfig:
-    dataset: str = field(default="HuggingFaceFW/fineweb-edu", metadata={"help": "Hugging Face Hub dataset"})
-    name: str = field(default="sample-10BT", metadata={"help": "dataset config, e.g. sample-100BT"})
-    revision: str = field(
-        default="", metadata={"help": "Hub commit/branch/tag to read (default: latest; a resume reuses its own)"}
-    )
+    dataset: str = field("HuggingFaceFW/fineweb-edu", "Hugging Face Hub dataset")
+    name: str = field("sample-10BT", "dataset config, e.g. sample-100BT")
+    revision: str = field("", "Hub commit/branch/tag to read (default: latest; a resume reuses its own)")
     input: tuple[str, ...] = field(
-        default=(),
-        metadata={"help": "local parquet / jsonl(.gz) / txt files, globs or folders to tokenize instead of the Hub",
-                  "metavar": "FILE_OR_GLOB"},
+        (), "local parquet / jsonl(.gz) / txt files, globs or folders to tokenize instead of the Hub",
+        metavar="FILE_OR_GLOB",
     )
-    out_dir: str = field(default="edu_fineweb10B", metadata={"help": "folder for the shards and manifest.json"})
-    shard_size: int = field(default=100_000_000, metadata={"help": "tokens per shard (the last may be shorter)"})
-    workers: int = field(default=0, metadata={"help": "tokenizer processes (0 = every core this process may use)"})
-    streaming: bool = field(
-        default=False, metadata={"help": "stream the dataset instead of first keeping a full local Arrow copy"}
-    )
-    max_tokens: int = field(default=0, metadata={"help": "stop after this many tokens (0 = no limit), e.g. 1e9 trial"})
-    verify: bool = field(default=False, metadata={"help": "only re-check the shards in --out-dir against the manifest"})
+    out_dir: str = field("edu_fineweb10B", "folder for the shards and manifest.json")
+    shard_size: int = field(100_000_000, "tokens per shard (the last may be shorter)")
+    workers: int = field(0, "tokenizer processes (0 = every core this process may use)")
+    streaming: bool = field(False, "stream the dataset instead of first keeping a full local Arrow copy")
+    max_tokens: int = field(0, "stop after this many tokens (0 = no limit), e.g. 1e9 trial")
+    verify: bool = field(False, "only re-check the shards in --out-dir against the manifest")
 
-
-def validate(cfg: FinewebConfig) -> None:
-    """Check the flags once, up front; raise ValueError naming the flag and the fix."""
-    if cfg.shard_size <= 0:
-        raise ValueError(f"--shard-size must be a positive number of tokens, got {cfg.shard_size}")
-    if cfg.workers < 0:
-        raise ValueError(f"--workers must be >= 0 (0 = all cores), got {cfg.workers}")
-    if cfg.max_tokens < 0:
-        raise ValueError(f"--max-tokens must be >= 0 (0 = no limit), got {cfg.max_tokens}")
-    if not cfg.out_dir:
-        raise ValueError("--out-dir must not be empty")
-    if not cfg.input and not cfg.dataset:
-        raise ValueError("give --dataset (a Hub dataset) or --input (local files)")
+    def __post_init__(self):
+        """Check the flags once, up front; raise ValueError naming the flag and the fix."""
+        if self.shard_size <= 0:
+            raise ValueError(f"--shard-size must be a positive number of tokens, got {self.shard_size}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0 (0 = all cores), got {self.workers}")
+        if self.max_tokens < 0:
+            raise ValueError(f"--max-tokens must be >= 0 (0 = no limit), got {self.max_tokens}")
+        if not self.out_dir:
+            raise ValueError("--out-dir must not be empty")
+        if not self.input and not self.dataset:
+            raise ValueError("give --dataset (a Hub dataset) or --input (local files)")
 
 
 def default_workers() -> int:
@@ -106,12 +104,6 @@ def default_workers() -> int:
 
 def shard_name(index: int) -> str:
     return f"{PREFIX}_{'val' if index == 0 else 'train'}_{index:06d}.npy"
-
-
-def _tmp_path(out_dir: Path, index: int) -> Path:
-    # Hidden and without "val"/"train" in the name: loaders that pick files by split substring
-    # (as the reference's does) can never see a half-written shard.
-    return out_dir / f".shard-{index:06d}.tmp"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,8 +230,8 @@ def load_source(cfg: FinewebConfig, files: list[Path], revision: str, cache_dir:
     except Exception as e:  # noqa: BLE001 - turned into one line naming the source; re-raise with -X dev
         if sys.flags.dev_mode:
             raise
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise
+        if fileio.is_disk_full(e):  # e.g. the datasets cache: not the input's fault
+            raise _disk_full(e) from None
         if files:
             raise PrepError(f"cannot read {what}: {_one_line(e)}") from None
         raise PrepError(_hub_hint(cfg, e)) from None
@@ -351,25 +343,6 @@ def _ordered_results(pool, items, window: int):
 # Output: atomic shard files, the manifest, and the writer thread
 
 
-def _fsync_dir(path: Path) -> None:
-    if os.name == "posix":  # make the rename itself durable; Windows cannot open a directory
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def npy_header(n_tokens: int) -> bytes:
     """The exact header np.save writes for a 1-D uint16 array of n_tokens (format 1.0)."""
     buf = io.BytesIO()
@@ -378,23 +351,17 @@ def npy_header(n_tokens: int) -> bytes:
     return buf.getvalue()
 
 
-def write_shard(path: Path, tmp: Path, tokens: np.ndarray) -> str:
+def write_shard(path: Path, index: int, tokens: np.ndarray) -> str:
     """Write `tokens` as a .npy file atomically; return its sha256. Same bytes as np.save."""
     assert tokens.dtype == np.uint16 and tokens.ndim == 1
     header = npy_header(len(tokens))
     digest = hashlib.sha256(header)
     digest.update(tokens)  # hash from memory: no second read of the file
-    try:
-        # Plain file writes (not np.save) so a full disk raises OSError(ENOSPC) with its errno.
-        with open(tmp, "wb") as f:
-            f.write(header)
-            f.write(memoryview(tokens))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    # Plain file writes (not np.save) so a full disk raises OSError(ENOSPC) with its errno. The temp
+    # name never holds "train"/"val" (see TMP_PREFIX); fileio removes it if the write fails.
+    with fileio.atomic_path(path, tmp_prefix=f"{TMP_PREFIX}{index:06d}.") as tmp, open(tmp, "wb") as f:
+        f.write(header)
+        f.write(memoryview(tokens))
     return digest.hexdigest()
 
 
@@ -413,11 +380,9 @@ class ShardWriter:
         self._pending = None
 
     def _write(self, record: dict, tokens: np.ndarray) -> None:
-        index = record["index"]
-        record["sha256"] = write_shard(self.out_dir / record["file"], _tmp_path(self.out_dir, index), tokens)
-        _fsync_dir(self.out_dir)
+        record["sha256"] = write_shard(self.out_dir / record["file"], record["index"], tokens)
         self.manifest["shards"].append(record)
-        write_json_atomic(self.out_dir / MANIFEST, self.manifest)
+        fileio.atomic_write_json(self.out_dir / MANIFEST, self.manifest)
 
     def wait(self) -> None:
         if self._pending is not None:
@@ -625,22 +590,39 @@ def _shards_to_keep(cfg: FinewebConfig, out_dir: Path, old: dict, settings: dict
 
 
 def _prepare_out_dir(out_dir: Path) -> None:
+    """Create --out-dir, check it is writable, and delete the temp files a killed run left there."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write-test.tmp"
         probe.write_bytes(b"")
         probe.unlink()
+        fileio.remove_temps(out_dir, TMP_PREFIX)  # a shard's temp file
+        fileio.remove_temps(out_dir, f".{MANIFEST}.")  # the manifest's (fileio's default prefix)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise
+        if fileio.is_disk_full(e):
+            raise _disk_full(e) from None
         raise PrepError(f"cannot write to --out-dir {out_dir} ({_one_line(e)}): choose a writable folder") from None
 
 
-def _disk_full(out_dir: Path, e: OSError, done: int) -> PrepError:
+def _disk_full(e: OSError, out_dir: Path | None = None, done: int = 0) -> PrepError:
+    """The one-line error for a write that found no room (fileio.is_disk_full(e)): a full disk, a
+    quota or a file-size limit. With `out_dir`, the shards there are kept: a rerun continues from `done`."""
+    if out_dir is None:  # somewhere else (e.g. the datasets cache): the OSError names the file
+        return PrepError(f"disk full ({e}): free space, then rerun the same command")
     return PrepError(
         f"disk full writing to {out_dir} ({os.strerror(e.errno)}): free space (a shard needs 2 bytes a token) "
         f"or use another --out-dir, then rerun the same command to continue from shard {done}"
     )
+
+
+def _write_manifest(out_dir: Path, manifest: dict) -> None:
+    """Write the manifest a run starts with (complete=False, the kept shards), before any worker starts."""
+    try:
+        fileio.atomic_write_json(out_dir / MANIFEST, manifest)
+    except OSError as e:
+        if fileio.is_disk_full(e):
+            raise _disk_full(e, out_dir, len(manifest["shards"])) from None
+        raise PrepError(f"cannot write to --out-dir {out_dir} ({_one_line(e)}): choose a writable folder") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -660,17 +642,58 @@ def prepare(
     cache_dir: the `datasets` cache (default: its own, under $HF_HOME); mp_context: the
     multiprocessing start method (default: the platform's), both for tests.
     """
-    validate(cfg)
     out_dir = Path(cfg.out_dir)
     workers = cfg.workers or default_workers()
-    files = resolve_inputs(cfg.input) if cfg.input else []
-    if files:
-        _check_text_column(files)
-        defaults = FinewebConfig()
-        if (cfg.dataset, cfg.name, cfg.revision) != (defaults.dataset, defaults.name, defaults.revision):
-            print("warning: --dataset, --name and --revision are ignored with --input", file=sys.stderr)
+    files = _local_inputs(cfg)
     _prepare_out_dir(out_dir)
 
+    old = _previous_manifest(out_dir)
+    revision = _source_revision(cfg, files, old)
+    settings = _settings(cfg, files, revision)
+    shards = _shards_to_keep(cfg, out_dir, old, settings) if old is not None else []
+    if shards is None:
+        return old  # already complete
+    _remove_unrecorded_shards(out_dir, keep=len(shards))
+    done_tokens = sum(s["tokens"] for s in shards)
+    if shards:
+        start_row = shards[-1]["next_document"]
+        print(f"resuming {out_dir}: {len(shards)} shards ({done_tokens:,} tokens) done, from document {start_row:,}")
+
+    ds = load_source(cfg, files, revision, cache_dir, workers)
+    manifest = {
+        "settings": settings,
+        "command": command or (old or {}).get("command"),
+        "complete": False,
+        "stop_reason": None,
+        "shards": shards,  # the writer appends each new shard's record
+    }
+    _write_manifest(out_dir, manifest)
+
+    t0 = time.time()
+    builder, stopped = _tokenize(cfg, ds, files, manifest, workers, mp_context, progress)
+    _finish_manifest(cfg, files, manifest, builder, stopped)
+    _print_summary(out_dir, manifest, done_tokens, time.time() - t0, workers)
+    return manifest
+
+
+def _local_inputs(cfg: FinewebConfig) -> list[Path]:
+    """--input as a checked file list (each has a `text` column); [] when the source is the Hub."""
+    if not cfg.input:
+        return []
+    files = resolve_inputs(cfg.input)
+    _check_text_column(files)
+    defaults = FinewebConfig()
+    if (cfg.dataset, cfg.name, cfg.revision) != (defaults.dataset, defaults.name, defaults.revision):
+        print("warning: --dataset, --name and --revision are ignored with --input", file=sys.stderr)
+    return files
+
+
+def _source_label(cfg: FinewebConfig, files: list[Path]) -> str:
+    return "--input files" if files else f"{cfg.dataset} ({cfg.name})"
+
+
+def _previous_manifest(out_dir: Path) -> dict | None:
+    """The manifest of an earlier run to continue, or None to start afresh."""
     old = read_manifest(out_dir)
     if old is not None and not old["shards"]:
         old = None  # nothing was written yet (e.g. the source failed to load): start afresh
@@ -679,67 +702,47 @@ def prepare(
             f"{out_dir} holds shard files but no {MANIFEST} (made by another tool?): "
             "use another --out-dir or delete them"
         )
-    revision = cfg.revision
-    if not files:
-        # A resume reads the commit the first run recorded ("" if it ran offline): never a newer one.
-        revision = cfg.revision or (old["settings"]["source"].get("revision", "") if old else _hub_revision(cfg))
-    settings = _settings(cfg, files, revision)
-    shards = _shards_to_keep(cfg, out_dir, old, settings) if old is not None else []
-    if shards is None:
-        return old
-    # Shard files past the kept ones are unrecorded leftovers of a killed run: regenerate them.
+    return old
+
+
+def _source_revision(cfg: FinewebConfig, files: list[Path], old: dict | None) -> str:
+    """The Hub commit to read: --revision, else the one a resumed run recorded ("" if it ran
+    offline: never a newer one), else the latest."""
+    if files:
+        return cfg.revision
+    return cfg.revision or (old["settings"]["source"].get("revision", "") if old else _hub_revision(cfg))
+
+
+def _remove_unrecorded_shards(out_dir: Path, keep: int) -> None:
+    """Shard files past the kept ones are unrecorded leftovers of a killed run: they are regenerated."""
     for p in out_dir.iterdir():
         m = SHARD_RE.match(p.name)
-        if m and int(m.group(2)) >= len(shards):
+        if m and int(m.group(2)) >= keep:
             p.unlink()
 
+
+def _tokenize(cfg: FinewebConfig, ds, files: list[Path], manifest: dict, workers: int,
+              mp_context: str | None, progress: bool) -> tuple[ShardBuilder, bool]:
+    """Run the worker pool over the source, from where the kept shards end, into new shards.
+    Returns the builder (its counts) and whether --max-tokens stopped it before the end of the data."""
+    out_dir, shards = Path(cfg.out_dir), manifest["shards"]
     start_row = shards[-1]["next_document"] if shards else 0
     offset = shards[-1]["next_document_offset"] if shards else 0
     done_tokens = sum(s["tokens"] for s in shards)
     limit = cfg.max_tokens or None
-    src = "--input files" if files else f"{cfg.dataset} ({cfg.name})"
-    if shards:
-        print(f"resuming {out_dir}: {len(shards)} shards ({done_tokens:,} tokens) done, from document {start_row:,}")
-    ds = load_source(cfg, files, revision, cache_dir, workers)
-    expected_rows = _expected_rows(ds, files)
+    expected_rows = _expected_rows(ds, files) if limit is None else None  # only for the ETA
     map_style = hasattr(ds, "__len__")
-    manifest = {
-        "settings": settings,
-        "command": command or (old or {}).get("command"),
-        "complete": False,
-        "stop_reason": None,
-        "shards": shards,
-    }
-    try:
-        write_json_atomic(out_dir / MANIFEST, manifest)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise _disk_full(out_dir, e, len(shards)) from None
-        raise PrepError(f"cannot write to --out-dir {out_dir} ({_one_line(e)}): choose a writable folder") from None
-
-    ctx = mp.get_context(mp_context)
     writer = ShardWriter(out_dir, manifest)
     builder = ShardBuilder(cfg.shard_size, writer, len(shards), start_row, offset)
-    t0 = time.time()
-    stop = False
+    ctx, stop = mp.get_context(mp_context), False
     # The pool starts before any thread of ours (writer, tqdm monitor): forking a threaded process is unsafe.
     with ctx.Pool(workers, initializer=_init_worker, initargs=(ds if map_style else None,)) as pool:
-        bar = tqdm(
-            desc=f"tokenizing {src}",
-            unit="tok",
-            unit_scale=True,
-            initial=done_tokens,
-            total=limit,
-            disable=not progress,
-            mininterval=0.5 if sys.stderr.isatty() else 30,  # a batch log (SLURM) gets a line every 30 s
-            smoothing=0.05,
-            dynamic_ncols=True,
-        )
+        bar = _progress_bar(_source_label(cfg, files), done_tokens, limit, progress)
         try:
             for n_rows, result in _ordered_results(pool, _work_items(ds, start_row), TASKS_PER_WORKER * workers):
                 before = builder.pos
                 stop = builder.add(n_rows, result, limit)
-                if limit is None and expected_rows and builder.row > start_row:
+                if expected_rows and builder.row > start_row:
                     # ETA: tokens per row so far x rows left (exact only at the end; good enough).
                     per_row = (builder.pos - done_tokens) / (builder.row - start_row)
                     bar.total = max(builder.pos, int(builder.pos + per_row * (expected_rows - builder.row)))
@@ -753,28 +756,51 @@ def prepare(
             builder.finish(end_of_data=not stop)
             writer.close()
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _disk_full(out_dir, e, len(manifest["shards"])) from None
+            if fileio.is_disk_full(e):
+                raise _disk_full(e, out_dir, len(manifest["shards"])) from None
             raise
         finally:
             bar.close()
             writer.close()
-    if not manifest["shards"]:
+    return builder, stop
+
+
+def _progress_bar(src: str, done_tokens: int, limit: int | None, enabled: bool) -> tqdm:
+    return tqdm(
+        desc=f"tokenizing {src}",
+        unit="tok",
+        unit_scale=True,
+        initial=done_tokens,
+        total=limit,
+        disable=not enabled,
+        mininterval=0.5 if sys.stderr.isatty() else 30,  # a batch log (SLURM) gets a line every 30 s
+        smoothing=0.05,
+        dynamic_ncols=True,
+    )
+
+
+def _finish_manifest(cfg: FinewebConfig, files: list[Path], manifest: dict, builder: ShardBuilder,
+                     stopped: bool) -> None:
+    """Record the run as complete, with its totals, in manifest.json."""
+    shards = manifest["shards"]
+    if not shards:
         raise PrepError(
-            f"no tokens: every document of {src} was empty or undecodable "
+            f"no tokens: every document of {_source_label(cfg, files)} was empty or undecodable "
             f"({builder.empty} empty, {builder.undecodable} undecodable)"
         )
-    shards = manifest["shards"]
     manifest.update(
         complete=True,
-        stop_reason="max_tokens" if stop else "end_of_data",
+        stop_reason="max_tokens" if stopped else "end_of_data",
         total_tokens=sum(s["tokens"] for s in shards),
         total_documents=sum(s["documents"] for s in shards),
         skipped_empty=sum(s["skipped_empty"] for s in shards),
         skipped_undecodable=sum(s["skipped_undecodable"] for s in shards),
     )
-    write_json_atomic(out_dir / MANIFEST, manifest)
-    seconds = time.time() - t0
+    fileio.atomic_write_json(Path(cfg.out_dir) / MANIFEST, manifest)
+
+
+def _print_summary(out_dir: Path, manifest: dict, done_tokens: int, seconds: float, workers: int) -> None:
+    shards = manifest["shards"]
     new_tokens = manifest["total_tokens"] - done_tokens
     print(
         f"wrote {len(shards)} shards to {out_dir} (1 val + {len(shards) - 1} train): "
@@ -782,7 +808,6 @@ def prepare(
         f"skipped {manifest['skipped_empty']:,} empty + {manifest['skipped_undecodable']:,} undecodable; "
         f"{new_tokens:,} tokens in {seconds:.1f} s ({new_tokens / max(seconds, 1e-9):,.0f} tok/s, {workers} workers)"
     )
-    return manifest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -860,39 +885,42 @@ def main(argv: list[str] | None = None) -> None:
     # fineweb.py never uses torch; without this, `datasets` imports it (seconds) for every
     # streaming dataset. Set before `datasets` is first imported; the user's value wins.
     os.environ.setdefault("USE_TORCH", "0")
-    parser = build_parser(FinewebConfig, description=__doc__.split("\n\n")[0])
-    cfg = FinewebConfig(**given_flags(parser.parse_args(argv)))
     try:
-        validate(cfg)
-    except ValueError as e:
+        cfg = parse_config(FinewebConfig, argv, description=__doc__.split("\n\n")[0])
+    except ValueError as e:  # a value FinewebConfig refuses (argparse itself exits on a malformed one)
         raise SystemExit(f"fineweb.py: error: {e}") from None
     try:
         if cfg.verify:
-            problems = verify(cfg.out_dir, cfg.workers)
-            for name, problem in problems:
-                print(f"BAD {name}: {problem}")
-            if problems:
-                bad = sorted({n for n, _ in problems if n != MANIFEST})
-                raise SystemExit(
-                    f"fineweb.py: error: --verify found {len(problems)} problem(s) in {cfg.out_dir}"
-                    + (f" ({', '.join(bad)}): delete the bad shards and rerun the command in {MANIFEST}" if bad else "")
-                )
-            manifest = read_manifest(Path(cfg.out_dir))
-            n_tokens = sum(s["tokens"] for s in manifest["shards"])
-            n_shards = len(manifest["shards"])
-            print(f"verified {n_shards} shards in {cfg.out_dir}, {n_tokens:,} tokens: all match {MANIFEST}")
+            _verify_out_dir(cfg)
             return
         command = shlex.join([Path(sys.executable).name, "fineweb.py", *(sys.argv[1:] if argv is None else argv)])
         prepare(cfg, command=command)
     except PrepError as e:
         raise SystemExit(f"fineweb.py: error: {e}") from None
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not fileio.is_disk_full(e):
             raise
-        raise SystemExit(f"fineweb.py: error: disk full ({e}): free space, then rerun the same command") from None
+        raise SystemExit(f"fineweb.py: error: {_disk_full(e)}") from None
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to continue from the last complete shard", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def _verify_out_dir(cfg: FinewebConfig) -> None:
+    """--verify: print `BAD <file>: <problem>` for each problem and exit 1 naming them, or one OK line."""
+    problems = verify(cfg.out_dir, cfg.workers)
+    for name, problem in problems:
+        print(f"BAD {name}: {problem}")
+    if problems:
+        bad = sorted({n for n, _ in problems if n != MANIFEST})
+        raise SystemExit(
+            f"fineweb.py: error: --verify found {len(problems)} problem(s) in {cfg.out_dir}"
+            + (f" ({', '.join(bad)}): delete the bad shards and rerun the command in {MANIFEST}" if bad else "")
+        )
+    manifest = read_manifest(Path(cfg.out_dir))
+    n_tokens = sum(s["tokens"] for s in manifest["shards"])
+    n_shards = len(manifest["shards"])
+    print(f"verified {n_shards} shards in {cfg.out_dir}, {n_tokens:,} tokens: all match {MANIFEST}")
 
 
 if __name__ == "__main__":

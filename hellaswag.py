@@ -6,28 +6,29 @@
     uv run hellaswag.py --checkpoint CKPT --data tests/data/hellaswag_val_300.jsonl --no-verify --device cpu  # 300 shipped examples
     torchrun --standalone --nproc_per_node=8 hellaswag.py --checkpoint log/model_final.pt
 
-Prints one line with both scoring styles (reference = build-nanogpt's, harness = lm-evaluation-harness's;
-defined in hellaswag_eval.py and the README) and appends one JSON object to
-<log-dir>/hellaswag_results.jsonl. Under torchrun the examples are split across ranks; the numbers are
-identical to one process. bf16 autocast on CUDA, float32 on CPU.
+Shows progress (examples done, examples/s) while it runs, then prints one line with both scoring
+styles (reference = build-nanogpt's, harness = lm-evaluation-harness's; defined in hellaswag_eval.py
+and the README) and appends one JSON object to <log-dir>/hellaswag_results.jsonl. Under torchrun the
+examples are split across ranks; the numbers are identical to one process. bf16 autocast on CUDA,
+float32 on CPU.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+import checkpoint
+import fileio
 import runtime
 from cli import field, parse_config
-from hellaswag_eval import DEFAULT_DATA_PATH, download, evaluate_hellaswag, load_examples
-from model import GPT, gpt_config_from_hf, load_hf_state_dict
+from hellaswag_eval import DEFAULT_DATA_PATH, NUM_ENDINGS, STYLES, download, evaluate_hellaswag, load_examples
 
 DEFAULT_CHECKPOINT = "log/model_final.pt"
 
@@ -45,36 +46,11 @@ class HellaSwagConfig:
     device: str = field("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     compile: bool = field(False, "torch.compile the model (CUDA only; pays off for the full set on a big model)")
 
-    def validate(self) -> None:
+    def __post_init__(self):
         if self.checkpoint and self.hf:
             raise ValueError("give --checkpoint or --hf, not both")
         if self.limit < 0 or self.batch_size < 0:
             raise ValueError("--limit and --batch-size must be >= 0")
-
-
-def load_hf_model(name: str) -> GPT:
-    """A transformers GPT-2 (hub name or folder) as our GPT, so the same scorer runs on it."""
-    try:
-        from transformers import AutoConfig, GPT2LMHeadModel
-
-        hf_config = AutoConfig.from_pretrained(name)
-        if hf_config.model_type != "gpt2":
-            raise ValueError(f"--hf {name} is a {hf_config.model_type!r} model: only GPT-2 models load into this repo's GPT")
-        hf = GPT2LMHeadModel.from_pretrained(name)
-    except OSError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(
-            f"--hf {name}: could not load it ({first}); a hub name needs the network once (or a cache under "
-            "HF_HOME); offline, pass a local folder such as an export_hf.py output"
-        ) from None
-    return load_hf_state_dict(GPT(gpt_config_from_hf(hf.config)), hf.state_dict()).eval()
-
-
-def checkpoint_step(path: str) -> int | None:
-    """The "step" stored in one of our checkpoints (memory-mapped: the tensors are not read)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    step = ckpt.get("step") if isinstance(ckpt, dict) else None
-    return int(step) if isinstance(step, int) else None
 
 
 def data_path(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> Path:
@@ -102,25 +78,29 @@ def evaluate(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> dict:
     path = data_path(cfg, dist_info)
     examples = load_examples(path, limit=cfg.limit or None, verify=cfg.verify)
     if cfg.hf:
-        model, checkpoint, step = load_hf_model(cfg.hf), None, None
+        model, ckpt, step = checkpoint.load_hf_model(cfg.hf), None, None
     else:
-        checkpoint = cfg.checkpoint or DEFAULT_CHECKPOINT
-        model, step = GPT.from_checkpoint(checkpoint), checkpoint_step(checkpoint)
-    model.to(device)
-    if cfg.compile and device.type != "cuda":
-        if dist_info.is_main:
-            warnings.warn("--compile is ignored on CPU (compiling costs more than it saves there)", stacklevel=1)
-    elif cfg.compile:
-        model = torch.compile(model)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # any fp32 matmul left outside autocast
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        ckpt = cfg.checkpoint or DEFAULT_CHECKPOINT
+        model, step = checkpoint.load_model(ckpt), checkpoint.read_step(ckpt)
+    runtime.configure_device(device)
+    model = runtime.compile_model(model.to(device), cfg.compile, warn=dist_info.is_main)
 
     start = time.perf_counter()
-    result = evaluate_hellaswag(model, examples, dist_info, autocast=autocast, batch_size=cfg.batch_size or None)
+    with tqdm(total=len(examples), unit="ex", desc="hellaswag", disable=not dist_info.is_main,
+              mininterval=1 if sys.stderr.isatty() else 30, dynamic_ncols=True) as bar:
+        rows_done = 0
+
+        def progress(rows: int) -> None:  # this rank's rows, scaled to examples of all ranks
+            nonlocal rows_done
+            rows_done += rows
+            bar.update(min(len(examples), rows_done * dist_info.world_size // (NUM_ENDINGS * len(STYLES))) - bar.n)
+
+        result = evaluate_hellaswag(model, examples, dist_info, autocast=runtime.autocast(device),
+                                    batch_size=cfg.batch_size or None, progress=progress)
+        bar.update(len(examples) - bar.n)
     seconds = time.perf_counter() - start
     record = {
-        "checkpoint": checkpoint, "model": cfg.hf or None, "step": step,
+        "checkpoint": ckpt, "model": cfg.hf or None, "step": step,
         "acc": result["acc"], "acc_norm": result["acc_norm"],
         "harness_acc": result["harness_acc"], "harness_acc_norm": result["harness_acc_norm"],
         "count": result["count"], "seconds": round(seconds, 3), "time": time.time(),
@@ -128,30 +108,26 @@ def evaluate(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> dict:
     if dist_info.is_main:
         log_dir = Path(cfg.log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
-        runtime.append_jsonl(log_dir / "hellaswag_results.jsonl", record)
-        name = cfg.hf or f"{checkpoint} (step {step})"
+        fileio.append_jsonl(log_dir / "hellaswag_results.jsonl", record)
+        name = cfg.hf or f"{ckpt} (step {step})"
         print(f"hellaswag | {name} | {result['count']:,} examples | reference acc {result['acc']:.4f} "
               f"acc_norm {result['acc_norm']:.4f} | harness acc {result['harness_acc']:.4f} "
-              f"acc_norm {result['harness_acc_norm']:.4f} | {seconds:.1f} s | {log_dir / 'hellaswag_results.jsonl'}")
+              f"acc_norm {result['harness_acc_norm']:.4f} | {seconds:.1f} s ({result['count'] / seconds:,.1f} examples/s) | "
+              f"{log_dir / 'hellaswag_results.jsonl'}")
     return record
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(HellaSwagConfig, argv, description=__doc__)
     try:
-        cfg.validate()
+        cfg = parse_config(HellaSwagConfig, argv, description=__doc__)
         if cfg.download_only:  # no model, no process group: a login node only needs the network
             path = Path(cfg.data or DEFAULT_DATA_PATH)
             download(path)
             load_examples(path, verify=cfg.verify)
             print(f"HellaSwag validation data ready: {path}")
             return 0
-    except (ValueError, OSError) as e:  # ConnectionError and FileNotFoundError are OSErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
         dist_info = runtime.setup_distributed(cfg.device)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # ConnectionError and FileNotFoundError are OSErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -161,6 +137,10 @@ def main(argv=None) -> int:
         if dist_info.is_main:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if dist_info.is_main:
+            print("\ninterrupted: nothing was logged", file=sys.stderr)
+        return 130
     finally:
         runtime.teardown_distributed()
 

@@ -31,11 +31,13 @@ import urllib.error
 import urllib.request
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+import fileio
 import runtime
 from tokenizer import EOT_TOKEN, get_encoding
 
@@ -96,7 +98,7 @@ def download(path: str | Path = DEFAULT_DATA_PATH, url: str = HELLASWAG_URL,
                 "the download is corrupt or the upstream file changed; nothing was written, try again"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
-    runtime.atomic_write_bytes(path, data)
+    fileio.atomic_write_bytes(path, data)
     return path
 
 
@@ -224,7 +226,7 @@ def _is_compiled(model: torch.nn.Module) -> bool:
 @torch.no_grad()
 def score_sequences(model, sequences: list[list[int]], n_scored: list[int], device: torch.device, autocast=None,
                     batch_size: int | None = None, fixed_shapes: bool | None = None,
-                    rank: int = 0, world_size: int = 1) -> torch.Tensor:
+                    rank: int = 0, world_size: int = 1, progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Sum of log p(token) over the last n_scored[i] tokens of each sequence, given the tokens before.
 
     Sequences are sorted by length (longest first, so an out-of-memory shows at once) and cut into
@@ -232,7 +234,8 @@ def score_sequences(model, sequences: list[list[int]], n_scored: list[int], devi
     is computed in exactly the same batch whatever the world size. Rows of other ranks stay 0.
     fixed_shapes (default: on for a torch.compile'd model) pads every batch to batch_size rows and
     its length to a multiple of 32, so a compiled model sees a handful of shapes, not hundreds.
-    Returns a float32 tensor (len(sequences),) on `device`."""
+    `progress(rows)` is called after each of this rank's batches. Returns a float32 tensor
+    (len(sequences),) on `device`."""
     autocast = autocast if autocast is not None else nullcontext()
     batch_size = batch_size or DEFAULT_BATCH_ROWS.get(device.type, DEFAULT_BATCH_ROWS["cuda"])
     if fixed_shapes is None:
@@ -273,11 +276,14 @@ def score_sequences(model, sequences: list[list[int]], n_scored: list[int], devi
         logprobs = picked.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
         sums = torch.zeros(R, dtype=torch.float32, device=device).index_add_(0, row_ids, logprobs)
         scores[torch.tensor(rows, device=device)] = sums[: len(rows)]
+        if progress is not None:
+            progress(len(rows))
     return scores
 
 
 def score_examples(model, examples: list[dict], dist_info: runtime.DistInfo, autocast=None, styles=STYLES,
-                   batch_size: int | None = None, fixed_shapes: bool | None = None) -> dict[str, dict[str, np.ndarray]]:
+                   batch_size: int | None = None, fixed_shapes: bool | None = None,
+                   progress: Callable[[int], None] | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per style: "loglik" (N, 4) summed log-likelihood of each ending, "norm" (N, 4) its acc_norm
     divisor, "label" (N,). Every rank scores its share of the rows (both styles in one pool of
     batches); the sums are all-reduced, so every rank returns all scores."""
@@ -292,7 +298,7 @@ def score_examples(model, examples: list[dict], dist_info: runtime.DistInfo, aut
             style_norms.append(norm)
         norms[style] = np.asarray(style_norms, dtype=np.float64)
     scores = score_sequences(model, sequences, n_scored, dist_info.device, autocast, batch_size, fixed_shapes,
-                             dist_info.rank, dist_info.world_size)
+                             dist_info.rank, dist_info.world_size, progress)
     if dist_info.distributed:
         dist.all_reduce(scores)  # each row is nonzero on exactly one rank: the sum is that value
     scores = scores.cpu().numpy().astype(np.float64).reshape(len(styles), len(examples), NUM_ENDINGS)
@@ -309,20 +315,20 @@ def accuracies(loglik: np.ndarray, norm: np.ndarray, labels: np.ndarray) -> tupl
 
 
 def evaluate_hellaswag(model, examples: list[dict], dist_info: runtime.DistInfo, autocast=None, *, styles=STYLES,
-                       limit: int | None = None, batch_size: int | None = None, fixed_shapes: bool | None = None) -> dict:
+                       batch_size: int | None = None, fixed_shapes: bool | None = None,
+                       progress: Callable[[int], None] | None = None) -> dict:
     """HellaSwag accuracies of `model` (a GPT, possibly torch.compile'd; called as model(idx) ->
     (logits, loss)) on `examples`, split across ranks; every rank returns the same dict:
     acc, acc_norm (reference style), harness_acc, harness_acc_norm (None when the style is not
-    asked for), count. batch_size: rows per forward (default DEFAULT_BATCH_ROWS for the device).
+    asked for), count. batch_size: rows per forward (default DEFAULT_BATCH_ROWS for the device);
+    progress(rows): called after each batch this rank scores (rows = one ending of one example in one style).
     The model's train/eval mode is left as it is (GPT has no dropout)."""
     unknown = set(styles) - set(STYLES)
     if unknown or not styles:
         raise ValueError(f"styles {tuple(styles)}: choose from {STYLES}")
-    if limit is not None:
-        examples = examples[:limit]
     if not examples:
         raise ValueError("no HellaSwag examples to evaluate")
-    scored = score_examples(model, examples, dist_info, autocast, tuple(styles), batch_size, fixed_shapes)
+    scored = score_examples(model, examples, dist_info, autocast, tuple(styles), batch_size, fixed_shapes, progress)
     result = {"acc": None, "acc_norm": None, "harness_acc": None, "harness_acc_norm": None, "count": len(examples)}
     for style, s in scored.items():
         acc, acc_norm = accuracies(s["loglik"], s["norm"], s["label"])

@@ -1,7 +1,6 @@
-"""GPT-2: the model, its presets, its Hugging Face name map, the checkpoint loader and the sampler.
+"""GPT-2: the model, its presets, its Hugging Face name map and the sampler.
 
-Architecture only: no optimizer, no ranks, no prints. The one file I/O is `GPT.from_checkpoint`, the
-single loader every script uses (hellaswag.py, sample.py, export_hf.py, the trainer's resume).
+Architecture only: no optimizer, no ranks, no prints, no file I/O (checkpoints are checkpoint.py's).
 
     uv run python -c "from model import GPT, GPTConfig; m = GPT(GPTConfig(**{'n_layer': 2, 'n_head': 2, 'n_embd': 64})); print(m.num_params())"
 
@@ -13,17 +12,19 @@ positions, tied embedding / lm_head), so weights move both ways through `hf_stat
 from __future__ import annotations
 
 import math
-import pickle
-import zipfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-GPT2_VOCAB_SIZE = 50257  # 50,000 BPE merges + 256 bytes + <|endoftext|>
+from tokenizer import VOCAB_SIZE as GPT2_VOCAB_SIZE  # 50,000 BPE merges + 256 bytes + <|endoftext|>
+
+# The blocks' four Linear weight matrices, (out, in): Hugging Face stores them transposed (Conv1D),
+# and Muon (--optimizer muon) trains exactly these.
+BLOCK_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
 @dataclass(frozen=True)
@@ -273,49 +274,15 @@ class GPT(nn.Module):
         weights = self.num_params(include_position_embedding=False)
         return 6 * weights + 12 * self.config.n_layer * self.config.n_embd * seq_len
 
-    # ---- checkpoints -------------------------------------------------------------------------
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location="cpu") -> "GPT":
-        """Load one of our checkpoints (training or final) as a GPT in eval mode.
-
-        `weights_only=True`: a checkpoint holds tensors and plain values and cannot run code."""
-        ckpt = load_checkpoint_file(path, map_location)
-        if "model" not in ckpt or "model_config" not in ckpt:
-            raise ValueError(f"{path} is not a checkpoint of this repo (no 'model'/'model_config' keys)")
-        model = cls(GPTConfig(**ckpt["model_config"]))
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()
-            raise ValueError(f"{path}: weights do not fit its model_config ({first[1].strip() if len(first) > 1 else first[0]})") from None
-        return model.eval()
-
     def model_config_dict(self) -> dict:
         return asdict(self.config)
-
-
-def load_checkpoint_file(path: str | Path, map_location="cpu") -> dict:
-    """torch.load a checkpoint safely, turning the usual failures into one-line errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found: pass the path of a model_*.pt file in your log dir")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}): use an earlier checkpoint") from None
-    if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a checkpoint of this repo (expected a dict)")
-    return ckpt
 
 
 # ---- Hugging Face interop: one name map, used for import and export ---------------------------
 # Our parameter names are GPT-2's own, so the map is the identity, plus a transpose for the four
 # matrices Hugging Face stores as Conv1D (in_features, out_features) instead of Linear (out, in).
-_HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
 def _hf_to_ours_tensor(name: str, tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.t() if name.endswith(_HF_TRANSPOSED) else tensor
+    return tensor.t() if name.endswith(BLOCK_MATRICES) else tensor
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
@@ -375,11 +342,13 @@ def generate(
     generator: torch.Generator | None = None,
     stop_token: int | None = None,
     use_kv_cache: bool = True,
+    autocast=None,
 ) -> list[list[int]]:
     """Sample `num_samples` continuations of `prompt` (token ids). Returns the new tokens of each,
     cut before `stop_token`. temperature 0 = greedy. With the KV cache each new token costs one
     position; without it the whole sequence is recomputed (kept to test the cache against).
-    The generator lives on the model's device and fixes the draws."""
+    The generator lives on the model's device and fixes the draws. `autocast`: the caller's
+    precision context (runtime.autocast: bf16 on CUDA); the KV cache is kept in its dtype."""
     device = next(model.parameters()).device
     total = len(prompt) + max_new_tokens
     if not prompt:
@@ -391,15 +360,15 @@ def generate(
         )
     was_training = model.training
     model.eval()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    tokens = torch.tensor(prompt, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
-    cache = None
-    if use_kv_cache:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        cache = KVCache(model.config, num_samples, total, device, dtype)
-    done = torch.zeros(num_samples, dtype=torch.bool, device=device)
+    tokens = torch.tensor(prompt, dtype=torch.long).unsqueeze(0).repeat(num_samples, 1)
+    done = torch.zeros(num_samples, dtype=torch.bool)
     next_input = tokens
-    with autocast:
+    with autocast if autocast is not None else nullcontext():
+        cache = None
+        if use_kv_cache:  # keys and values in the dtype the attention computes in
+            autocasting = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if autocasting else next(model.parameters()).dtype
+            cache = KVCache(model.config, num_samples, total, device, dtype)
         for _ in range(max_new_tokens):
             logits, _ = model(next_input if use_kv_cache else tokens, kv_cache=cache)
             logits = logits[:, -1, :].float()  # (num_samples, vocab)

@@ -87,14 +87,11 @@ class Muon(torch.optim.Optimizer):
 
 class CombinedOptimizer:
     """Several optimizers stepped as one (AdamW for some parameters, Muon for the rest), with one
-    state_dict for checkpoints. `param_groups` lists every group; each keeps an `initial_lr` so a
-    schedule can scale all of them by the same factor."""
+    state_dict for checkpoints. `param_groups` lists every group, so the trainer sets every learning
+    rate in one loop (a group's `lr_scale`, if any, scales the schedule: Muon's peak vs AdamW's)."""
 
     def __init__(self, **optimizers: torch.optim.Optimizer):
         self.optimizers = optimizers
-        for opt in optimizers.values():
-            for group in opt.param_groups:
-                group.setdefault("initial_lr", group["lr"])
 
     @property
     def param_groups(self) -> list[dict]:

@@ -21,20 +21,25 @@ Conventions (the README's "Plotting a run" section says the same):
 - Mean tokens/s and MFU skip the first `--warmup-steps` train records after each (re)start
   (torch.compile and CUDA warm-up make those steps slow). Wall time sums, over the (re)starts,
   the time from the config record to that process's last record; gaps between jobs do not count.
+- The val panel names what the token shards were made from (the config record's `data_source`, from
+  fineweb.py's manifest: "HuggingFaceFW/fineweb-edu (sample-10BT)", "fineweb_demo.parquet", or unknown
+  for older logs). OpenAI GPT-2 124M's val loss 3.2924 was measured on the FineWeb-Edu val shard, so it
+  is drawn only when every run's source is FineWeb-Edu or unknown; next to another corpus it would mislead.
+- HellaSwag scores in the summary carry the number of examples scored: 10,042 is the full val set,
+  fewer is a demo or `--limit` run, a noisier estimate, not directly comparable with the baselines.
 
 Figures are drawn with matplotlib's Agg canvas on `Figure` objects (no pyplot, so no GUI backend
-and no global figure state), and every file is written to a temp file then `os.replace`d.
+and no global figure state), and every file (figures, summary.md) is written through
+`fileio.atomic_path`: a temp file, fsynced, given the mode the umask allows, then renamed.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,15 +47,19 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
-from cli import build_parser, given_flags
+import cli
+from fileio import atomic_path
 
 METRICS_FILE = "metrics.jsonl"
 HELLASWAG_FILE = "hellaswag_results.jsonl"
 PANELS = ("training_loss", "validation_loss", "learning_rate", "throughput", "hellaswag_accuracy")
 
 # Baselines (value, label). Val loss: OpenAI's GPT-2 124M checkpoint on the FineWeb-Edu val shard
-# (edufineweb_val_000000), the number the reference run compares against.
+# (edufineweb_val_000000), the number the reference run compares against. A loss on another corpus
+# (the FineWeb demo parquet, a custom dataset) is not comparable: the line is drawn only when every
+# run's data_source names FineWeb-Edu (FINEWEB_EDU, case-insensitive) or is unknown (older logs).
 GPT2_VAL_LOSS = (3.2924, "OpenAI GPT-2 124M")
+FINEWEB_EDU = "fineweb-edu"
 # HellaSwag acc_norm on the 10,042 val examples. 0.2955: GPT-2 124M with completion-style scoring,
 # the metric hellaswag.py and the training loop compute; 0.3114: the same model with
 # lm-evaluation-harness (multiple-choice) scoring, comparable to the harness-style points only;
@@ -59,6 +68,7 @@ GPT2_HELLASWAG = (0.2955, "OpenAI GPT-2 124M")
 GPT2_HELLASWAG_HARNESS = (0.3114, "OpenAI GPT-2 124M, harness style")
 GPT3_HELLASWAG = (0.337, "GPT-3 124M (paper)")
 RANDOM_HELLASWAG = (0.25, "random")
+HELLASWAG_VAL_SIZE = 10_042  # examples in the full val set; a demo or --limit score uses fewer
 
 # metrics.jsonl record types plotted, their numeric fields, and the one field a record must have.
 SERIES_FIELDS = {
@@ -285,6 +295,48 @@ def _train_config(record: dict) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
+def data_sources(run: Run) -> list[str | None]:
+    """What the run's token shards were made from, per its config records' `data_source` (distinct,
+    in file order; None = unknown: a log from before the field, shards without a manifest)."""
+    sources = []
+    for cfg in run.configs or [{}]:
+        source = cfg.get("data_source")
+        source = source.strip() if isinstance(source, str) and source.strip() else None
+        if source not in sources:
+            sources.append(source)
+    return sources
+
+
+def val_baseline_applies(runs: list[Run]) -> bool:
+    """GPT-2 124M's 3.2924 is a FineWeb-Edu val-shard loss: comparable only when every run's source
+    is FineWeb-Edu, or unknown (older logs, shards without a manifest: drawn as before the field)."""
+    return all(s is None or FINEWEB_EDU in s.lower() for run in runs for s in data_sources(run))
+
+
+def val_title(runs: list[Run]) -> str:
+    """"Validation loss (val shard of X)", "(val shards: X; Y)" for several sources, "(val shard)" unknown."""
+    sources = list(dict.fromkeys(s for run in runs for s in data_sources(run)))
+    if sources == [None]:
+        return "Validation loss (val shard)"
+    if len(sources) == 1:
+        pieces = [f"val shard of {sources[0]}"]
+    else:
+        names = [s or "unknown" for s in sources]
+        pieces = [f"val shards: {names[0]}", *names[1:]]
+    if len("; ".join(pieces)) <= 40:
+        return f"Validation loss ({'; '.join(pieces)})"
+    # Long sources (a Hub dataset and config, several runs) go below, wrapped between sources, so
+    # the title fits the overview's one-column panel.
+    lines = [""]
+    for i, piece in enumerate(pieces):
+        piece += ";" if i < len(pieces) - 1 else ""
+        if lines[-1] and len(lines[-1]) + 1 + len(piece) > 56:
+            lines.append(piece)
+        else:
+            lines[-1] = f"{lines[-1]} {piece}".strip()
+    return "Validation loss\n(" + "\n".join(lines) + ")"
+
+
 def tokens_per_step(run: Run) -> float | None:
     """Tokens per optimizer step, from the records (train: tokens after step i = (i+1) * tokens/step)."""
     for step, tokens in zip(reversed(run.train["step"]), reversed(run.train["tokens"])):
@@ -309,9 +361,14 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _max(values) -> float | None:
-    values = _finite(values)
-    return max(values) if values else None
+def _best(values, counts) -> tuple[float | None, int | None]:
+    """The best finite value and the example count of the row that gave it (None: not logged); on a
+    tie, the row scored on the most examples."""
+    rows = [(float(v), c if _is_number(c) else None) for v, c in zip(values, counts)
+            if _is_number(v) and math.isfinite(v)]
+    if not rows:
+        return None, None
+    return max(rows, key=lambda vc: (vc[0], vc[1] or 0))
 
 
 def run_stats(run: Run, warmup_steps: int = PlotConfig.warmup_steps) -> dict:
@@ -323,6 +380,11 @@ def run_stats(run: Run, warmup_steps: int = PlotConfig.warmup_steps) -> dict:
                       if isinstance(_train_config(c).get("max_steps"), int)), None)
     own = [i for i, c in enumerate(run.results["checkpoint"]) if c]  # this run's checkpoints, not e.g. HF gpt2
     wall = sum(last - first for first, last in run.restarts) if run.restarts else None
+    # Each best HellaSwag score with the number of examples it was taken on (count of its own row).
+    hs_train = _best(run.hellaswag["hellaswag_acc_norm"], run.hellaswag["count"])
+    own_counts = [run.results["count"][i] for i in own]
+    hs_ref = _best([run.results["acc_norm"][i] for i in own], own_counts)
+    hs_harness = _best([run.results["harness_acc_norm"][i] for i in own], own_counts)
     return {
         "run": run.name,
         "steps": train["step"][-1] + 1 if train["step"] else None,
@@ -330,9 +392,9 @@ def run_stats(run: Run, warmup_steps: int = PlotConfig.warmup_steps) -> dict:
         "tokens": train["tokens"][-1] if train["tokens"] and _is_number(train["tokens"][-1]) else None,
         "final_val_loss": val_pairs[-1][1] if val_pairs else None,
         "best_val_loss": min(v for _, v in val_pairs) if val_pairs else None,
-        "hellaswag_train": _max(run.hellaswag["hellaswag_acc_norm"]),
-        "hellaswag_ref": _max(run.results["acc_norm"][i] for i in own),
-        "hellaswag_harness": _max(run.results["harness_acc_norm"][i] for i in own),
+        "hellaswag_train": hs_train[0], "hellaswag_train_count": hs_train[1],
+        "hellaswag_ref": hs_ref[0], "hellaswag_ref_count": hs_ref[1],
+        "hellaswag_harness": hs_harness[0], "hellaswag_harness_count": hs_harness[1],
         "tokens_per_sec": _mean(train["tokens_per_sec"][i] for i in steady),
         "mfu": _mean(train["mfu"][i] for i in steady),
         "wall_seconds": wall,
@@ -359,6 +421,12 @@ def summarize(runs: list[Run], warmup_steps: int = PlotConfig.warmup_steps) -> s
     def num(v, fmt):
         return dash if v is None else format(v, fmt)
 
+    def score(s, key):  # "0.2970 (10,042 ex)": a 200-example score must not pass for a full-set one
+        if s[key] is None:
+            return dash
+        count = s[f"{key}_count"]
+        return f"{s[key]:.4f}" + ("" if count is None else f" ({count:,.0f} ex)")
+
     header = ["run", "steps", "tokens", "final val loss", "best val loss", "HellaSwag (training loop)",
               "HellaSwag (hellaswag.py)", "HellaSwag (harness style)", "tokens/s", "MFU", "wall time"]
     rows = []
@@ -371,18 +439,26 @@ def summarize(runs: list[Run], warmup_steps: int = PlotConfig.warmup_steps) -> s
             s["run"].replace("|", "\\|"), steps,
             dash if s["tokens"] is None else _fmt_count(s["tokens"]),
             num(s["final_val_loss"], ".4f"), num(s["best_val_loss"], ".4f"),
-            num(s["hellaswag_train"], ".4f"), num(s["hellaswag_ref"], ".4f"), num(s["hellaswag_harness"], ".4f"),
+            score(s, "hellaswag_train"), score(s, "hellaswag_ref"), score(s, "hellaswag_harness"),
             dash if s["tokens_per_sec"] is None else f"{s['tokens_per_sec']:,.0f}",
             dash if s["mfu"] is None else f"{100 * s['mfu']:.1f}%",
             dash if s["wall_seconds"] is None else _fmt_duration(s["wall_seconds"]),
         ])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if val_baseline_applies(runs):
+        val_note = f"Val loss baseline: OpenAI GPT-2 124M {GPT2_VAL_LOSS[0]} on the FineWeb-Edu val shard. "
+    else:
+        sources = "; ".join(dict.fromkeys(s or "unknown" for run in runs for s in data_sources(run)))
+        val_note = (f"Val losses are on the val shards of {sources}: not comparable with OpenAI GPT-2 124M's "
+                    f"{GPT2_VAL_LOSS[0]}, measured on the FineWeb-Edu val shard. ")
     note = (
-        "HellaSwag columns: best acc_norm on the val set. Training loop and hellaswag.py use the same "
+        "HellaSwag columns: best acc_norm on the val set, with the number of examples it was scored on "
+        f"({HELLASWAG_VAL_SIZE:,} ex = the full val set; fewer = a demo or --limit run: a noisier estimate, "
+        "not directly comparable with the full-set baselines). Training loop and hellaswag.py use the same "
         f"completion-style scoring (OpenAI GPT-2 124M: {GPT2_HELLASWAG[0]}, GPT-3 124M: {GPT3_HELLASWAG[0]}); "
         f"harness style is lm-evaluation-harness's multiple-choice scoring (GPT-2 124M: {GPT2_HELLASWAG_HARNESS[0]}). "
-        f"Val loss baseline: OpenAI GPT-2 124M {GPT2_VAL_LOSS[0]}. "
+        + val_note +
         f"tokens/s and MFU: means over train steps, skipping the first {warmup_steps} after each (re)start; "
         "wall time (h:mm:ss): sum over (re)starts of first-to-last record time."
     )
@@ -457,11 +533,13 @@ def _draw_validation_loss(ax, runs: list[Run], smoothing: float) -> None:
             ax.plot(x, y, color=f"C{i % 10}", marker="o", markersize=3, linewidth=1.6,
                     gid=f"{run.name}/val_loss", label=_label("val loss", run, runs))
             curves.append((x, y))
-    _baseline(ax, GPT2_VAL_LOSS, "--", "0.35")
+    baseline = val_baseline_applies(runs)
+    if baseline:
+        _baseline(ax, GPT2_VAL_LOSS, "--", "0.35")
     if not curves:
         _no_data(ax, "no val records yet")
-    _focus_ylim(ax, curves, keep=(GPT2_VAL_LOSS[0],))
-    ax.set_title("Validation loss (FineWeb-Edu val shard)")
+    _focus_ylim(ax, curves, keep=(GPT2_VAL_LOSS[0],) if baseline else ())
+    ax.set_title(val_title(runs))
     ax.set_ylabel("cross-entropy loss (nats/token)")
 
 
@@ -628,21 +706,6 @@ def build_figures(runs: list[Run], smoothing: float = PlotConfig.smoothing) -> d
 # ---------------------------------------------------------------- writing
 
 
-@contextlib.contextmanager
-def _atomic_path(path: Path):
-    """Yield a temp file path in path's dir; on success it replaces path, on failure it is removed."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; figures are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def make_figures(runs: list[Run], out_dir: str | os.PathLike,
                  smoothing: float = PlotConfig.smoothing) -> dict[str, Path]:
     """Draw and save every figure as out_dir/<name>.png; returns name -> path."""
@@ -651,14 +714,14 @@ def make_figures(runs: list[Run], out_dir: str | os.PathLike,
     paths = {}
     for name, fig in build_figures(runs, smoothing).items():
         path = out_dir / f"{name}.png"
-        with _atomic_path(path) as tmp:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
         paths[name] = path
     return paths
 
 
 def write_text(path: Path, text: str) -> None:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         Path(tmp).write_text(text, encoding="utf-8")
 
 
@@ -666,8 +729,8 @@ def write_text(path: Path, text: str) -> None:
 
 
 def parse_config(argv: list[str] | None = None) -> PlotConfig:
-    parser = build_parser(PlotConfig, description=__doc__.split("\n\n")[0])
-    return PlotConfig(**given_flags(parser.parse_args(argv)))
+    """The flags given, over PlotConfig's defaults; a value PlotConfig refuses raises ValueError."""
+    return cli.parse_config(PlotConfig, argv, description=__doc__.split("\n\n")[0])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,8 @@
-"""Where a run executes: distributed setup, the device, its peak FLOPs (for MFU), atomic writes.
+"""Where a run executes: distributed setup, the device and its precision policy, its peak FLOPs (for MFU).
 
 Everything that reads torchrun's environment lives here; the rest of the code takes the
-`DistInfo` record it returns.
+`DistInfo` record it returns. The precision policy (bf16 autocast and TF32 on CUDA, float32 on CPU,
+torch.compile on CUDA only) is decided here once, for the trainer, hellaswag.py, sample.py and bench.py.
 
     uv run python -c "import runtime; print(runtime.setup_distributed('cpu'))"
 """
@@ -9,10 +10,9 @@ Everything that reads torchrun's environment lives here; the rest of the code ta
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
-import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +64,41 @@ def setup_distributed(device_flag: str = "auto") -> DistInfo:
     return DistInfo(rank, local_rank, world_size, device, rank == 0)
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun announces it, before (or without) a process group: for
+    printing a start-up error once instead of once per rank."""
+    return int(os.environ.get("RANK", "0"))
+
+
+# ---- the precision policy ----------------------------------------------------------------------
+def configure_device(device: torch.device) -> None:
+    """Process-wide math settings: TF32 for any float32 matmul left outside autocast on CUDA."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: torch.device):
+    """The compute precision of forward passes: bf16 autocast on CUDA, plain float32 on CPU (bf16
+    matmuls are slow on most CPUs). A context manager, reusable."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def compile_model(model: torch.nn.Module, enabled: bool, mode: str = "default", warn: bool = True) -> torch.nn.Module:
+    """torch.compile `model` on CUDA; on CPU compiling costs more than it saves, so `enabled` is
+    ignored there (with a warning when `warn`)."""
+    if not enabled:
+        return model
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        if warn:
+            warnings.warn("--compile is ignored on CPU (compiling costs more than it saves there)", stacklevel=2)
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
@@ -77,6 +112,12 @@ def sdpa_backend(name: str):
     kernel = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
               "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
     return sdpa_kernel([kernel])
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for alone)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def teardown_distributed() -> None:
@@ -141,41 +182,3 @@ def git_sha() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         return None
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so a reader never sees a partial file: temp file in the same
-    folder, fsync, then rename over the target."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save through a temp file + rename: a kill mid-write never leaves a torn checkpoint."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one JSON object as one line (flushed, so `tail -f` and plot.py see it at once)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()

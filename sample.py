@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+import checkpoint
+import runtime
 from cli import field, parse_config
-from model import GPT, generate
-from runtime import resolve_device
+from model import generate
 from tokenizer import EOT_TOKEN, get_encoding
 
 
@@ -27,19 +28,22 @@ class SampleConfig:
     seed: int = field(42, "seed of the sampling generator")
     device: str = field("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
 
+    def __post_init__(self):
+        if self.num_samples < 1 or self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0:
+            raise ValueError("--num-samples and --max-new-tokens must be >= 1, --temperature and --top-k >= 0")
+
 
 def main(argv=None) -> int:
-    cfg = parse_config(SampleConfig, argv, description=__doc__)
     try:
-        device = resolve_device(cfg.device)
-        model = GPT.from_checkpoint(cfg.checkpoint, map_location=device).to(device)
-        if cfg.num_samples < 1 or cfg.max_new_tokens < 1 or cfg.temperature < 0:
-            raise ValueError("--num-samples and --max-new-tokens must be >= 1 and --temperature >= 0")
+        cfg = parse_config(SampleConfig, argv, description=__doc__)
+        device = runtime.resolve_device(cfg.device)
+        model = checkpoint.load_model(cfg.checkpoint).to(device)
         enc = get_encoding()
         prompt = enc.encode(cfg.prompt) if cfg.prompt else [EOT_TOKEN]
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         rows = generate(model, prompt, cfg.max_new_tokens, num_samples=cfg.num_samples, temperature=cfg.temperature,
-                        top_k=cfg.top_k or None, generator=generator, stop_token=EOT_TOKEN)
+                        top_k=cfg.top_k or None, generator=generator, stop_token=EOT_TOKEN,
+                        autocast=runtime.autocast(device))
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@
 #   sbatch train.sh --max-steps 100 --model tiny       # arguments go to train_gpt2.py
 #   LOG_DIR=runs/a DATA_DIR=/scratch/edu_fineweb10B HF_HOME=/scratch/hf sbatch train.sh
 #   DRY_RUN=1 bash train.sh                            # print the launch command, run nothing
-#   bash train.sh --demo                               # no SLURM: torchrun here (CPU demo, ~2 min)
+#   LOG_DIR=log_torchrun bash train.sh --demo          # no SLURM: torchrun here (the CPU demo)
 #
 # The #SBATCH lines you normally change: --gpus-per-node (the GPUs of one node), --cpus-per-task,
 # --time (your partition's limit), --partition / --account (uncomment them). --nodes is usually

@@ -1,56 +1,90 @@
 """Train GPT-2 on FineWeb-Edu token shards: the reference recipe, DDP, exact resume, honest metrics.
 
-    uv run train_gpt2.py --demo                                  # CPU, ~3 minutes, no network
+    uv run train_gpt2.py --demo                                  # CPU, minutes, no network (README: measured)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py      # the reference run (124M, 10B tokens)
 
 With no flags this is the reference run: GPT-2 124M, 524,288 tokens per step (64 x 1024 per
 micro-batch, gradient accumulation derived from the world size), AdamW (0.9, 0.95) lr 6e-4 with 715
 warmup steps and cosine decay to 10% at step 19,073, bf16 autocast, torch.compile on CUDA.
 
-A run is resumable at any moment: checkpoints (model, optimizer, data position, RNG states) are
-written atomically to <log dir>/model_{step:05d}.pt; `--resume auto` continues from the newest one.
-SIGTERM / SIGUSR1 (SLURM before a time limit) save a checkpoint at the next step boundary and exit 0.
+A run is resumable at any moment: checkpoints (model, optimizer, data position, RNG states, metrics
+length) are written atomically to <log dir>/model_{step:05d}.pt; `--resume auto` continues from the
+newest one. SIGTERM / SIGUSR1 (SLURM before a time limit) save a checkpoint at the next step boundary
+and exit 0; so does the first Ctrl-C (exit 130; a second one aborts at once).
 Metrics: <log dir>/metrics.jsonl, one JSON object per line (schema in the README).
+
+Reading order: the config and its presets, the schedule and optimizer, `build_run` (everything a run
+needs) and `train_step`, checkpoints and resume, evaluation, then `train` (the loop) and `main`.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import random
-import re
-import secrets
 import signal
 import subprocess
 import sys
 import time
-import warnings
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
+import fileio
+import metrics as metrics_log
 import runtime
-from cli import build_parser, field, given_flags
-from dataloader import TrainLoader, ValLoader
-from model import GPT, MODEL_PRESETS, GPTConfig, generate, gpt_config_from_hf, load_checkpoint_file, load_hf_state_dict
+from cli import build_parser, field, parse_flags
+from dataloader import TrainLoader, ValLoader, describe_source
+from hellaswag_eval import evaluate_hellaswag, load_examples
+from model import BLOCK_MATRICES, GPT, MODEL_PRESETS, GPTConfig, generate
 from muon import CombinedOptimizer, Muon
+from parallel import Parallel, parallelize
 from tokenizer import EOT_TOKEN, get_encoding
 
-__all__ = ["GPT", "GPTConfig", "TrainConfig", "main"]  # `from train_gpt2 import GPT` keeps working
+__all__ = ["GPT", "GPTConfig", "TrainConfig", "build_run", "train_step", "main"]  # `from train_gpt2 import GPT` works
 
 REPO = Path(__file__).resolve().parent
 DEMO_CORPUS = REPO / "assets" / "demo" / "fineweb_demo.parquet"
+
+# --demo: a tiny GPT-2 that learns visibly in minutes on 2 CPU cores. 2,048 tokens per step as
+# 2 micro-batches of 4 x 256 (so gradient accumulation runs too); a higher lr than 124M's because
+# small models tolerate it; the shipped ~0.6M-token corpus in 100K-token shards (shard 0 = val).
+DEMO_PRESET = dict(
+    model="tiny", data_dir="demo_fineweb", tokens_per_step=2048, micro_batch_size=4, seq_len=256,
+    max_steps=120, warmup_steps=10, max_lr=3e-3, val_every=30, val_tokens=32_768,
+    hellaswag_every=0, sample_every=60, ckpt_every=40, device="cpu",
+    loss_chunk_rows=256,  # the 50304-wide output layer is most of a tiny model's work: 1.5x faster on CPU (BENCHMARKS.md)
+)
+DEMO_SHARD_SIZE = 100_000
+
+# Named recipes: overrides on top of the reference (and of --demo), below explicit flags.
+RECIPES: dict[str, dict] = {
+    # fast: Muon on the block matrices + warmup-stable-decay; embeddings, LayerNorms and biases stay
+    # on AdamW at max_lr. Where each number comes from (pilots: bench/recipe_gate.py at tiny scale,
+    # one seed, 115 steps of 2,048 tokens; the table is in BENCHMARKS.md):
+    #   muon_lr 0.02        best of 0.01 / 0.02 / 0.03 / 0.04 / 0.06 (the speedrun community uses 0.02-0.05)
+    #   muon_momentum 0.95  Muon's usual value, Nesterov, 5 Newton-Schulz steps (not tuned)
+    #   decay_frac 0.3      0.2 / 0.3 / 0.5 were within 0.01 of each other; decaying to 0 instead
+    #                       of min_lr_frac 0.1 did not help
+    #   max_lr 2.4e-3       AdamW lr under Muon: 4x the AdamW-only lr was best at tiny scale (6e-3 vs
+    #                       the baseline's 1.5e-3; 3e-3, 4e-3 and 1e-2 were worse), so 4 x the
+    #                       reference's 6e-4 here. (With Muon, AdamW trains only these tensors.)
+    #   max_steps 8,870     the reference's 19,073 steps / 2.15, the token saving the CPU gate measured
+    #                       at tiny scale (3 seeds). Not measured at 124M. --demo keeps its own 120.
+    # The warmup is left to the preset (715 steps at 124M, 10 in --demo); the gate found a short one
+    # (2% of the steps) slightly better at tiny scale. NONE of this is tuned at 124M scale.
+    "fast": dict(optimizer="muon", schedule="wsd", muon_lr=0.02, muon_momentum=0.95, decay_frac=0.3, max_lr=2.4e-3,
+                 max_steps=8_870),
+}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # model
-    model: str = field("gpt2", "model size", choices=tuple(MODEL_PRESETS))
+    model: str = field("gpt2", "model size (presets carry their context length: tiny is 256)", choices=tuple(MODEL_PRESETS))
     init_from: str = field("", "start from OpenAI's weights via transformers (gpt2, gpt2-medium, ...) instead of random init")
     # data and outputs
     data_dir: str = field("edu_fineweb10B", "folder of token shards written by fineweb.py")
@@ -59,7 +93,7 @@ class TrainConfig:
     # batch: sizes in tokens and rows; gradient accumulation is derived, never set
     tokens_per_step: int = field(524_288, "tokens per optimizer step, all ranks together (2**19, GPT-3 small's 0.5M)")
     micro_batch_size: int = field(64, "sequences per forward/backward on each rank")
-    seq_len: int = field(1024, "tokens per sequence")
+    seq_len: int = field(1024, "tokens per sequence (default: the model's context, at most 1024)")
     # optimisation (GPT-3 paper's small-model settings, as in the reference)
     max_steps: int = field(19_073, "optimizer steps (19,073 x 524,288 = 10B tokens: one epoch of sample-10BT)")
     warmup_steps: int = field(715, "linear warmup steps (375M tokens, GPT-3's warmup)")
@@ -75,7 +109,7 @@ class TrainConfig:
     optimizer: str = field("adamw", "adamw (reference) or muon (Muon on the blocks' matrices, AdamW at --max-lr on the rest)", choices=("adamw", "muon"))
     muon_lr: float = field(0.02, "muon: peak learning rate of the Muon matrices (follows the same schedule)")
     muon_momentum: float = field(0.95, "muon: momentum (Nesterov)")
-    recipe: str = field("", "named recipe setting optimizer, schedule, learning rates and step budget: fast (see RECIPES)", choices=("", "fast"))
+    recipe: str = field("", "named recipe setting optimizer, schedule, learning rates and step budget (see RECIPES)", choices=("", *RECIPES))
     seed: int = field(1337, "seed for init and data order")
     # evaluation, sampling, checkpoints, logging
     val_every: int = field(250, "validate every N steps and at the end (0: off)")
@@ -84,13 +118,14 @@ class TrainConfig:
     hellaswag_data: str = field("hellaswag/hellaswag_val.jsonl", "HellaSwag validation file (get it with `uv run hellaswag.py --download-only`)")
     sample_every: int = field(250, "print samples every N steps (0: off)")
     sample_prompt: str = field("Hello, I'm a language model,", "prompt of the in-training samples")
-    ckpt_every: int = field(1000, "checkpoint every N steps (and at the end, and on SIGTERM/SIGUSR1)")
+    ckpt_every: int = field(1000, "checkpoint every N steps (and at the end, on SIGTERM/SIGUSR1 and on the first Ctrl-C)")
     keep_checkpoints: int = field(3, "keep the newest K step checkpoints (model_final.pt is always kept)")
     log_every: int = field(1, "log (and sync with the device) every N steps")
     tensorboard: bool = field(False, "also write every metrics record to TensorBoard (<log dir>/tensorboard; `uv sync --extra loggers`)")
     wandb: bool = field(False, "also send every metrics record to Weights & Biases (WANDB_MODE=offline works without an account)")
     wandb_project: str = field("gpt2-fineweb", "Weights & Biases project")
     resume: str = field("auto", "auto: continue from the newest valid checkpoint in --log-dir; never: start fresh", choices=("auto", "never"))
+    allow_config_change: bool = field(False, "resume although --tokens-per-step, --seq-len, --seed, --shuffle or the data differ from the checkpoint's (on purpose, e.g. a new data order after a loss spike)")
     # machine and speed levers (bench.py measures each; none changes the recipe's math beyond rounding)
     device: str = field("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     compile: bool = field(True, "torch.compile the model (CUDA only; ignored with a warning on CPU)")
@@ -100,95 +135,70 @@ class TrainConfig:
     fused_adamw: bool = field(True, "fused AdamW kernel on CUDA")
     activation_checkpointing: bool = field(False, "recompute each block in backward to save memory (gpt2-large/xl on one GPU)")
     ddp_bucket_mb: int = field(25, "DDP gradient all-reduce bucket size in MB")
-    demo: bool = field(False, "CPU demo: tiny model on the small corpus shipped in assets/demo (~3 minutes)")
+    demo: bool = field(False, "CPU demo: tiny model on the small corpus shipped in assets/demo (minutes)")
 
-    @property
-    def model_config(self) -> GPTConfig:
-        return GPTConfig(**MODEL_PRESETS[self.model])
-
-    def validate(self, world_size: int = 1) -> None:
-        """One-line errors for impossible settings (raised before any work)."""
-        rows = self.micro_batch_size * self.seq_len * world_size
-        if min(self.micro_batch_size, self.seq_len, self.tokens_per_step, self.max_steps) <= 0:
-            raise ValueError("--micro-batch-size, --seq-len, --tokens-per-step and --max-steps must be positive")
-        if self.tokens_per_step % rows:
-            raise ValueError(
-                f"--tokens-per-step {self.tokens_per_step} is not a multiple of micro-batch x seq-len x world size "
-                f"= {self.micro_batch_size} x {self.seq_len} x {world_size} = {rows}: change one of them"
-            )
+    def __post_init__(self):
+        """One-line errors for settings that can never work, raised while parsing (before any process
+        group, data or folder is touched). What depends on the world size: check_world_size."""
+        positive = ("micro_batch_size", "seq_len", "tokens_per_step", "max_steps", "max_lr", "muon_lr", "eps")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.tokens_per_step % (self.micro_batch_size * self.seq_len):
+            raise ValueError(f"--tokens-per-step {self.tokens_per_step} is not a multiple of micro-batch x seq-len = "
+                             f"{self.micro_batch_size} x {self.seq_len}: change one of them")
         if self.seq_len > self.model_config.block_size:
             raise ValueError(f"--seq-len {self.seq_len} exceeds the {self.model} model's context of {self.model_config.block_size}")
-        if self.warmup_steps > self.max_steps:
-            raise ValueError(f"--warmup-steps {self.warmup_steps} exceeds --max-steps {self.max_steps}")
-        if not 0 <= self.min_lr_frac <= 1:
-            raise ValueError("--min-lr-frac must be between 0 and 1")
+        if not 0 <= self.warmup_steps <= self.max_steps:
+            raise ValueError(f"--warmup-steps {self.warmup_steps} must be between 0 and --max-steps {self.max_steps}")
+        for name, low, high in (("min_lr_frac", 0, 1), ("beta1", 0, 0.999999), ("beta2", 0, 0.999999), ("muon_momentum", 0, 0.999999)):
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [{low}, 1), got {getattr(self, name)}")
         if self.schedule == "wsd" and not 0 < self.decay_frac <= 1:
             raise ValueError("--decay-frac must be in (0, 1] with --schedule wsd")
+        if min(self.weight_decay, self.grad_clip, self.seed, self.loss_chunk_rows) < 0 or self.ddp_bucket_mb < 1:
+            raise ValueError("--weight-decay, --grad-clip, --seed and --loss-chunk-rows must be >= 0, --ddp-bucket-mb >= 1")
         if self.val_every and self.val_tokens < self.seq_len:
             raise ValueError(f"--val-tokens {self.val_tokens} is shorter than one sequence ({self.seq_len})")
         if min(self.val_every, self.hellaswag_every, self.sample_every, self.ckpt_every) < 0 or self.log_every < 1:
             raise ValueError("--*-every flags must be >= 0 (and --log-every >= 1)")
         if self.keep_checkpoints < 1:
             raise ValueError("--keep-checkpoints must be at least 1")
-        if self.loss_chunk_rows < 0 or self.ddp_bucket_mb < 1:
-            raise ValueError("--loss-chunk-rows must be >= 0 and --ddp-bucket-mb >= 1")
+
+    @property
+    def model_config(self) -> GPTConfig:
+        return GPTConfig(**MODEL_PRESETS[self.model])
+
+    def check_world_size(self, world_size: int) -> None:
+        rows = self.micro_batch_size * self.seq_len * world_size
+        if self.tokens_per_step % rows:
+            raise ValueError(
+                f"--tokens-per-step {self.tokens_per_step} is not a multiple of micro-batch x seq-len x world size "
+                f"= {self.micro_batch_size} x {self.seq_len} x {world_size} = {rows}: lower --micro-batch-size"
+            )
 
     def grad_accum_steps(self, world_size: int) -> int:
         return self.tokens_per_step // (self.micro_batch_size * self.seq_len * world_size)
 
 
-# --demo: a tiny GPT-2 that learns visibly in ~3 minutes on 2 CPU cores (~1 s/step). 2,048 tokens per step as
-# 2 micro-batches of 4 x 256 (so gradient accumulation runs too); a higher lr than 124M's because
-# small models tolerate it; the shipped ~0.6M-token corpus in 100K-token shards (shard 0 = val).
-DEMO_PRESET = dict(
-    model="tiny", data_dir="demo_fineweb", tokens_per_step=2048, micro_batch_size=4, seq_len=256,
-    max_steps=120, warmup_steps=10, max_lr=3e-3, val_every=30, val_tokens=32_768,
-    hellaswag_every=0, sample_every=60, ckpt_every=40, device="cpu",
-    loss_chunk_rows=256,  # the 50304-wide output layer is most of a tiny model's work: 1.5x faster on CPU (BENCHMARKS.md)
-)
-DEMO_SHARD_SIZE = 100_000
-
-
-# Named recipes: overrides on top of the reference (and of --demo), below explicit flags.
-RECIPES: dict[str, dict] = {
-    # fast: Muon on the block matrices + warmup-stable-decay; embeddings, LayerNorms and biases stay
-    # on AdamW at max_lr. Where each number comes from (pilots: bench/recipe_gate.py at tiny scale,
-    # one seed, 115 steps of 2,048 tokens; the table is in BENCHMARKS.md):
-    #   muon_lr 0.02        best of 0.01 / 0.02 / 0.03 / 0.04 / 0.06 (the speedrun community uses 0.02-0.05)
-    #   muon_momentum 0.95  Muon's usual value, Nesterov, 5 Newton-Schulz steps (not tuned)
-    #   decay_frac 0.3      0.2 / 0.3 / 0.5 were within 0.01 of each other; decaying to 0 instead
-    #                       of min_lr_frac 0.1 did not help
-    #   max_lr 2.4e-3       AdamW lr under Muon: 4x the AdamW-only lr was best at tiny scale (6e-3 vs
-    #                       the baseline's 1.5e-3; 3e-3, 4e-3 and 1e-2 were worse), so 4 x the
-    #                       reference's 6e-4 here. (With Muon, AdamW trains only these tensors.)
-    # The warmup is left to the preset (715 steps at 124M, 10 in --demo); the gate found a short one
-    # (2% of the steps) slightly better at tiny scale. NONE of this is tuned at 124M scale.
-    "fast": dict(optimizer="muon", schedule="wsd", muon_lr=0.02, muon_momentum=0.95, decay_frac=0.3, max_lr=2.4e-3),
-}
-# The fast recipe's 124M step budget: the reference's 19,073 steps / 2.15, the token saving the
-# CPU gate measured at tiny scale (3 seeds; BENCHMARKS.md). Not measured at 124M. Not applied to --demo.
-FAST_RECIPE_MAX_STEPS = 8_870
-
-
 def resolve_flags(flags: dict) -> dict:
-    """Layer the presets: TrainConfig defaults < --demo < --recipe < flags given explicitly."""
+    """Layer the presets: TrainConfig defaults < --demo < --recipe < flags given explicitly. A model
+    preset brings its context length unless --seq-len is given."""
     layered = {}
     if flags.get("demo"):
         layered.update(DEMO_PRESET)
     if flags.get("recipe"):
-        layered.update(RECIPES[flags["recipe"]])
-        if flags["recipe"] == "fast" and not flags.get("demo"):
-            layered["max_steps"] = FAST_RECIPE_MAX_STEPS
-    return {**layered, **flags}
+        recipe = RECIPES[flags["recipe"]]
+        layered.update({k: v for k, v in recipe.items() if not (k == "max_steps" and flags.get("demo"))})
+    layered.update(flags)
+    if "model" in flags and "seq_len" not in flags:
+        layered["seq_len"] = min(TrainConfig.seq_len, GPTConfig(**MODEL_PRESETS[flags["model"]]).block_size)
+    return layered
 
 
 def parse_args(argv=None) -> TrainConfig:
-    parser = build_parser(TrainConfig, description=__doc__)
-    flags = resolve_flags(given_flags(parser.parse_args(argv)))
-    try:
-        return TrainConfig(**flags)
-    except ValueError as e:
-        parser.error(str(e))
+    """The run's config from the command line; ValueError (one line) for a value validation refuses."""
+    return TrainConfig(**resolve_flags(parse_flags(build_parser(TrainConfig, description=__doc__), argv)))
 
 
 # ---- schedule and optimizer ---------------------------------------------------------------------
@@ -220,18 +230,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-# The blocks' hidden matrices (Linear weights, (out, in)) that Muon trains with --optimizer muon.
-MUON_MATRICES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device):
     """AdamW over everything (reference), or Muon over the block matrices + AdamW over the rest.
-    Each param group may carry `lr_scale`: train_step sets its lr to schedule(step) * lr_scale."""
+    Each param group may carry `lr_scale`: set_learning_rates gives it schedule(step) * lr_scale."""
     fused = cfg.fused_adamw and device.type == "cuda"  # one kernel for all parameters on GPU
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2),
                                  eps=cfg.eps, fused=fused)
-    matrices = {name: p for name, p in model.named_parameters() if name.startswith("transformer.h.") and name.endswith(MUON_MATRICES)}
+    matrices = {name: p for name, p in model.named_parameters() if name.startswith("transformer.h.") and name.endswith(BLOCK_MATRICES)}
     muon_ids = {id(p) for p in matrices.values()}
     rest = torch.nn.ParameterList([p for p in model.parameters() if id(p) not in muon_ids])
     adamw = torch.optim.AdamW(param_groups(rest, cfg.weight_decay), lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2),
@@ -245,10 +251,15 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device):
     return CombinedOptimizer(adamw=adamw, muon=muon)
 
 
+def set_learning_rates(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
+
+
 def load_optimizer_state(optimizer, state: dict) -> None:
     """Load a checkpoint's optimizer state but keep this run's `lr_scale`s: learning rates follow
-    the flags on resume (train_step sets them every step), and torch's load_state_dict would bring
-    back the saved groups' lr_scale, silently ignoring a changed --muon-lr (or --max-lr) for Muon."""
+    the flags on resume (set every step), and torch's load_state_dict would bring back the saved
+    groups' lr_scale, silently ignoring a changed --muon-lr (or --max-lr) for Muon."""
     scales = [group.get("lr_scale") for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, scale in zip(optimizer.param_groups, scales):
@@ -256,10 +267,80 @@ def load_optimizer_state(optimizer, state: dict) -> None:
             group["lr_scale"] = scale
 
 
-# ---- checkpoints --------------------------------------------------------------------------------
-CKPT_PATTERN = re.compile(r"model_(\d{5,})\.pt$")
+# ---- everything a run needs, and one optimizer step ---------------------------------------------
+@dataclass
+class Run:
+    """What one training run holds, built once by `build_run` (the trainer, bench.py and the tests)."""
+
+    cfg: TrainConfig
+    dist_info: runtime.DistInfo
+    model: GPT  # the plain module: checkpoints and sampling use it
+    optimizer: torch.optim.Optimizer | CombinedOptimizer
+    parallel: Parallel  # how the model is spread over ranks (the seam: DDP or one process)
+    train_model: torch.nn.Module  # what train_step calls (compiled, wrapped for the ranks)
+    eval_model: torch.nn.Module  # what evaluation calls (compiled)
+    train_loader: TrainLoader
+    val_loader: ValLoader | None
+    autocast: object  # the forward passes' precision context (bf16 on CUDA)
+    grad_accum: int  # micro-steps per optimizer step on each rank
 
 
+def build_model(cfg: TrainConfig, is_main: bool) -> GPT:
+    torch.manual_seed(cfg.seed)  # the same init on every rank
+    model = GPT(cfg.model_config)
+    if cfg.init_from:
+        model = checkpoint.load_hf_model(cfg.init_from, flag="--init-from")
+        if is_main:
+            print(f"initialised from Hugging Face {cfg.init_from}")
+    model.loss_chunk_rows = cfg.loss_chunk_rows
+    model.activation_checkpointing = cfg.activation_checkpointing
+    return model
+
+
+def build_run(cfg: TrainConfig, dist_info: runtime.DistInfo, train_loader=None) -> Run:
+    """Model, optimizer, the ranks' wrapping, loaders and precision for `cfg` on this process.
+    `train_loader`: anything with next_batch() (bench.py's synthetic tokens); default: the shards."""
+    cfg.check_world_size(dist_info.world_size)
+    device = dist_info.device
+    runtime.configure_device(device)
+    if train_loader is None:
+        train_loader = TrainLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, dist_info.rank, dist_info.world_size,
+                                   seed=cfg.seed, shuffle=cfg.shuffle, pin_memory=device.type == "cuda")
+    val_loader = (ValLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, cfg.val_tokens, dist_info.rank,
+                            dist_info.world_size) if cfg.val_every else None)
+    model = build_model(cfg, dist_info.is_main).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    parallel = parallelize(dist_info, cfg.ddp_bucket_mb)
+    train_model, eval_model = parallel.prepare(model, cfg.compile, cfg.compile_mode)
+    return Run(cfg, dist_info, model, optimizer, parallel, train_model, eval_model, train_loader, val_loader,
+               runtime.autocast(device), cfg.grad_accum_steps(dist_info.world_size))
+
+
+def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One optimizer step: grad_accum micro-steps (gradients reduced across ranks on the last only),
+    clip to the global norm, then the optimizer (AdamW, or Muon + AdamW). Returns the mean loss and
+    the grad norm as device tensors (no host sync) and the learning rate used."""
+    device = run.dist_info.device
+    loss_accum = torch.zeros((), device=device)
+    with runtime.sdpa_backend(run.cfg.attn_backend):
+        for micro_step in range(run.grad_accum):
+            x, y = run.train_loader.next_batch()  # (B, T) int64 each, pinned on CUDA
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with run.parallel.gradient_sync(run.train_model, micro_step == run.grad_accum - 1):
+                with run.autocast:
+                    _, loss = run.train_model(x, y)
+                loss = loss / run.grad_accum  # the step's loss is the mean over its micro-batches
+                loss_accum += loss.detach()
+                loss.backward()
+    grad_norm = run.parallel.clip_grad_norm_(run.model, run.cfg.grad_clip)
+    lr = learning_rate(step, run.cfg)
+    set_learning_rates(run.optimizer, lr)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss_accum, grad_norm, lr
+
+
+# ---- checkpoints and resume ---------------------------------------------------------------------
 def rng_state() -> dict:
     np_state = np.random.get_state()
     return {
@@ -281,508 +362,436 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def checkpoint_paths(log_dir: Path) -> list[tuple[int, Path]]:
-    """(step, path) of every model_NNNNN.pt and model_final.pt, newest first."""
-    found = []
-    for path in log_dir.glob("model_*.pt"):
-        match = CKPT_PATTERN.search(path.name)
-        if match:
-            found.append((int(match.group(1)), 0, path))
-        elif path.name == "model_final.pt":
-            found.append((math.inf, 1, path))  # final is newest; its real step is inside
-    return [(step, path) for step, _, path in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
+class Diverged(Exception):
+    """The loss or the weights stopped being finite: nothing more may be trained or saved."""
 
 
-def load_latest_checkpoint(log_dir: Path, is_main: bool) -> dict | None:
-    """The newest checkpoint that loads; a corrupt one is skipped with a warning."""
-    for _, path in checkpoint_paths(log_dir):
-        try:
-            ckpt = load_checkpoint_file(path)
-            if not {"model", "optimizer", "step", "loader", "config"} <= set(ckpt):
-                raise ValueError("keys missing")
-        except (ValueError, OSError) as e:
-            if is_main:
-                warnings.warn(f"skipping unreadable checkpoint {path}: {e}", stacklevel=1)
-            continue
-        ckpt["path"] = str(path)
-        return ckpt
-    return None
-
-
-def save_checkpoint(path: Path, model: GPT, optimizer, step: int, loader: TrainLoader, cfg: TrainConfig,
-                    evals_done: bool, keep: int | None) -> None:
+def save_checkpoint(run: Run, path: Path, step: int, evals_done: bool, log: metrics_log.MetricsLog,
+                    keep: int | None) -> None:
+    """Called on every rank; the seam decides which ranks write. Refuses to save weights that are not
+    finite (a checkpoint is always a point a run can continue from)."""
+    bad = torch.stack([(~torch.isfinite(p)).sum() for p in run.model.parameters()]).sum().float()
+    if run.parallel.all_reduce(bad).item():
+        raise Diverged(f"weights are not finite at step {step}: not saving them")
     state = {
-        "model": model.state_dict(),  # the unwrapped module: no "module." / "_orig_mod." prefixes
-        "model_config": model.model_config_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": run.parallel.model_state_dict(run.model),  # unwrapped: no "module." / "_orig_mod." prefixes
+        "model_config": run.model.model_config_dict(),
+        "optimizer": run.optimizer.state_dict(),
         "step": step,  # optimizer steps completed
-        "loader": loader.state_dict(),
+        "loader": run.train_loader.state_dict(),
         "rng": rng_state(),
-        "config": asdict(cfg),
+        "config": asdict(run.cfg),
         "evals_done": evals_done,  # were step's val/HellaSwag/sample logged before this save?
+        "metrics": log.state_dict(),  # the log's length now: a resume cuts it back to this
     }
-    runtime.atomic_torch_save(state, path)
-    if keep is not None:  # prune old step checkpoints, never the final one
-        steps = [(s, p) for s, p in checkpoint_paths(path.parent) if s != math.inf]
-        for _, old in steps[keep:]:
-            old.unlink(missing_ok=True)
+    if run.parallel.writes_checkpoints:
+        checkpoint.save(state, path, keep)
 
 
-# ---- metrics log --------------------------------------------------------------------------------
-class TensorBoardMirror:
-    """Every numeric field of every record as a TensorBoard scalar `<type>/<field>` at its step."""
-
-    def __init__(self, log_dir: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError("--tensorboard needs the tensorboard package: run `uv sync --extra loggers`") from None
-        self.writer = SummaryWriter(str(log_dir / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        kind, step = record["type"], record["step"]
-        if kind == "config":
-            self.writer.add_text("config", f"```\n{json.dumps(record, indent=1)}\n```", step)
-        elif kind == "sample":
-            self.writer.add_text("samples", "\n\n".join(record["samples"]), step)
-        for key, value in record.items():
-            if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(f"{kind}/{key}", value, step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        self.writer.close()
+# Settings whose change turns a resumed run into another run: refused unless --allow-config-change.
+RESUME_REFUSED = ("tokens_per_step", "seq_len", "seed", "shuffle")
+# The settings that decide the weights a run ends with (the rest: where it runs, how fast, how often
+# it evaluates and logs). A finished run asked for with other values of these did not train.
+RUN_SETTINGS = ("model", "init_from", "shuffle", "tokens_per_step", "seq_len", "max_steps", "warmup_steps", "max_lr",
+                "min_lr_frac", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "schedule", "decay_frac",
+                "optimizer", "muon_lr", "muon_momentum", "recipe", "seed", "demo")
 
 
-class WandbMirror:
-    """Every record to a Weights & Biases run that a resumed job continues (its id is kept in the
-    log dir). WANDB_MODE=offline writes it locally for a later `wandb sync`."""
-
-    def __init__(self, log_dir: Path, project: str, config: dict):
-        try:
-            import wandb
-        except ImportError:
-            raise ValueError("--wandb needs the wandb package: run `uv sync --extra loggers`") from None
-        id_file = log_dir / "wandb_run_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
-        runtime.atomic_write_bytes(id_file, run_id.encode())
-        self.wandb = wandb
-        self.run = wandb.init(project=project, id=run_id, resume="allow", dir=str(log_dir), config=config,
-                              name=log_dir.resolve().name)
-        self.run.define_metric("*", step_metric="step")  # our step, not wandb's own counter
-
-    def write(self, record: dict) -> None:
-        kind = record["type"]
-        if kind == "sample":
-            data = {"sample/text": self.wandb.Html("<br>".join(record["samples"]))}
-        else:
-            data = {f"{kind}/{k}": v for k, v in record.items()
-                    if k not in ("type", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if data:
-            self.run.log({"step": record["step"], **data})
-
-    def close(self) -> None:
-        self.run.finish()
+def config_changes(saved: dict, cfg: TrainConfig, only: tuple[str, ...] | None = None) -> dict[str, str]:
+    """{setting: "--flag old -> new"} for every setting (of `only`, if given) that differs from the
+    checkpoint's config."""
+    now = asdict(cfg)
+    return {name: f"--{name.replace('_', '-')} {saved[name]} -> {now[name]}"
+            for name in (only or now) if name in saved and saved[name] != now[name] and name != "allow_config_change"}
 
 
-class MetricsLog:
-    """<log dir>/metrics.jsonl on the main rank: one JSON object per line, appended and flushed.
-    It is the source of truth; TensorBoard / W&B mirrors, when asked for, get the same records."""
+def check_resumable(ckpt: dict, cfg: TrainConfig, model: GPT) -> list[str]:
+    """Raise ValueError when `ckpt` cannot continue as this run; return the changes it may continue with."""
+    saved, path = ckpt["config"], ckpt["path"]
+    if ckpt.get("model_config") != model.model_config_dict():
+        raise ValueError(f"{path} holds another model ({saved.get('model')}: {ckpt.get('model_config')}) "
+                         f"than --model {cfg.model}: resume with its --model, or start this run in a new --log-dir")
+    if saved.get("optimizer", "adamw") != cfg.optimizer:
+        raise ValueError(f"{path} was trained with --optimizer {saved.get('optimizer', 'adamw')}: "
+                         f"resume with it, or start --optimizer {cfg.optimizer} in a new --log-dir")
+    changes = config_changes(saved, cfg)
+    refused = [text for name, text in changes.items() if name in RESUME_REFUSED]
+    if refused and not cfg.allow_config_change:
+        raise ValueError(f"{path} was saved with other settings ({'; '.join(refused)}): resuming would not continue "
+                         "that run. Use the checkpoint's settings, a new --log-dir, or --allow-config-change if intended")
+    return list(changes.values())
 
-    def __init__(self, path: Path, enabled: bool, mirrors: list | None = None):
-        self.path, self.enabled, self.mirrors = path, enabled, mirrors or []
 
-    def start(self, resume_step: int | None, evals_done: bool) -> None:
-        """Fresh run: empty the file. Resumed run at step S: drop what the killed run logged past
-        its checkpoint, so no step appears twice."""
-        if not self.enabled:
-            return
-        if resume_step is None or not self.path.exists():
-            runtime.atomic_write_bytes(self.path, b"")
-            return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-                step, kind = int(record["step"]), record.get("type")
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line from a kill
-            if kind == "train" and step >= resume_step:
-                continue
-            if kind in ("val", "hellaswag", "sample") and (step > resume_step or (step == resume_step and not evals_done)):
-                continue
-            if kind == "config" and step > resume_step:
-                continue
-            kept.append(line + "\n")
-        runtime.atomic_write_bytes(self.path, "".join(kept).encode())
+class RunFinished(Exception):
+    """--resume auto found this run already finished: nothing to train (exit code in .code)."""
 
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            record = {**record, "time": time.time()}
-            runtime.append_jsonl(self.path, record)
-            for mirror in self.mirrors:
-                mirror.write(record)
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
-    def close(self) -> None:
-        for mirror in self.mirrors:
-            mirror.close()
+
+def resume(run: Run) -> tuple[int, bool, dict | None]:
+    """Continue from the newest checkpoint in --log-dir, whatever world size wrote it: load its state
+    into `run`. Returns (start step, evals of that step already logged, the metrics log's state)."""
+    cfg, is_main, log_dir = run.cfg, run.dist_info.is_main, Path(run.cfg.log_dir)
+    if cfg.resume == "never":
+        if checkpoint.paths(log_dir):
+            raise ValueError(f"{log_dir} already holds checkpoints of another run: pass a new --log-dir, "
+                             "or delete them, or use --resume auto")
+        return 0, False, None
+    ckpt = checkpoint.load_latest(log_dir, warn=is_main)
+    if ckpt is None:
+        return 0, False, None
+    # A signal during the last step leaves model_{max_steps}.pt, saved before the final evals:
+    # resuming it runs them and writes model_final.pt. Only that file (or a checkpoint past
+    # --max-steps) means the run is over.
+    finished = ckpt["step"] > cfg.max_steps or (ckpt["step"] == cfg.max_steps and Path(ckpt["path"]).name == checkpoint.FINAL)
+    if finished:
+        changes = config_changes(ckpt["config"], cfg, only=RUN_SETTINGS)
+        if changes:
+            raise RunFinished(f"error: {log_dir} holds a finished run with other settings ({'; '.join(changes.values())}): to train "
+                              f"with these settings, give the run its own folder, e.g. --log-dir {log_dir}_2", 2)
+        raise RunFinished(f"training already finished: {ckpt['path']} is at step {ckpt['step']} of {cfg.max_steps}, "
+                          f"nothing to do. To train again, pass a new --log-dir (e.g. --log-dir {log_dir}_2) or delete "
+                          f"{log_dir}/; to train longer, raise --max-steps", 0)
+    changes = check_resumable(ckpt, cfg, run.model)
+    run.parallel.load_model_state_dict(run.model, ckpt["model"])
+    load_optimizer_state(run.optimizer, ckpt["optimizer"])
+    run.train_loader.load_state_dict(ckpt["loader"], strict=not cfg.allow_config_change)
+    set_rng_state(ckpt["rng"])
+    if is_main:
+        print(f"resuming from {ckpt['path']} at step {ckpt['step']}")
+        for change in changes:
+            print(f"  changed since the checkpoint: {change}")
+    return ckpt["step"], ckpt.get("evals_done", False), {"bytes": None, **ckpt.get("metrics", {}), "path": ckpt["path"]}
 
 
 # ---- evaluation and sampling --------------------------------------------------------------------
 @torch.no_grad()
-def evaluate_val_loss(model, val_loader: ValLoader, dist_info: runtime.DistInfo, autocast) -> float:
+def evaluate_val_loss(run: Run) -> float:
     """Mean cross-entropy over the fixed validation tokens, identical for any world/batch size.
     Padded rows (ValLoader keeps batch shapes fixed for compile) get target -1 and are ignored."""
-    device = dist_info.device
+    device = run.dist_info.device
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, tokens]
-    for x, y, num_valid in val_loader:
+    for x, y, num_valid in run.val_loader:
         if num_valid == 0:
             continue  # an all-padding batch (ranks with fewer windows): nothing to score
         y = y.clone()
         y[num_valid:] = -1
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with autocast:
-            _, loss = model(x, y)
+        with run.autocast:
+            _, loss = run.eval_model(x, y)
         tokens = num_valid * y.size(1)
         totals += torch.stack([loss.double() * tokens, torch.tensor(float(tokens), dtype=torch.float64, device=device)])
-    if dist_info.distributed:
-        dist.all_reduce(totals)
+    run.parallel.all_reduce(totals)
     return (totals[0] / totals[1]).item()
 
 
-def sample_texts(model: GPT, cfg: TrainConfig, step: int, dist_info: runtime.DistInfo, num_samples: int = 4,
-                 max_new_tokens: int = 32) -> list[str]:
+def run_hellaswag(run: Run, examples: list[dict], step: int, log: metrics_log.MetricsLog) -> None:
+    """HellaSwag (reference style) on every rank, split across ranks; logged by the main rank with
+    the number of examples (a subset file gives a subset's score, and says so)."""
+    result = evaluate_hellaswag(run.eval_model, examples, run.dist_info, autocast=run.autocast,
+                                styles=("reference",))  # the user's metric; hellaswag.py adds the harness style
+    log.write({"type": "hellaswag", "step": step, "tokens": step * run.cfg.tokens_per_step,
+               "hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"], "count": result["count"]})
+    if run.dist_info.is_main:
+        print(f"step {step:6d} | hellaswag acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} ({result['count']} examples)")
+
+
+def sample_texts(run: Run, step: int, num_samples: int = 4, max_new_tokens: int = 32) -> list[str]:
+    """Samples of the prompt, the same on every rank (a generator seeded by step, not the global RNG)."""
     enc = get_encoding()
-    generator = torch.Generator(device=dist_info.device).manual_seed(cfg.seed + step)
-    rows = generate(model, enc.encode(cfg.sample_prompt), max_new_tokens, num_samples=num_samples,
-                    top_k=50, generator=generator, stop_token=EOT_TOKEN)
-    return [cfg.sample_prompt + enc.decode(row) for row in rows]
+    generator = torch.Generator(device=run.dist_info.device).manual_seed(run.cfg.seed + step)
+    rows = generate(run.model, enc.encode(run.cfg.sample_prompt), max_new_tokens, num_samples=num_samples,
+                    top_k=50, generator=generator, stop_token=EOT_TOKEN, autocast=run.autocast)
+    return [run.cfg.sample_prompt + enc.decode(row) for row in rows]
 
 
-# ---- setup helpers ------------------------------------------------------------------------------
+# ---- the loop's helpers --------------------------------------------------------------------------
 class StopFlag:
-    """Set by SIGTERM / SIGUSR1; the loop checkpoints and exits 0 at the next step boundary."""
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit) and the first Ctrl-C (SIGINT) ask for
+    a checkpoint at the next step boundary; a second Ctrl-C, more than a second after the first,
+    aborts at once. (Within a second it is the same key press delivered twice: by the terminal and
+    by a launcher that forwards it.)"""
+
+    SAME_PRESS_SECONDS = 1.0
 
     def __init__(self):
         self.signal_name: str | None = None
+        self.interrupted_at: float | None = None
+        self.quiet = runtime.env_rank() != 0  # one message per job, not one per rank
 
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-            if sig is not None:
-                signal.signal(sig, self._handle)
+    def install(self) -> dict:
+        """Handle the stop signals from now on; returns the handlers they had (to restore)."""
+        return {sig: signal.signal(sig, self._handle)
+                for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if sig is not None}
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            os.write(2, text.encode())  # a signal handler must not use print (it may interrupt one)
 
     def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self.interrupted_at is not None:
+                if now - self.interrupted_at > self.SAME_PRESS_SECONDS:
+                    self._say("\nsecond Ctrl-C: stopping now, without a checkpoint\n")
+                    os._exit(130)
+                return
+            self.interrupted_at = now
+            self._say("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)\n")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     @property
     def set(self) -> bool:
         return self.signal_name is not None
 
+    @property
+    def interrupted(self) -> bool:
+        return self.interrupted_at is not None
 
-def prepare_demo_data(cfg: TrainConfig, is_main: bool) -> None:
+
+class StepClock:
+    """Training time only: paused (after a device sync) around evaluations and checkpoints, so the
+    step time, tokens/s and the ETA measure training alone. Elapsed time is the wall clock."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.started = device, time.perf_counter()
+        self.window_seconds, self.window_steps = 0.0, 0  # since the last logged step
+        self.total_seconds, self.total_steps = 0.0, 0  # since this process started training
+        self._since: float | None = None
+
+    def run(self) -> None:
+        if self._since is None:
+            self._since = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._since is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - self._since
+            self.window_seconds += seconds
+            self.total_seconds += seconds
+            self._since = None
+
+    def step_done(self) -> None:
+        self.window_steps += 1
+        self.total_steps += 1
+
+    def lap(self) -> tuple[float, int]:
+        """(training seconds, steps) since the last lap."""
+        lap = (self.window_seconds, self.window_steps)
+        self.window_seconds, self.window_steps = 0.0, 0
+        return lap
+
+    def eta(self, steps_left: int) -> float:
+        return steps_left * self.total_seconds / max(self.total_steps, 1)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def format_step_line(step: int, max_steps: int, loss: float, lr: float, grad_norm: float, step_ms: float,
+                     tokens_per_sec: float, mfu: float | None, elapsed: float, eta: float) -> str:
+    mfu_text = f"{100 * mfu:4.1f}%" if mfu is not None else "  n/a"
+    return (f"step {step:6d}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:6.3f} | "
+            f"{step_ms:7.0f} ms | {tokens_per_sec:11,.0f} tok/s | mfu {mfu_text} | {hms(elapsed)} | eta {hms(eta)}")
+
+
+def prepare_demo_data(cfg: TrainConfig) -> None:
     """--demo: tokenize the shipped corpus with fineweb.py. Run every time: it resumes an
     interrupted preparation and answers "already complete" in a fraction of a second."""
-    data_dir = Path(cfg.data_dir)
-    if not is_main:
-        return
-    print(f"demo: token shards of {DEMO_CORPUS.relative_to(REPO)} in {data_dir}/ (fineweb.py)")
-    cmd = [sys.executable, str(REPO / "fineweb.py"), "--input", str(DEMO_CORPUS), "--out-dir", str(data_dir),
+    print(f"demo: token shards of {DEMO_CORPUS.relative_to(REPO)} in {cfg.data_dir}/ (fineweb.py)")
+    cmd = [sys.executable, str(REPO / "fineweb.py"), "--input", str(DEMO_CORPUS), "--out-dir", cfg.data_dir,
            "--shard-size", str(DEMO_SHARD_SIZE), "--workers", "1"]
     result = subprocess.run(cmd, stdout=subprocess.DEVNULL)
     if result.returncode != 0:
         raise ValueError(f"demo data preparation failed (exit {result.returncode}): see the message above")
 
 
-def check_hellaswag_data(cfg: TrainConfig) -> None:
-    if cfg.hellaswag_every and not Path(cfg.hellaswag_data).is_file():
+def prepare_run_dir(cfg: TrainConfig, dist_info: runtime.DistInfo) -> list[dict]:
+    """Before anything is built: the log dir (and its temp files from a killed save), the demo's
+    data, the HellaSwag examples (a missing or malformed file fails now, not after hours of training)."""
+    if dist_info.is_main:
+        Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
+        fileio.remove_temps(cfg.log_dir, checkpoint.TMP_PREFIX)
+        if cfg.demo:
+            prepare_demo_data(cfg)
+    runtime.barrier()  # the other ranks wait for the demo's data
+    if not cfg.hellaswag_every:
+        return []
+    if not Path(cfg.hellaswag_data).is_file():
         raise ValueError(
             f"HellaSwag file {cfg.hellaswag_data} not found: run `uv run hellaswag.py --download-only` on a "
             "machine with network (or pass --hellaswag-data PATH), or turn it off with --hellaswag-every 0"
         )
+    return load_examples(cfg.hellaswag_data, verify=False)  # any subset is scored; its count is logged
 
 
-def build_model(cfg: TrainConfig, is_main: bool) -> GPT:
-    torch.manual_seed(cfg.seed)  # the same init on every rank
-    model = GPT(cfg.model_config)
-    if cfg.init_from:
-        try:
-            from transformers import GPT2LMHeadModel
-
-            hf = GPT2LMHeadModel.from_pretrained(cfg.init_from)
-        except OSError as e:
-            raise ValueError(
-                f"--init-from {cfg.init_from}: could not load the weights ({str(e).splitlines()[0]}); they need "
-                "the network once, or a Hugging Face cache that has them (HF_HOME)"
-            ) from None
-        model = load_hf_state_dict(GPT(gpt_config_from_hf(hf.config)), hf.state_dict())
-        if is_main:
-            print(f"initialised from Hugging Face {cfg.init_from}")
-    return model
-
-
-def format_step_line(step: int, max_steps: int, loss: float, lr: float, grad_norm: float, step_ms: float,
-                     tokens_per_sec: float, mfu: float | None) -> str:
-    mfu_text = f"{100 * mfu:4.1f}%" if mfu is not None else "  n/a"
-    return (f"step {step:6d}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:6.3f} | "
-            f"{step_ms:7.0f} ms | {tokens_per_sec:11,.0f} tok/s | mfu {mfu_text}")
+def write_config_record(run: Run, log: metrics_log.MetricsLog, start_step: int, resumed_from: str | None) -> None:
+    """The first record of each (re)start: the resolved config and where it runs."""
+    cfg, device, world = run.cfg, run.dist_info.device, run.dist_info.world_size
+    log.write({
+        "type": "config", "step": start_step, "config": asdict(cfg), "git_sha": runtime.git_sha(),
+        "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "device_name": runtime.device_name(device), "world_size": world, "parallel": run.parallel.name,
+        "resumed_from": resumed_from, "flops_per_token": run.model.flops_per_token(cfg.seq_len),
+        "peak_flops": runtime.peak_flops(device), "grad_accum_steps": run.grad_accum,
+        "num_params": run.model.num_params(), "data_source": describe_source(cfg.data_dir),
+    })
+    if run.dist_info.is_main:
+        print(f"{cfg.model}: {run.model.num_params():,} parameters | {world} x {runtime.device_name(device)} | "
+              f"{cfg.tokens_per_step:,} tokens/step = {world} ranks x {run.grad_accum} micro-steps x "
+              f"{cfg.micro_batch_size} x {cfg.seq_len}")
 
 
 # ---- the run ------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: StopFlag | None = None) -> int:
-    cfg.validate(dist_info.world_size)
-    device, is_main = dist_info.device, dist_info.is_main
     stop = stop or StopFlag()
-    log_dir = Path(cfg.log_dir)
-    if is_main:
-        log_dir.mkdir(parents=True, exist_ok=True)
-        for stale in log_dir.glob(".model_*.pt.*.tmp"):  # a save cut short by a kill
-            stale.unlink(missing_ok=True)
-    if cfg.demo:
-        prepare_demo_data(cfg, is_main)
-    if dist_info.distributed:
-        dist.barrier()
-    check_hellaswag_data(cfg)
-    if cfg.compile and device.type != "cuda" and is_main:
-        warnings.warn("--compile is ignored on CPU (compiling costs more than it saves there)", stacklevel=1)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
+    hellaswag_examples = prepare_run_dir(cfg, dist_info)
+    run = build_run(cfg, dist_info)
+    start_step, evals_done, resumed = resume(run)
+    log = metrics_log.open_log(Path(cfg.log_dir), dist_info.is_main, cfg.tensorboard, cfg.wandb_project if cfg.wandb else None, asdict(cfg))
+    log.start(resumed)
+    write_config_record(run, log, start_step, resumed and resumed["path"])
+    try:
+        return loop(run, log, stop, start_step, evals_done, hellaswag_examples)
+    finally:
+        log.close()
 
-    grad_accum = cfg.grad_accum_steps(dist_info.world_size)
-    train_loader = TrainLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, dist_info.rank, dist_info.world_size,
-                               seed=cfg.seed, shuffle=cfg.shuffle, pin_memory=device.type == "cuda")
-    val_loader = (ValLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, cfg.val_tokens, dist_info.rank,
-                            dist_info.world_size) if cfg.val_every else None)
 
-    raw_model = build_model(cfg, is_main).to(device)
-    optimizer = make_optimizer(raw_model, cfg, device)
+def loop(run: Run, log: metrics_log.MetricsLog, stop: StopFlag, start_step: int, evals_done: bool,
+         hellaswag_examples: list[dict]) -> int:
+    """Steps start_step..max_steps in the reference order: eval -> HellaSwag -> sample -> checkpoint,
+    then the training step and its log line. Returns the exit code (130 after a Ctrl-C)."""
+    cfg, dist_info = run.cfg, run.dist_info
+    log_dir, is_main = Path(cfg.log_dir), dist_info.is_main
+    clock = StepClock(dist_info.device)
+    peak, flops_per_token = runtime.peak_flops(dist_info.device), run.model.flops_per_token(cfg.seq_len)
+    bad_steps = torch.zeros((), device=dist_info.device)  # steps with a non-finite loss or norm since the last sync
+    stop_agreed = interrupted = False  # set only from the all-reduced flags, never from a local signal
 
-    # Resume: the newest valid checkpoint in the log dir, whatever world size wrote it.
-    ckpt = load_latest_checkpoint(log_dir, is_main) if cfg.resume == "auto" else None
-    if cfg.resume == "never" and checkpoint_paths(log_dir):
-        raise ValueError(f"{log_dir} already holds checkpoints of another run: pass a new --log-dir, or delete them, or use --resume auto")
-    start_step, evals_done, resumed_from = 0, False, None
-    if ckpt is not None:
-        # A signal during the last step leaves model_{max_steps}.pt, saved before the final evals:
-        # resuming it runs them and writes model_final.pt. Only that file (or a checkpoint past
-        # --max-steps) means the run is over.
-        if ckpt["step"] > cfg.max_steps or (ckpt["step"] == cfg.max_steps and Path(ckpt["path"]).name == "model_final.pt"):
-            if is_main:
-                print(f"training already finished: {ckpt['path']} is at step {ckpt['step']} of {cfg.max_steps}. "
-                      "Use a new --log-dir (or --resume never after deleting it) for another run.")
-            return 0
-        if ckpt["config"].get("optimizer", "adamw") != cfg.optimizer:
-            raise ValueError(f"{ckpt['path']} was trained with --optimizer {ckpt['config'].get('optimizer', 'adamw')}: "
-                             f"resume with it, or start --optimizer {cfg.optimizer} in a new --log-dir")
-        if ckpt.get("model_config") != raw_model.model_config_dict():
-            raise ValueError(f"{ckpt['path']} holds another model ({ckpt['config'].get('model')}: {ckpt.get('model_config')}) "
-                             f"than --model {cfg.model}: resume with its --model, or start this run in a new --log-dir")
-        raw_model.load_state_dict(ckpt["model"])
-        load_optimizer_state(optimizer, ckpt["optimizer"])
-        train_loader.load_state_dict(ckpt["loader"])
-        set_rng_state(ckpt["rng"])
-        start_step, evals_done, resumed_from = ckpt["step"], ckpt.get("evals_done", False), ckpt["path"]
-        if is_main:
-            print(f"resuming from {ckpt['path']} at step {start_step}")
-    mirrors = []
-    if is_main and cfg.tensorboard:
-        mirrors.append(TensorBoardMirror(log_dir))
-    if is_main and cfg.wandb:
-        mirrors.append(WandbMirror(log_dir, cfg.wandb_project, asdict(cfg)))
-    metrics = MetricsLog(log_dir / "metrics.jsonl", is_main, mirrors)
-    metrics.start(start_step if ckpt is not None else None, evals_done)
-    del ckpt
-
-    model, train_model, autocast = wrap_model(raw_model, cfg, dist_info)
-
-    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
-    peak = runtime.peak_flops(device)
-    metrics.write({
-        "type": "config", "step": start_step, "config": asdict(cfg), "git_sha": runtime.git_sha(),
-        "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "device_name": runtime.device_name(device), "world_size": dist_info.world_size,
-        "resumed_from": resumed_from, "flops_per_token": flops_per_token,
-        "peak_flops": peak, "grad_accum_steps": grad_accum, "num_params": raw_model.num_params(),
-    })
-    if is_main:
-        print(f"{cfg.model}: {raw_model.num_params():,} parameters | {dist_info.world_size} x {runtime.device_name(device)} | "
-              f"{cfg.tokens_per_step:,} tokens/step = {dist_info.world_size} ranks x {grad_accum} micro-steps x "
-              f"{cfg.micro_batch_size} x {cfg.seq_len}")
-
-    # Throughput counts training only: the clock is paused (after a device sync) around evals.
-    train_seconds, steps_since_log, clock = 0.0, 0, None
-    stop_agreed = False  # set only from the all-reduced flag (log steps), never from a local signal
-
-    def sync_clock():
-        nonlocal train_seconds, clock
-        if clock is not None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            train_seconds += time.perf_counter() - clock
-            clock = None
-
-    step = start_step
     for step in range(start_step, cfg.max_steps + 1):
         last_step = step == cfg.max_steps
-        skip_evals = step == start_step and evals_done  # the resumed checkpoint's step already logged them
-
         if stop_agreed:
-            sync_clock()
+            clock.pause()
+            save_checkpoint(run, log_dir / f"model_{step:05d}.pt", step, False, log, cfg.keep_checkpoints)
             if is_main:
-                save_checkpoint(log_dir / f"model_{step:05d}.pt", raw_model, optimizer, step, train_loader, cfg,
-                                evals_done=False, keep=cfg.keep_checkpoints)
                 print(f"{stop.signal_name or 'signal on another rank'}: checkpoint saved at step {step}"
                       + ("; finishing the final evaluation" if last_step else "; exiting so the job can be requeued"))
             if not last_step:
-                metrics.close()
-                return 0
+                return 130 if interrupted else 0
             stop_agreed = False  # training is done: run the final evals and write model_final.pt
 
-        def due(every: int) -> bool:
-            return bool(every) and (step % every == 0 or last_step) and not skip_evals
+        def due(every: int) -> bool:  # the resumed checkpoint's step already logged its evals
+            return bool(every) and (step % every == 0 or last_step) and not (step == start_step and evals_done)
 
         if due(cfg.val_every):
-            sync_clock()
-            val_loss = evaluate_val_loss(model, val_loader, dist_info, autocast)
-            metrics.write({"type": "val", "step": step, "tokens": step * cfg.tokens_per_step, "val_loss": val_loss})
+            clock.pause()
+            val_loss = evaluate_val_loss(run)
+            log.write({"type": "val", "step": step, "tokens": step * cfg.tokens_per_step, "val_loss": val_loss})
             if is_main:
                 print(f"step {step:6d} | val loss {val_loss:.4f}")
         if due(cfg.hellaswag_every):
-            sync_clock()
-            run_hellaswag(raw_model, model, cfg, step, dist_info, autocast, metrics)
-        if due(cfg.sample_every) and step > 0 and is_main:
-            sync_clock()
-            texts = sample_texts(raw_model, cfg, step, dist_info)
-            metrics.write({"type": "sample", "step": step, "samples": texts})
-            for text in texts:
-                print(f"sample: {text!r}")
+            clock.pause()
+            run_hellaswag(run, hellaswag_examples, step, log)
+        if due(cfg.sample_every) and step > 0:
+            clock.pause()
+            texts = sample_texts(run, step)
+            log.write({"type": "sample", "step": step, "samples": texts})
+            if is_main:
+                for text in texts:
+                    print(f"sample: {text!r}")
         if last_step:
             break
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step > start_step and is_main:
-            sync_clock()
-            save_checkpoint(log_dir / f"model_{step:05d}.pt", raw_model, optimizer, step, train_loader, cfg,
-                            evals_done=True, keep=cfg.keep_checkpoints)
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step > start_step:
+            clock.pause()
+            save_checkpoint(run, log_dir / f"model_{step:05d}.pt", step, True, log, cfg.keep_checkpoints)
 
-        if clock is None:
-            clock = time.perf_counter()
-        loss_accum, grad_norm, lr = train_step(train_model, raw_model, optimizer, train_loader, cfg, step,
-                                               grad_accum, dist_info, autocast)
-        steps_since_log += 1
+        clock.run()
+        loss, grad_norm, lr = train_step(run, step)
+        clock.step_done()
+        bad_steps += (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
 
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            # The one host-device sync of the hot loop: loss, norm and the stop flag of every rank.
-            stats = torch.stack([loss_accum, grad_norm.to(loss_accum.dtype), torch.tensor(float(stop.set), device=device)])
-            if dist_info.distributed:
-                dist.all_reduce(stats)
-            loss_sum, norm_sum, stops = stats.tolist()
-            sync_clock()
-            loss_value = loss_sum / dist_info.world_size
-            grad_norm_value = norm_sum / dist_info.world_size  # identical on every rank after all-reduce
-            if not math.isfinite(loss_value):
-                if is_main:
-                    print(f"error: loss is {loss_value} at step {step}: stopping. The last good checkpoint in "
-                          f"{log_dir} is untouched; lower --max-lr or resume from it.", file=sys.stderr)
-                metrics.close()
-                return 1
-            stop_agreed = stops > 0  # every rank sees the same sum, so all stop at the same step
-            tokens_per_sec = steps_since_log * cfg.tokens_per_step / max(train_seconds, 1e-9)
-            step_ms = 1000 * train_seconds / steps_since_log
-            step_mfu = runtime.mfu(flops_per_token, tokens_per_sec, peak, dist_info.world_size)
-            metrics.write({"type": "train", "step": step, "tokens": (step + 1) * cfg.tokens_per_step,
-                           "train_loss": loss_value, "lr": lr, "grad_norm": grad_norm_value, "step_ms": step_ms,
-                           "tokens_per_sec": tokens_per_sec, "mfu": step_mfu})
-            if is_main:
-                print(format_step_line(step, cfg.max_steps, loss_value, lr, grad_norm_value, step_ms, tokens_per_sec, step_mfu))
-            train_seconds, steps_since_log = 0.0, 0
+        log_due = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+        saves_next = bool(cfg.ckpt_every) and (step + 1) % cfg.ckpt_every == 0
+        if log_due or saves_next:
+            # The one host-device sync of the hot loop (log steps, and before every checkpoint so that
+            # none is saved after a non-finite step): loss, norm, health and stop flags of every rank.
+            stats = torch.stack([loss, grad_norm.to(loss.dtype), bad_steps,
+                                 torch.tensor(float(stop.set), device=dist_info.device),
+                                 torch.tensor(float(stop.interrupted), device=dist_info.device)])
+            loss_sum, norm_sum, bad, stops, interrupts = run.parallel.all_reduce(stats).tolist()
+            clock.pause()
+            if bad:
+                raise Diverged(f"the loss or gradient norm stopped being finite by step {step} (loss now "
+                               f"{loss_sum / dist_info.world_size}): stopping. The last good checkpoint in {log_dir} is "
+                               "untouched; lower --max-lr or resume from it")
+            stop_agreed, interrupted = stops > 0, interrupts > 0  # every rank sees the same sums: all stop together
+            if log_due:
+                log_train_step(run, log, clock, step, loss_sum / dist_info.world_size, norm_sum / dist_info.world_size,
+                               lr, flops_per_token, peak)
 
+    save_checkpoint(run, log_dir / checkpoint.FINAL, cfg.max_steps, True, log, keep=None)
     if is_main:
-        save_checkpoint(log_dir / "model_final.pt", raw_model, optimizer, cfg.max_steps, train_loader, cfg,
-                        evals_done=True, keep=None)
-        print(f"done: {cfg.max_steps} steps, final checkpoint {log_dir / 'model_final.pt'}")
-    metrics.close()
-    return 0
+        print(f"done: {cfg.max_steps} steps, final checkpoint {log_dir / checkpoint.FINAL}")
+    return 130 if interrupted else 0
 
 
-def wrap_model(raw_model: GPT, cfg: TrainConfig, dist_info: runtime.DistInfo):
-    """Apply the speed settings and return (model, train_model, autocast): `model` is the compiled
-    module (evaluation calls it), `train_model` its DDP wrapper under torchrun (training calls it)."""
-    device = dist_info.device
-    raw_model.loss_chunk_rows = cfg.loss_chunk_rows
-    raw_model.activation_checkpointing = cfg.activation_checkpointing
-    model = raw_model
-    if cfg.compile and device.type == "cuda":
-        model = torch.compile(raw_model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
-    train_model = model
-    if dist_info.distributed:
-        # DDP all-reduces gradients in buckets while the last micro-step's backward still runs.
-        train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                          bucket_cap_mb=cfg.ddp_bucket_mb)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    return model, train_model, autocast
-
-
-def train_step(train_model, raw_model: GPT, optimizer, train_loader: TrainLoader, cfg: TrainConfig, step: int,
-               grad_accum: int, dist_info: runtime.DistInfo, autocast):
-    """One optimizer step: grad_accum micro-steps, clip, AdamW. Returns (mean loss, grad norm) as
-    device tensors (no sync) and the learning rate used."""
-    device = dist_info.device
-    loss_accum = torch.zeros((), device=device)
-    with runtime.sdpa_backend(cfg.attn_backend):
-        for micro_step in range(grad_accum):
-            x, y = train_loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            last_micro = micro_step == grad_accum - 1
-            # Gradients are all-reduced only on the last micro-step; no_sync covers forward and backward.
-            sync_context = train_model.no_sync() if dist_info.distributed and not last_micro else nullcontext()
-            with sync_context:
-                with autocast:
-                    _, loss = train_model(x, y)
-                loss = loss / grad_accum  # the step's loss is the mean over its micro-batches
-                loss_accum += loss.detach()
-                loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    lr = learning_rate(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_accum, grad_norm, lr
-
-
-def run_hellaswag(raw_model, model, cfg, step, dist_info, autocast, metrics) -> None:
-    """HellaSwag (reference style) on every rank, split across ranks; logged by the main rank."""
-    from hellaswag_eval import evaluate_hellaswag, load_examples
-
-    result = evaluate_hellaswag(model, load_examples(cfg.hellaswag_data), dist_info, autocast=autocast,
-                                styles=("reference",))  # the user's metric; hellaswag.py adds the harness style
-    metrics.write({"type": "hellaswag", "step": step, "tokens": step * cfg.tokens_per_step,
-                   "hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"], "count": result["count"]})
-    if dist_info.is_main:
-        print(f"step {step:6d} | hellaswag acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} ({result['count']} examples)")
+def log_train_step(run: Run, log: metrics_log.MetricsLog, clock: StepClock, step: int, loss: float, grad_norm: float,
+                   lr: float, flops_per_token: int, peak: float | None) -> None:
+    """The train record and the console line of a log step (grad norm: identical on every rank)."""
+    seconds, steps = clock.lap()
+    tokens_per_sec = steps * run.cfg.tokens_per_step / max(seconds, 1e-9)
+    step_ms = 1000 * seconds / max(steps, 1)
+    step_mfu = runtime.mfu(flops_per_token, tokens_per_sec, peak, run.dist_info.world_size)
+    log.write({"type": "train", "step": step, "tokens": (step + 1) * run.cfg.tokens_per_step, "train_loss": loss,
+               "lr": lr, "grad_norm": grad_norm, "step_ms": step_ms, "tokens_per_sec": tokens_per_sec, "mfu": step_mfu})
+    if run.dist_info.is_main:
+        print(format_step_line(step, run.cfg.max_steps, loss, lr, grad_norm, step_ms, tokens_per_sec, step_mfu,
+                               clock.elapsed(), clock.eta(run.cfg.max_steps - step - 1)))
 
 
 def main(argv=None) -> int:
-    # Catch SIGTERM / SIGUSR1 from the first moment: one sent during start-up must not be lost.
+    # Catch SIGTERM / SIGUSR1 / Ctrl-C from the first moment: one sent during start-up must not be lost.
     stop = StopFlag()
-    stop.install()
-    cfg = parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):  # `python train_gpt2.py > run.log`: each line at once for tail -f
+        sys.stdout.reconfigure(line_buffering=True)
+    previous_handlers = stop.install()
+
+    def error(message: str, code: int) -> int:
+        if runtime.env_rank() == 0:  # once per job, not once per rank
+            print(message, file=sys.stderr)
+        return code
+
     try:
+        cfg = parse_args(argv)
         dist_info = runtime.setup_distributed(cfg.device)
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        return error(f"error: {e}", 2)
     try:
         return train(cfg, dist_info, stop)
+    except RunFinished as e:
+        if dist_info.is_main:
+            print(e, file=sys.stderr if e.code else sys.stdout)
+        return e.code
+    except Diverged as e:
+        return error(f"error: {e}", 1)
     except ValueError as e:  # user-fixable problems (data, flags): one line, no traceback
-        if dist_info.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return error(f"error: {e}", 2)
     except torch.cuda.OutOfMemoryError:
-        if dist_info.is_main:
-            print(f"error: out of GPU memory at --micro-batch-size {cfg.micro_batch_size}: halve it (gradient "
-                  "accumulation grows to keep --tokens-per-step, so the run is unchanged)", file=sys.stderr)
-        return 3
+        return error(f"error: out of GPU memory at --micro-batch-size {cfg.micro_batch_size}: halve it (gradient "
+                     "accumulation grows to keep --tokens-per-step, so the run is unchanged), or add "
+                     "--activation-checkpointing / --loss-chunk-rows 8192", 3)
     finally:
         runtime.teardown_distributed()
+        for sig, handler in previous_handlers.items():  # main() called in-process (tests) leaves no trace
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +74,7 @@ def main(argv=None) -> int:
     cfg = parse_config(BenchConfig, argv, description=__doc__)
     device = torch.device(cfg.device)
     dist_info = runtime.DistInfo(rank=0, local_rank=0, world_size=1, device=device, is_main=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = runtime.autocast(device)
     examples = load_examples(cfg.data, limit=cfg.examples, verify=False)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**MODEL_PRESETS[cfg.model])).to(device).eval()

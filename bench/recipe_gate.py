@@ -45,7 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import runtime  # noqa: E402
+import fileio  # noqa: E402
 from cli import field, parse_config, parse_value  # noqa: E402
 from train_gpt2 import RECIPES, TrainConfig  # noqa: E402
 
@@ -314,7 +314,7 @@ def main(argv=None) -> int:
     print("\n" + table)
     out = {"config": asdict(cfg), "torch": torch.__version__, "wall_seconds": wall, "summary": summary, "runs": done,
            "fast_recipe": RECIPES["fast"], "markdown": table}
-    runtime.atomic_write_bytes(work / "results.json", (json.dumps(out, indent=1) + "\n").encode())
+    fileio.atomic_write_json(work / "results.json", out)
     print(f"\nresults: {work / 'results.json'}")
     return 0 if summary.get("passed", True) else 1
 

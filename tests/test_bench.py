@@ -16,6 +16,7 @@ TINY = ["--model", "tiny", "--micro-batch-size", "2", "--seq-len", "64", "--toke
         "--steps", "3", "--warmup", "1", "--device", "cpu"]
 
 
+@pytest.mark.slow
 def test_bench_prints_a_json_row_per_sweep_point():
     result = subprocess.run(
         [sys.executable, "bench.py", *TINY, "--sweep", "loss_chunk_rows=0,48", "--json"],
@@ -30,15 +31,6 @@ def test_bench_prints_a_json_row_per_sweep_point():
         assert row["grad_accum"] == 2 and row["device"].startswith("cpu") and row["torch"]
     # Same synthetic tokens, same seed: the chunked loss path trains to the same loss.
     assert abs(rows[0]["final_loss"] - rows[1]["final_loss"]) < 1e-4
-
-
-def test_bench_table_row_and_bad_sweep():
-    result = subprocess.run([sys.executable, "bench.py", *TINY], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "tok/s" in result.stdout and "mfu" in result.stdout and "ms/step" in result.stdout
-    bad = subprocess.run([sys.executable, "bench.py", *TINY, "--sweep", "no_such_knob=1"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "unknown setting" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_sweep_grid_is_the_cartesian_product():
@@ -57,3 +49,36 @@ def test_mfu_is_a_fraction_never_above_one():
     assert runtime.mfu(860e6, 300_000, h100) == pytest.approx(860e6 * 300_000 / h100)
     assert runtime.mfu(860e6, 1e9, h100) == 1.0  # an impossible rate is clamped, not reported as 870%
     assert runtime.mfu(860e6, 300_000, None) is None
+
+
+def test_help_offers_only_the_flags_that_shape_a_step_in_two_groups():
+    text = subprocess.run([sys.executable, "bench.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60).stdout
+    assert "benchmark:" in text and "the training step (train_gpt2.py's flags, same meaning):" in text
+    for flag in ("--steps", "--sweep", "--micro-batch-size", "--loss-chunk-rows", "--attn-backend", "--optimizer"):
+        assert flag in text, flag
+    for flag in ("--demo", "--resume", "--wandb", "--tensorboard", "--log-dir", "--val-every", "--hellaswag-every",
+                 "--ckpt-every", "--sample-prompt"):
+        assert flag not in text, flag
+
+
+def test_cpu_run_says_what_it_times_at_once_shows_each_step_and_prints_a_row():
+    result = subprocess.run([sys.executable, "bench.py", *TINY], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "tok/s" in result.stdout and "mfu" in result.stdout and "ms/step" in result.stdout
+    lines = result.stderr.splitlines()
+    first = next(line for line in lines if line.startswith("bench:"))
+    assert "timing tiny at 2 x 64 x 2 micro-steps on the CPU" in first and "--model tiny" not in first
+    assert [line.split(":")[0].strip() for line in lines if line.strip().startswith("step ")] == \
+        ["step 1/4 (warm-up)", "step 2/4 (timed)", "step 3/4 (timed)", "step 4/4 (timed)"]
+    # the reference configuration on a CPU: told at once, with the command for a CPU-sized run
+    proc = subprocess.Popen([sys.executable, "bench.py", "--device", "cpu"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stderr.readline()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert first.startswith("bench: timing gpt2 at 64 x 1024 x 8 micro-steps on the CPU") and "--model tiny" in first
+    bad = subprocess.run([sys.executable, "bench.py", *TINY, "--sweep", "no_such_knob=1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown setting" in bad.stderr and "Traceback" not in bad.stderr

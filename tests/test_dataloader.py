@@ -337,3 +337,22 @@ def test_cli_summary_and_one_line_error(data, capsys):
     assert "5 shards, 203 tokens, 24 windows" in out and "val:   8 windows" in out
     with pytest.raises(SystemExit, match="error: data dir .* does not exist"):
         main(["--data-dir", str(data_dir / "missing")])
+
+
+def test_token_ids_out_of_range_name_the_shard_when_read(data):
+    """A shard holding ids >= 50257 (random bytes) is named, with the command that checks every
+    shard, when a batch reads it (train) or when the fixed set is loaded (val), never an IndexError."""
+    data_dir, arrays = data
+    bad = np.load(data_dir / "edufineweb_train_000003.npy")
+    bad[5] = 60_000
+    np.save(data_dir / "edufineweb_train_000003.npy", bad)
+    loader = TrainLoader(data_dir, 4, T, shuffle=False)  # opening is lazy: only mapped, never scanned
+    with pytest.raises(DataError, match=r"edufineweb_train_000003\.npy holds token id 60000.*fineweb.py.*--verify"):
+        for _ in range(loader.num_windows // 4 + 1):
+            loader.next_batch()
+    val = np.load(data_dir / "edufineweb_val_000000.npy")
+    val[80] = 50_257
+    np.save(data_dir / "edufineweb_val_000000.npy", val)
+    ValLoader(data_dir, 4, T, 64)  # the fixed set ends before the bad id
+    with pytest.raises(DataError, match=r"edufineweb_val_000000\.npy holds token id 50257"):
+        ValLoader(data_dir, 4, T, 88)

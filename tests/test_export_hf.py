@@ -1,10 +1,12 @@
 """export_hf.py: our checkpoint -> a Hugging Face GPT-2 folder with the same logits and tokenizer."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
@@ -57,6 +59,7 @@ def test_export_errors_are_one_line(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_hellaswag_on_the_export_equals_hellaswag_on_the_checkpoint(tmp_path, hellaswag_val_path):
     save_random_checkpoint(tmp_path / "model_final.pt", seed=3)
     subprocess.run([sys.executable, "export_hf.py", "--checkpoint", str(tmp_path / "model_final.pt"),
@@ -70,3 +73,52 @@ def test_hellaswag_on_the_export_equals_hellaswag_on_the_checkpoint(tmp_path, he
     assert ours["checkpoint"] and theirs["model"] and ours["count"] == theirs["count"] == 40
     for key in ("acc", "acc_norm", "harness_acc", "harness_acc_norm"):
         assert ours[key] == theirs[key], key
+
+
+def test_out_dir_is_never_emptied_unless_it_holds_a_previous_export(tmp_path, capsys, monkeypatch):
+    """Each refusal is one line and leaves every file where it was; a previous export (recognised by
+    its file names) is replaced; the result has the modes the umask gives any new file."""
+    import export_hf
+
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    ckpt = log_dir / "model_final.pt"
+    save_random_checkpoint(ckpt)
+    (log_dir / "metrics.jsonl").write_text('{"type": "config", "step": 0}\n')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "notes.txt").write_text("keep me")
+
+    def export(out_dir: str) -> tuple[int, str]:
+        code = export_hf.main(["--checkpoint", str(ckpt), "--out-dir", out_dir])
+        return code, capsys.readouterr().err
+
+    for out_dir, phrase in ((str(mine), "holds other files: choose an empty or new folder"),
+                            (str(log_dir), "holds the checkpoint being exported"),
+                            (".", "--out-dir . holds other files")):
+        monkeypatch.chdir(cwd if out_dir == "." else ROOT)
+        code, err = export(out_dir)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and phrase in lines[0], err
+    assert (mine / "thesis.tex").read_text() == "years of work" and (cwd / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in log_dir.iterdir()) == ["metrics.jsonl", "model_final.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "log", "mine"]  # no staging folder left
+
+    out = tmp_path / "hf"
+    old_mask = os.umask(0o022)
+    try:
+        assert export(str(out))[0] == 0
+        first = (out / "model.safetensors").read_bytes()
+        save_random_checkpoint(ckpt, seed=1)
+        assert export(str(out))[0] == 0  # a previous export: replaced
+    finally:
+        os.umask(old_mask)
+    assert (out / "model.safetensors").read_bytes() != first
+    assert set(export_hf.EXPORT_FILES) >= {p.name for p in out.iterdir()}
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in out.iterdir())
+    (out / "extra.txt").write_text("added by hand")
+    assert export(str(out))[0] == 2 and (out / "extra.txt").exists()  # no longer only an export

@@ -1,7 +1,7 @@
 """fineweb.py: token stream, determinism, resume after SIGKILL, --verify, bad input, offline Hub.
 
 Everything is real: tiktoken, Hugging Face `datasets` reading local files, worker processes, files on
-disk, a real SIGKILL, a real ENOSPC (/dev/full). The oracle for the token stream is computed here
+disk, a real SIGKILL, a real "no room" write error (EFBIG under a file-size limit, `ulimit -f`). The oracle for the token stream is computed here
 independently: pyarrow reads the parquet, tiktoken's encode_ordinary encodes each document.
 """
 
@@ -143,10 +143,15 @@ def test_resume_after_a_crash_mid_document_is_byte_identical(subset, cache, refe
     (out / "manifest.json").write_text(json.dumps(crashed))
     (out / ref["shards"][k + 2]["file"]).unlink()  # a later shard missing; k+1 unrecorded but present
     (out / ref["shards"][k + 1]["file"]).write_bytes(b"stale")
+    # temp files of writes the crash interrupted (random suffixes: fileio.atomic_path uses mkstemp)
+    stale_temps = [out / f".shard-{k + 1:06d}.k2x9_q.tmp", out / ".manifest.json.a8f3z1.tmp"]
+    for p in stale_temps:
+        p.write_bytes(b"half-written")
     # resumed in streaming mode: the same rows, skipped with IterableDataset.skip instead of by index
     resumed = run(subset, out, cache, shard_size=SHARD, workers=2, streaming=True)
     assert resumed["shards"] == ref["shards"]
     assert sha_list(resumed) == [hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() for s in ref["shards"]]
+    assert not any(p.exists() for p in stale_temps) and not list(out.glob(".*.tmp"))
 
 
 def test_max_tokens_stops_early_and_a_longer_rerun_continues(subset, cache, reference, tmp_path):
@@ -251,6 +256,17 @@ def cli_error(capsys, *argv) -> str:
     return message
 
 
+def test_refused_flag_values_are_one_line_errors_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "o"
+    assert "--shard-size must be a positive" in cli_error(capsys, "--shard-size", "0", "--out-dir", str(out))
+    assert "--workers must be >= 0" in cli_error(capsys, "--workers", "-1", "--out-dir", str(out))
+    assert "--max-tokens must be >= 0" in cli_error(capsys, "--max-tokens", "-1e3", "--out-dir", str(out))
+    assert "--out-dir must not be empty" in cli_error(capsys, "--out-dir", "")
+    assert not out.exists()
+    with pytest.raises(ValueError, match="--shard-size"):  # the config checks itself, however it is made
+        FinewebConfig(shard_size=-5)
+
+
 def test_no_input_files_is_a_one_line_error(tmp_path, capsys):
     message = cli_error(capsys, "--input", str(tmp_path / "nothing" / "*.parquet"), "--out-dir", str(tmp_path / "o"))
     assert "no input files" in message and "nothing" in message
@@ -279,16 +295,36 @@ def test_unwritable_out_dir_is_a_one_line_error(subset, tmp_path, capsys):
         assert "cannot write to --out-dir" in cli_error(capsys, "--input", subset[0], "--out-dir", str(locked))
 
 
-@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs Linux /dev/full for a real ENOSPC")
-def test_full_disk_is_a_one_line_error_and_leaves_no_shard(subset, tmp_path, capsys):
+def _limit_file_size(max_bytes: int):
+    """preexec_fn: files may grow to `max_bytes`; a write past that fails with EFBIG (SIGXFSZ, which
+    would kill the process instead, is ignored; an ignored signal stays ignored across exec)."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return limit
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX RLIMIT_FSIZE for a real write error")
+def test_full_disk_is_a_one_line_error_and_leaves_no_shard(subset, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    # Writes to /dev/full fail with ENOSPC: the first shard's temp file leads there.
-    fineweb._tmp_path(out, 0).symlink_to("/dev/full")
+    # A real no-room error from the real code path: the manifest (a few KB) fits under the 64 KiB
+    # file-size limit, the first shard (SHARD tokens = 100 KB) does not, so its write fails with EFBIG.
+    assert 2 * SHARD > 64 * 1024
     # --streaming: local files are read in place, nothing goes to the user's datasets cache
-    message = cli_error(capsys, "--input", *subset, "--out-dir", str(out), "--shard-size", str(SHARD), "--streaming")
+    cmd = [sys.executable, str(ROOT / "fineweb.py"), "--input", *subset, "--out-dir", str(out),
+           "--shard-size", str(SHARD), "--streaming", "--workers", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**env_for_cli(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"},
+                          capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(64 * 1024))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("fineweb.py: error: "), proc.stderr[-2000:]
     assert "disk full" in message and "rerun the same command" in message
-    assert not list(out.glob("edufineweb_*")) and not fineweb._tmp_path(out, 0).exists()
+    assert not list(out.glob("edufineweb_*")) and not list(out.glob(".shard-*"))  # no shard, no temp file
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]  # nothing else left behind either
+    assert json.loads((out / "manifest.json").read_text())["shards"] == []
 
 
 def test_empty_and_undecodable_documents_are_skipped_and_counted(cache, tmp_path):
@@ -334,3 +370,17 @@ def test_importing_does_nothing(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env_for_cli(tmp_path),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout == "ok\n" and proc.stderr == "", proc.stderr
+
+
+def test_shards_and_manifest_follow_the_umask(cache, tmp_path):
+    """Written through temp files, yet with the modes any new file gets: teammates can read them."""
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(20)))
+    old = os.umask(0o027)
+    try:
+        run([src], tmp_path / "out", cache, shard_size=30)
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "out").iterdir())
+    assert len(files) >= 3 and all(p.stat().st_mode & 0o777 == 0o640 for p in files), \
+        {p.name: oct(p.stat().st_mode & 0o777) for p in files}

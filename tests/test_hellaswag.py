@@ -45,7 +45,8 @@ from tokenizer import get_encoding
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 96}  # longest ending: 77 tokens
-NUM_EXAMPLES = 200
+NUM_EXAMPLES = 200  # the batched-vs-loop comparison (slow); the quick tests use the first QUICK_EXAMPLES
+QUICK_EXAMPLES = 40
 CPU = runtime.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
 
 
@@ -66,9 +67,9 @@ def examples(hellaswag_val_path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def batched(model, examples):
-    """The batched scorer's per-ending log-likelihoods, both styles, on NUM_EXAMPLES examples.
+    """The batched scorer's per-ending log-likelihoods, both styles, on the first QUICK_EXAMPLES examples.
     (16 rows per forward: on CPU the (rows, T, 50257) logits of bigger batches fall out of cache.)"""
-    return score_examples(model, examples, CPU, batch_size=16)
+    return score_examples(model, examples[:QUICK_EXAMPLES], CPU, batch_size=16)
 
 
 # ---- an independent, plain implementation of both definitions --------------------------------
@@ -106,7 +107,8 @@ def loop_example(model: GPT, example: dict, style: str) -> tuple[list[float], li
 
 
 @pytest.mark.slow
-def test_batched_scores_equal_a_plain_per_example_loop_in_both_styles(model, examples, batched):
+def test_batched_scores_equal_a_plain_per_example_loop_in_both_styles(model, examples):
+    batched = score_examples(model, examples, CPU, batch_size=16)  # all NUM_EXAMPLES
     for style in ("reference", "harness"):
         loop = [loop_example(model, example, style) for example in examples]
         loglik = np.array([lls for lls, _ in loop])
@@ -137,7 +139,7 @@ def test_batch_size_and_fixed_shapes_do_not_change_scores(model, examples, batch
 @pytest.mark.parametrize("style", ["reference", "harness"])
 def test_evaluate_reports_each_style_from_its_scores(model, examples, batched, style):
     # one style alone (the trainer may ask for the reference style only); the other's keys are None
-    result = evaluate_hellaswag(model, examples, CPU, styles=(style,), limit=40, batch_size=16)
+    result = evaluate_hellaswag(model, examples[:40], CPU, styles=(style,), batch_size=16)
     s = {k: v[:40] for k, v in batched[style].items()}
     mine, other = ("", "harness_") if style == "reference" else ("harness_", "")
     assert result[other + "acc"] is None and result[other + "acc_norm"] is None and result["count"] == 40
@@ -306,6 +308,9 @@ def test_cli_appends_one_result_line_per_run(tmp_path, hellaswag_val_path, model
     assert out.returncode == 0, out.stderr
     summary = out.stdout.strip().splitlines()
     assert len(summary) == 1 and "reference acc" in summary[0] and "harness acc" in summary[0]
+    assert "examples/s" in summary[0]
+    # progress while it runs (tqdm on stderr, main rank): examples done and the rate
+    assert "hellaswag: 100%" in out.stderr and "20/20" in out.stderr and "ex/s" in out.stderr, out.stderr
 
     expected = evaluate_hellaswag(model, load_examples(hellaswag_val_path, limit=20, verify=False), CPU)
     assert hellaswag.main(cmd[2:]) == 0  # the same run in-process appends a second line

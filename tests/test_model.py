@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import runtime
 from model import (
     GPT,
     MODEL_PRESETS,
@@ -114,27 +115,6 @@ def test_generate_stops_at_stop_token_and_checks_length():
         generate(model, [1, 2, 3], 40)
 
 
-def test_from_checkpoint_round_trip_and_errors(tmp_path):
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
-    path = tmp_path / "model_final.pt"
-    torch.save({"model": model.state_dict(), "model_config": model.model_config_dict(), "step": 3}, path)
-    loaded = GPT.from_checkpoint(path)
-    assert not loaded.training
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
-
-    with pytest.raises(FileNotFoundError, match="not found"):
-        GPT.from_checkpoint(tmp_path / "nope.pt")
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ValueError, match="corrupt or truncated"):
-        GPT.from_checkpoint(truncated)
-    wrong = tmp_path / "wrong.pt"
-    bigger = GPTConfig(n_layer=1, n_head=2, n_embd=64, block_size=16)
-    torch.save({"model": model.state_dict(), "model_config": bigger.__dict__, "step": 3}, wrong)
-    with pytest.raises(ValueError, match="do not fit"):
-        GPT.from_checkpoint(wrong)
-
-
 @pytest.mark.parametrize("chunk_rows", [7, 64, 4096])
 def test_chunked_loss_equals_plain_loss_and_gradients(chunk_rows):
     torch.manual_seed(0)
@@ -165,3 +145,30 @@ def test_chunked_loss_under_no_grad_and_all_ignored():
     with torch.no_grad():
         _, loss = model(idx, targets)
     assert abs(loss.item() - plain_loss.item()) < 1e-5
+
+
+def _gradients(model: GPT, idx: torch.Tensor, backend: str = "auto") -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    with runtime.sdpa_backend(backend):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_speed_levers_that_run_on_cpu_give_the_plain_gradients():
+    """--activation-checkpointing and each --attn-backend that has a CPU kernel (math, flash) give the
+    gradients of the plain path within 1e-5; efficient and cudnn have none on CPU and say so."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64))
+    idx = torch.randint(0, 50257, (2, 33), generator=torch.Generator().manual_seed(1))
+    plain = _gradients(model, idx, "math")
+    model.activation_checkpointing = True
+    checkpointed = _gradients(model, idx)
+    model.activation_checkpointing = False
+    for name, grads in (("activation checkpointing", checkpointed), ("flash", _gradients(model, idx, "flash")),
+                        ("auto", _gradients(model, idx, "auto"))):
+        worst = max((grads[n] - plain[n]).abs().max().item() for n in plain)
+        assert worst < 1e-5, f"{name}: gradients differ by {worst:.3g}"
+    for backend in ("efficient", "cudnn"):  # GPU-only kernels: a clear error, never a silent fallback
+        with pytest.raises(RuntimeError, match="No viable backend"):
+            _gradients(model, idx, backend)

@@ -91,6 +91,5 @@ def test_combined_optimizer_state_round_trip_continues_identically():
     opt3.load_state_dict(opt2.state_dict())
     train(fresh, opt3, 3, seed=2)
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), fresh.parameters()))
-    assert {g["initial_lr"] for g in opt3.param_groups} == {1e-2, 0.02}
     with pytest.raises(ValueError, match="same --optimizer"):
         opt3.load_state_dict({"adamw": state["adamw"]})

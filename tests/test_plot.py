@@ -8,6 +8,7 @@ repeated steps), a run still being written, bad lines, logs without val or Hella
 import itertools
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -21,6 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TPS = 524_288  # tokens per optimizer step of the reference run
 T0 = 1_750_000_000.0
 WARMUP = plot.PlotConfig.warmup_steps
+EDU = "HuggingFaceFW/fineweb-edu (sample-10BT)"  # describe_source of the reference run's shards
+DEMO = "fineweb_demo.parquet"  # the CPU demo corpus: FineWeb, not FineWeb-Edu
 
 
 def _config(step, time, resumed_from=None):
@@ -58,6 +61,11 @@ def _segment(start, stop, time, seed, *, val_every=25, hs_every=50, mfu=True, va
         recs.append({"type": "val", "step": s, "tokens": s * TPS, "val_loss": 3.1 + 8.0 * math.exp(-s / 40),
                      "time": time + 5})
     return recs
+
+
+def _with_source(records, source):
+    """The records with `data_source` set on every config record, as train_gpt2.py now writes it."""
+    return [{**r, "data_source": source} if r["type"] == "config" else r for r in records]
 
 
 def _write(path, records, extra_lines=()):
@@ -196,6 +204,26 @@ def test_figures_are_written_as_pngs_into_the_log_dir(resumed_run):
     assert not [p for p in log.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp file
 
 
+@pytest.mark.parametrize("umask, mode", [(0o027, 0o640), (0o022, 0o644), (0o077, 0o600)],
+                         ids=["umask027", "umask022", "umask077"])
+def test_figures_and_summary_follow_the_umask(resumed_run, tmp_path, umask, mode):
+    out = tmp_path / "out"
+    expected = sorted([f"{n}.png" for n in (*plot.PANELS, "overview")] + ["summary.md"])
+    old = os.umask(umask)
+    try:
+        plot.main(["--log-dir", str(resumed_run[0]), "--out-dir", str(out), "--summary"])
+        assert sorted(p.name for p in out.iterdir()) == expected  # and no temp file left behind
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()}
+        assert modes == dict.fromkeys(expected, oct(mode))
+        # Rewriting replaces the files: the new ones follow the umask too, not the old files' modes.
+        for p in out.iterdir():
+            p.chmod(0o666)
+        plot.main(["--log-dir", str(resumed_run[0]), "--out-dir", str(out), "--summary"])
+        assert {p.name: oct(p.stat().st_mode & 0o777) for p in out.iterdir()} == modes
+    finally:
+        os.umask(old)
+
+
 def test_plotted_series_equal_logged_values(resumed_run):
     log, records, _ = resumed_run
     run = plot.load_run(log)
@@ -260,6 +288,61 @@ def test_baselines_are_labelled_lines_and_inside_the_view(resumed_run):
         assert any("GPT-2 124M" in t for t in legend)
     hs_legend = [t.get_text() for t in figs["hellaswag_accuracy"].axes[0].get_legend().get_texts()]
     assert "GPT-3 124M (paper) (0.337)" in hs_legend and "OpenAI GPT-2 124M (0.2955)" in hs_legend
+
+
+def _val_panels(runs):
+    """The val-loss axes of validation_loss.png and of overview.png."""
+    figs = plot.build_figures(runs)
+    return [figs["validation_loss"].axes[0], _axes_with(figs["overview"], f"{runs[0].name}/val_loss")]
+
+
+def _baseline_values(ax):
+    return {ln.get_ydata()[0] for ln in ax.get_lines() if str(ln.get_gid()).startswith("baseline/")}
+
+
+@pytest.mark.parametrize("source, title, baseline", [
+    (DEMO, "Validation loss (val shard of fineweb_demo.parquet)", False),
+    (EDU, "Validation loss\n(val shard of HuggingFaceFW/fineweb-edu (sample-10BT))", True),
+    ("my-mirror/FineWeb-Edu", "Validation loss (val shard of my-mirror/FineWeb-Edu)", True),
+    (None, "Validation loss (val shard)", True),  # shards without a manifest
+    ("missing", "Validation loss (val shard)", True),  # a log from before the field
+], ids=["demo", "fineweb-edu", "fineweb-edu-mirror", "null", "absent"])
+def test_val_panel_names_the_data_source_and_draws_gpt2_baseline_only_on_fineweb_edu(tmp_path, source, title,
+                                                                                      baseline):
+    log = tmp_path / "run"
+    log.mkdir()
+    records = _segment(0, 200, T0, seed=7)
+    _write(log / "metrics.jsonl", records if source == "missing" else _with_source(records, source))
+    run = plot.load_run(log)
+    for ax in _val_panels([run]):
+        assert ax.get_title() == title
+        assert _baseline_values(ax) == ({3.2924} if baseline else set())
+        legend = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert any("3.2924" in t for t in legend) == baseline
+    note = plot.summarize([run]).split("\n\n")[1]
+    assert ("Val loss baseline: OpenAI GPT-2 124M 3.2924" in note) == baseline
+    if not baseline:
+        assert f"Val losses are on the val shards of {source}: not comparable" in note
+
+
+def test_val_panel_lists_each_runs_source_and_drops_the_baseline_if_any_is_not_fineweb_edu(tmp_path):
+    logs = {}
+    for name, source in (("edu", EDU), ("demo", DEMO), ("old", "missing")):
+        logs[name] = tmp_path / name
+        logs[name].mkdir()
+        records = _segment(0, 60, T0, seed=8)
+        _write(logs[name] / "metrics.jsonl", records if source == "missing" else _with_source(records, source))
+    edu, demo, old = (plot.load_run(logs[n]) for n in ("edu", "demo", "old"))
+    for ax in _val_panels([edu, demo]):
+        assert ax.get_title().replace("\n", " ") == f"Validation loss (val shards: {EDU}; {DEMO})"
+        assert _baseline_values(ax) == set()
+    for ax in _val_panels([edu, old]):  # an old log (FineWeb-Edu, before data_source) keeps the baseline
+        assert ax.get_title().replace("\n", " ") == f"Validation loss (val shards: {EDU}; unknown)"
+        assert _baseline_values(ax) == {3.2924}
+    for ax in _val_panels([demo, old]):
+        assert _baseline_values(ax) == set()
+    # A resumed run logs the source in each config record: named once.
+    assert plot.data_sources(plot.load_run(tmp_path / "edu")) == [EDU]
 
 
 def test_top_axis_shows_tokens_from_the_logged_tokens_per_step(resumed_run):
@@ -370,12 +453,50 @@ def test_summary_numbers_are_computed_from_the_logged_values(resumed_run):
     assert row["tokens"] == "105M"  # 200 * 524,288 = 104,857,600
     assert float(row["best val loss"]) == pytest.approx(stats["best_val_loss"], abs=5e-5)
     assert float(row["final val loss"]) == pytest.approx(stats["final_val_loss"], abs=5e-5)
-    assert float(row["HellaSwag (training loop)"]) == pytest.approx(stats["hellaswag_train"], abs=5e-5)
-    assert row["HellaSwag (hellaswag.py)"] == "0.2970" and row["HellaSwag (harness style)"] == "0.3050"
+    value, count = row["HellaSwag (training loop)"].split(" (")
+    assert float(value) == pytest.approx(stats["hellaswag_train"], abs=5e-5) and count == "10,042 ex)"
+    assert row["HellaSwag (hellaswag.py)"] == "0.2970 (10,042 ex)"
+    assert row["HellaSwag (harness style)"] == "0.3050 (10,042 ex)"
     assert float(row["tokens/s"].replace(",", "")) == pytest.approx(stats["tokens_per_sec"], abs=0.5)
     assert row["MFU"] == f"{100 * stats['mfu']:.1f}%"
     h, m, s = map(int, row["wall time"].split(":"))
     assert h * 3600 + m * 60 + s == round(stats["wall_seconds"])
+
+
+def test_summary_shows_how_many_examples_each_hellaswag_score_used(tmp_path):
+    """A demo run scores 200 examples in the loop; hellaswag.py scored one checkpoint with --limit 200
+    and another on the full set: each best value carries the count of the row it came from."""
+    log = tmp_path / "demo"
+    log.mkdir()
+    records = [{**r, "count": 200} if r["type"] == "hellaswag" else r for r in _segment(0, 120, T0, seed=9)]
+    _write(log / "metrics.jsonl", _with_source(records, DEMO))
+    results = [
+        {"checkpoint": "log/model_00100.pt", "model": None, "step": 100, "acc": 0.30, "acc_norm": 0.310,
+         "harness_acc": 0.29, "harness_acc_norm": 0.300, "count": 200, "seconds": 2.0, "time": T0 + 20_000},
+        {"checkpoint": "log/model_00120.pt", "model": None, "step": 120, "acc": 0.28, "acc_norm": 0.290,
+         "harness_acc": 0.30, "harness_acc_norm": 0.320, "count": 10042, "seconds": 60.0, "time": T0 + 20_100},
+    ]
+    _write(log / "hellaswag_results.jsonl", results)
+    # A log from before HellaSwag records had a count: the value alone, no made-up count.
+    old = tmp_path / "old"
+    old.mkdir()
+    _write(old / "metrics.jsonl", [{k: v for k, v in r.items() if k != "count"} for r in _segment(0, 60, T0, seed=9)])
+
+    runs = plot.load_runs([log, old])
+    stats = plot.run_stats(runs[0])
+    assert (stats["hellaswag_train"], stats["hellaswag_train_count"]) == (
+        max(r["hellaswag_acc_norm"] for r in records if r["type"] == "hellaswag"), 200)
+    assert (stats["hellaswag_ref"], stats["hellaswag_ref_count"]) == (0.310, 200)
+    assert (stats["hellaswag_harness"], stats["hellaswag_harness_count"]) == (0.320, 10042)
+    table = plot.summarize(runs)
+    demo, bare = _parse_table(table)
+    assert demo["HellaSwag (training loop)"] == f"{stats['hellaswag_train']:.4f} (200 ex)"
+    assert demo["HellaSwag (hellaswag.py)"] == "0.3100 (200 ex)"
+    assert demo["HellaSwag (harness style)"] == "0.3200 (10,042 ex)"
+    assert bare["HellaSwag (training loop)"] == f"{plot.run_stats(runs[1])['hellaswag_train']:.4f}"
+    assert bare["HellaSwag (hellaswag.py)"] == bare["HellaSwag (harness style)"] == "–"
+    note = table.split("\n\n")[1]
+    assert "number of examples it was scored on (10,042 ex = the full val set" in note
 
 
 def test_cli_subprocess_writes_figures_and_summary(resumed_run, tmp_path):

@@ -32,10 +32,11 @@ import runtime  # noqa: E402
 import test_train_gpt2 as core  # noqa: E402  (helpers and pinned environment of the trainer tests)
 from test_train_gpt2 import one_thread  # noqa: E402, F401  (fixture: 1 thread)
 import train_gpt2  # noqa: E402
-from dataloader import TrainLoader  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from metrics import MetricsLog  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from train_gpt2 import (  # noqa: E402
-    DEMO_PRESET, FAST_RECIPE_MAX_STEPS, RECIPES, TrainConfig, learning_rate, make_optimizer, parse_args,
+    DEMO_PRESET, RECIPES, TrainConfig, learning_rate, make_optimizer, parse_args,
 )
 
 FAST = ["--recipe", "fast"]
@@ -77,7 +78,8 @@ def test_wsd_schedule_at_its_corners():
 
 def test_muon_groups_follow_the_schedule_at_their_own_peak():
     """train_step sets every group's lr to schedule(step) x lr_scale: Muon at --muon-lr, AdamW at --max-lr."""
-    cfg = TrainConfig(model="tiny", optimizer="muon", schedule="wsd", max_lr=3e-3, muon_lr=0.04, warmup_steps=2, max_steps=10)
+    cfg = TrainConfig(model="tiny", seq_len=256, optimizer="muon", schedule="wsd", max_lr=3e-3, muon_lr=0.04, warmup_steps=2,
+                      max_steps=10)
     model = GPT(cfg.model_config)
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
@@ -101,9 +103,9 @@ def test_recipe_fast_resolves_to_muon_wsd_and_explicit_flags_win():
     assert (fast.optimizer, fast.schedule) == ("muon", "wsd")
     for name, value in recipe.items():
         assert getattr(fast, name) == value, name
-    assert fast.max_steps == FAST_RECIPE_MAX_STEPS < TrainConfig().max_steps  # the shorter 124M budget
+    assert fast.max_steps == recipe["max_steps"] == 8_870 < TrainConfig().max_steps  # the shorter 124M budget
     assert fast.model == "gpt2" and fast.tokens_per_step == 524_288  # the model and batch stay the reference's
-    fast.validate(world_size=8)
+    fast.check_world_size(8)
 
     mine = parse_args([*FAST, "--muon-lr", "0.05", "--decay-frac", "0.5", "--max-steps", "1234", "--schedule", "cosine"])
     assert (mine.muon_lr, mine.decay_frac, mine.max_steps, mine.schedule) == (0.05, 0.5, 1234, "cosine")
@@ -114,7 +116,6 @@ def test_recipe_fast_resolves_to_muon_wsd_and_explicit_flags_win():
     assert (demo.optimizer, demo.schedule, demo.muon_lr) == ("muon", "wsd", recipe["muon_lr"])
     assert demo.max_steps == DEMO_PRESET["max_steps"]  # the demo's step budget, not the 124M one
     assert (demo.model, demo.data_dir, demo.tokens_per_step) == ("tiny", DEMO_PRESET["data_dir"], DEMO_PRESET["tokens_per_step"])
-    demo.validate()
     assert parse_args(["--demo", *FAST, "--max-steps", "50"]).max_steps == 50
     assert parse_args([]).optimizer == "adamw" and parse_args([]).schedule == "cosine"  # the reference is untouched
 
@@ -146,10 +147,12 @@ def test_muon_resume_matches_uninterrupted_run_and_checkpoints_momentum(muon_run
     core.assert_train_steps_once(log_dir)
 
 
-def test_resuming_a_muon_checkpoint_with_adamw_is_a_one_line_error(muon_run, data_dir, tmp_path, capsys):
+def test_resuming_a_muon_checkpoint_with_adamw_is_a_one_line_error(data_dir, tmp_path, capsys):
     log_dir = tmp_path / "log"
     log_dir.mkdir()
-    shutil.copy(muon_run["log_dir"] / "model_00010.pt", log_dir / "model_00010.pt")
+    muon = parse_args([*core.BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), *FAST])
+    train_gpt2.save_checkpoint(train_gpt2.build_run(muon, core.CPU), log_dir / "model_00010.pt", 10, True,
+                               MetricsLog(tmp_path / "m.jsonl", False), keep=None)  # a Muon run's checkpoint
     argv = [*core.BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), *FAST, "--optimizer", "adamw"]
     code, err = core._main_in_process(argv, capsys)
     assert code == 2
@@ -178,6 +181,7 @@ def test_resume_takes_muon_lr_from_the_flags_like_every_learning_rate():
 # ---------------------------------------------------------------------------------------- export
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_muon_run_exports_to_transformers_with_the_same_logits(muon_run, tmp_path):
     from transformers import GPT2LMHeadModel
@@ -187,7 +191,7 @@ def test_muon_run_exports_to_transformers_with_the_same_logits(muon_run, tmp_pat
                              "--out-dir", str(out_dir)], cwd=ROOT, env=core.run_env(), capture_output=True, text=True,
                             timeout=150)
     assert result.returncode == 0, result.stderr
-    ours = GPT.from_checkpoint(muon_run["log_dir"] / "model_final.pt")
+    ours = load_model(muon_run["log_dir"] / "model_final.pt")
     hf = GPT2LMHeadModel.from_pretrained(out_dir).eval()
     idx = torch.randint(0, 50257, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -225,21 +229,18 @@ DDP_STEPS = 3
 
 
 def muon_steps(cfg: TrainConfig, dist_info: runtime.DistInfo, weights: list[dict] | None = None) -> dict:
-    """DDP_STEPS steps of `cfg` through the trainer's wrap_model + train_step with the real Muon. Returns
+    """DDP_STEPS steps of `cfg` through the trainer's build_run + train_step with the real Muon. Returns
     the gradients handed to each step, the losses, the weights before each step and whether every rank
     holds the same weights at the end. With `weights`, step k starts from weights[k] (a replay)."""
-    model = train_gpt2.build_model(cfg, dist_info.is_main)
-    _, train_model, autocast = train_gpt2.wrap_model(model, cfg, dist_info)
-    loader = TrainLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, dist_info.rank, dist_info.world_size,
-                         seed=cfg.seed, shuffle=cfg.shuffle)
-    optimizer = RecordingOptimizer(model, cfg)
+    run = train_gpt2.build_run(cfg, dist_info)
+    model = run.model
+    optimizer = run.optimizer = RecordingOptimizer(model, cfg)
     losses, before = [], []
     for step in range(DDP_STEPS):
         if weights is not None:
             model.load_state_dict(weights[step])
         before.append({k: v.clone() for k, v in model.state_dict().items()})
-        loss, _, _ = train_gpt2.train_step(train_model, model, optimizer, loader, cfg, step,
-                                           cfg.grad_accum_steps(dist_info.world_size), dist_info, autocast)
+        loss, _, _ = train_gpt2.train_step(run, step)
         if dist_info.distributed:
             torch.distributed.all_reduce(loss)
             loss /= dist_info.world_size
@@ -255,6 +256,7 @@ def muon_steps(cfg: TrainConfig, dist_info: runtime.DistInfo, weights: list[dict
     return {"losses": losses, "grads": optimizer.grads, "weights": before, "ranks_agree": ranks_agree}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_ddp_with_muon_gives_the_gradients_of_one_process_with_twice_the_accumulation(data_dir, tmp_path, one_thread):
     """Two gloo ranks (2 micro-steps each, so no_sync runs) vs one process (4 micro-steps), 3 steps with
@@ -267,7 +269,7 @@ def test_ddp_with_muon_gives_the_gradients_of_one_process_with_twice_the_accumul
     gradients), an honest rounding difference that a free-running comparison cannot tell from a bug."""
     cfg = TrainConfig(model="tiny", data_dir=str(data_dir), micro_batch_size=2, seq_len=32, tokens_per_step=256,
                       device="cpu", compile=False, optimizer="muon", schedule="wsd", warmup_steps=1, max_steps=DDP_STEPS,
-                      max_lr=3e-3, muon_lr=RECIPES["fast"]["muon_lr"])
+                      max_lr=3e-3, muon_lr=RECIPES["fast"]["muon_lr"], val_every=0)
     assert (cfg.grad_accum_steps(1), cfg.grad_accum_steps(2)) == (4, 2)
     out = tmp_path / "ddp_muon.pt"
     core.run_gloo_pair(Path(__file__), out, cfg, tmp_path)

@@ -17,6 +17,7 @@ is MEANT to change the computation:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -38,11 +39,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # also run as a script (the DDP worker below)
     sys.path.insert(0, str(ROOT))
 
+import fileio  # noqa: E402
 import runtime  # noqa: E402
 import train_gpt2  # noqa: E402
-from dataloader import TrainLoader  # noqa: E402
-from model import GPT, MODEL_PRESETS, GPTConfig  # noqa: E402
 from conftest import VAL_TOKENS, demo_token_stream  # noqa: E402
+from metrics import MetricsLog  # noqa: E402
+from model import GPT, MODEL_PRESETS, GPTConfig  # noqa: E402
 from train_gpt2 import TrainConfig, learning_rate, make_optimizer, param_groups  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_losses.json"
@@ -56,6 +58,7 @@ BASE_FLAGS = [
     "--ckpt-every", "5", "--sample-every", "0", "--hellaswag-every", "0", "--device", "cpu", "--no-compile",
 ]
 MAX_STEPS, TOKENS_PER_STEP = 20, 128
+CPU = runtime.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
 
 # Same numbers on any x86 machine with AVX2, in every run: one thread (the order of float sums
 # depends on the thread count) and the AVX2 code paths of MKL, ATen and oneDNN (not AVX-512's).
@@ -277,14 +280,21 @@ def test_mfu_formula_for_gpt2_124m_on_h100():
 # ---------------------------------------------------------------------------------------- bad inputs
 
 
-def _main_in_process(argv: list[str], capsys) -> tuple[int, str]:
-    """Run train_gpt2.main like the CLI does; return (exit code, what it printed to stderr)."""
+def _run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run train_gpt2.main like the CLI does; return (exit code, stdout, stderr)."""
     try:
         code = train_gpt2.main(argv)
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
     except SystemExit as e:  # raise SystemExit("message"): Python prints the message and exits 1
-        err = capsys.readouterr().err + (e.code if isinstance(e.code, str) else "")
+        out, err = capsys.readouterr()
+        err += e.code if isinstance(e.code, str) else ""
         code = 1 if isinstance(e.code, str) else e.code
+    return code, out, err
+
+
+def _main_in_process(argv: list[str], capsys) -> tuple[int, str]:
+    """Run train_gpt2.main like the CLI does; return (exit code, what it printed to stderr)."""
+    code, _, err = _run_main(argv, capsys)
     return code, err
 
 
@@ -316,11 +326,12 @@ def _log_dir_with_checkpoint(tmp: Path, data: Path) -> Path:
 
 def _log_dir_of_another_model(tmp: Path, data: Path) -> Path:
     """A real checkpoint whose model differs from --model tiny's (another preset, or a preset edited since)."""
-    cfg = TrainConfig(model="tiny", data_dir=str(data), micro_batch_size=2, seq_len=32, tokens_per_step=128)
-    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
+    cfg = TrainConfig(model="tiny", data_dir=str(data), micro_batch_size=2, seq_len=32, tokens_per_step=128,
+                      device="cpu", val_every=0)
+    run = train_gpt2.build_run(cfg, CPU)
+    run.model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
     (tmp / "log").mkdir()
-    train_gpt2.save_checkpoint(tmp / "log" / "model_00005.pt", model, make_optimizer(model, cfg, torch.device("cpu")), 5,
-                               TrainLoader(data, 2, 32), cfg, evals_done=True, keep=None)
+    train_gpt2.save_checkpoint(run, tmp / "log" / "model_00005.pt", 5, True, MetricsLog(tmp / "m.jsonl", False), keep=None)
     return data
 
 
@@ -437,7 +448,7 @@ def test_golden_losses_of_the_tiny_preset(straight_run):
                           "machine's entry; only after a change MEANT to alter the computation)",
             "losses": {**golden.get("losses", {}), key: losses},  # per "<CPU vendor> torch <version>"
         }
-        runtime.atomic_write_bytes(GOLDEN, (json.dumps(golden, indent=1) + "\n").encode())
+        fileio.atomic_write_json(GOLDEN, golden)
         pytest.skip(f"wrote {GOLDEN} for {key}")
     entries = golden["losses"]
     exact = entries.get(key) or next((v for k, v in entries.items() if k.startswith(vendor + " ")), None)
@@ -506,17 +517,27 @@ def test_resume_after_sigkill_matches_uninterrupted_run(straight_run, data_dir, 
     assert sorted(p.name for p in log_dir.glob("model_0*.pt")) == ["model_00012.pt", "model_00015.pt", "model_00018.pt"]  # newest 3 kept
 
 
-def _run_until_signal(cmd, cwd: Path, log_dir: Path, after_step: int, sig: signal.Signals, name: str) -> str:
-    """Start the trainer, send `sig` once train step `after_step` is logged, wait; return its output."""
-    proc = start(cmd, cwd, cwd / f"{name}.out")
+def _run_until_signal(cmd, cwd: Path, log_dir: Path, after_step: int, sig: signal.Signals, name: str,
+                      expect_code: int = 0, group: bool = False) -> str:
+    """Start the trainer, send `sig` once train step `after_step` is logged, wait; return its output.
+    group: start it in its own session and signal the whole process group, as a terminal's Ctrl-C does."""
+    out_path = cwd / f"{name}.out"
+    proc = subprocess.Popen(cmd, cwd=cwd, env=run_env(), stdout=open(out_path, "w"), stderr=subprocess.STDOUT,
+                            text=True, start_new_session=group)
     try:
         wait_for(proc, lambda: last_train_step(log_dir) >= after_step, f"train step {after_step}")
-        proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         proc.wait(timeout=RUN_TIMEOUT)
     finally:
+        if group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         proc.kill()
-    out = (cwd / f"{name}.out").read_text()
-    assert proc.returncode == 0, f"{sig.name}: exit {proc.returncode}\n{out[-3000:]}"
+    out = out_path.read_text()
+    assert proc.returncode == expect_code, f"{sig.name}: exit {proc.returncode}\n{out[-3000:]}"
     return out
 
 
@@ -589,15 +610,12 @@ def run_gloo_pair(test_file: Path, out: Path, cfg: TrainConfig, cwd: Path) -> No
 
 
 def one_step_gradients(cfg: TrainConfig, dist_info: runtime.DistInfo) -> dict:
-    """Step 0 of `cfg` through the trainer's own wrap_model + train_step (micro-steps, no_sync, DDP
-    all-reduce, clipping); returns the mean loss, the grad norm and the gradients the optimizer gets."""
-    model = train_gpt2.build_model(cfg, dist_info.is_main)
-    _, train_model, autocast = train_gpt2.wrap_model(model, cfg, dist_info)
-    loader = TrainLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, dist_info.rank, dist_info.world_size,
-                         seed=cfg.seed, shuffle=cfg.shuffle)
-    recorder = GradRecorder(model)
-    loss, grad_norm, _ = train_gpt2.train_step(train_model, model, recorder, loader, cfg, 0,
-                                               cfg.grad_accum_steps(dist_info.world_size), dist_info, autocast)
+    """Step 0 of `cfg` through the trainer's own build_run + train_step (micro-steps, gradient sync
+    only on the last, DDP all-reduce, clipping); returns the mean loss, the grad norm and the
+    gradients the optimizer gets."""
+    run = train_gpt2.build_run(cfg, dist_info)
+    recorder = run.optimizer = GradRecorder(run.model)
+    loss, grad_norm, _ = train_gpt2.train_step(run, 0)
     if dist_info.distributed:
         torch.distributed.all_reduce(loss)
         loss /= dist_info.world_size
@@ -624,14 +642,14 @@ def grad_worker_main(compute) -> None:
 def test_ddp_two_ranks_give_the_gradients_of_one_process_with_twice_the_accumulation(data_dir, tmp_path, one_thread):
     # 256 tokens per step: 4 micro-steps of 2 x 32 on 1 process, 2 per rank on 2 (so no_sync is used)
     cfg = TrainConfig(model="tiny", data_dir=str(data_dir), micro_batch_size=2, seq_len=32, tokens_per_step=256,
-                      device="cpu", compile=False)
+                      device="cpu", compile=False, val_every=0)
     assert (cfg.grad_accum_steps(1), cfg.grad_accum_steps(2)) == (4, 2)
     out = tmp_path / "ddp_grads.pt"
     # two ranks as plain processes with torchrun's environment (the launcher itself is tested below)
     run_gloo_pair(Path(__file__), out, cfg, tmp_path)
     ddp = torch.load(out, weights_only=True)
 
-    single = one_step_gradients(cfg, runtime.DistInfo(0, 0, 1, torch.device("cpu"), True))
+    single = one_step_gradients(cfg, CPU)
     assert ddp["grads"].keys() == single["grads"].keys()
     assert abs(ddp["loss"].item() - single["loss"].item()) < 1e-6
     assert abs(ddp["grad_norm"].item() - single["grad_norm"].item()) < 1e-6
@@ -707,9 +725,241 @@ def test_logging_mirror_without_its_package_is_a_one_line_error(data_dir, tmp_pa
     assert "uv sync --extra loggers" in result.stderr
 
 
-def test_init_from_openai_weights_offline_is_a_one_line_error(data_dir, tmp_path):
-    env = {**run_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty_hf_home")}
+def test_init_from_openai_weights_offline_fails_at_once_in_one_line(data_dir, tmp_path, monkeypatch):
+    """Without the weights in the cache: HF_HUB_OFFLINE set, or a Hub that cannot be reached (here a
+    closed local port as the endpoint, the same on any machine): one line saying which, decided
+    before transformers is asked to download (which alone retries for ~30 s before giving up)."""
+    env = {**run_env(), "HF_HOME": str(tmp_path / "empty_hf_home"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(trainer_cmd(data_dir, tmp_path / "log", "--init-from", "gpt2"), cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "--init-from gpt2: could not load the weights" in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --init-from gpt2: not in the local")
+    assert "HF_HUB_OFFLINE is set" in lines[0]
+
+    from huggingface_hub import constants  # the same loader in-process, the Hub unreachable instead
+
+    import checkpoint
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(ValueError, match=f"not in the local Hugging Face cache, and the Hub \\({closed}\\) is not reachable"):
+        checkpoint.load_hf_model("gpt2", flag="--init-from")
+
+
+# ---------------------------------------------------------------------------- nothing lost, nothing silent
+
+
+def finished_copy(straight_run, tmp_path: Path, stop_after: int | None = None) -> Path:
+    """A copy of the straight run's log dir; with `stop_after`, as it was right after that step's
+    checkpoint (later checkpoints removed; metrics.jsonl still holds what came after)."""
+    log_dir = tmp_path / "log"
+    shutil.copytree(straight_run["log_dir"], log_dir)
+    if stop_after is not None:
+        for path in log_dir.glob("model_*.pt"):
+            if path.name == "model_final.pt" or int(path.stem.split("_")[1]) > stop_after:
+                path.unlink()
+    return log_dir
+
+
+@pytest.mark.timeout(300)
+def test_resume_lists_changed_settings_and_refuses_those_that_change_the_run(straight_run, data_dir, tmp_path, capsys):
+    log_dir = finished_copy(straight_run, tmp_path, stop_after=15)
+    base = [*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir)]
+    for flags, listed in ((["--tokens-per-step", "256"], "--tokens-per-step 128 -> 256"),
+                          (["--seed", "7"], "--seed 1337 -> 7"), (["--no-shuffle"], "--shuffle True -> False")):
+        code, err = _main_in_process([*base, *flags], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and listed in lines[0] and "--allow-config-change" in lines[0], err
+    assert sorted(p.name for p in log_dir.glob("model_*.pt")) == ["model_00005.pt", "model_00010.pt", "model_00015.pt"]
+
+    # learning rate and step budget: allowed, and said
+    code, out, _ = _run_main([*base, "--max-lr", "1e-3", "--max-steps", "18"], capsys)
+    assert code == 0
+    assert "changed since the checkpoint: --max-lr 0.003 -> 0.001" in out
+    assert "changed since the checkpoint: --max-steps 20 -> 18" in out
+    # an intended change of the batch: continues from the same token position
+    log_dir2 = finished_copy(straight_run, tmp_path / "b", stop_after=15)
+    code, out, _ = _run_main([*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir2),
+                              "--tokens-per-step", "256", "--allow-config-change"], capsys)
+    assert code == 0 and "--tokens-per-step 128 -> 256" in out
+    assert torch.load(log_dir2 / "model_final.pt", weights_only=True)["loader"]["rows_consumed"] == 15 * 4 + 5 * 8
+
+
+def test_finished_run_says_what_to_type_and_refuses_other_settings(straight_run, data_dir, tmp_path, capsys):
+    log_dir = finished_copy(straight_run, tmp_path)
+    base = [*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir)]
+    code, out, _ = _run_main(base, capsys)  # a requeued job that has nothing left: exit 0, and says so
+    assert code == 0 and "training already finished" in out and f"--log-dir {log_dir}_2" in out
+    code, err = _main_in_process([*base, "--recipe", "fast", "--max-steps", "20"], capsys)  # looks like a new run
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "finished run with other settings" in lines[0]
+    assert "--optimizer adamw -> muon" in lines[0] and "--log-dir" in lines[0]
+
+
+@pytest.mark.timeout(300)
+def test_resume_drops_every_record_logged_after_the_checkpoint_whatever_its_type(straight_run, data_dir, tmp_path):
+    """metrics.jsonl is cut back to its length at the checkpoint: a record type the trainer does
+    not know (a new eval, a user's note) logged after the checkpoint is not repeated either."""
+    log_dir = finished_copy(straight_run, tmp_path, stop_after=10)
+    with open(log_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"type": "probe", "step": 12, "value": 1.0}) + "\n")
+        f.write('{"type": "train", "step": 13, "trai')  # and a line torn by the kill
+    run_ok(trainer_cmd(data_dir, log_dir), tmp_path)
+    assert not [r for r in read_metrics(log_dir) if r["type"] == "probe"]
+    assert_train_steps_once(log_dir)
+    assert train_losses(log_dir) == straight_run["losses"]
+    assert [r["step"] for r in records(log_dir, "val")] == [0, 10, 20]
+    assert [r["step"] for r in records(log_dir, "sample")] == [10]  # the resumed run does not sample
+
+
+def test_metrics_log_cuts_back_to_the_checkpoint_length(tmp_path):
+    log = MetricsLog(tmp_path / "metrics.jsonl", True)
+    log.start(None)
+    log.write({"type": "train", "step": 0, "train_loss": 1.0})
+    state = log.state_dict()
+    log.write({"type": "new_eval", "step": 1, "score": 0.5})
+    resumed = MetricsLog(tmp_path / "metrics.jsonl", True)
+    resumed.start(state)
+    assert [json.loads(line)["type"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == ["train"]
+
+
+@pytest.mark.timeout(200)
+def test_diverged_run_never_saves_a_checkpoint(data_dir, tmp_path, capsys):
+    """A loss that turns NaN between log steps (--log-every 10) before a checkpoint step
+    (--ckpt-every 5): the run stops before saving non-finite weights, with one line."""
+    log_dir = tmp_path / "log"
+    argv = [*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--log-every", "10",
+            "--max-lr", "1e30", "--warmup-steps", "0", "--grad-clip", "0", "--val-every", "0"]
+    code, err = _main_in_process(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and "finite" in lines[0] and "lower --max-lr" in lines[0], err
+    assert not list(log_dir.glob("model_*.pt")) and not list(log_dir.glob(".model_*"))
+    # and save_checkpoint itself refuses non-finite weights
+    cfg = TrainConfig(model="tiny", data_dir=str(data_dir), micro_batch_size=2, seq_len=32, tokens_per_step=128,
+                      device="cpu", val_every=0)
+    run = train_gpt2.build_run(cfg, CPU)
+    with torch.no_grad():
+        run.model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(train_gpt2.Diverged):
+        train_gpt2.save_checkpoint(run, tmp_path / "model_00001.pt", 1, True, MetricsLog(tmp_path / "m", False), keep=None)
+    assert not (tmp_path / "model_00001.pt").exists()
+
+
+def test_negative_numbers_parse_and_bad_values_fail_before_anything_is_made(data_dir, tmp_path, capsys):
+    log_dir = tmp_path / "log"
+    code, err = _main_in_process([*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir),
+                                  "--max-lr", "-1e-3"], capsys)
+    assert code == 2 and err.strip() == "error: --max-lr must be positive, got -0.001"
+    assert not log_dir.exists()  # refused while parsing: no folder left behind
+
+
+def test_help_lists_choices_and_a_model_preset_brings_its_context():
+    text = train_gpt2.build_parser(TrainConfig).format_help()
+    for choices in ("{gpt2,gpt2-medium,gpt2-large,gpt2-xl,tiny}", "{auto,cpu,cuda}", "{cosine,wsd}",
+                    "{auto,flash,cudnn,efficient,math}", "{adamw,muon}", "{,fast}"):
+        assert choices in text, choices
+    assert "(default: gpt2)" in text and "(default: on)" in text  # --compile
+    tiny = train_gpt2.parse_args(["--model", "tiny"])
+    assert tiny.seq_len == 256 and tiny.tokens_per_step == 524_288  # the reference batch, tiny's context
+    tiny.check_world_size(8)
+    assert train_gpt2.parse_args(["--model", "tiny", "--seq-len", "128"]).seq_len == 128
+
+
+@pytest.mark.timeout(200)
+def test_token_id_out_of_range_names_the_shard_and_the_verify_command(data_dir, tmp_path, capsys):
+    bad = tmp_path / "bad_data"
+    shutil.copytree(data_dir, bad)
+    shard = bad / "edufineweb_train_000001.npy"  # read first with --no-shuffle
+    tokens = np.load(shard)
+    tokens[:] = np.random.default_rng(0).integers(0, 2**16, size=tokens.size, dtype=np.uint16)  # random bytes
+    np.save(shard, tokens)
+    code, err = _main_in_process([*BASE_FLAGS, "--data-dir", str(bad), "--log-dir", str(tmp_path / "log"),
+                                  "--no-shuffle"], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert str(shard) in lines[0] and "fineweb.py" in lines[0] and "--verify" in lines[0]
+
+
+def test_step_line_shows_elapsed_time_and_eta(straight_run):
+    lines = [line for line in straight_run["stdout"].splitlines() if re.match(r"step +\d+/20 \| loss ", line)]
+    assert all(re.search(r"\| \d+:\d\d:\d\d \| eta \d+:\d\d:\d\d$", line) for line in lines), lines[:2]
+    assert lines[-1].endswith("eta 0:00:00")
+
+
+@pytest.mark.timeout(200)
+def test_checkpoints_and_metrics_follow_the_umask(data_dir, tmp_path):
+    log_dir = tmp_path / "log"
+    cmd = trainer_cmd(data_dir, log_dir, "--max-steps", "2", "--warmup-steps", "1", "--val-every", "0")
+    result = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
+                            preexec_fn=lambda: os.umask(0o022))
+    assert result.returncode == 0, result.stderr
+    for name in ("model_final.pt", "metrics.jsonl"):
+        assert (log_dir / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ctrl_c_checkpoints_at_the_step_boundary_exits_130_and_resumes_exactly(straight_run, data_dir, tmp_path):
+    """The first Ctrl-C (SIGINT to the process group, as a terminal sends it) is a stop request like
+    SLURM's: one line, a checkpoint at the next step boundary, exit 130, no traceback; the rerun
+    continues to the uninterrupted run's weights."""
+    log_dir = tmp_path / "log"
+    cmd = trainer_cmd(data_dir, log_dir)
+    out = _run_until_signal(cmd, tmp_path, log_dir, 1, signal.SIGINT, "sigint", expect_code=130, group=True)
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    assert "Ctrl-C: finishing this step and saving a checkpoint" in out
+    stop_step = int(re.search(r"SIGINT: checkpoint saved at step (\d+)", out).group(1))
+    assert last_train_step(log_dir) == stop_step - 1 and (log_dir / f"model_{stop_step:05d}.pt").exists()
+    result = run_ok(cmd, tmp_path)
+    assert f"resuming from {log_dir / f'model_{stop_step:05d}.pt'} at step {stop_step}" in result.stdout
+    assert_same_weights(final_weights(log_dir), straight_run["weights"])
+    assert train_losses(log_dir) == straight_run["losses"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_second_ctrl_c_stops_at_once_without_a_checkpoint(data_dir, tmp_path):
+    """Steps of several seconds (8 micro-steps of 8 x 256): the second Ctrl-C, 2 s after the first,
+    ends the process during the step, before the checkpoint the first one asked for."""
+    log_dir = tmp_path / "log"
+    cmd = trainer_cmd(data_dir, log_dir, "--micro-batch-size", "8", "--seq-len", "256", "--tokens-per-step", "16384",
+                      "--val-every", "0", "--ckpt-every", "0")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env(), stdout=open(tmp_path / "out", "w"),
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(proc, lambda: last_train_step(log_dir) >= 0, "train step 0")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    out = (tmp_path / "out").read_text()
+    assert proc.returncode == 130 and "second Ctrl-C: stopping now, without a checkpoint" in out, out[-2000:]
+    assert "Traceback" not in out and not list(log_dir.glob("model_*.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_ctrl_c_under_torchrun_every_rank_stops_at_the_same_step(straight_run, data_dir, tmp_path):
+    """Under torchrun Ctrl-C reaches every rank (torchrun forwards it): the ranks agree on the step
+    through the log-step all-reduce, rank 0 saves once, no training process prints a traceback, and a
+    rerun finishes with the 1-process run's loss curve. (torchrun itself reports the signal with
+    its own SignalException traceback: that is torchrun's, not ours.)"""
+    log_dir = tmp_path / "log"
+    cmd = trainer_cmd(data_dir, log_dir, nproc=2)
+    out = _run_until_signal(cmd, tmp_path, log_dir, 1, signal.SIGINT, "torchrun_sigint", expect_code=1, group=True)
+    assert 'train_gpt2.py", line' not in out and "KeyboardInterrupt" not in out, out[-3000:]
+    saved = re.findall(r"SIGINT: checkpoint saved at step (\d+)", out)
+    assert len(saved) == 1, out[-3000:]  # rank 0 saves and says it, once
+    stop_step = int(saved[0])
+    assert last_train_step(log_dir) == stop_step - 1 and (log_dir / f"model_{stop_step:05d}.pt").exists()
+    run_ok(cmd, tmp_path)
+    assert_train_steps_once(log_dir)
+    diffs = [abs(a - b) for a, b in zip(train_losses(log_dir), straight_run["losses"])]
+    assert max(diffs) < 1e-5, f"loss curves differ by up to {max(diffs):.3g}"

@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import load_checkpoint_file
+from checkpoint import load_file as load_checkpoint_file
+
+pytestmark = pytest.mark.xdist_group("slurm")  # one worker runs this file: its tests share one SLURM cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SH = ROOT / "train.sh"

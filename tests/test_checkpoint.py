@@ -1,0 +1,117 @@
+"""checkpoint.py, the one loader: round trip, every malformed file refused in one line (also by the
+scripts that take a checkpoint), newest-first discovery, pruning, atomic writes with normal modes."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+from model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)
+
+
+def save_small(path: Path, step: int = 3, **extra) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(SMALL)
+    torch.save({"model": model.state_dict(), "model_config": model.model_config_dict(), "step": step, **extra}, path)
+    return model
+
+
+def test_load_model_round_trip_keeps_the_tie_and_reads_the_step(tmp_path):
+    path = tmp_path / "model_final.pt"
+    model = save_small(path, step=3)
+    loaded = checkpoint.load_model(path)
+    assert not loaded.training
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert loaded.transformer.wte.weight is loaded.lm_head.weight  # still one tensor, as trained
+    assert checkpoint.read_step(path) == 3
+    idx = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], loaded(idx)[0])
+
+
+def malformed_files(tmp_path: Path, good: Path) -> dict[str, Path]:
+    """Files a user may pass by mistake, each of which must give a one-line error."""
+    files = {}
+    files["six-byte text file"] = tmp_path / "notes.pt"
+    files["six-byte text file"].write_text("hello\n")  # torch.load: KeyError(104) without mmap
+    files["truncated checkpoint"] = tmp_path / "truncated.pt"
+    files["truncated checkpoint"].write_bytes(good.read_bytes()[:1000])
+    files["empty file"] = tmp_path / "empty.pt"
+    files["empty file"].write_bytes(b"")
+    files["a pickled list"] = tmp_path / "list.pt"
+    with open(files["a pickled list"], "wb") as f:
+        pickle.dump([1, 2, 3], f)
+    files["a tensor, not a dict"] = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), files["a tensor, not a dict"])
+    files["a dict without weights"] = tmp_path / "nokeys.pt"
+    torch.save({"step": 3}, files["a dict without weights"])
+    files["weights of another shape"] = tmp_path / "wrong.pt"
+    torch.save({"model": GPT(SMALL).state_dict(), "model_config": {**SMALL.__dict__, "n_embd": 64}, "step": 1},
+               files["weights of another shape"])
+    return files
+
+
+def test_every_malformed_file_is_a_one_line_value_error(tmp_path):
+    good = tmp_path / "good.pt"
+    save_small(good)
+    for what, path in malformed_files(tmp_path, good).items():
+        with pytest.raises(ValueError) as err:
+            checkpoint.load_model(path)
+        message = str(err.value)
+        assert "\n" not in message and str(path) in message, what
+    with pytest.raises(FileNotFoundError, match="not found"):
+        checkpoint.load_model(tmp_path / "nope.pt")
+
+
+@pytest.mark.parametrize("script", ["sample.py", "export_hf.py", "hellaswag.py"])
+def test_scripts_refuse_a_text_file_renamed_pt_in_one_line(tmp_path, script):
+    bad = tmp_path / "model_final.pt"
+    bad.write_text("hello\n")
+    extra = {"export_hf.py": ["--out-dir", str(tmp_path / "hf")],
+             "hellaswag.py": ["--data", "tests/data/hellaswag_val_300.jsonl", "--no-verify", "--limit", "4",
+                              "--device", "cpu", "--log-dir", str(tmp_path / "log")]}.get(script, ["--device", "cpu"])
+    result = subprocess.run([sys.executable, script, "--checkpoint", str(bad), *extra], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "not a checkpoint of this repo" in result.stderr
+
+
+def test_paths_newest_first_and_load_latest_skips_a_corrupt_one(tmp_path):
+    for step in (5, 10, 15):
+        save_small(tmp_path / f"model_{step:05d}.pt", step=step, optimizer={}, loader={}, config={})
+    (tmp_path / "model_notes.pt").write_text("not a checkpoint name")
+    assert [s for s, _ in checkpoint.paths(tmp_path)] == [15, 10, 5]
+    os.truncate(tmp_path / "model_00015.pt", 500)
+    with pytest.warns(UserWarning, match="skipping unreadable checkpoint .*model_00015.pt"):
+        latest = checkpoint.load_latest(tmp_path)
+    assert latest["step"] == 10 and latest["path"] == str(tmp_path / "model_00010.pt")
+    save_small(tmp_path / "model_final.pt", step=20, optimizer={}, loader={}, config={})
+    assert checkpoint.paths(tmp_path)[0][1].name == "model_final.pt"
+
+
+def test_save_is_atomic_prunes_old_steps_and_follows_the_umask(tmp_path):
+    old_mask = os.umask(0o022)
+    try:
+        for step in range(1, 6):
+            checkpoint.save({"step": step}, tmp_path / f"model_{step:05d}.pt", keep=2)
+        checkpoint.save({"step": 6}, tmp_path / "model_final.pt", keep=2)
+        os.umask(0o027)
+        checkpoint.save({"step": 7}, tmp_path / "model_00007.pt", keep=None)
+    finally:
+        os.umask(old_mask)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["model_00004.pt", "model_00005.pt", "model_00007.pt", "model_final.pt"]  # no temp file left
+    assert (tmp_path / "model_final.pt").stat().st_mode & 0o777 == 0o644  # readable by teammates, like any file
+    assert (tmp_path / "model_00007.pt").stat().st_mode & 0o777 == 0o640
