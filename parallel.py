@@ -38,9 +38,10 @@ class Parallel:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(world_size={self.dist_info.world_size})"
 
-    def prepare(self, model: torch.nn.Module, compile: bool = False, compile_mode: str = "default"):
+    def prepare(self, model: torch.nn.Module, compile: bool = False, compile_mode: str = "default",
+                compile_on_cpu: bool = False):
         """(train_model, eval_model): what the training step calls and what evaluation calls."""
-        compiled = runtime.compile_model(model, compile, compile_mode, warn=self.dist_info.is_main)
+        compiled = runtime.compile_model(model, compile, compile_mode, warn=self.dist_info.is_main, on_cpu=compile_on_cpu)
         return self._wrap(compiled), compiled
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:

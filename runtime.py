@@ -86,13 +86,15 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def compile_model(model: torch.nn.Module, enabled: bool, mode: str = "default", warn: bool = True) -> torch.nn.Module:
-    """torch.compile `model` on CUDA; on CPU compiling costs more than it saves, so `enabled` is
-    ignored there (with a warning when `warn`)."""
+def compile_model(model: torch.nn.Module, enabled: bool, mode: str = "default", warn: bool = True,
+                  on_cpu: bool = False) -> torch.nn.Module:
+    """torch.compile `model` on CUDA. On CPU compiling costs more than it saves, so `enabled` is
+    ignored there (with a warning when `warn`) unless `on_cpu` (--compile-on-cpu: the compiled path
+    tested without a GPU, with inductor's C++ backend)."""
     if not enabled:
         return model
     device = next(model.parameters()).device
-    if device.type != "cuda":
+    if device.type != "cuda" and not on_cpu:
         if warn:
             warnings.warn("--compile is ignored on CPU (compiling costs more than it saves there)", stacklevel=2)
         return model

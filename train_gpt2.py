@@ -55,7 +55,7 @@ DEMO_CORPUS = REPO / "assets" / "demo" / "fineweb_demo.parquet"
 DEMO_PRESET = dict(
     model="tiny", data_dir="demo_fineweb", tokens_per_step=2048, micro_batch_size=4, seq_len=256,
     max_steps=120, warmup_steps=10, max_lr=3e-3, val_every=30, val_tokens=32_768,
-    hellaswag_every=0, sample_every=60, ckpt_every=40, device="cpu",
+    hellaswag_every=0, sample_every=60, ckpt_every=40, device="cpu", compile=False,
     loss_chunk_rows=256,  # the 50304-wide output layer is most of a tiny model's work: 1.5x faster on CPU (BENCHMARKS.md)
 )
 DEMO_SHARD_SIZE = 100_000
@@ -128,7 +128,8 @@ class TrainConfig:
     allow_config_change: bool = field(False, "resume although --tokens-per-step, --seq-len, --seed, --shuffle or the data differ from the checkpoint's (on purpose, e.g. a new data order after a loss spike)")
     # machine and speed levers (bench.py measures each; none changes the recipe's math beyond rounding)
     device: str = field("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    compile: bool = field(True, "torch.compile the model (CUDA only; ignored with a warning on CPU)")
+    compile: bool = field(True, "torch.compile the model (CUDA; ignored with a warning on CPU unless --compile-on-cpu)")
+    compile_on_cpu: bool = field(False, "torch.compile on CPU too (inductor; slower than eager there: tests of the compiled path)")
     compile_mode: str = field("default", "torch.compile mode", choices=("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"))
     attn_backend: str = field("auto", "scaled-dot-product attention kernel (auto: PyTorch picks)", choices=runtime.SDPA_BACKENDS)
     loss_chunk_rows: int = field(0, "compute lm_head + cross-entropy in chunks of N rows, never building the full logits (0: plain path)")
@@ -311,7 +312,7 @@ def build_run(cfg: TrainConfig, dist_info: runtime.DistInfo, train_loader=None) 
     model = build_model(cfg, dist_info.is_main).to(device)
     optimizer = make_optimizer(model, cfg, device)
     parallel = parallelize(dist_info, cfg.ddp_bucket_mb)
-    train_model, eval_model = parallel.prepare(model, cfg.compile, cfg.compile_mode)
+    train_model, eval_model = parallel.prepare(model, cfg.compile, cfg.compile_mode, cfg.compile_on_cpu)
     return Run(cfg, dist_info, model, optimizer, parallel, train_model, eval_model, train_loader, val_loader,
                runtime.autocast(device), cfg.grad_accum_steps(dist_info.world_size))
 
@@ -401,7 +402,7 @@ def config_changes(saved: dict, cfg: TrainConfig, only: tuple[str, ...] | None =
     """{setting: "--flag old -> new"} for every setting (of `only`, if given) that differs from the
     checkpoint's config."""
     now = asdict(cfg)
-    return {name: f"--{name.replace('_', '-')} {saved[name]} -> {now[name]}"
+    return {name: f"--{name.replace('_', '-')} {saved[name]!r} -> {now[name]!r}"
             for name in (only or now) if name in saved and saved[name] != now[name] and name != "allow_config_change"}
 
 
@@ -499,10 +500,11 @@ def run_hellaswag(run: Run, examples: list[dict], step: int, log: metrics_log.Me
 
 
 def sample_texts(run: Run, step: int, num_samples: int = 4, max_new_tokens: int = 32) -> list[str]:
-    """Samples of the prompt, the same on every rank (a generator seeded by step, not the global RNG)."""
+    """Samples of the prompt, the same on every rank (a generator seeded by step, not the global RNG),
+    from the compiled model (two graphs, compiled once: the prompt, and one token at any cache length)."""
     enc = get_encoding()
     generator = torch.Generator(device=run.dist_info.device).manual_seed(run.cfg.seed + step)
-    rows = generate(run.model, enc.encode(run.cfg.sample_prompt), max_new_tokens, num_samples=num_samples,
+    rows = generate(run.eval_model, enc.encode(run.cfg.sample_prompt), max_new_tokens, num_samples=num_samples,
                     top_k=50, generator=generator, stop_token=EOT_TOKEN, autocast=run.autocast)
     return [run.cfg.sample_prompt + enc.decode(row) for row in rows]
 

@@ -45,7 +45,7 @@ from tokenizer import get_encoding
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 96}  # longest ending: 77 tokens
-NUM_EXAMPLES = 200  # the batched-vs-loop comparison (slow); the quick tests use the first QUICK_EXAMPLES
+NUM_EXAMPLES = 120  # the batched-vs-loop comparison (slow); the quick tests use the first QUICK_EXAMPLES
 QUICK_EXAMPLES = 40
 CPU = runtime.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
 

@@ -83,11 +83,23 @@ def test_residual_projections_get_scaled_init():
     assert model.lm_head.weight is model.transformer.wte.weight
 
 
-def test_logits_cover_real_vocab_only():
+def test_logits_and_loss_cover_the_real_vocab_only():
+    """The 47 padding rows of the 50304-wide output are never scored: logits are the real 50257, and the
+    loss equals a cross-entropy over those alone, with no gradient reaching the padding rows."""
+    torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
-    logits, loss = model(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long))
-    assert logits.shape[-1] == 50257 and model.lm_head.weight.shape[0] == 50304
-    assert math.isfinite(loss.item())
+    with torch.no_grad():
+        model.lm_head.weight[50257:] = torch.randn(47, 32) * 5  # padding rows that would matter if scored
+    idx = torch.randint(0, 50257, (2, 9), generator=torch.Generator().manual_seed(1))
+    logits, none = model(idx[:, :-1])
+    assert none is None and logits.shape == (2, 8, 50257) and model.lm_head.weight.shape[0] == 50304
+    none, loss = model(idx[:, :-1], targets=idx[:, 1:])
+    assert none is None and math.isfinite(loss.item())
+    exact = torch.nn.functional.cross_entropy(logits.reshape(-1, 50257), idx[:, 1:].reshape(-1))
+    assert abs(loss.item() - exact.item()) < 1e-6
+    loss.backward()
+    assert model.lm_head.weight.grad[50257:].abs().max().item() == 0.0
+    assert "vocab_bias" not in model.state_dict()  # not a weight: checkpoints and exports are unchanged
 
 
 def test_kv_cache_sampling_equals_full_recompute():

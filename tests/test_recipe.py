@@ -123,6 +123,7 @@ def test_recipe_fast_resolves_to_muon_wsd_and_explicit_flags_win():
 # ---------------------------------------------------------------------------------------- resume
 
 
+@pytest.mark.xdist_group("muon_run")  # one worker computes the module fixture once
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_muon_resume_matches_uninterrupted_run_and_checkpoints_momentum(muon_run, data_dir, tmp_path):
@@ -181,6 +182,7 @@ def test_resume_takes_muon_lr_from_the_flags_like_every_learning_rate():
 # ---------------------------------------------------------------------------------------- export
 
 
+@pytest.mark.xdist_group("muon_run")  # one worker computes the module fixture once
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_muon_run_exports_to_transformers_with_the_same_logits(muon_run, tmp_path):
@@ -287,6 +289,7 @@ def test_ddp_with_muon_gives_the_gradients_of_one_process_with_twice_the_accumul
     assert not torch.equal(ddp["weights"][1][name], ddp["weights"][0][name])
 
 
+@pytest.mark.xdist_group("muon_run")  # one worker computes the module fixture once
 @pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_ddp_torchrun_muon_run_matches_single_process_loss_curve(muon_run, data_dir, tmp_path):

@@ -798,7 +798,7 @@ def test_finished_run_says_what_to_type_and_refuses_other_settings(straight_run,
     code, err = _main_in_process([*base, "--recipe", "fast", "--max-steps", "20"], capsys)  # looks like a new run
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "finished run with other settings" in lines[0]
-    assert "--optimizer adamw -> muon" in lines[0] and "--log-dir" in lines[0]
+    assert "--optimizer 'adamw' -> 'muon'" in lines[0] and "--log-dir" in lines[0]
 
 
 @pytest.mark.timeout(300)
@@ -924,10 +924,10 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_exits_130_and_resumes_exactly(s
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_second_ctrl_c_stops_at_once_without_a_checkpoint(data_dir, tmp_path):
-    """Steps of several seconds (8 micro-steps of 8 x 256): the second Ctrl-C, 2 s after the first,
+    """Steps of several seconds (4 micro-steps of 8 x 256): the second Ctrl-C, 2 s after the first,
     ends the process during the step, before the checkpoint the first one asked for."""
     log_dir = tmp_path / "log"
-    cmd = trainer_cmd(data_dir, log_dir, "--micro-batch-size", "8", "--seq-len", "256", "--tokens-per-step", "16384",
+    cmd = trainer_cmd(data_dir, log_dir, "--micro-batch-size", "8", "--seq-len", "256", "--tokens-per-step", "8192",
                       "--val-every", "0", "--ckpt-every", "0")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env(), stdout=open(tmp_path / "out", "w"),
                             stderr=subprocess.STDOUT, text=True)

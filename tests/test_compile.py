@@ -1,0 +1,130 @@
+"""The compiled path, on CPU with inductor (what CUDA runs, minus the GPU): the training step (plain
+loss and --loss-chunk-rows) with gradient accumulation, validation, in-training HellaSwag and
+sampling all run compiled, give eager's numbers within 1e-4, the training step has no graph break,
+and after warm-up nothing recompiles across train -> eval -> HellaSwag -> sample -> train.
+
+Compiles are counted from dynamo's own "Recompiling function" log (torch._logging "recompiles") and
+its frame counter, so a failure says which guard failed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import train_gpt2
+from conftest import HELLASWAG_FIXTURE
+from hellaswag_eval import load_examples
+from metrics import MetricsLog
+from test_train_gpt2 import CPU, one_thread  # noqa: F401  (fixture)
+from train_gpt2 import TrainConfig, build_run, evaluate_val_loss, run_hellaswag, sample_texts, train_step
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def tiny_config(data_dir, **overrides) -> TrainConfig:
+    """The tiny preset at 2 x 32 tokens per micro-batch, 2 micro-steps per step (accumulation runs)."""
+    return TrainConfig(model="tiny", data_dir=str(data_dir), micro_batch_size=2, seq_len=32, tokens_per_step=128,
+                       val_tokens=256, device="cpu", seed=1337, **overrides)
+
+
+class Recompiles(logging.Handler):
+    """Collects dynamo's recompile messages (the guard that failed, and where)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "Recompiling function" in message:
+            self.messages.append(message)
+
+
+@pytest.fixture
+def recompiles():
+    torch._dynamo.reset()
+    counters.clear()
+    handler = Recompiles()
+    torch._logging.set_logs(recompiles=True)
+    logger = logging.getLogger("torch._dynamo")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    torch._logging.set_logs()
+    torch._dynamo.reset()
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return load_examples(HELLASWAG_FIXTURE, limit=12, verify=False)
+
+
+def frames() -> int:
+    return counters["frames"]["ok"]
+
+
+@pytest.mark.parametrize("loss_chunk_rows", [0, 32])
+def test_training_step_has_no_graph_break(data_dir, loss_chunk_rows):
+    run = build_run(tiny_config(data_dir, loss_chunk_rows=loss_chunk_rows, val_every=0), CPU)
+    x, y = run.train_loader.next_batch()
+    for fn in (lambda: run.model(x, y), lambda: run.model(x)):  # the training forward, and logits only
+        explanation = torch._dynamo.explain(fn)()
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+
+
+def test_compiled_run_equals_eager_and_nothing_recompiles_after_warm_up(data_dir, examples, recompiles, one_thread):
+    """Eager and compiled runs from the same seed: train 2 steps, validate, HellaSwag, sample, train;
+    then the same again. The first round compiles what it must (listed below); the second, nothing."""
+    log = MetricsLog("unused", False)
+    results = {}
+    for compiled in (False, True):
+        run = build_run(tiny_config(data_dir, compile_on_cpu=compiled), CPU)
+        rounds = []
+        for round_ in range(2):
+            before = frames()
+            losses = [train_step(run, 2 * round_ + i)[0].item() for i in range(2)]
+            val = evaluate_val_loss(run)
+            run_hellaswag(run, examples, 0, log)
+            texts = sample_texts(run, 10)
+            losses.append(train_step(run, 2 * round_ + 2)[0].item())
+            rounds.append({"losses": losses, "val": val, "texts": texts, "compiles": frames() - before})
+        results[compiled] = rounds
+    eager, compiled = results[False], results[True]
+    for e, c in zip(eager, compiled):
+        assert c["losses"] == pytest.approx(e["losses"], abs=1e-4) and c["val"] == pytest.approx(e["val"], abs=1e-4)
+    # Expected compiles of the first round, each a new graph of GPT.forward for a reason of its own
+    # (measured: 5, the guard each recompile names in parentheses):
+    #   1 the training forward (grad on, targets given)
+    #   2 validation (GLOBAL_STATE changed: grad_mode)
+    #   3 HellaSwag: logits only, 16 fixed-shape rows (idx size mismatch at index 0); a later batch
+    #     of another length would add one, after which dynamo treats the length as dynamic
+    #   4 sampling's prompt (kv_cache is None), 5 its one-token steps (kv_cache.length == 0), at
+    #     any cache length
+    assert compiled[0]["compiles"] <= 6, "\n".join(recompiles.messages)
+    assert compiled[1]["compiles"] == 0, "recompiled after warm-up:\n" + "\n".join(recompiles.messages[-5:])
+    assert eager[0]["compiles"] == eager[1]["compiles"] == 0
+
+
+def test_compiled_chunked_loss_and_accumulation_equal_eager(data_dir, one_thread):
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        run = build_run(tiny_config(data_dir, compile_on_cpu=compiled, loss_chunk_rows=32), CPU)
+        assert run.grad_accum == 2
+        losses[compiled] = [train_step(run, step)[0].item() for step in range(3)] + [evaluate_val_loss(run)]
+    assert losses[True] == pytest.approx(losses[False], abs=1e-4)
+
+
+def test_compile_is_ignored_on_cpu_unless_asked(data_dir):
+    with pytest.warns(UserWarning, match="--compile is ignored on CPU"):
+        run = build_run(tiny_config(data_dir, val_every=0), CPU)
+    assert run.eval_model is run.model  # not compiled
+    forced = build_run(tiny_config(data_dir, val_every=0, compile_on_cpu=True), CPU)
+    assert isinstance(forced.eval_model, torch._dynamo.eval_frame.OptimizedModule)
+    assert train_gpt2.parse_args(["--compile-on-cpu"]).compile_on_cpu
