@@ -103,12 +103,32 @@ def save(state: dict, path: str | Path, keep: int | None) -> None:
     """Write `state` atomically to `path`; then keep only the newest `keep` step checkpoints
     (model_final.pt is never pruned; keep=None prunes nothing)."""
     path = Path(path)
-    with fileio.atomic_path(path, tmp_prefix=f".{path.name}.") as tmp:
-        torch.save(state, tmp)
+    with fileio.atomic_path(path, tmp_prefix=f".{path.name}.") as tmp, open(tmp, "wb") as f:
+        try:
+            # Through a Python file object, so that a full disk is an OSError(ENOSPC / EFBIG) from
+            # f.write; torch's zip writer then reports it as "RuntimeError: [enforce fail at
+            # inline_container.cc] unexpected pos 576 vs 534" (measured), the OSError as its context.
+            torch.save(state, f)
+        except RuntimeError as e:
+            cause = _os_error_in(e)
+            if cause is None:
+                raise
+            raise cause from None
     if keep is not None:
         steps = [(s, p) for s, p in paths(path.parent) if s != math.inf]
         for _, old in steps[keep:]:
             old.unlink(missing_ok=True)
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind `e` (its cause / context chain), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 # ---- Hugging Face ---------------------------------------------------------------------------------

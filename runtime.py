@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import warnings
 from dataclasses import dataclass
@@ -60,8 +61,34 @@ def setup_distributed(device_flag: str = "auto") -> DistInfo:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+            # torchrun keeps one store for all the attempts of a job (--max-restarts): keys written by
+            # the ranks of a failed attempt (e.g. gloo's listening addresses) are still there, and a
+            # new rank that reads a dead rank's address fails ("Connection refused", measured). Each
+            # attempt gets its own key prefix.
+            store, _, _ = next(dist.rendezvous("env://"))
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
+                                    world_size=world_size, device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, local_rank, world_size, device, rank == 0)
+
+
+def host_names() -> list[str]:
+    """The host name of every rank, in rank order (a collective under torchrun: every rank calls it)."""
+    name = socket.gethostname()
+    if not dist.is_initialized():
+        return [name]
+    names = [None] * dist.get_world_size()
+    dist.all_gather_object(names, name)
+    return names
+
+
+def is_peer_failure(e: BaseException) -> bool:
+    """Did a collective fail because another rank died (its connection closed or timed out)?"""
+    text = str(e)
+    return isinstance(e, RuntimeError) and dist.is_initialized() and any(s in text for s in (
+        "Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused", "Timed out",
+        "timed out", "NCCL communicator was aborted", "ProcessGroupNCCL"))
 
 
 def env_rank() -> int:
@@ -122,9 +149,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def teardown_distributed() -> None:
+def teardown_distributed(wait_for_peers: bool = True) -> None:
+    """Leave the process group; after an error, without the barrier (a dead peer never reaches it)."""
     if dist.is_initialized():
-        dist.barrier()
+        if wait_for_peers:
+            dist.barrier()
         dist.destroy_process_group()
 
 

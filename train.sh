@@ -18,7 +18,13 @@
 # train_gpt2.py's edu_fineweb10B), HF_HOME (Hugging Face cache, only for --init-from), PYTHON (default
 # .venv/bin/python from `uv sync`), NPROC_PER_NODE (default: the GPUs SLURM gave the node, else the
 # visible GPUs, else 1 process on CPU), MASTER_PORT (rendezvous port; default: a free one),
-# MAX_REQUEUES (default 20), DRY_RUN=1. A --log-dir argument wins over LOG_DIR.
+# MAX_REQUEUES (default 20), MAX_RESTARTS (default 3), DRY_RUN=1. A --log-dir argument wins over LOG_DIR.
+#
+# A dead training process (a kernel OOM kill, a GPU fault, SIGKILL): torchrun stops the others and
+# starts every process again, up to MAX_RESTARTS times per launch, and train_gpt2.py resumes from the
+# newest checkpoint (the steps since it are trained again, bitwise the same on CPU). 3 covers the
+# rare transient fault of a day-long allocation, while a crash that repeats (a bad flag, a corrupt
+# shard, a micro-batch that does not fit) ends the job after 4 short attempts instead of looping.
 #
 # Self-requeue (the job's time limit, or `scancel --signal=USR1 --batch JOBID` to stop it now):
 #  1. SLURM sends USR1 to this batch shell only (B:), 300 s before the time limit.
@@ -97,7 +103,10 @@ gpus_on_node() {
 gpus=$(gpus_on_node)
 NPROC_PER_NODE=${NPROC_PER_NODE:-$((gpus > 0 ? gpus : 1))}  # no GPU: one process on CPU
 
-torchrun=("$PYTHON" -m torch.distributed.run)  # = torchrun, from whichever Python is in use
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+case $MAX_RESTARTS in '' | *[!0-9]*) die "MAX_RESTARTS must be a whole number >= 0, got '$MAX_RESTARTS'" ;; esac
+# = torchrun, from whichever Python is in use
+torchrun=("$PYTHON" -m torch.distributed.run --max-restarts="$MAX_RESTARTS")
 if [ -z "${SLURM_JOB_ID:-}" ]; then
     cmd=("${torchrun[@]}" --standalone --nproc-per-node="$NPROC_PER_NODE" train_gpt2.py "${train_args[@]}")
     if [ "${DRY_RUN:-0}" = 1 ]; then

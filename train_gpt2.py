@@ -10,7 +10,8 @@ warmup steps and cosine decay to 10% at step 19,073, bf16 autocast, torch.compil
 A run is resumable at any moment: checkpoints (model, optimizer, data position, RNG states, metrics
 length) are written atomically to <log dir>/model_{step:05d}.pt; `--resume auto` continues from the
 newest one. SIGTERM / SIGUSR1 (SLURM before a time limit) save a checkpoint at the next step boundary
-and exit 0; so does the first Ctrl-C (exit 130; a second one aborts at once).
+and exit 0; so does the first Ctrl-C (exit 130; a second one aborts at once). A step whose loss
+spikes far above the recent ones (a bad batch) is not applied (--spike-guard, spike_guard.py).
 Metrics: <log dir>/metrics.jsonl, one JSON object per line (schema in the README).
 
 Reading order: the config and its presets, the schedule and optimizer, `build_run` (everything a run
@@ -28,6 +29,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ from hellaswag_eval import evaluate_hellaswag, load_examples
 from model import BLOCK_MATRICES, GPT, MODEL_PRESETS, GPTConfig, generate
 from muon import CombinedOptimizer, Muon
 from parallel import Parallel, parallelize
+from spike_guard import SpikeGuard, TooManySkips
 from tokenizer import EOT_TOKEN, get_encoding
 
 __all__ = ["GPT", "GPTConfig", "TrainConfig", "build_run", "train_step", "main"]  # `from train_gpt2 import GPT` works
@@ -61,6 +64,10 @@ DEMO_PRESET = dict(
 DEMO_SHARD_SIZE = 100_000
 
 # Named recipes: overrides on top of the reference (and of --demo), below explicit flags.
+# --spike-guard default: standard deviations above the last 100 steps' mean loss / grad norm (see
+# spike_guard.py). Chosen from tiny runs on clean data (README, "A loss spike"): SPIKE_NOTE.
+SPIKE_GUARD = 6.0
+
 RECIPES: dict[str, dict] = {
     # fast: Muon on the block matrices + warmup-stable-decay; embeddings, LayerNorms and biases stay
     # on AdamW at max_lr. Where each number comes from (pilots: bench/recipe_gate.py at tiny scale,
@@ -120,6 +127,10 @@ class TrainConfig:
     sample_prompt: str = field("Hello, I'm a language model,", "prompt of the in-training samples")
     ckpt_every: int = field(1000, "checkpoint every N steps (and at the end, on SIGTERM/SIGUSR1 and on the first Ctrl-C)")
     keep_checkpoints: int = field(3, "keep the newest K step checkpoints (model_final.pt is always kept)")
+    spike_guard: float = field(SPIKE_GUARD, "skip the update of a step whose loss is more than N standard deviations above the last --spike-window steps' (0: off)")
+    spike_guard_norm: float = field(0.0, "also skip a step whose grad norm (before clipping) is more than N standard deviations above the window's (0: off)")
+    spike_window: int = field(100, "steps of loss and grad-norm history the spike guard compares with")
+    spike_warmup: int = field(50, "steps of history before the spike guard may skip an update")
     log_every: int = field(1, "log (and sync with the device) every N steps")
     tensorboard: bool = field(False, "also write every metrics record to TensorBoard (<log dir>/tensorboard; `uv sync --extra loggers`)")
     wandb: bool = field(False, "also send every metrics record to Weights & Biases (WANDB_MODE=offline works without an account)")
@@ -165,6 +176,9 @@ class TrainConfig:
             raise ValueError("--*-every flags must be >= 0 (and --log-every >= 1)")
         if self.keep_checkpoints < 1:
             raise ValueError("--keep-checkpoints must be at least 1")
+        if min(self.spike_guard, self.spike_guard_norm) < 0 or not 2 <= self.spike_warmup <= self.spike_window:
+            raise ValueError(f"--spike-guard and --spike-guard-norm must be >= 0, and 2 <= --spike-warmup <= --spike-window; "
+                             f"got {self.spike_guard}, {self.spike_guard_norm}, {self.spike_warmup}, {self.spike_window}")
 
     @property
     def model_config(self) -> GPTConfig:
@@ -284,6 +298,7 @@ class Run:
     val_loader: ValLoader | None
     autocast: object  # the forward passes' precision context (bf16 on CUDA)
     grad_accum: int  # micro-steps per optimizer step on each rank
+    spike_guard: SpikeGuard  # decides whether a step's update is applied (off: always)
 
 
 def build_model(cfg: TrainConfig, is_main: bool) -> GPT:
@@ -314,13 +329,22 @@ def build_run(cfg: TrainConfig, dist_info: runtime.DistInfo, train_loader=None) 
     parallel = parallelize(dist_info, cfg.ddp_bucket_mb)
     train_model, eval_model = parallel.prepare(model, cfg.compile, cfg.compile_mode, cfg.compile_on_cpu)
     return Run(cfg, dist_info, model, optimizer, parallel, train_model, eval_model, train_loader, val_loader,
-               runtime.autocast(device), cfg.grad_accum_steps(dist_info.world_size))
+               runtime.autocast(device), cfg.grad_accum_steps(dist_info.world_size),
+               SpikeGuard(cfg.spike_guard, cfg.spike_guard_norm, cfg.spike_window, cfg.spike_warmup))
 
 
-def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # () this rank's mean loss over its micro-batches, on the device
+    grad_norm: torch.Tensor  # () the global gradient norm before clipping, on the device
+    lr: float
+    skipped: str | None  # why the spike guard refused this update (None: applied)
+
+
+def train_step(run: Run, step: int) -> StepResult:
     """One optimizer step: grad_accum micro-steps (gradients reduced across ranks on the last only),
-    clip to the global norm, then the optimizer (AdamW, or Muon + AdamW). Returns the mean loss and
-    the grad norm as device tensors (no host sync) and the learning rate used."""
+    clip to the global norm, then the optimizer (AdamW, or Muon + AdamW) unless the spike guard
+    refuses the update. Without the guard nothing waits for the device (no host sync); with it, one
+    small all-reduce of the loss and a sync decide, the same on every rank."""
     device = run.dist_info.device
     loss_accum = torch.zeros((), device=device)
     with runtime.sdpa_backend(run.cfg.attn_backend):
@@ -335,10 +359,25 @@ def train_step(run: Run, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
                 loss.backward()
     grad_norm = run.parallel.clip_grad_norm_(run.model, run.cfg.grad_clip)
     lr = learning_rate(step, run.cfg)
-    set_learning_rates(run.optimizer, lr)
-    run.optimizer.step()
+    skipped = None
+    if run.spike_guard.enabled:
+        both = run.parallel.all_reduce(torch.stack([loss_accum, grad_norm.to(loss_accum.dtype)]))
+        mean_loss, norm = (both / run.dist_info.world_size).tolist()  # the norm is already global: sum / ranks = it
+        try:
+            skipped = run.spike_guard.check(loss=mean_loss, grad_norm=norm)
+        except TooManySkips as e:
+            fix = ("the loss stopped being finite: lower --max-lr or resume from it" if e.nonfinite
+                   else "check the data and --max-lr, or raise --spike-guard")
+            raise Diverged(f"{e}; stopping at step {step}. The last good checkpoint in {run.cfg.log_dir} is untouched; "
+                           f"{fix}") from None
+        if skipped and nonfinite_weights(run):  # skipping cannot help weights that are already lost
+            raise Diverged(f"the weights stopped being finite by step {step}: stopping. The last good checkpoint in "
+                           f"{run.cfg.log_dir} is untouched; lower --max-lr or resume from it")
+    if skipped is None:
+        set_learning_rates(run.optimizer, lr)
+        run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return loss_accum, grad_norm, lr
+    return StepResult(loss_accum, grad_norm, lr, skipped)
 
 
 # ---- checkpoints and resume ---------------------------------------------------------------------
@@ -367,12 +406,21 @@ class Diverged(Exception):
     """The loss or the weights stopped being finite: nothing more may be trained or saved."""
 
 
+class CheckpointNotWritten(Exception):
+    """A checkpoint could not be written (full disk, quota, permissions): every rank stops."""
+
+
+def nonfinite_weights(run: Run) -> bool:
+    """Does any rank hold a weight that is inf or NaN? (A collective: every rank calls it.)"""
+    bad = torch.stack([(~torch.isfinite(p)).sum() for p in run.model.parameters()]).sum().float()
+    return bool(run.parallel.all_reduce(bad).item())
+
+
 def save_checkpoint(run: Run, path: Path, step: int, evals_done: bool, log: metrics_log.MetricsLog,
                     keep: int | None) -> None:
     """Called on every rank; the seam decides which ranks write. Refuses to save weights that are not
     finite (a checkpoint is always a point a run can continue from)."""
-    bad = torch.stack([(~torch.isfinite(p)).sum() for p in run.model.parameters()]).sum().float()
-    if run.parallel.all_reduce(bad).item():
+    if nonfinite_weights(run):
         raise Diverged(f"weights are not finite at step {step}: not saving them")
     state = {
         "model": run.parallel.model_state_dict(run.model),  # unwrapped: no "module." / "_orig_mod." prefixes
@@ -384,9 +432,32 @@ def save_checkpoint(run: Run, path: Path, step: int, evals_done: bool, log: metr
         "config": asdict(run.cfg),
         "evals_done": evals_done,  # were step's val/HellaSwag/sample logged before this save?
         "metrics": log.state_dict(),  # the log's length now: a resume cuts it back to this
+        "spike_guard": run.spike_guard.state_dict(),  # its history decides the next steps' skips
     }
+    failure = None
     if run.parallel.writes_checkpoints:
-        checkpoint.save(state, path, keep)
+        try:
+            checkpoint.save(state, path, keep)
+        except OSError as e:  # the temp file is gone, the previous checkpoints are untouched
+            failure = e
+    # Every rank learns whether the write failed, so all stop together with one clear line instead
+    # of the others dying of a vanished peer at the next collective.
+    failed = run.parallel.all_reduce(torch.tensor(float(failure is not None), device=run.dist_info.device))
+    if failed.item():
+        raise CheckpointNotWritten(checkpoint_failure_message(path, failure))
+
+
+def checkpoint_failure_message(path: Path, e: OSError | None) -> str:
+    if e is None:
+        return f"the main rank could not write {path}"
+    newest = checkpoint.paths(path.parent)
+    kept = (f"{newest[0][1]} is intact and `--resume auto` continues from it" if newest
+            else "no earlier checkpoint exists, so a rerun starts from step 0")
+    size = f" (a checkpoint takes {newest[0][1].stat().st_size / 2**20:,.0f} MiB)" if newest else ""
+    room = f"free space on that disk{size}, or move the run to a bigger one (--log-dir)"
+    if fileio.is_disk_full(e):
+        return f"no room to write {path} ({e.strerror}); nothing else was lost: {kept}. Fix: {room}, then rerun the same command"
+    return f"cannot write {path} ({e.strerror}): {kept}. Fix the folder's permissions or choose another --log-dir, then rerun"
 
 
 # Settings whose change turns a resumed run into another run: refused unless --allow-config-change.
@@ -460,6 +531,8 @@ def resume(run: Run) -> tuple[int, bool, dict | None]:
     load_optimizer_state(run.optimizer, ckpt["optimizer"])
     run.train_loader.load_state_dict(ckpt["loader"], strict=not cfg.allow_config_change)
     set_rng_state(ckpt["rng"])
+    if "spike_guard" in ckpt:  # checkpoints from before the guard start it empty
+        run.spike_guard.load_state_dict(ckpt["spike_guard"])
     if is_main:
         print(f"resuming from {ckpt['path']} at step {ckpt['step']}")
         for change in changes:
@@ -645,6 +718,7 @@ def write_config_record(run: Run, log: metrics_log.MetricsLog, start_step: int, 
         "resumed_from": resumed_from, "flops_per_token": run.model.flops_per_token(cfg.seq_len),
         "peak_flops": runtime.peak_flops(device), "grad_accum_steps": run.grad_accum,
         "num_params": run.model.num_params(), "data_source": describe_source(cfg.data_dir),
+        "hosts": runtime.host_names(),  # rank i ran on hosts[i]
     })
     if run.dist_info.is_main:
         print(f"{cfg.model}: {run.model.num_params():,} parameters | {world} x {runtime.device_name(device)} | "
@@ -716,8 +790,14 @@ def loop(run: Run, log: metrics_log.MetricsLog, stop: StopFlag, start_step: int,
             save_checkpoint(run, log_dir / f"model_{step:05d}.pt", step, True, log, cfg.keep_checkpoints)
 
         clock.run()
-        loss, grad_norm, lr = train_step(run, step)
+        loss, grad_norm, lr, skipped = train_step(run, step)
         clock.step_done()
+        if skipped:  # the guard's decision is a host value, the same on every rank
+            log.write({"type": "skip", "step": step, "tokens": (step + 1) * cfg.tokens_per_step, "reason": skipped})
+            if is_main:
+                print(f"step {step:6d} | update skipped: {skipped}")
+        # A non-finite loss or norm ends the run at the next sync even when the guard kept it out of
+        # the weights: it means diverging weights far more often than one bad batch.
         bad_steps += (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
 
         log_due = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
@@ -737,7 +817,7 @@ def loop(run: Run, log: metrics_log.MetricsLog, stop: StopFlag, start_step: int,
             stop_agreed, interrupted = stops > 0, interrupts > 0  # every rank sees the same sums: all stop together
             if log_due:
                 log_train_step(run, log, clock, step, loss_sum / dist_info.world_size, norm_sum / dist_info.world_size,
-                               lr, flops_per_token, peak)
+                               lr, flops_per_token, peak, skipped=bool(skipped))
 
     save_checkpoint(run, log_dir / checkpoint.FINAL, cfg.max_steps, True, log, keep=None)
     if is_main:
@@ -746,17 +826,19 @@ def loop(run: Run, log: metrics_log.MetricsLog, stop: StopFlag, start_step: int,
 
 
 def log_train_step(run: Run, log: metrics_log.MetricsLog, clock: StepClock, step: int, loss: float, grad_norm: float,
-                   lr: float, flops_per_token: int, peak: float | None) -> None:
+                   lr: float, flops_per_token: int, peak: float | None, skipped: bool = False) -> None:
     """The train record and the console line of a log step (grad norm: identical on every rank)."""
     seconds, steps = clock.lap()
     tokens_per_sec = steps * run.cfg.tokens_per_step / max(seconds, 1e-9)
     step_ms = 1000 * seconds / max(steps, 1)
     step_mfu = runtime.mfu(flops_per_token, tokens_per_sec, peak, run.dist_info.world_size)
     log.write({"type": "train", "step": step, "tokens": (step + 1) * run.cfg.tokens_per_step, "train_loss": loss,
-               "lr": lr, "grad_norm": grad_norm, "step_ms": step_ms, "tokens_per_sec": tokens_per_sec, "mfu": step_mfu})
+               "lr": lr, "grad_norm": grad_norm, "step_ms": step_ms, "tokens_per_sec": tokens_per_sec, "mfu": step_mfu,
+               **({"skipped": True} if skipped else {})})
     if run.dist_info.is_main:
         print(format_step_line(step, run.cfg.max_steps, loss, lr, grad_norm, step_ms, tokens_per_sec, step_mfu,
-                               clock.elapsed(), clock.eta(run.cfg.max_steps - step - 1)))
+                               clock.elapsed(), clock.eta(run.cfg.max_steps - step - 1))
+              + (" | update skipped" if skipped else ""))
 
 
 def main(argv=None) -> int:
@@ -776,22 +858,38 @@ def main(argv=None) -> int:
         dist_info = runtime.setup_distributed(cfg.device)
     except ValueError as e:
         return error(f"error: {e}", 2)
+    clean_exit = False
     try:
-        return train(cfg, dist_info, stop)
+        code = train(cfg, dist_info, stop)
+        clean_exit = True
+        return code
     except RunFinished as e:
+        clean_exit = True
         if dist_info.is_main:
             print(e, file=sys.stderr if e.code else sys.stdout)
         return e.code
-    except Diverged as e:
+    except (Diverged, CheckpointNotWritten) as e:
         return error(f"error: {e}", 1)
+    except OSError as e:  # e.g. metrics.jsonl on a disk that filled up between checkpoints
+        if not fileio.is_disk_full(e):
+            raise
+        return error(f"error: disk full writing {e.filename or cfg.log_dir} ({e.strerror}): free space, then rerun the "
+                     "same command: it resumes from the newest checkpoint", 1)
     except ValueError as e:  # user-fixable problems (data, flags): one line, no traceback
         return error(f"error: {e}", 2)
     except torch.cuda.OutOfMemoryError:
         return error(f"error: out of GPU memory at --micro-batch-size {cfg.micro_batch_size}: halve it (gradient "
                      "accumulation grows to keep --tokens-per-step, so the run is unchanged), or add "
                      "--activation-checkpointing / --loss-chunk-rows 8192", 3)
+    except RuntimeError as e:  # after OutOfMemoryError, one of its kind
+        if not runtime.is_peer_failure(e):
+            raise
+        # Every rank that sees it says so (the dead one cannot): torchrun restarts the group.
+        print(f"rank {dist_info.rank}: error: lost contact with another rank ({str(e).splitlines()[0][:200]}); under "
+              "train.sh, torchrun restarts every rank from the newest checkpoint", file=sys.stderr)
+        return 1
     finally:
-        runtime.teardown_distributed()
+        runtime.teardown_distributed(wait_for_peers=clean_exit)
         for sig, handler in previous_handlers.items():  # main() called in-process (tests) leaves no trace
             signal.signal(sig, handler)
 

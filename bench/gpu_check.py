@@ -85,8 +85,9 @@ def throughput_settings(dry_run: bool) -> list[tuple[str, list[str]]]:
     """(name, extra bench.py flags): the reference trainer's settings first, then ours, then one lever at a time."""
     micro_batches = "1,4" if dry_run else "32,128"
     return [
-        ("reference settings (compile off, fused AdamW, plain loss)", ["--no-compile"]),
+        ("reference settings (compile off, fused AdamW, plain loss)", ["--no-compile", "--spike-guard", "0"]),
         ("defaults (compile on)", []),
+        ("lever: --spike-guard 0 (no per-step sync)", ["--spike-guard", "0"]),
         ("lever: --loss-chunk-rows 8192", ["--loss-chunk-rows", "8192"]),
         ("lever: attention kernels", ["--sweep", "attn_backend=flash,cudnn,efficient,math"]),
         (f"lever: micro-batch {micro_batches.replace(',', ' / ')}", ["--sweep", f"micro_batch_size={micro_batches}"]),

@@ -242,7 +242,7 @@ def muon_steps(cfg: TrainConfig, dist_info: runtime.DistInfo, weights: list[dict
         if weights is not None:
             model.load_state_dict(weights[step])
         before.append({k: v.clone() for k, v in model.state_dict().items()})
-        loss, _, _ = train_gpt2.train_step(run, step)
+        loss = train_gpt2.train_step(run, step).loss
         if dist_info.distributed:
             torch.distributed.all_reduce(loss)
             loss /= dist_info.world_size

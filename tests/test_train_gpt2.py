@@ -615,7 +615,7 @@ def one_step_gradients(cfg: TrainConfig, dist_info: runtime.DistInfo) -> dict:
     gradients the optimizer gets."""
     run = train_gpt2.build_run(cfg, dist_info)
     recorder = run.optimizer = GradRecorder(run.model)
-    loss, grad_norm, _ = train_gpt2.train_step(run, 0)
+    loss, grad_norm, _, _ = train_gpt2.train_step(run, 0)
     if dist_info.distributed:
         torch.distributed.all_reduce(loss)
         loss /= dist_info.world_size

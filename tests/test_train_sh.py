@@ -1,9 +1,11 @@
-"""train.sh: the launch command it builds, a real CPU run through it, and a real one-node SLURM.
+"""train.sh: the launch command it builds, a real CPU run through it, and a real SLURM on one and
+on two nodes.
 
-The SLURM tests start a private cluster on localhost (munged, slurmctld, slurmd from Debian's
-slurm-wlm, all state in a temp dir), submit `sbatch train.sh` with the tiny preset, send the
-time-limit signal and check that the job checkpoints once, requeues itself, resumes and ends with
-the same weights as an uninterrupted run. Without slurm-wlm they skip here and fail in CI.
+The SLURM tests start a private cluster (munged, slurmctld, slurmd from Debian's slurm-wlm, all
+state in a temp dir): one node on localhost, or two nodes in their own network namespaces
+(`TwoNodeCluster`). They submit `sbatch train.sh` with the tiny preset, send the time-limit signal
+and check that the job checkpoints once, requeues itself, resumes and ends with the same weights as
+an uninterrupted run. Without slurm-wlm they skip here and fail in CI.
 
     uv run pytest tests/test_train_sh.py -q
 """
@@ -239,6 +241,90 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             log.close()
 
 
+class TwoNodeCluster(Cluster):
+    """Two SLURM nodes on this machine that look like two hosts: each slurmd runs in its own network
+    namespace (one end of a veth pair, 10.77.0.1 / 10.77.0.2, nothing else: traffic stays between
+    them), its own UTS namespace (hostname node1 / node2) and mount namespace (where an /etc/hosts
+    naming both nodes is bind-mounted), with its own spool, pid and log files. slurmctld runs on node1,
+    munged in the root namespace (a unix socket on the shared filesystem). The repo and the temp
+    dirs are shared between the nodes, as a cluster filesystem is."""
+
+    NODES = {"node1": "10.77.0.1", "node2": "10.77.0.2"}
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        tag = f"gpt2t{os.getpid()}"
+        self.netns = {"node1": f"{tag}a", "node2": f"{tag}b"}
+        self.created: list[str] = []  # network namespaces to delete
+        mem_mb = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+        conf = (root / "slurm.conf").read_text()
+        conf = re.sub(r"^SlurmctldHost=.*$", f"SlurmctldHost=node1({self.NODES['node1']})", conf, flags=re.M)
+        conf = re.sub(r"^SlurmdSpoolDir=.*$", f"SlurmdSpoolDir={root}/spool/%n", conf, flags=re.M)
+        conf = re.sub(r"^SlurmdPidFile=.*$", f"SlurmdPidFile={root}/slurmd.%n.pid", conf, flags=re.M)
+        conf = re.sub(r"^SlurmdLogFile=.*$", f"SlurmdLogFile={root}/log/slurmd.%n.log", conf, flags=re.M)
+        conf = re.sub(r"^NodeName=.*$", "\n".join(
+            f"NodeName={name} NodeAddr={addr} CPUs=2 RealMemory={mem_mb // 4} State=UNKNOWN"
+            for name, addr in self.NODES.items()), conf, flags=re.M)
+        conf = re.sub(r"^PartitionName=.*$", "PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP",
+                      conf, flags=re.M)
+        (root / "slurm.conf").write_text(conf)
+        for name in self.NODES:
+            (root / "spool" / name).mkdir()
+
+    def _ip(self, *args: str) -> None:
+        result = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        if result.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
+
+    def start(self) -> None:
+        (self.root / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
+            f"{addr} {name}\n" for name, addr in self.NODES.items()))
+        a, b = self.netns["node1"], self.netns["node2"]
+        try:
+            for ns in (a, b):
+                self._ip("netns", "add", ns)
+                self.created.append(ns)
+                self._ip("-n", ns, "link", "set", "lo", "up")
+            self._ip("link", "add", f"{a}v", "type", "veth", "peer", "name", f"{b}v")
+            for name, ns in self.netns.items():
+                veth = f"{ns}v"
+                self._ip("link", "set", veth, "netns", ns)
+                self._ip("-n", ns, "addr", "add", f"{self.NODES[name]}/24", "dev", veth)
+                self._ip("-n", ns, "link", "set", veth, "up")
+        except (RuntimeError, OSError) as e:
+            pytest.skip(f"cannot make network namespaces here ({e}): the two-node test needs root with CAP_NET_ADMIN")
+        r = self.root
+        self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={r}/munge/munge.sock",
+                               f"--key-file={r}/munge/munge.key", f"--pid-file={r}/munge/munged.pid",
+                               f"--seed-file={r}/munge/munged.seed", f"--log-file={r}/log/munged.log"])
+        self._wait(lambda: (r / "munge" / "munge.sock").exists(), 10, "munged did not create its socket")
+        self._spawn_on("node1", "slurmctld", ["slurmctld", "-D", "-i"])
+        for name in self.NODES:
+            self._spawn_on(name, f"slurmd-{name}", ["slurmd", "-D", "-N", name])
+        self._wait(lambda: self.run("sinfo", "-h", "-o", "%T %D", check=False).stdout.split() == ["idle", "2"], 60,
+                   "the two nodes never became idle")
+
+    def _spawn_on(self, node: str, name: str, cmd: list[str]) -> None:
+        """Start a daemon on `node`: in its network namespace, with new UTS and mount namespaces (its
+        hostname, the nodes' /etc/hosts). nsenter, not `ip netns exec`: that remounts /sys, and
+        slurmd then finds no /sys/fs/cgroup (measured: "slurmd initialization failed")."""
+        exe = shutil.which(cmd[0], path=self.env["PATH"] + ":/usr/sbin:/sbin")
+        self._spawn(name, ["nsenter", f"--net=/run/netns/{self.netns[node]}", "unshare", "--uts", "--mount", "--",
+                           "sh", "-c", f'mount --bind {self.root}/hosts /etc/hosts && hostname {node} && exec "$0" "$@"',
+                           exe, *cmd[1:]])
+
+    def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        """Client commands (sbatch, scontrol, ...) reach slurmctld from node1's network namespace."""
+        return super().run("nsenter", f"--net=/run/netns/{self.netns['node1']}", *cmd, check=check, **kw)
+
+    def stop(self) -> None:
+        try:
+            super().stop()
+        finally:
+            for ns in self.created:
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)  # the veth pair goes with it
+
+
 def slurm_conf_only() -> Cluster:
     return Cluster(Path(tempfile.mkdtemp(prefix="slurm")))  # short path: a unix socket lives there
 
@@ -252,16 +338,26 @@ def slurm_conf():
     shutil.rmtree(cluster.root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def slurm():
-    require("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
-    cluster = slurm_conf_only()
+def running(cluster: Cluster):
+    """Start `cluster`, yield it, and stop it and delete its files however the tests end."""
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
         shutil.rmtree(cluster.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    require("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel")
+    yield from running(slurm_conf_only())
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes():
+    require("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "ip", "unshare", "nsenter")
+    yield from running(TwoNodeCluster(Path(tempfile.mkdtemp(prefix="slurm2"))))
 
 
 def started(log_dir: str, trained: bool) -> bool:
@@ -431,3 +527,39 @@ def test_finished_crashed_or_capped_job_is_not_requeued_even_when_signalled(unin
             assert "SIGUSR1: checkpoint saved at step" in text, text
             assert "train.sh: stopped after 0 requeues (MAX_REQUEUES=0): not requeued" in text, text
             assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0", text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_two_nodes_meet_stop_on_the_time_limit_signal_requeue_and_match_one_process(uninterrupted_run, slurm_two_nodes,
+                                                                                     shards, tmp_path):
+    """`sbatch --nodes=2 train.sh`: one torchrun per node, one training process each, meeting in the
+    c10d rendezvous on node1 over the veth link; USR1 mid-run, requeue, resume on both nodes. The
+    two ranks compute exactly what one process with 2 micro-steps does (gradients averaged by
+    halves: exact in floating point), so the final weights equal the one-process run's, bitwise."""
+    cluster = slurm_two_nodes
+    log_dir, out = tmp_path / "log", tmp_path / "slurm.out"
+    cmd = ["sbatch", "--parsable", "--nodes=2", *SBATCH_OVERRIDES, f"--output={out}", str(TRAIN_SH), *TINY_FLAGS]
+    job = cluster.run(*cmd, env={**cluster.env, "LOG_DIR": str(log_dir), "DATA_DIR": str(shards), "MAX_REQUEUES": "3"},
+                      cwd=ROOT).stdout.strip().split(";")[0]
+    cluster.jobs.append(job)
+
+    deadline = time.monotonic() + 200
+    while not started(str(log_dir), trained=True):
+        assert time.monotonic() < deadline, f"no training steps logged\n{out.read_text() if out.exists() else ''}\n{cluster.logs()}"
+        assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), out.read_text() + cluster.logs()
+        time.sleep(0.05)
+    cluster.run("scancel", "--signal=USR1", "--batch", job)
+    info = cluster.wait_end(job, out, timeout=300)
+    text = out.read_text()
+
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text
+    assert text.count("2 node(s) x 1 process(es)") == 2, text  # both starts ran on two nodes
+    stop_step = int(re.findall(r"SIGUSR1: checkpoint saved at step (\d+)", text)[0])
+    assert f"resuming from {log_dir / f'model_{stop_step:05d}.pt'} at step {stop_step}" in text
+    records = metrics(log_dir)
+    configs = [r for r in records if r["type"] == "config"]
+    assert [c["world_size"] for c in configs] == [2, 2] and [c["step"] for c in configs] == [0, stop_step]
+    assert all(sorted(c["hosts"]) == ["node1", "node2"] for c in configs)  # one rank on each node, both times
+    assert sorted({r["step"] for r in records if r["type"] == "train"}) == list(range(MAX_STEPS))
+    assert_same_weights(log_dir / "model_final.pt", uninterrupted_run / "model_final.pt")

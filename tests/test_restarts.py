@@ -1,0 +1,99 @@
+"""A dead rank does not end the job: `bash train.sh` (torchrun with --max-restarts) on 2 CPU ranks.
+
+One training process is SIGKILLed mid-run (what a kernel OOM kill or a GPU fault does); torchrun
+stops the other, starts both again, and the run resumes from its newest checkpoint and ends with
+the weights of an uninterrupted 2-rank run, bitwise. A crash that repeats (a bad flag) ends after
+MAX_RESTARTS + 1 attempts instead of looping.
+
+    uv run pytest tests/test_restarts.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train_sh import ROOT, TINY_FLAGS, TRAIN_SH, assert_same_weights, clean_env, metrics
+
+RESTART_FLAGS = [*TINY_FLAGS, "--ckpt-every", "5"]  # the last --ckpt-every wins: checkpoints at 5, 10, 15
+
+
+def train_sh(log_dir: Path, shards: Path, args: list[str], **env: str) -> subprocess.Popen:
+    return subprocess.Popen(["bash", str(TRAIN_SH), *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=clean_env(**{"LOG_DIR": str(log_dir), "DATA_DIR": str(shards),
+                                                        "CUDA_VISIBLE_DEVICES": "", "NPROC_PER_NODE": "2", **env}))
+
+
+def training_pid(log_dir: Path, local_rank: int) -> int | None:
+    """The training process of `local_rank` for this log dir (its environment says which rank it is)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (any(a.endswith(b"train_gpt2.py") for a in args) and str(log_dir).encode() in args
+                and f"LOCAL_RANK={local_rank}".encode() in environ and b"torch.distributed.run" not in args):
+            return int(proc.name)
+    return None
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_ranks(tmp_path_factory, data_dir) -> Path:
+    log_dir = tmp_path_factory.mktemp("two_ranks")
+    proc = train_sh(log_dir, data_dir, RESTART_FLAGS)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return log_dir
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_rank_restarts_the_group_and_ends_with_the_uninterrupted_weights(
+        uninterrupted_two_ranks, data_dir, tmp_path):
+    log_dir = tmp_path / "log"
+    proc = train_sh(log_dir, data_dir, RESTART_FLAGS)
+    try:
+        deadline = time.monotonic() + 240
+        # After the step-5 checkpoint, before the step-10 one: the restart must go back to step 5.
+        while not any(r["type"] == "train" and r["step"] >= 7 for r in metrics(log_dir)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never reached step 7"
+            time.sleep(0.2)
+        victim = training_pid(log_dir, local_rank=1)
+        assert victim is not None
+        os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert "rank 0: error: lost contact with another rank" in out  # the survivor says what happened, in one line
+    assert "Traceback" not in out.split("lost contact")[0][-2000:]
+    assert "resuming from" in out and "model_00005.pt at step 5" in out
+    configs = [r for r in metrics(log_dir) if r["type"] == "config"]
+    assert len(configs) == 2  # one start, one restart
+    steps = [r["step"] for r in metrics(log_dir) if r["type"] == "train"]
+    assert steps == list(range(20))  # the log was cut back to the checkpoint: each step once
+    assert_same_weights(log_dir / "model_final.pt", uninterrupted_two_ranks / "model_final.pt")
+
+
+@pytest.mark.slow
+def test_a_crash_that_repeats_ends_after_max_restarts(tmp_path, data_dir):
+    proc = train_sh(tmp_path / "log", data_dir, [*TINY_FLAGS, "--max-lr=-1"], NPROC_PER_NODE="1")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    attempts = out.count("error: --max-lr must be positive")
+    assert attempts == 4, out[-3000:]  # train.sh's default MAX_RESTARTS=3: the first try and 3 restarts
+
+
+def test_max_restarts_must_be_a_number(tmp_path):
+    result = subprocess.run(["bash", str(TRAIN_SH)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env=clean_env(MAX_RESTARTS="lots", DRY_RUN="1"))
+    assert result.returncode == 2 and "MAX_RESTARTS must be a whole number" in result.stderr
+    cmd = subprocess.run(["bash", str(TRAIN_SH)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env=clean_env(MAX_RESTARTS="5", DRY_RUN="1", CUDA_VISIBLE_DEVICES="")).stdout.split()
+    assert "--max-restarts=5" in cmd
