@@ -502,7 +502,7 @@ def test_finished_crashed_or_capped_job_is_not_requeued_even_when_signalled(unin
     empty.mkdir()
     cases = {
         "finished": {"LOG_DIR": str(uninterrupted_run), "DATA_DIR": str(shards)},
-        "crashed": {"LOG_DIR": str(tmp_path / "crash_log"), "DATA_DIR": str(empty)},
+        "crashed": {"LOG_DIR": str(tmp_path / "crash_log"), "DATA_DIR": str(empty), "MAX_RESTARTS": "0"},  # restarts: test_restarts.py
         "capped": {"LOG_DIR": str(tmp_path / "capped_log"), "DATA_DIR": str(shards), "MAX_REQUEUES": "0"},
     }
     for name, env in cases.items():
