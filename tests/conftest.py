@@ -56,3 +56,13 @@ def data_dir(tmp_path_factory) -> Path:
     for i, part in enumerate(np.array_split(tokens[VAL_TOKENS:], 3), start=1):
         np.save(out / f"edufineweb_train_{i:06d}.npy", part)
     return out
+
+
+# The longest serial stretches first. pytest-xdist runs a group (the SLURM tests share one cluster)
+# on one worker in collection order; collected last, as test_train_sh.py is alphabetically, it ran
+# alone at the end while the other worker idled. The sort is stable: the rest keep their order.
+LONG_FIRST = ("tests/test_train_sh.py", "tests/test_gpu_check.py", "tests/test_spike_guard.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: next((i for i, p in enumerate(LONG_FIRST) if item.nodeid.startswith(p)), len(LONG_FIRST)))
