@@ -211,3 +211,22 @@ def test_bad_guard_settings_fail_while_parsing():
     for bad in (dict(spike_guard=-1), dict(spike_guard_norm=-2)):
         with pytest.raises(ValueError, match="--spike-guard"):
             TrainConfig(**bad)
+
+
+def test_spike_stats_replays_a_run_and_counts_what_each_threshold_would_skip(tmp_path):
+    """bench/spike_stats.py, the tool behind --spike-guard's default, on a run with one loss spike."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"type": "config", "step": 0})]
+    for step in range(80):
+        loss = 4.0 - step / 100 + rng.normal(0, 0.02) + (3.0 if step == 60 else 0.0)
+        lines.append(json.dumps({"type": "train", "step": step, "train_loss": loss, "grad_norm": 1.0 + rng.normal(0, 0.05)}))
+    path.write_text("\n".join(lines) + "\n")
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "spike_stats.py"), "--metrics", str(path),
+                             "--window", "20", "--warmup", "10", "--thresholds", "6,1000"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    row = result.stdout.strip().splitlines()[-1].split()
+    assert row[1:3] == ["80", "70"]  # steps, steps judged after the warm-up
+    assert row[3].endswith("@60")  # the largest loss score is the spike's
+    assert row[-2:] == ["1/0", "0/0"]  # at 6: the spike alone (loss), nothing on the norm; at 1000: nothing
