@@ -4,14 +4,14 @@ A bad batch (a stretch of garbage tokens, a corrupt document) gives one step a l
 run's recent ones; applied, that update pushes the weights towards garbage. The guard keeps the
 last `window` accepted values of the step's mean loss over all ranks and of the global gradient
 norm before clipping and, once it holds `warmup` of them, refuses a step whose value is more than
-its series' threshold of standard deviations above their mean, or that is not finite. The
-gradient norm's threshold is off by default: measured on clean data, tiny runs show excursions of
-the norm to 25-100x its mean (161 standard deviations) on ordinary text, optimizer instabilities that
-gradient clipping already contains, while a garbage batch moved the norm by less than 2x and the
-loss by 11 standard deviations (README, "A loss spike"). The trainer then skips that update (the weights and the optimizer state stay as they
-were) and goes on with the next batch. Every rank sees the same all-reduced numbers, so every rank
-takes the same decision. Only accepted values enter the window: a spike does not widen the band
-that judges the next step. `MAX_CONSECUTIVE_SKIPS` refusals in a row mean the run itself is off
+its series' threshold of standard deviations above their mean, or that is not finite. The trainer
+then skips that update (the weights and the optimizer state stay as they were) and goes on with the
+next batch. The gradient norm's threshold is off by default: on clean data, tiny runs showed jumps
+of the norm to 18-29 standard deviations (26-65x its mean) on ordinary text, optimizer hiccups that
+gradient clipping already contains, while a batch of random tokens moved the norm less than 2x and
+the loss by 9.3 standard deviations (BENCHMARKS.md, "Spike guard"). Every rank sees the same
+all-reduced numbers, so every rank takes the same decision. Only accepted values enter the window:
+a spike does not widen the band that judges the next step. `MAX_CONSECUTIVE_SKIPS` refusals in a row mean the run itself is off
 (not one batch), and stop it. A non-finite value is refused too, and the trainer then stops at its
 next sync, as it does without the guard (diverging weights, far more often than one bad batch).
 

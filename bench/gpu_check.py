@@ -180,9 +180,13 @@ def environment(dry_run: bool) -> tuple[bool, dict]:
     return True, info
 
 
-def metrics_of(log_dir: Path) -> list[dict]:
-    path = log_dir / "metrics.jsonl"
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file (none if it was never written)."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def metrics_of(log_dir: Path) -> list[dict]:
+    return read_jsonl(log_dir / "metrics.jsonl")
 
 
 def train_flags(sizes: dict) -> list[str]:
@@ -247,16 +251,12 @@ def hellaswag_eval(ck: Checker, hellaswag: Path, full: bool) -> tuple[bool, dict
         extra += ["--compile"]
     code, out = ck.run("hellaswag", ["hellaswag.py", "--checkpoint", str(ck.work / "run" / "model_final.pt"),
                                      "--data", str(hellaswag), "--log-dir", str(ck.work / "hs"), *extra], timeout=240)
-    results = metrics_of_file(ck.work / "hs" / "hellaswag_results.jsonl")
+    results = read_jsonl(ck.work / "hs" / "hellaswag_results.jsonl")
     if code != 0 or not results:
         return False, {"exit": code}
     r = results[-1]
     return True, {"count": r["count"], "seconds": r["seconds"], "examples_per_sec": round(r["count"] / r["seconds"], 1),
                   "acc_norm": r["acc_norm"], "harness_acc_norm": r["harness_acc_norm"], "full_set": full}
-
-
-def metrics_of_file(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def export(ck: Checker) -> tuple[bool, dict]:
