@@ -6,6 +6,8 @@
   tests/data/README.md).
 """
 
+import resource
+import signal
 import sys
 from pathlib import Path
 
@@ -56,6 +58,17 @@ def data_dir(tmp_path_factory) -> Path:
     for i, part in enumerate(np.array_split(tokens[VAL_TOKENS:], 3), start=1):
         np.save(out / f"edufineweb_train_{i:06d}.npy", part)
     return out
+
+
+def limit_file_size(max_bytes: int):
+    """preexec_fn: files may grow to `max_bytes`; a write past that fails with EFBIG (SIGXFSZ, which
+    would kill the process instead, is ignored; an ignored signal stays ignored across exec)."""
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
+
+    return limit
 
 
 # The longest serial stretches first. pytest-xdist runs a group (the SLURM tests share one cluster)

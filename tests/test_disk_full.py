@@ -12,7 +12,6 @@ tests/test_fineweb.py::test_full_disk_is_a_one_line_error_and_leaves_no_shard.
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import uuid
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 import checkpoint
+from conftest import limit_file_size
 from test_train_gpt2 import ROOT, run_env, trainer_cmd
 
 TIMEOUT = 300
@@ -93,12 +93,6 @@ def test_disk_fills_at_the_second_checkpoint_on_two_ranks(data_dir, tmp_path, sm
     result = subprocess.run(trainer_cmd(data_dir, moved), cwd=ROOT, env=run_env(), capture_output=True, text=True,
                             timeout=TIMEOUT)
     assert result.returncode == 0 and "resuming from" in result.stdout and "at step 5" in result.stdout, result.stderr[-2000:]
-
-
-def limit_file_size(limit: int):
-    def apply():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
 
 
 def test_file_size_limit_stops_the_first_checkpoint_in_one_line(data_dir, tmp_path):

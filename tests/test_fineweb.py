@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import fineweb
+from conftest import limit_file_size
 from fineweb import FinewebConfig, PrepError, prepare
 from tokenizer import EOT_TOKEN, get_encoding
 
@@ -295,18 +296,6 @@ def test_unwritable_out_dir_is_a_one_line_error(subset, tmp_path, capsys):
         assert "cannot write to --out-dir" in cli_error(capsys, "--input", subset[0], "--out-dir", str(locked))
 
 
-def _limit_file_size(max_bytes: int):
-    """preexec_fn: files may grow to `max_bytes`; a write past that fails with EFBIG (SIGXFSZ, which
-    would kill the process instead, is ignored; an ignored signal stays ignored across exec)."""
-    import resource
-
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))
-
-    return limit
-
-
 @pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX RLIMIT_FSIZE for a real write error")
 def test_full_disk_is_a_one_line_error_and_leaves_no_shard(subset, tmp_path):
     out = tmp_path / "out"
@@ -317,7 +306,7 @@ def test_full_disk_is_a_one_line_error_and_leaves_no_shard(subset, tmp_path):
     cmd = [sys.executable, str(ROOT / "fineweb.py"), "--input", *subset, "--out-dir", str(out),
            "--shard-size", str(SHARD), "--streaming", "--workers", "1"]
     proc = subprocess.run(cmd, cwd=ROOT, env={**env_for_cli(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"},
-                          capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(64 * 1024))
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size(64 * 1024))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("fineweb.py: error: "), proc.stderr[-2000:]
