@@ -37,7 +37,7 @@ from train_gpt2 import TrainConfig, build_run, resolve_flags, train_step
 STEP_FLAGS = ("model", "data_dir", "shuffle", "tokens_per_step", "micro_batch_size", "seq_len", "optimizer", "recipe",
               "max_lr", "muon_lr", "muon_momentum", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "seed",
               "device", "compile", "compile_on_cpu", "compile_mode", "attn_backend", "loss_chunk_rows", "fused_adamw",
-              "activation_checkpointing", "ddp_bucket_mb", "spike_guard")
+              "activation_checkpointing", "parallel", "ddp_bucket_mb", "spike_guard")
 CPU_SIZED = "--model tiny --micro-batch-size 2 --seq-len 64 --tokens-per-step 256 --steps 3 --warmup 1"
 
 
@@ -154,7 +154,7 @@ def bench_one(cfg: TrainConfig, bench: BenchConfig, dist_info: runtime.DistInfo,
     row = {
         "model": cfg.model, "micro_batch_size": cfg.micro_batch_size, "seq_len": cfg.seq_len,
         "tokens_per_step": cfg.tokens_per_step, "grad_accum": run.grad_accum, "world_size": dist_info.world_size,
-        "compile": cfg.compile and (device.type == "cuda" or cfg.compile_on_cpu), "compile_mode": cfg.compile_mode,
+        "parallel": run.parallel.name, "compile": cfg.compile and (device.type == "cuda" or cfg.compile_on_cpu), "compile_mode": cfg.compile_mode,
         "attention": kernel,
         "loss_chunk_rows": cfg.loss_chunk_rows, "fused_adamw": cfg.fused_adamw and device.type == "cuda",
         "activation_checkpointing": cfg.activation_checkpointing, "spike_guard": cfg.spike_guard,

@@ -3,18 +3,29 @@ export_hf.py), the trainer's writer, and Hugging Face GPT-2 loading (--init-from
 
     uv run python -c "import checkpoint; print(checkpoint.load_model('log/model_final.pt').config)"
 
-A checkpoint is one file, `<log dir>/model_{step:05d}.pt` or `model_final.pt`: a dict of tensors and
-plain values written by torch.save through a temp file and a rename (a kill never leaves a torn
-file), loaded with `weights_only=True` (it cannot run code) and `mmap=True` (tensors are read from
-the page cache as they are copied where they go, never held twice in memory). What the trainer puts
-in it is listed in train_gpt2.checkpoint_state; every file that is not such a dict (a torn copy, a
-text file renamed .pt, another program's pickle) is refused with one line.
+A checkpoint comes in one of two kinds, and every loader here takes both:
+
+- one file, `<log dir>/model_{step:05d}.pt` or `model_final.pt` (one process, DDP): a dict of tensors
+  and plain values written by torch.save through a temp file and a rename (a kill never leaves a
+  torn file), loaded with `weights_only=True` (it cannot run code) and `mmap=True` (tensors are read
+  from the page cache as they are copied where they go, never held twice in memory);
+- a folder, `<log dir>/model_{step:05d}/` or `model_final/` (`--parallel fsdp`): a
+  torch.distributed.checkpoint (DCP) checkpoint, each rank's shards of the weights and optimizer
+  state in its own `__<rank>_0.distcp` file, the index in `.metadata`, and the rest (step, loader,
+  RNG, config) in `train_state.pt`. Written into `.model_NNNNN.sharded.tmp/` and renamed when every
+  rank is done. DCP reshards on load: any world size, either kind of model (plain, DDP, FSDP2).
+
+What the trainer puts in one is listed in train_gpt2.save_checkpoint; every file or folder that is not
+such a checkpoint (a torn copy, a text file renamed .pt, a folder missing a rank's shard) is refused
+with one line.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
 import socket
 import warnings
 from pathlib import Path
@@ -25,19 +36,28 @@ import torch
 import fileio
 from model import GPT, GPTConfig, gpt_config_from_hf, load_hf_state_dict
 
-PATTERN = re.compile(r"model_(\d{5,})\.pt$")
-FINAL = "model_final.pt"
-TMP_PREFIX = ".model_"  # atomic_path's temp names: .model_00042.pt.<random>.tmp
+STEP_NAME = re.compile(r"model_(\d{5,})$")  # a checkpoint's name without .pt
+FILE_SUFFIX = ".pt"
+FINAL_NAME = "model_final"
+FINAL = FINAL_NAME + FILE_SUFFIX
+TMP_PREFIX = ".model_"  # temp names: .model_00042.pt.<random>.tmp, .model_00042.sharded.tmp/
+STATE_FILE = "train_state.pt"  # in a sharded folder: everything but the weights and optimizer tensors
+TENSOR_KEYS = ("model", "optimizer")  # in a sharded checkpoint: in the DCP shards
 MODEL_KEYS = ("model", "model_config")
 TRAINING_KEYS = ("model", "model_config", "optimizer", "step", "loader", "config")
 
 
 def load_file(path: str | Path, map_location="cpu", required: tuple[str, ...] = MODEL_KEYS) -> dict:
-    """torch.load one checkpoint of ours, memory-mapped; every malformed file is a one-line ValueError
-    (FileNotFoundError when there is none)."""
+    """torch.load one checkpoint of ours, memory-mapped; every malformed one is a one-line ValueError
+    (FileNotFoundError when there is none). A sharded folder gives its train_state.pt with
+    "sharded": True (its weights stay on disk until load_model / load_training_state)."""
     path = Path(path)
+    if not path.exists() and path.suffix == FILE_SUFFIX and path.with_suffix("").is_dir():
+        path = path.with_suffix("")  # log/model_final.pt of a --parallel fsdp run: the folder log/model_final
+    if path.is_dir():
+        return _load_sharded_state(path, required)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found: pass the path of a model_*.pt file in your log dir")
+        raise FileNotFoundError(f"checkpoint {path} not found: pass a model_*.pt file or model_* folder of your log dir")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, KeyError, UnpicklingError, ... on bad files
@@ -50,14 +70,50 @@ def load_file(path: str | Path, map_location="cpu", required: tuple[str, ...] = 
     return ckpt
 
 
+def _load_sharded_state(path: Path, required: tuple[str, ...]) -> dict:
+    """A sharded folder's train_state.pt, after checking that every shard file its .metadata names
+    is there in full (a folder copied without one rank's file is refused, not half-loaded)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - missing or torn .metadata
+        raise ValueError(f"checkpoint folder {path} has no readable .metadata ({type(e).__name__}): it is not a "
+                         "complete sharded checkpoint; use another checkpoint") from None
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        have = (path / name).stat().st_size if (path / name).is_file() else None
+        if have is None or have < size:
+            what = "is missing" if have is None else f"is cut short ({have:,} of {size:,} bytes)"
+            raise ValueError(f"checkpoint folder {path} is incomplete: shard {name} {what}; use another checkpoint")
+    saved = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
+    state = load_file(path / STATE_FILE, required=tuple(k for k in required if k not in TENSOR_KEYS))
+    missing = [key for key in required if key in TENSOR_KEYS and key not in saved]
+    if missing:
+        raise ValueError(f"checkpoint folder {path} holds no {', '.join(repr(k) for k in missing)}: use a model_* "
+                         "folder written by train_gpt2.py")
+    return {**state, "sharded": True, "path": str(path)}
+
+
 def load_model(path: str | Path) -> GPT:
-    """The GPT of a checkpoint, in eval mode, on the CPU: its weights copied from the memory-mapped
-    file (page cache, not a second copy in the process). (Building it on the meta device instead
+    """The GPT of a checkpoint (file or sharded folder, any world size), in eval mode, on the CPU: its
+    weights copied from the memory-mapped file, or read from the shards straight into the model's
+    tensors (one copy of the weights in memory either way). (Building it on the meta device instead
     would skip the random init, but initialising meta tensors imports torch._dynamo: 4 s.)"""
     ckpt = load_file(path)
     try:
         model = GPT(GPTConfig(**ckpt["model_config"]))
-        model.load_state_dict(ckpt["model"])
+        if ckpt.get("sharded"):
+            import torch.distributed.checkpoint as dcp
+
+            weights = _untied(model, model.state_dict())
+            with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+                warnings.simplefilter("ignore", UserWarning)
+                dcp.load({"model": weights}, checkpoint_id=ckpt["path"], no_dist=True)  # every process reads it all
+        else:
+            model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         lines = str(e).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0] if lines else type(e).__name__
@@ -72,21 +128,37 @@ def read_step(path: str | Path) -> int | None:
 
 
 def paths(log_dir: str | Path) -> list[tuple[float, Path]]:
-    """(step, path) of every model_NNNNN.pt and model_final.pt in `log_dir`, newest first (the final
-    one counts as newest; its real step is inside)."""
+    """(step, path) of every checkpoint in `log_dir` (model_NNNNN.pt files, model_NNNNN/ folders and
+    the final one of either kind), newest first (the final one counts as newest; its real step is inside)."""
     found = []
-    for path in Path(log_dir).glob("model_*.pt"):
-        match = PATTERN.search(path.name)
+    for path in Path(log_dir).glob("model_*"):
+        if path.is_file() and path.name.endswith(FILE_SUFFIX):
+            name = path.name[: -len(FILE_SUFFIX)]
+        elif path.is_dir():
+            name = path.name
+        else:
+            continue
+        match = STEP_NAME.fullmatch(name)
         if match:
             found.append((int(match.group(1)), 0, path))
-        elif path.name == FINAL:
+        elif name == FINAL_NAME:
             found.append((math.inf, 1, path))
-    return [(step, path) for step, _, path in sorted(found, key=lambda t: (t[0], t[1]), reverse=True)]
+    return [(step, path) for step, _, path in sorted(found, key=lambda t: (t[0], t[1], t[2].name), reverse=True)]
+
+
+def is_final(path: str | Path) -> bool:
+    return Path(path).name in (FINAL, FINAL_NAME)
+
+
+def size_bytes(path: str | Path) -> int:
+    """A checkpoint's size on disk (a sharded folder: all its files)."""
+    path = Path(path)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def load_latest(log_dir: str | Path, warn: bool = True) -> dict | None:
-    """The newest checkpoint in `log_dir` that loads, with its "path"; a corrupt one is skipped with
-    a warning (a disk that filled up, a copy cut short), an older one used instead."""
+    """The newest checkpoint in `log_dir` that loads, with its "path"; a corrupt or incomplete one is
+    skipped with a warning (a disk that filled up, a copy cut short), an older one used instead."""
     for _, path in paths(log_dir):
         try:
             ckpt = load_file(path, required=TRAINING_KEYS)
@@ -103,7 +175,13 @@ def save(state: dict, path: str | Path, keep: int | None) -> None:
     """Write `state` atomically to `path`; then keep only the newest `keep` step checkpoints
     (model_final.pt is never pruned; keep=None prunes nothing)."""
     path = Path(path)
-    with fileio.atomic_path(path, tmp_prefix=f".{path.name}.") as tmp, open(tmp, "wb") as f:
+    with fileio.atomic_path(path, tmp_prefix=f".{path.name}.") as tmp:
+        _torch_save(state, tmp)
+    prune(path.parent, keep)
+
+
+def _torch_save(state: dict, path: Path) -> None:
+    with open(path, "wb") as f:
         try:
             # Through a Python file object, so that a full disk is an OSError(ENOSPC / EFBIG) from
             # f.write; torch's zip writer then reports it as "RuntimeError: [enforce fail at
@@ -114,10 +192,129 @@ def save(state: dict, path: str | Path, keep: int | None) -> None:
             if cause is None:
                 raise
             raise cause from None
-    if keep is not None:
-        steps = [(s, p) for s, p in paths(path.parent) if s != math.inf]
-        for _, old in steps[keep:]:
+
+
+def prune(log_dir: Path, keep: int | None) -> None:
+    """Keep only the newest `keep` step checkpoints, of either kind (the final one is never pruned)."""
+    if keep is None:
+        return
+    steps = [(s, p) for s, p in paths(log_dir) if s != math.inf]
+    for _, old in steps[keep:]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
             old.unlink(missing_ok=True)
+
+
+# ---- sharded (DCP) checkpoints --------------------------------------------------------------------
+def optimizer_parts(optimizer) -> dict:
+    """{name: torch optimizer}: muon.CombinedOptimizer's parts, or the one AdamW."""
+    return dict(getattr(optimizer, "optimizers", {"adamw": optimizer}))
+
+
+def _untied(model: torch.nn.Module, weights: dict) -> dict:
+    """`weights` without the second name of a tied parameter (lm_head.weight = wte.weight): stored once."""
+    return {name: t for name, t in weights.items() if name not in _aliases(model)}
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    """{second name: first name} of parameters registered under two names."""
+    first, aliases = {}, {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def _sharded_tensors(model: torch.nn.Module, optimizer) -> dict:
+    """The DCP state: this rank's shards (DTensors) under FSDP2, whole tensors otherwise."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    return {"model": _untied(model, get_model_state_dict(model)),
+            "optimizer": {name: get_optimizer_state_dict(model, opt) for name, opt in optimizer_parts(optimizer).items()}}
+
+
+def save_sharded(model: torch.nn.Module, optimizer, state: dict, path: Path, keep: int | None, is_main: bool) -> Path:
+    """Called on every rank: write the DCP folder `path` (each rank its shards; the main rank `state`
+    as train_state.pt), atomically: into a temp folder, renamed once every rank's data is on disk.
+    OSError (the same on every rank) when the shards could not be written."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    tmp = path.with_name(f".{path.name}.sharded.tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a previous save of this step that was cut short
+    dist.barrier()
+    try:
+        dcp.save(_sharded_tensors(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
+    except CheckpointException as e:  # raised on every rank, with every rank's failure
+        failures = list(getattr(e, "failures", {}).values())
+        cause = next((c for c in map(_os_error_in, failures) if c is not None), None)
+        raise cause or OSError(f"sharded save failed on ranks {sorted(getattr(e, 'failures', {}))}") from None
+    # dcp.save returns once every rank's shards are written and the main rank's .metadata too.
+    if is_main:
+        _torch_save(state, tmp / STATE_FILE)
+        with open(tmp / STATE_FILE, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the rename publishes the folder
+        if path.exists():  # model_final/ written again (a resumed final evaluation)
+            shutil.rmtree(path)
+        tmp.rename(path)
+        fileio.fsync_dir(path.parent)
+        prune(path.parent, keep)
+    return path
+
+
+def load_training_state(ckpt: dict, model: torch.nn.Module, optimizer) -> None:
+    """Load a checkpoint of either kind (saved at any world size, by any strategy) into `model` and
+    `optimizer` as this run holds them (plain, DDP's module, or sharded by FSDP2). The parameter
+    groups' `lr_scale` stay this run's: learning rates follow the flags on resume, and torch's
+    load_state_dict would silently bring back the saved ones (a changed --muon-lr ignored)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    parts = optimizer_parts(optimizer)
+    scales = [group.get("lr_scale") for opt in parts.values() for group in opt.param_groups]
+    if ckpt.get("sharded"):
+        tensors = _sharded_tensors(model, optimizer)
+        dcp.load(tensors, checkpoint_id=ckpt["path"])  # each rank reads the pieces of its shards
+        aliases = _aliases(model)
+        weights = {**tensors["model"], **{alias: tensors["model"][name] for alias, name in aliases.items()}}
+        set_model_state_dict(model, weights)
+        for name, opt in parts.items():
+            set_optimizer_state_dict(model, opt, tensors["optimizer"][name])
+    else:
+        saved = ckpt["optimizer"] if "optimizers" in vars(optimizer) else {"adamw": ckpt["optimizer"]}
+        if set(saved) != set(parts):
+            raise ValueError(f"checkpoint optimizer has parts {sorted(saved)}, this run has {sorted(parts)}: "
+                             "resume with the same --optimizer")
+        if any(hasattr(p, "device_mesh") for p in model.parameters()):  # sharded (FSDP2): each rank takes its part
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(model, ckpt["model"], options=full)
+            for name, opt in parts.items():
+                set_optimizer_state_dict(model, opt, _by_name(model, opt, saved[name]), options=full)
+        else:  # whole tensors into whole tensors
+            model.load_state_dict(ckpt["model"])
+            for name, opt in parts.items():
+                opt.load_state_dict(saved[name])
+    groups = [group for opt in parts.values() for group in opt.param_groups]
+    for group, scale in zip(groups, scales):
+        if scale is not None:
+            group["lr_scale"] = scale
+
+
+def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> dict:
+    """torch's optimizer state_dict (parameters numbered in param_groups order) keyed by parameter
+    names instead, the form set_optimizer_state_dict takes. The numbering is the same in the saving
+    and the loading run: both build their groups in make_optimizer's order."""
+    names = {id(param): name for name, param in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    if len(order) != sum(len(group["params"]) for group in saved["param_groups"]):
+        raise ValueError("the checkpoint's optimizer holds other parameters than this model: resume with its --model")
+    return {"state": {order[i]: value for i, value in saved["state"].items()},
+            "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in saved["param_groups"]]}
 
 
 def _os_error_in(e: BaseException) -> OSError | None:

@@ -32,7 +32,7 @@ EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safete
 
 @dataclass(frozen=True)
 class ExportConfig:
-    checkpoint: str = field("log/model_final.pt", "checkpoint to export")
+    checkpoint: str = field("log/model_final.pt", "checkpoint to export: a model_*.pt file, or a model_* folder of a --parallel fsdp run")
     out_dir: str = field("gpt2-fineweb-hf", "folder to write: new, empty, or a previous export (replaced atomically)")
 
 

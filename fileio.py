@@ -76,9 +76,13 @@ def atomic_path(path: str | Path, tmp_prefix: str | None = None):
 
 
 def remove_temps(folder: str | Path, tmp_prefix: str) -> None:
-    """Delete temp files `atomic_path` left behind when a process was killed mid-write."""
+    """Delete temp files `atomic_path` left behind when a process was killed mid-write (and temp
+    folders: a sharded checkpoint that was still being written)."""
     for stale in Path(folder).glob(f"{tmp_prefix}*.tmp"):
-        stale.unlink(missing_ok=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, tmp_prefix: str | None = None) -> None:

@@ -35,7 +35,7 @@ DEFAULT_CHECKPOINT = "log/model_final.pt"
 
 @dataclass(frozen=True)
 class HellaSwagConfig:
-    checkpoint: str = field("", f"our checkpoint to evaluate (default {DEFAULT_CHECKPOINT} unless --hf is given)")
+    checkpoint: str = field("", f"our checkpoint to evaluate, a model_*.pt file or model_* folder (default {DEFAULT_CHECKPOINT} unless --hf is given)")
     hf: str = field("", "a Hugging Face GPT-2 name or folder instead (gpt2, gpt2-medium, an export_hf.py output)")
     data: str = field("", f"a local hellaswag_val.jsonl (default: {DEFAULT_DATA_PATH}, downloaded there once)")
     verify: bool = field(True, "check the data file's sha256 (--no-verify for a deliberate subset)")

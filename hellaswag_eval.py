@@ -231,7 +231,8 @@ def score_sequences(model, sequences: list[list[int]], n_scored: list[int], devi
 
     Sequences are sorted by length (longest first, so an out-of-memory shows at once) and cut into
     batches of `batch_size` rows, padded on the right; batch j runs on rank j % world_size, so a row
-    is computed in exactly the same batch whatever the world size. Rows of other ranks stay 0.
+    is computed in exactly the same batch whatever the world size. Rows of other ranks stay 0; a rank
+    with a batch fewer than the others runs one forward of padding (as ValLoader pads validation).
     fixed_shapes (default: on for a torch.compile'd model) pads every batch to batch_size rows and
     its length to a multiple of 32, so a compiled model sees a handful of shapes, not hundreds.
     `progress(rows)` is called after each of this rank's batches. Returns a float32 tensor
@@ -248,6 +249,7 @@ def score_sequences(model, sequences: list[list[int]], n_scored: list[int], devi
         seqs.append(tokens[-(block_size + 1):])  # left-truncate: the input is all but the last token
     order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
     scores = torch.zeros(len(seqs), dtype=torch.float32, device=device)
+    num_batches = -(-len(order) // batch_size)
     for b, start in enumerate(range(0, len(order), batch_size)):
         if b % world_size != rank:
             continue
@@ -278,6 +280,11 @@ def score_sequences(model, sequences: list[list[int]], n_scored: list[int], devi
         scores[torch.tensor(rows, device=device)] = sums[: len(rows)]
         if progress is not None:
             progress(len(rows))
+    # Every rank runs the same number of forwards (a sharded model all-gathers its weights in each):
+    # a rank with one batch fewer runs one of padding, whose logits nobody reads.
+    if len(range(rank, num_batches, world_size)) < -(-num_batches // world_size):
+        with autocast:
+            model(torch.full((batch_size, 32) if fixed_shapes else (1, 1), EOT_TOKEN, dtype=torch.long, device=device))
     return scores
 
 

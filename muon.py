@@ -15,6 +15,7 @@ description.
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -40,6 +41,23 @@ def newton_schulz(grad: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torc
     return x.t() if tall else x
 
 
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole matrix: all-gathered from the ranks' row shards under FSDP2 (a DTensor)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's rows (a DTensor's local shard), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def this_ranks_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` (the same on every rank) split as `like` is: each rank keeps its own rows, no communication."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters. Per step, for each matrix W with gradient G:
 
@@ -49,6 +67,12 @@ class Muon(torch.optim.Optimizer):
 
     A parameter group may set `split` = k to orthogonalise k equal row blocks separately: the
     fused attention projection c_attn (3C, C) is q, k and v stacked, three matrices of their own.
+
+    Under FSDP2 each rank holds a block of rows of W, of its gradient and of m (DTensors). The
+    momentum stays sharded; u is all-gathered, every rank orthogonalises every whole matrix (the
+    same bf16 numbers everywhere: no broadcast needed) and keeps its own rows of the result. That
+    repeats the Newton-Schulz work on each rank; spreading the matrices over the ranks and
+    broadcasting the results would not, at the cost of one more collective per matrix.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
@@ -77,11 +101,10 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(momentum).add_(p.grad)
                 update = p.grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-                blocks = update.chunk(split, dim=0)  # q, k, v for c_attn; the whole matrix otherwise
-                for block, param_block in zip(blocks, p.chunk(split, dim=0)):
-                    ortho = newton_schulz(block, group["ns_steps"])
-                    scale = max(1.0, block.size(0) / block.size(1)) ** 0.5
-                    param_block.add_(ortho.to(p.dtype), alpha=-group["lr"] * scale)
+                blocks = whole(update).chunk(split, dim=0)  # q, k, v for c_attn; the whole matrix otherwise
+                ortho = torch.cat([newton_schulz(block, group["ns_steps"]) for block in blocks]).to(p.dtype)
+                scale = max(1.0, blocks[0].size(0) / blocks[0].size(1)) ** 0.5
+                local(p).add_(local(this_ranks_part(ortho, p)), alpha=-group["lr"] * scale)
         return loss
 
 

@@ -1,16 +1,25 @@
-"""How the model is spread over ranks: the one seam between the training loop and DDP.
+"""How the model is spread over ranks: the one seam between the training loop and DDP / FSDP2.
 
 The loop never asks which strategy runs (torchtitan's `parallelize` idea). It asks a `Parallel`:
 
     train_model, eval_model = parallel.prepare(model, compile=..., compile_mode=...)
     with parallel.gradient_sync(train_model, last_micro_step): ...   # reduce only on the last micro-step
     grad_norm = parallel.clip_grad_norm_(model, max_norm)            # the global norm, a plain tensor
-    state = parallel.model_state_dict(model)                         # full weights for a checkpoint
+    parallel.count_nonfinite(model)                                  # weights that are NaN/inf, all ranks
+    parallel.save_checkpoint(model, optimizer, state, stem, keep)    # <stem>.pt, or the sharded <stem>/
     parallel.all_reduce(stats)                                       # a sum over ranks
 
-One process: no wrapper, nothing to reduce. DDP (several ranks): every rank holds the whole model;
-gradients are all-reduced in buckets during the last micro-step's backward. The model file never
-imports torch.distributed; the checkpoint code gets full state dicts from here.
+- One process: no wrapper, nothing to reduce.
+- DDP (`--parallel ddp`, several ranks): every rank holds the whole model, its gradients and its
+  optimizer state; gradients are all-reduced in buckets during the last micro-step's backward; the
+  main rank writes one checkpoint file.
+- FSDP2 (`--parallel fsdp`, any number of ranks, one included): each block and the root (embeddings,
+  tied head, final LayerNorm) are sharded with `fully_shard`; a rank holds 1/N of the fp32 weights,
+  gradients and optimizer state, all-gathers a block's weights (bf16 on CUDA) just before it runs and
+  reduce-scatters its gradients (fp32) after its backward. Every rank writes its shard of a DCP
+  checkpoint folder. Any checkpoint loads into any strategy at any world size (checkpoint.py).
+
+The model file never imports torch.distributed.
 
     uv run python -c "import parallel, runtime; print(parallel.parallelize(runtime.setup_distributed('cpu')))"
 """
@@ -18,13 +27,17 @@ imports torch.distributed; the checkpoint code gets full state dicts from here.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoint
 import runtime
+
+STRATEGIES = ("ddp", "fsdp")
 
 
 class Parallel:
@@ -56,21 +69,26 @@ class Parallel:
         """Clip the gradients to the global norm `max_norm` (0: measure only); returns that norm."""
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf)
 
-    def model_state_dict(self, model: torch.nn.Module) -> dict:
-        """The full (unwrapped, unsharded) weights: no "module." / "_orig_mod." prefixes."""
-        return model.state_dict()
+    def count_nonfinite(self, model: torch.nn.Module) -> float:
+        """How many weights are NaN or inf (counted over every rank's part; > 0 on every rank alike)."""
+        bad = torch.stack([(~torch.isfinite(local_tensor(p))).sum() for p in model.parameters()]).sum().float()
+        return self.all_reduce(bad).item()
 
-    def load_model_state_dict(self, model: torch.nn.Module, state: dict) -> None:
-        model.load_state_dict(state)
+    def checkpoint_path(self, stem: Path) -> Path:
+        """Where save_checkpoint writes `stem` (log/model_00042): one file, log/model_00042.pt."""
+        return stem.with_name(stem.name + checkpoint.FILE_SUFFIX)
+
+    def save_checkpoint(self, model: torch.nn.Module, optimizer, state: dict, stem: Path, keep: int | None) -> Path:
+        """Write the weights, the optimizer state and `state` (step, loader, RNG...) as `<stem>.pt`,
+        from the main rank (the others hold the same weights). OSError when the write failed."""
+        path = self.checkpoint_path(stem)
+        if self.dist_info.is_main:
+            checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}, path, keep)
+        return path
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over ranks in place (and return it)."""
         return tensor
-
-    @property
-    def writes_checkpoints(self) -> bool:
-        """Whether this rank writes the checkpoint file (whole-model strategies: the main rank)."""
-        return self.dist_info.is_main
 
 
 class DDPParallel(Parallel):
@@ -96,8 +114,85 @@ class DDPParallel(Parallel):
         return tensor
 
 
-def parallelize(dist_info: runtime.DistInfo, ddp_bucket_mb: int = 25) -> Parallel:
-    """The strategy for this world size: the model as it is alone, DDP under torchrun."""
+class FSDPParallel(Parallel):
+    """Fully sharded data parallel (FSDP2, `fully_shard`): each block is one unit of all-gather /
+    reduce-scatter, the root (embeddings, the tied lm_head, ln_f) another. One process works too:
+    a one-rank group, nothing to communicate (the code path of a cluster, tested on a laptop)."""
+
+    name = "fsdp"
+
+    def __init__(self, dist_info: runtime.DistInfo):
+        super().__init__(dist_info)
+        if not dist.is_initialized():  # alone: FSDP2 still needs a process group and a device mesh
+            dist.init_process_group("nccl" if dist_info.device.type == "cuda" else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1)
+
+    def prepare(self, model: torch.nn.Module, compile: bool = False, compile_mode: str = "default",
+                compile_on_cpu: bool = False):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        device = self.dist_info.device
+        mesh = init_device_mesh(device.type, (self.dist_info.world_size,))
+        # CUDA: blocks compute in bf16 (the all-gathered copy), gradients are reduced and the
+        # optimizer steps in fp32 (the sharded master weights). CPU: fp32 throughout, like the
+        # other strategies there.
+        mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                 if device.type == "cuda" else MixedPrecisionPolicy())
+        compile_blocks = runtime.compiles(device, compile, compile_on_cpu, warn=self.dist_info.is_main)
+        for block in model.transformer.h:
+            if compile_blocks:  # per block, before sharding (torchtitan's order): the FSDP hooks between
+                # blocks stay outside the graphs; Module.compile keeps the parameter names
+                block.compile(mode=None if compile_mode == "default" else compile_mode)
+            fully_shard(block, mesh=mesh, mp_policy=mixed)
+        # The root: wte (= lm_head.weight, one tied parameter), wpe, ln_f. Kept gathered after the
+        # forward: the tied weight is needed again at once by the output layer's backward.
+        fully_shard(model, mesh=mesh, mp_policy=mixed, reshard_after_forward=False)
+        return model, model
+
+    @contextmanager
+    def gradient_sync(self, train_model: torch.nn.Module, enabled: bool):
+        # Off: gradients accumulate unsharded on each rank; the last micro-step reduce-scatters the sum.
+        train_model.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            train_model.set_requires_gradient_sync(True)
+
+    def clip_grad_norm_(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        # Each rank holds a shard of every gradient: the norm of the shards is a partial sum until
+        # it is reduced (full_tensor), then every rank clips its shards by the same global factor.
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads)
+        total = total.full_tensor() if hasattr(total, "full_tensor") else total
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
+        return total
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(tensor)
+        return tensor
+
+    def checkpoint_path(self, stem: Path) -> Path:
+        return stem  # a folder: log/model_00042/
+
+    def save_checkpoint(self, model: torch.nn.Module, optimizer, state: dict, stem: Path, keep: int | None) -> Path:
+        """A DCP folder `<stem>/`: every rank writes its own shards (no gather), the main rank `state`."""
+        return checkpoint.save_sharded(model, optimizer, state, self.checkpoint_path(stem), keep, self.dist_info.is_main)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (a DTensor under FSDP2); a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def parallelize(dist_info: runtime.DistInfo, strategy: str = "ddp", ddp_bucket_mb: int = 25) -> Parallel:
+    """The strategy for `--parallel` at this world size: FSDP2 whenever asked (one rank included);
+    DDP under torchrun; the model as it is alone."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"--parallel {strategy!r}: choose from {', '.join(STRATEGIES)}")
+    if strategy == "fsdp":
+        return FSDPParallel(dist_info)
     if dist_info.distributed:
         return DDPParallel(dist_info, ddp_bucket_mb)
     return Parallel(dist_info)

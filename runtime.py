@@ -10,6 +10,7 @@ torch.compile on CUDA only) is decided here once, for the trainer, hellaswag.py,
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import socket
 import subprocess
@@ -113,17 +114,21 @@ def autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def compiles(device: torch.device, enabled: bool, on_cpu: bool = False, warn: bool = True) -> bool:
+    """Whether --compile takes effect on `device`: on CUDA; on CPU compiling costs more than it saves,
+    so `enabled` is ignored there (with a warning when `warn`) unless `on_cpu` (--compile-on-cpu:
+    the compiled path tested without a GPU, with inductor's C++ backend)."""
+    if enabled and device.type != "cuda" and not on_cpu:
+        if warn:
+            warnings.warn("--compile is ignored on CPU (compiling costs more than it saves there)", stacklevel=3)
+        return False
+    return enabled
+
+
 def compile_model(model: torch.nn.Module, enabled: bool, mode: str = "default", warn: bool = True,
                   on_cpu: bool = False) -> torch.nn.Module:
-    """torch.compile `model` on CUDA. On CPU compiling costs more than it saves, so `enabled` is
-    ignored there (with a warning when `warn`) unless `on_cpu` (--compile-on-cpu: the compiled path
-    tested without a GPU, with inductor's C++ backend)."""
-    if not enabled:
-        return model
-    device = next(model.parameters()).device
-    if device.type != "cuda" and not on_cpu:
-        if warn:
-            warnings.warn("--compile is ignored on CPU (compiling costs more than it saves there)", stacklevel=2)
+    """torch.compile `model` where `compiles` says so; the model as it is otherwise."""
+    if not compiles(next(model.parameters()).device, enabled, on_cpu, warn):
         return model
     return torch.compile(model, mode=None if mode == "default" else mode)
 
@@ -150,8 +155,12 @@ def barrier() -> None:
 
 
 def teardown_distributed(wait_for_peers: bool = True) -> None:
-    """Leave the process group; after an error, without the barrier (a dead peer never reaches it)."""
+    """Leave the process group; after an error, without the barrier (a dead peer never reaches it).
+    First collect garbage: an FSDP2 model is a reference cycle holding the group and its last
+    collectives; left to the interpreter's exit, gloo's threads were torn down mid-way (rank 1 died of
+    "terminate called without an active exception" after a finished run, once in ~10)."""
     if dist.is_initialized():
+        gc.collect()
         if wait_for_peers:
             dist.barrier()
         dist.destroy_process_group()

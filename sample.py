@@ -19,7 +19,7 @@ from tokenizer import EOT_TOKEN, get_encoding
 
 @dataclass(frozen=True)
 class SampleConfig:
-    checkpoint: str = field("log/model_final.pt", "checkpoint to sample from (a model_*.pt of train_gpt2.py)")
+    checkpoint: str = field("log/model_final.pt", "checkpoint to sample from: a model_*.pt file of train_gpt2.py, or a model_* folder (--parallel fsdp)")
     prompt: str = field("Hello, I'm a language model,", "text to continue")
     num_samples: int = field(4, "how many continuations")
     max_new_tokens: int = field(64, "tokens to generate per sample (stops early at <|endoftext|>)")

@@ -6,6 +6,7 @@
 #   sbatch --nodes=4 train.sh --micro-batch-size 16    # 4 nodes, rendezvous on the first (32 GPUs x
 #                                                      #   16 x 1024 = the 524,288 tokens of one step)
 #   sbatch train.sh --max-steps 100 --model tiny       # arguments go to train_gpt2.py
+#   sbatch train.sh --model gpt2-xl --parallel fsdp    # FSDP2: weights, gradients, optimizer sharded
 #   LOG_DIR=runs/a DATA_DIR=/scratch/edu_fineweb10B HF_HOME=/scratch/hf sbatch train.sh
 #   DRY_RUN=1 bash train.sh                            # print the launch command, run nothing
 #   LOG_DIR=log_torchrun bash train.sh --demo          # no SLURM: torchrun here (the CPU demo)
@@ -32,7 +33,8 @@
 #     of the training step on every node. torchrun ignores it (the launcher wrapper sets it to
 #     SIG_IGN); each training process sets a stop flag, the ranks agree at the next step, rank 0
 #     writes <log dir>/model_NNNNN.pt and all exit 0.
-#  3. srun exit 0 + the signal received + no <log dir>/model_final.pt = stopped: `scontrol requeue`;
+#  3. srun exit 0 + the signal received + no <log dir>/model_final.pt (nor model_final/, the folder
+#     of a --parallel fsdp run) = stopped: `scontrol requeue`;
 #     the job restarts (same job id, same output file) and train_gpt2.py resumes from the newest
 #     checkpoint (--resume auto). model_final.pt present = finished: no requeue. Any non-zero exit =
 #     crashed: no requeue, the job fails with that code. At most MAX_REQUEUES requeues (counted by
@@ -173,12 +175,15 @@ if [ "$status" -ne 0 ]; then
     echo "train.sh: training failed (exit $status): not requeued; see the messages above" >&2
     exit "$status"
 fi
-if [ -f "$log_dir/model_final.pt" ]; then
-    echo "train.sh: training finished: $log_dir/model_final.pt"
-    exit 0
-fi
+# The final checkpoint: model_final.pt, or the folder model_final/ of a --parallel fsdp run.
+for final in "$log_dir/model_final.pt" "$log_dir/model_final"; do
+    if [ -e "$final" ]; then
+        echo "train.sh: training finished: $final"
+        exit 0
+    fi
+done
 if [ "$stop_requested" = 0 ]; then
-    echo "train.sh: training exited 0 without $log_dir/model_final.pt and without a stop signal: not requeued"
+    echo "train.sh: training exited 0 without $log_dir/model_final.pt (or model_final/) and without a stop signal: not requeued"
     exit 0
 fi
 if [ "$restarts" -ge "$MAX_REQUEUES" ]; then

@@ -1,4 +1,4 @@
-"""Train GPT-2 on FineWeb-Edu token shards: the reference recipe, DDP, exact resume, honest metrics.
+"""Train GPT-2 on FineWeb-Edu token shards: the reference recipe, DDP or FSDP2, exact resume, honest metrics.
 
     uv run train_gpt2.py --demo                                  # CPU, minutes, no network (README: measured)
     torchrun --standalone --nproc_per_node=8 train_gpt2.py      # the reference run (124M, 10B tokens)
@@ -8,9 +8,10 @@ micro-batch, gradient accumulation derived from the world size), AdamW (0.9, 0.9
 warmup steps and cosine decay to 10% at step 19,073, bf16 autocast, torch.compile on CUDA.
 
 A run is resumable at any moment: checkpoints (model, optimizer, data position, RNG states, metrics
-length) are written atomically to <log dir>/model_{step:05d}.pt; `--resume auto` continues from the
-newest one. SIGTERM / SIGUSR1 (SLURM before a time limit) save a checkpoint at the next step boundary
-and exit 0; so does the first Ctrl-C (exit 130; a second one aborts at once). A step whose loss
+length) are written atomically to <log dir>/model_{step:05d}.pt (a sharded folder model_{step:05d}/
+under --parallel fsdp); `--resume auto` continues from the newest one, at any world size. SIGTERM /
+SIGUSR1 (SLURM before a time limit) save a checkpoint at the next step boundary and exit 0; so does
+the first Ctrl-C (exit 130; a second one aborts at once). A step whose loss
 spikes far above the recent ones (a bad batch) is not applied (--spike-guard, spike_guard.py).
 Metrics: <log dir>/metrics.jsonl, one JSON object per line (schema in the README).
 
@@ -43,7 +44,7 @@ from dataloader import TrainLoader, ValLoader, describe_source
 from hellaswag_eval import evaluate_hellaswag, load_examples
 from model import BLOCK_MATRICES, GPT, MODEL_PRESETS, GPTConfig, generate
 from muon import CombinedOptimizer, Muon
-from parallel import Parallel, parallelize
+from parallel import STRATEGIES, Parallel, parallelize
 from spike_guard import SpikeGuard, TooManySkips
 from tokenizer import EOT_TOKEN, get_encoding
 
@@ -146,6 +147,7 @@ class TrainConfig:
     loss_chunk_rows: int = field(0, "compute lm_head + cross-entropy in chunks of N rows, never building the full logits (0: plain path)")
     fused_adamw: bool = field(True, "fused AdamW kernel on CUDA")
     activation_checkpointing: bool = field(False, "recompute each block in backward to save memory (gpt2-large/xl on one GPU)")
+    parallel: str = field("ddp", "how the model is spread over ranks: ddp (whole model on every GPU, the reference) or fsdp (FSDP2: weights, gradients and optimizer state sharded; for gpt2-large/xl)", choices=STRATEGIES)
     ddp_bucket_mb: int = field(25, "DDP gradient all-reduce bucket size in MB")
     demo: bool = field(False, "CPU demo: tiny model on the small corpus shipped in assets/demo (minutes)")
 
@@ -271,17 +273,6 @@ def set_learning_rates(optimizer, lr: float) -> None:
         group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
 
 
-def load_optimizer_state(optimizer, state: dict) -> None:
-    """Load a checkpoint's optimizer state but keep this run's `lr_scale`s: learning rates follow
-    the flags on resume (set every step), and torch's load_state_dict would bring back the saved
-    groups' lr_scale, silently ignoring a changed --muon-lr (or --max-lr) for Muon."""
-    scales = [group.get("lr_scale") for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, scale in zip(optimizer.param_groups, scales):
-        if scale is not None:
-            group["lr_scale"] = scale
-
-
 # ---- everything a run needs, and one optimizer step ---------------------------------------------
 @dataclass
 class Run:
@@ -289,9 +280,9 @@ class Run:
 
     cfg: TrainConfig
     dist_info: runtime.DistInfo
-    model: GPT  # the plain module: checkpoints and sampling use it
+    model: GPT  # the module itself (under FSDP2: its parameters are this rank's shards)
     optimizer: torch.optim.Optimizer | CombinedOptimizer
-    parallel: Parallel  # how the model is spread over ranks (the seam: DDP or one process)
+    parallel: Parallel  # how the model is spread over ranks (the seam: one process, DDP or FSDP2)
     train_model: torch.nn.Module  # what train_step calls (compiled, wrapped for the ranks)
     eval_model: torch.nn.Module  # what evaluation calls (compiled)
     train_loader: TrainLoader
@@ -325,9 +316,10 @@ def build_run(cfg: TrainConfig, dist_info: runtime.DistInfo, train_loader=None) 
     val_loader = (ValLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, cfg.val_tokens, dist_info.rank,
                             dist_info.world_size) if cfg.val_every else None)
     model = build_model(cfg, dist_info.is_main).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    parallel = parallelize(dist_info, cfg.ddp_bucket_mb)
+    parallel = parallelize(dist_info, cfg.parallel, cfg.ddp_bucket_mb)
+    # Wrapped first: FSDP2 replaces the parameters by their shards, which the optimizer must hold.
     train_model, eval_model = parallel.prepare(model, cfg.compile, cfg.compile_mode, cfg.compile_on_cpu)
+    optimizer = make_optimizer(model, cfg, device)
     return Run(cfg, dist_info, model, optimizer, parallel, train_model, eval_model, train_loader, val_loader,
                runtime.autocast(device), cfg.grad_accum_steps(dist_info.world_size),
                SpikeGuard(cfg.spike_guard, cfg.spike_guard_norm, cfg.spike_window, cfg.spike_warmup))
@@ -407,17 +399,15 @@ class CheckpointNotWritten(Exception):
     """A checkpoint could not be written (full disk, quota, permissions): every rank stops."""
 
 
-def save_checkpoint(run: Run, path: Path, step: int, evals_done: bool, log: metrics_log.MetricsLog,
-                    keep: int | None) -> None:
-    """Called on every rank; the seam decides which ranks write. Refuses to save weights that are not
-    finite (a checkpoint is always a point a run can continue from)."""
-    bad = torch.stack([(~torch.isfinite(p)).sum() for p in run.model.parameters()]).sum().float()
-    if run.parallel.all_reduce(bad).item():
+def save_checkpoint(run: Run, stem: Path, step: int, evals_done: bool, log: metrics_log.MetricsLog,
+                    keep: int | None) -> Path:
+    """Called on every rank; the seam decides who writes what (one model_NNNNN.pt from the main rank,
+    or every rank its shards of a model_NNNNN/ folder). Refuses to save weights that are not finite
+    (a checkpoint is always a point a run can continue from)."""
+    if run.parallel.count_nonfinite(run.model):
         raise Diverged(f"weights are not finite at step {step}: not saving them")
-    state = {
-        "model": run.parallel.model_state_dict(run.model),  # unwrapped: no "module." / "_orig_mod." prefixes
+    state = {  # besides the weights ("model") and the optimizer state ("optimizer", Muon's momentum too)
         "model_config": run.model.model_config_dict(),
-        "optimizer": run.optimizer.state_dict(),
         "step": step,  # optimizer steps completed
         "loader": run.train_loader.state_dict(),
         "rng": rng_state(),
@@ -426,17 +416,17 @@ def save_checkpoint(run: Run, path: Path, step: int, evals_done: bool, log: metr
         "metrics": log.state_dict(),  # the log's length now: a resume cuts it back to this
         "spike_guard": run.spike_guard.state_dict(),  # its history decides the next steps' skips
     }
-    failure = None
-    if run.parallel.writes_checkpoints:
-        try:
-            checkpoint.save(state, path, keep)
-        except OSError as e:  # the temp file is gone, the previous checkpoints are untouched
-            failure = e
+    failure, path = None, run.parallel.checkpoint_path(stem)
+    try:
+        run.parallel.save_checkpoint(run.model, run.optimizer, state, stem, keep)
+    except OSError as e:  # the temp file is gone, the previous checkpoints are untouched
+        failure = e
     # Every rank learns whether the write failed, so all stop together with one clear line instead
     # of the others dying of a vanished peer at the next collective.
     failed = run.parallel.all_reduce(torch.tensor(float(failure is not None), device=run.dist_info.device))
     if failed.item():
         raise CheckpointNotWritten(checkpoint_failure_message(path, failure))
+    return path
 
 
 def checkpoint_failure_message(path: Path, e: OSError | None) -> str:
@@ -445,7 +435,7 @@ def checkpoint_failure_message(path: Path, e: OSError | None) -> str:
     newest = checkpoint.paths(path.parent)
     kept = (f"{newest[0][1]} is intact and `--resume auto` continues from it" if newest
             else "no earlier checkpoint exists, so a rerun starts from step 0")
-    size = f" (a checkpoint takes {newest[0][1].stat().st_size / 2**20:,.0f} MiB)" if newest else ""
+    size = f" (a checkpoint takes {checkpoint.size_bytes(newest[0][1]) / 2**20:,.0f} MiB)" if newest else ""
     room = f"free space on that disk{size}, or move the run to a bigger one (--log-dir)"
     if fileio.is_disk_full(e):
         return f"no room to write {path} ({e.strerror}); nothing else was lost: {kept}. Fix: {room}, then rerun the same command"
@@ -509,7 +499,7 @@ def resume(run: Run) -> tuple[int, bool, dict | None]:
     # A signal during the last step leaves model_{max_steps}.pt, saved before the final evals:
     # resuming it runs them and writes model_final.pt. Only that file (or a checkpoint past
     # --max-steps) means the run is over.
-    finished = ckpt["step"] > cfg.max_steps or (ckpt["step"] == cfg.max_steps and Path(ckpt["path"]).name == checkpoint.FINAL)
+    finished = ckpt["step"] > cfg.max_steps or (ckpt["step"] == cfg.max_steps and checkpoint.is_final(ckpt["path"]))
     if finished:
         changes = config_changes(ckpt["config"], cfg, only=RUN_SETTINGS)
         if changes:
@@ -519,8 +509,7 @@ def resume(run: Run) -> tuple[int, bool, dict | None]:
                           f"nothing to do. To train again, pass a new --log-dir (e.g. --log-dir {log_dir}_2) or delete "
                           f"{log_dir}/; to train longer, raise --max-steps", 0)
     changes = check_resumable(ckpt, cfg, run.model)
-    run.parallel.load_model_state_dict(run.model, ckpt["model"])
-    load_optimizer_state(run.optimizer, ckpt["optimizer"])
+    checkpoint.load_training_state(ckpt, run.model, run.optimizer)  # any kind, any world size, any strategy
     run.train_loader.load_state_dict(ckpt["loader"], strict=not cfg.allow_config_change)
     set_rng_state(ckpt["rng"])
     if "spike_guard" in ckpt:  # checkpoints from before the guard start it empty
@@ -536,17 +525,18 @@ def resume(run: Run) -> tuple[int, bool, dict | None]:
 @torch.no_grad()
 def evaluate_val_loss(run: Run) -> float:
     """Mean cross-entropy over the fixed validation tokens, identical for any world/batch size.
-    Padded rows (ValLoader keeps batch shapes fixed for compile) get target -1 and are ignored."""
+    Padded rows (ValLoader keeps batch shapes fixed for compile) get target -1 and are ignored; an
+    all-padding batch still runs its forward (under FSDP2 every rank must join every all-gather)."""
     device = run.dist_info.device
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, tokens]
     for x, y, num_valid in run.val_loader:
-        if num_valid == 0:
-            continue  # an all-padding batch (ranks with fewer windows): nothing to score
         y = y.clone()
         y[num_valid:] = -1
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with run.autocast:
             _, loss = run.eval_model(x, y)
+        if num_valid == 0:
+            continue  # all padding (ranks with fewer windows): nothing scored, the loss is NaN
         tokens = num_valid * y.size(1)
         totals += torch.stack([loss.double() * tokens, torch.tensor(float(tokens), dtype=torch.float64, device=device)])
     run.parallel.all_reduce(totals)
@@ -566,11 +556,14 @@ def run_hellaswag(run: Run, examples: list[dict], step: int, log: metrics_log.Me
 
 def sample_texts(run: Run, step: int, num_samples: int = 4, max_new_tokens: int = 32) -> list[str]:
     """Samples of the prompt, the same on every rank (a generator seeded by step, not the global RNG),
-    from the compiled model (two graphs, compiled once: the prompt, and one token at any cache length)."""
+    from the compiled model (two graphs, compiled once: the prompt, and one token at any cache length).
+    Always max_new_tokens forwards, cut at <|endoftext|> afterwards: under FSDP2 every rank must run
+    the same forwards, and none may stop early on its own."""
     enc = get_encoding()
     generator = torch.Generator(device=run.dist_info.device).manual_seed(run.cfg.seed + step)
     rows = generate(run.eval_model, enc.encode(run.cfg.sample_prompt), max_new_tokens, num_samples=num_samples,
-                    top_k=50, generator=generator, stop_token=EOT_TOKEN, autocast=run.autocast)
+                    top_k=50, generator=generator, autocast=run.autocast)
+    rows = [row[: row.index(EOT_TOKEN)] if EOT_TOKEN in row else row for row in rows]
     return [run.cfg.sample_prompt + enc.decode(row) for row in rows]
 
 
@@ -748,7 +741,7 @@ def loop(run: Run, log: metrics_log.MetricsLog, stop: StopFlag, start_step: int,
         last_step = step == cfg.max_steps
         if stop_agreed:
             clock.pause()
-            save_checkpoint(run, log_dir / f"model_{step:05d}.pt", step, False, log, cfg.keep_checkpoints)
+            save_checkpoint(run, log_dir / f"model_{step:05d}", step, False, log, cfg.keep_checkpoints)
             if is_main:
                 print(f"{stop.signal_name or 'signal on another rank'}: checkpoint saved at step {step}"
                       + ("; finishing the final evaluation" if last_step else "; exiting so the job can be requeued"))
@@ -779,7 +772,7 @@ def loop(run: Run, log: metrics_log.MetricsLog, stop: StopFlag, start_step: int,
             break
         if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step > start_step:
             clock.pause()
-            save_checkpoint(run, log_dir / f"model_{step:05d}.pt", step, True, log, cfg.keep_checkpoints)
+            save_checkpoint(run, log_dir / f"model_{step:05d}", step, True, log, cfg.keep_checkpoints)
 
         clock.run()
         loss, grad_norm, lr, skipped = train_step(run, step)
@@ -811,9 +804,9 @@ def loop(run: Run, log: metrics_log.MetricsLog, stop: StopFlag, start_step: int,
                 log_train_step(run, log, clock, step, loss_sum / dist_info.world_size, norm_sum / dist_info.world_size,
                                lr, flops_per_token, peak, skipped=bool(skipped))
 
-    save_checkpoint(run, log_dir / checkpoint.FINAL, cfg.max_steps, True, log, keep=None)
+    final = save_checkpoint(run, log_dir / checkpoint.FINAL_NAME, cfg.max_steps, True, log, keep=None)
     if is_main:
-        print(f"done: {cfg.max_steps} steps, final checkpoint {log_dir / checkpoint.FINAL}")
+        print(f"done: {cfg.max_steps} steps, final checkpoint {final}")
     return 130 if interrupted else 0
 
 

@@ -82,9 +82,11 @@ DRY_BENCH = ["--model", "tiny", "--seq-len", "64", "--micro-batch-size", "2", "-
 
 
 def throughput_settings(dry_run: bool) -> list[tuple[str, list[str]]]:
-    """(name, extra bench.py flags): the reference trainer's settings first, then ours, then one lever at a time."""
+    """(name, extra bench.py flags): the reference trainer's settings first, then ours, then one lever
+    at a time. A dry run keeps the rows whose code path differs (a sweep, a second strategy); the
+    other levers are plain bench.py flags, tested in tests/test_bench.py, at ~8 s of CI per process."""
     micro_batches = "1,4" if dry_run else "32,128"
-    return [
+    rows = [
         ("reference settings (compile off, fused AdamW, plain loss)", ["--no-compile", "--spike-guard", "0"]),
         ("defaults (compile on)", []),
         ("lever: --spike-guard 0 (no per-step sync)", ["--spike-guard", "0"]),
@@ -92,7 +94,16 @@ def throughput_settings(dry_run: bool) -> list[tuple[str, list[str]]]:
         ("lever: attention kernels", ["--sweep", "attn_backend=flash,cudnn,efficient,math"]),
         (f"lever: micro-batch {micro_batches.replace(',', ' / ')}", ["--sweep", f"micro_batch_size={micro_batches}"]),
         ("--optimizer muon", ["--optimizer", "muon"]),
+        ("--parallel ddp vs fsdp (one GPU)", ["--sweep", "parallel=ddp,fsdp"]),
     ]
+    dry_rows = ("reference", "defaults", "lever: attention", "--parallel")
+    return [row for row in rows if row[0].startswith(dry_rows)] if dry_run else rows
+
+
+# Bigger models under FSDP2 on the one GPU (world size 1: the code path, compile, memory): the
+# measured peak next to bench/memory_table.py's prediction for the same setting.
+BIGGER_GPU = dict(models=("gpt2-medium", "gpt2-xl"), micro_batch_size=8, seq_len=1024, precision="bf16")
+BIGGER_DRY = dict(models=("tiny",), micro_batch_size=2, seq_len=64, precision="fp32")
 
 
 class Checker:
@@ -293,13 +304,36 @@ def throughput(ck: Checker) -> tuple[bool, dict]:
         found = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         for row in found or [{"error": f"exit {code}, no result"}]:
             rows.append({"setting": name, **{k: row[k] for k in (
-                "attn_backend", "micro_batch_size", "tokens_per_sec", "mfu", "step_ms", "peak_memory_gb", "attention",
-                "compile", "error") if k in row}})
+                "attn_backend", "micro_batch_size", "parallel", "tokens_per_sec", "mfu", "step_ms", "peak_memory_gb",
+                "attention", "compile", "error") if k in row}})
             errors += "error" in row and not name.startswith("lever: attention")
     reference = next((r for r in rows if r["setting"].startswith("reference") and r.get("tokens_per_sec")), None)
     ours = next((r for r in rows if r["setting"].startswith("defaults") and r.get("tokens_per_sec")), None)
     speedup = round(ours["tokens_per_sec"] / reference["tokens_per_sec"], 3) if reference and ours else None
     return errors == 0 and reference is not None and ours is not None, {"rows": rows, "defaults_vs_reference": speedup}
+
+
+def bigger_models(ck: Checker) -> tuple[bool, dict]:
+    """gpt2-medium and gpt2-xl steps under --parallel fsdp (tiny in a dry run), one bench.py process;
+    each row's peak memory with the formula's prediction (on the CPU the peak is the whole process's)."""
+    sizes = BIGGER_DRY if ck.cfg.dry_run else BIGGER_GPU
+    mbs, seq_len = sizes["micro_batch_size"], sizes["seq_len"]
+    base = DRY_BENCH if ck.cfg.dry_run else GPU_BENCH
+    predictions = ck.work / "memory_table.jsonl"
+    ck.run("bigger models: the formula", ["bench/memory_table.py", "--models", *sizes["models"], "--gpus", "1",
+                                          "--micro-batch-sizes", str(mbs), "--seq-len", str(seq_len),
+                                          "--precision", sizes["precision"], "--json-out", str(predictions)], timeout=120)
+    predicted = {r["model"]: r["total"] for r in read_jsonl(predictions)
+                 if r["parallel"] == "fsdp" and not r["activation_checkpointing"]}
+    code, out = ck.run("bigger models: --parallel fsdp", [
+        "bench.py", *base, "--parallel", "fsdp", "--micro-batch-size", str(mbs), "--seq-len", str(seq_len),
+        "--tokens-per-step", str(mbs * seq_len), "--sweep", "model=" + ",".join(sizes["models"]), "--json"], timeout=300)
+    rows = [{k: row[k] for k in ("model", "tokens_per_sec", "mfu", "step_ms", "peak_memory_gb", "error") if k in row}
+            for row in (json.loads(line) for line in out.splitlines() if line.startswith("{"))]
+    for row in rows:
+        row["predicted_gib"] = round(predicted[row["model"]], 2) if row.get("model") in predicted else None
+    ok = code == 0 and len(rows) == len(sizes["models"]) and all("error" not in r for r in rows)
+    return ok, {"rows": rows, "micro_batch_size": mbs, "seq_len": seq_len}
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -345,6 +379,7 @@ def main(argv=None) -> int:
     ck.check("hellaswag", lambda: hellaswag_eval(ck, hellaswag, full=bool(cfg.hellaswag)))
     ck.check("export", lambda: export(ck))
     ck.check("throughput", lambda: throughput(ck))
+    ck.check("bigger models", lambda: bigger_models(ck))
     code = ck.finish({**asdict(cfg), "data_dir": str(data_dir), "sizes": sizes})
     if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)

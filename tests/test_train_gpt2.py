@@ -331,7 +331,7 @@ def _log_dir_of_another_model(tmp: Path, data: Path) -> Path:
     run = train_gpt2.build_run(cfg, CPU)
     run.model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
     (tmp / "log").mkdir()
-    train_gpt2.save_checkpoint(run, tmp / "log" / "model_00005.pt", 5, True, MetricsLog(tmp / "m.jsonl", False), keep=None)
+    train_gpt2.save_checkpoint(run, tmp / "log" / "model_00005", 5, True, MetricsLog(tmp / "m.jsonl", False), keep=None)
     return data
 
 
@@ -846,7 +846,7 @@ def test_diverged_run_never_saves_a_checkpoint(data_dir, tmp_path, capsys):
     with torch.no_grad():
         run.model.lm_head.weight[0, 0] = float("nan")
     with pytest.raises(train_gpt2.Diverged):
-        train_gpt2.save_checkpoint(run, tmp_path / "model_00001.pt", 1, True, MetricsLog(tmp_path / "m", False), keep=None)
+        train_gpt2.save_checkpoint(run, tmp_path / "model_00001", 1, True, MetricsLog(tmp_path / "m", False), keep=None)
     assert not (tmp_path / "model_00001.pt").exists()
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 from checkpoint import load_file as load_checkpoint_file
 
 pytestmark = pytest.mark.xdist_group("slurm")  # one worker runs this file: its tests share one SLURM cluster
@@ -533,13 +534,17 @@ def test_finished_crashed_or_capped_job_is_not_requeued_even_when_signalled(unin
 @pytest.mark.timeout(420)
 def test_two_nodes_meet_stop_on_the_time_limit_signal_requeue_and_match_one_process(uninterrupted_run, slurm_two_nodes,
                                                                                      shards, tmp_path):
-    """`sbatch --nodes=2 train.sh`: one torchrun per node, one training process each, meeting in the
-    c10d rendezvous on node1 over the veth link; USR1 mid-run, requeue, resume on both nodes. The
-    two ranks compute exactly what one process with 2 micro-steps does (gradients averaged by
-    halves: exact in floating point), so the final weights equal the one-process run's, bitwise."""
+    """`sbatch --nodes=2 train.sh --parallel fsdp`: one torchrun per node, one training process each,
+    meeting in the c10d rendezvous on node1 over the veth link, the model sharded over the two
+    nodes (FSDP2); USR1 mid-run, each node writes its shard of the DCP checkpoint into the shared log
+    dir, requeue, resume on both nodes, and train.sh sees the finished run's model_final/ folder.
+    The two ranks compute what one process with 2 micro-steps does, up to the clip factor (the
+    norm of two shards vs float32's norm of whole tensors, tests/test_fsdp.py): final weights within
+    1e-4 of the one-process run's."""
     cluster = slurm_two_nodes
     log_dir, out = tmp_path / "log", tmp_path / "slurm.out"
-    cmd = ["sbatch", "--parsable", "--nodes=2", *SBATCH_OVERRIDES, f"--output={out}", str(TRAIN_SH), *TINY_FLAGS]
+    cmd = ["sbatch", "--parsable", "--nodes=2", *SBATCH_OVERRIDES, f"--output={out}", str(TRAIN_SH), *TINY_FLAGS,
+           "--parallel", "fsdp"]
     job = cluster.run(*cmd, env={**cluster.env, "LOG_DIR": str(log_dir), "DATA_DIR": str(shards), "MAX_REQUEUES": "3"},
                       cwd=ROOT).stdout.strip().split(";")[0]
     cluster.jobs.append(job)
@@ -556,10 +561,16 @@ def test_two_nodes_meet_stop_on_the_time_limit_signal_requeue_and_match_one_proc
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", text
     assert text.count("2 node(s) x 1 process(es)") == 2, text  # both starts ran on two nodes
     stop_step = int(re.findall(r"SIGUSR1: checkpoint saved at step (\d+)", text)[0])
-    assert f"resuming from {log_dir / f'model_{stop_step:05d}.pt'} at step {stop_step}" in text
+    assert f"resuming from {log_dir / f'model_{stop_step:05d}'} at step {stop_step}" in text
+    assert f"train.sh: training finished: {log_dir / 'model_final'}" in text
     records = metrics(log_dir)
     configs = [r for r in records if r["type"] == "config"]
     assert [c["world_size"] for c in configs] == [2, 2] and [c["step"] for c in configs] == [0, stop_step]
+    assert all(c["parallel"] == "fsdp" for c in configs)
     assert all(sorted(c["hosts"]) == ["node1", "node2"] for c in configs)  # one rank on each node, both times
     assert sorted({r["step"] for r in records if r["type"] == "train"}) == list(range(MAX_STEPS))
-    assert_same_weights(log_dir / "model_final.pt", uninterrupted_run / "model_final.pt")
+    assert sorted(p.name for p in (log_dir / "model_final").glob("__*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    sharded = checkpoint.load_model(log_dir / "model_final").state_dict()
+    whole = load_checkpoint_file(uninterrupted_run / "model_final.pt")["model"]
+    worst = max((sharded[k] - whole[k]).abs().max().item() for k in whole)
+    assert sharded.keys() == whole.keys() and worst < 1e-4, f"weights differ by up to {worst:.3g}"
