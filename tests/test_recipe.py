@@ -313,12 +313,13 @@ def test_ddp_torchrun_muon_run_matches_single_process_loss_curve(muon_run, data_
 def test_fsdp_torchrun_muon_run_matches_single_process_loss_curve(muon_run, data_dir, tmp_path):
     """The fast recipe under 2-rank `--parallel fsdp`: Muon all-gathers each matrix's update, every
     rank orthogonalises the whole matrix (q, k, v of c_attn separately) and keeps its rows. The
-    1-process curve to 1e-3 (measured: up to 2.1e-4). The gap starts at the clip factor: the
+    1-process curve to 1e-3 (measured: up to 1.5e-4). The gap starts at the clip factor: the
     1-process norm of the 6.4M-entry embedding gradient loses ~1e-3 of its value to float32
     summation on the CPU, the 2 shards' norms half as much (tests/test_fsdp.py); Newton-Schulz runs
-    in bf16, where such a difference flips roundings, so the weights drift apart by ~1% of their
-    size while the loss stays within 2e-4. Muon's momentum is in the sharded checkpoint: resumed
-    from step 10 on 2 ranks, the run ends with the uninterrupted 2-rank run's losses, bit for bit."""
+    in bf16, where such a difference flips roundings, so the weight matrices drift apart (up to 3.4%
+    in relative norm by step 20) while the loss stays within 1.5e-4. Muon's momentum is in the
+    sharded checkpoint: resumed from step 15 on 2 ranks, the run ends with the uninterrupted 2-rank
+    run's losses, bit for bit."""
     log_dir = tmp_path / "log"
     cmd = core.trainer_cmd(data_dir, log_dir, *FAST, "--parallel", "fsdp", nproc=2)
     core.run_ok(cmd, tmp_path)
@@ -327,10 +328,10 @@ def test_fsdp_torchrun_muon_run_matches_single_process_loss_curve(muon_run, data
     assert len(diffs) == core.MAX_STEPS and max(diffs) < 1e-3, f"loss curves differ by up to {max(diffs):.3g}"
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(log_dir / "model_00010", resumed / "model_00010")
+    shutil.copytree(log_dir / "model_00015", resumed / "model_00015")
     shutil.copy(log_dir / "metrics.jsonl", resumed / "metrics.jsonl")
     result = core.run_ok(core.trainer_cmd(data_dir, resumed, *FAST, "--parallel", "fsdp", nproc=2), tmp_path)
-    assert f"resuming from {resumed / 'model_00010'} at step 10" in result.stdout
+    assert f"resuming from {resumed / 'model_00015'} at step 15" in result.stdout
     assert core.train_losses(resumed) == losses
 
 if __name__ == "__main__":
