@@ -23,9 +23,7 @@ with one line.
 from __future__ import annotations
 
 import math
-import os
 import re
-import shutil
 import socket
 import warnings
 from pathlib import Path
@@ -200,10 +198,7 @@ def prune(log_dir: Path, keep: int | None) -> None:
         return
     steps = [(s, p) for s, p in paths(log_dir) if s != math.inf]
     for _, old in steps[keep:]:
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+        fileio.remove(old)
 
 
 # ---- sharded (DCP) checkpoints --------------------------------------------------------------------
@@ -246,7 +241,7 @@ def save_sharded(model: torch.nn.Module, optimizer, state: dict, path: Path, kee
 
     tmp = path.with_name(f".{path.name}.sharded.tmp")
     if is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # a previous save of this step that was cut short
+        fileio.remove(tmp)  # a previous save of this step that was cut short
     dist.barrier()
     try:
         dcp.save(_sharded_tensors(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
@@ -257,10 +252,8 @@ def save_sharded(model: torch.nn.Module, optimizer, state: dict, path: Path, kee
     # dcp.save returns once every rank's shards are written and the main rank's .metadata too.
     if is_main:
         _torch_save(state, tmp / STATE_FILE)
-        with open(tmp / STATE_FILE, "rb") as f:
-            os.fsync(f.fileno())  # on disk before the rename publishes the folder
-        if path.exists():  # model_final/ written again (a resumed final evaluation)
-            shutil.rmtree(path)
+        fileio.fsync_file(tmp / STATE_FILE)  # on disk before the rename publishes the folder
+        fileio.remove(path)  # model_final/ written again (a resumed final evaluation)
         tmp.rename(path)
         fileio.fsync_dir(path.parent)
         prune(path.parent, keep)
@@ -286,7 +279,7 @@ def load_training_state(ckpt: dict, model: torch.nn.Module, optimizer) -> None:
         for name, opt in parts.items():
             set_optimizer_state_dict(model, opt, tensors["optimizer"][name])
     else:
-        saved = ckpt["optimizer"] if "optimizers" in vars(optimizer) else {"adamw": ckpt["optimizer"]}
+        saved = ckpt["optimizer"] if hasattr(optimizer, "optimizers") else {"adamw": ckpt["optimizer"]}
         if set(saved) != set(parts):
             raise ValueError(f"checkpoint optimizer has parts {sorted(saved)}, this run has {sorted(parts)}: "
                              "resume with the same --optimizer")

@@ -42,6 +42,12 @@ def current_umask() -> int:
     return mask
 
 
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's data to the disk (before a rename publishes it)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename inside `path` durable (POSIX; Windows cannot open a folder)."""
     if os.name != "posix":
@@ -65,8 +71,7 @@ def atomic_path(path: str | Path, tmp_prefix: str | None = None):
     os.close(fd)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
@@ -79,10 +84,16 @@ def remove_temps(folder: str | Path, tmp_prefix: str) -> None:
     """Delete temp files `atomic_path` left behind when a process was killed mid-write (and temp
     folders: a sharded checkpoint that was still being written)."""
     for stale in Path(folder).glob(f"{tmp_prefix}*.tmp"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+        remove(stale)
+
+
+def remove(path: str | Path) -> None:
+    """Delete a file or a folder with everything in it, whichever `path` is; nothing there is fine."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, tmp_prefix: str | None = None) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from runtime import local_part, whole
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
@@ -39,16 +41,6 @@ def newton_schulz(grad: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torc
         gram = x @ x.t()  # (rows, rows)
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.t() if tall else x
-
-
-def whole(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole matrix: all-gathered from the ranks' row shards under FSDP2 (a DTensor)."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's rows (a DTensor's local shard), or the tensor itself."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def this_ranks_part(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -104,7 +96,7 @@ class Muon(torch.optim.Optimizer):
                 blocks = whole(update).chunk(split, dim=0)  # q, k, v for c_attn; the whole matrix otherwise
                 ortho = torch.cat([newton_schulz(block, group["ns_steps"]) for block in blocks]).to(p.dtype)
                 scale = max(1.0, blocks[0].size(0) / blocks[0].size(1)) ** 0.5
-                local(p).add_(local(this_ranks_part(ortho, p)), alpha=-group["lr"] * scale)
+                local_part(p).add_(local_part(this_ranks_part(ortho, p)), alpha=-group["lr"] * scale)
         return loss
 
 

@@ -71,7 +71,7 @@ class Parallel:
 
     def count_nonfinite(self, model: torch.nn.Module) -> float:
         """How many weights are NaN or inf (counted over every rank's part; > 0 on every rank alike)."""
-        bad = torch.stack([(~torch.isfinite(local_tensor(p))).sum() for p in model.parameters()]).sum().float()
+        bad = torch.stack([(~torch.isfinite(runtime.local_part(p))).sum() for p in model.parameters()]).sum().float()
         return self.all_reduce(bad).item()
 
     def checkpoint_path(self, stem: Path) -> Path:
@@ -87,7 +87,9 @@ class Parallel:
         return path
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum `tensor` over ranks in place (and return it)."""
+        """Sum `tensor` over ranks in place (and return it); alone, there is nothing to sum."""
+        if self.dist_info.world_size > 1:
+            dist.all_reduce(tensor)
         return tensor
 
 
@@ -108,10 +110,6 @@ class DDPParallel(Parallel):
     def gradient_sync(self, train_model: DDP, enabled: bool):
         # no_sync covers the forward and the backward of a micro-step: gradients only accumulate
         return nullcontext() if enabled else train_model.no_sync()
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor)
-        return tensor
 
 
 class FSDPParallel(Parallel):
@@ -163,15 +161,10 @@ class FSDPParallel(Parallel):
         # Each rank holds a shard of every gradient: the norm of the shards is a partial sum until
         # it is reduced (full_tensor), then every rank clips its shards by the same global factor.
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        total = torch.nn.utils.get_total_norm(grads)
-        total = total.full_tensor() if hasattr(total, "full_tensor") else total
+        total = runtime.whole(torch.nn.utils.get_total_norm(grads))
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
         return total
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor)
-        return tensor
 
     def checkpoint_path(self, stem: Path) -> Path:
         return stem  # a folder: log/model_00042/
@@ -179,11 +172,6 @@ class FSDPParallel(Parallel):
     def save_checkpoint(self, model: torch.nn.Module, optimizer, state: dict, stem: Path, keep: int | None) -> Path:
         """A DCP folder `<stem>/`: every rank writes its own shards (no gather), the main rank `state`."""
         return checkpoint.save_sharded(model, optimizer, state, self.checkpoint_path(stem), keep, self.dist_info.is_main)
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a sharded tensor (a DTensor under FSDP2); a plain tensor as it is."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def parallelize(dist_info: runtime.DistInfo, strategy: str = "ddp", ddp_bucket_mb: int = 25) -> Parallel:

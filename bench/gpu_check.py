@@ -196,6 +196,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+def json_rows(stdout: str) -> list[dict]:
+    """The JSON rows bench.py --json prints among its human lines (one object per line)."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
 def metrics_of(log_dir: Path) -> list[dict]:
     return read_jsonl(log_dir / "metrics.jsonl")
 
@@ -301,8 +306,7 @@ def throughput(ck: Checker) -> tuple[bool, dict]:
             rows.append({"setting": name, "error": "skipped: time budget spent"})
             continue
         code, out = ck.run(f"throughput: {name}", ["bench.py", *base, *extra, "--json"], timeout=150)
-        found = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-        for row in found or [{"error": f"exit {code}, no result"}]:
+        for row in json_rows(out) or [{"error": f"exit {code}, no result"}]:
             rows.append({"setting": name, **{k: row[k] for k in (
                 "attn_backend", "micro_batch_size", "parallel", "tokens_per_sec", "mfu", "step_ms", "peak_memory_gb",
                 "attention", "compile", "error") if k in row}})
@@ -329,7 +333,7 @@ def bigger_models(ck: Checker) -> tuple[bool, dict]:
         "bench.py", *base, "--parallel", "fsdp", "--micro-batch-size", str(mbs), "--seq-len", str(seq_len),
         "--tokens-per-step", str(mbs * seq_len), "--sweep", "model=" + ",".join(sizes["models"]), "--json"], timeout=300)
     rows = [{k: row[k] for k in ("model", "tokens_per_sec", "mfu", "step_ms", "peak_memory_gb", "error") if k in row}
-            for row in (json.loads(line) for line in out.splitlines() if line.startswith("{"))]
+            for row in json_rows(out)]
     for row in rows:
         row["predicted_gib"] = round(predicted[row["model"]], 2) if row.get("model") in predicted else None
     ok = code == 0 and len(rows) == len(sizes["models"]) and all("error" not in r for r in rows)

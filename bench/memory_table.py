@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from cli import field, parse_config  # noqa: E402
 from model import MODEL_PRESETS, GPT, GPTConfig  # noqa: E402
+from parallel import STRATEGIES  # noqa: E402
 
 GiB = 2**30
 TABLE_SIZES = ("gpt2-medium", "gpt2-large", "gpt2-xl")
@@ -72,7 +73,7 @@ class MemoryConfig:
     gpu_gib: float = field(80.0, "GPU memory to compare with (H100 80 GB)")
     precision: str = field("bf16", "bf16 (CUDA autocast, fused AdamW) or fp32 (CPU, foreach AdamW)", choices=("bf16", "fp32"))
     measure: str = field("", "also run one real CPU training step of this model and print its peak memory next to the formula's", choices=("", *MODEL_PRESETS))
-    parallel: str = field("ddp", "--measure: ddp (one process, no wrapper) or fsdp", choices=("ddp", "fsdp"))
+    parallel: str = field("ddp", "--measure: ddp (one process, no wrapper) or fsdp", choices=STRATEGIES)
     ranks: int = field(1, "--measure: processes (gloo) for --parallel fsdp")
     micro_batch_size: int = field(1, "--measure: rows per micro-step")
     activation_checkpointing: bool = field(False, "--measure: with activation checkpointing")
@@ -127,7 +128,7 @@ def memory_bytes(model_name: str, parallel: str, activation_checkpointing: bool,
 def table(cfg: MemoryConfig) -> list[dict]:
     rows = []
     for model_name in cfg.models:
-        for parallel in ("ddp", "fsdp"):
+        for parallel in STRATEGIES:
             for ac in (False, True):
                 for mbs in cfg.micro_batch_sizes:
                     parts = memory_bytes(model_name, parallel, ac, mbs, cfg.seq_len, cfg.gpus, cfg.grad_accum,

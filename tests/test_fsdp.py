@@ -37,7 +37,6 @@ for path in (str(ROOT), str(TESTS)):
 import checkpoint  # noqa: E402
 import fileio  # noqa: E402
 import test_train_gpt2 as core  # noqa: E402  (helpers and pinned environment of the trainer tests)
-import train_gpt2  # noqa: E402
 
 pytestmark = pytest.mark.xdist_group("fsdp_runs")  # one worker builds the module's runs once
 
