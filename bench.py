@@ -36,7 +36,7 @@ from train_gpt2 import TrainConfig, build_run, resolve_flags, train_step
 # the schedule's length) mean nothing to a benchmark and are not offered.
 STEP_FLAGS = ("model", "data_dir", "shuffle", "tokens_per_step", "micro_batch_size", "seq_len", "optimizer", "recipe",
               "max_lr", "muon_lr", "muon_momentum", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "seed",
-              "device", "compile", "compile_on_cpu", "compile_mode", "attn_backend", "loss_chunk_rows", "fused_adamw",
+              "device", "compile", "compile_on_cpu", "compile_mode", "precision", "attn_backend", "loss_chunk_rows", "fused_adamw",
               "activation_checkpointing", "parallel", "ddp_bucket_mb", "spike_guard")
 CPU_SIZED = "--model tiny --micro-batch-size 2 --seq-len 64 --tokens-per-step 256 --steps 3 --warmup 1"
 
@@ -56,7 +56,9 @@ class BenchConfig:
 
 
 class SyntheticLoader:
-    """Uniform random token ids of the right shape, from a fixed seed: no data needed."""
+    """Uniform random token ids of the right shape, from a fixed seed: no data needed. Hands over
+    what the trainer's loader does (dataloader._to_xy): contiguous x and y, each pinned on CUDA, so
+    the host-to-device copy timed here is the asynchronous one training pays, not a strided one."""
 
     def __init__(self, micro_batch_size: int, seq_len: int, vocab_size: int, pin_memory: bool, seed: int = 0):
         self.shape = (micro_batch_size, seq_len + 1)
@@ -65,9 +67,10 @@ class SyntheticLoader:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.randint(0, self.vocab_size, self.shape, generator=self.generator)
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         if self.pin_memory:
-            rows = rows.pin_memory()
-        return rows[:, :-1], rows[:, 1:]
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
 
 
 def sweep_grid(cfg: TrainConfig, sweeps: tuple[str, ...]) -> list[tuple[dict, TrainConfig]]:
@@ -102,6 +105,16 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process peak RSS)
+
+
+def release_row_memory(device: torch.device) -> None:
+    """Free the previous configuration before the next one. Dynamo's compiled graphs are dropped
+    first (CPU too, under --compile-on-cpu): while cached they can hold the previous model, and a
+    collection or empty_cache before the reset would leave its weights in memory for the next row."""
+    torch._dynamo.reset()  # each configuration compiles afresh
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def bench_one(cfg: TrainConfig, bench: BenchConfig, dist_info: runtime.DistInfo, synthetic: bool) -> dict:
@@ -229,10 +242,7 @@ def main(argv=None) -> int:
                 row, status = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}, 2
             if dist_info.is_main:
                 print(json.dumps({**overrides, **row}) if bench.json else format_row(row, overrides), flush=True)
-            gc.collect()
-            if dist_info.device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch._dynamo.reset()  # each configuration compiles afresh
+            release_row_memory(dist_info.device)
     except KeyboardInterrupt:
         print("\nbench: interrupted", file=sys.stderr)
         return 130

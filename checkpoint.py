@@ -95,14 +95,16 @@ def _load_sharded_state(path: Path, required: tuple[str, ...]) -> dict:
     return {**state, "sharded": True, "path": str(path)}
 
 
-def load_model(path: str | Path) -> GPT:
-    """The GPT of a checkpoint (file or sharded folder, any world size), in eval mode, on the CPU: its
-    weights copied from the memory-mapped file, or read from the shards straight into the model's
-    tensors (one copy of the weights in memory either way). (Building it on the meta device instead
-    would skip the random init, but initialising meta tensors imports torch._dynamo: 4 s.)"""
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
+    """The GPT of a checkpoint (file or sharded folder, any world size), in eval mode, on `device`:
+    built there, its weights copied from the memory-mapped file or read from the shards straight into
+    the model's tensors (one copy of the weights in memory either way, none on the host for a GPU).
+    (Building it on the meta device instead would skip the random init, but initialising meta
+    tensors imports torch._dynamo: 4 s.)"""
     ckpt = load_file(path)
     try:
-        model = GPT(GPTConfig(**ckpt["model_config"]))
+        with torch.device(device):
+            model = GPT(GPTConfig(**ckpt["model_config"]))
         if ckpt.get("sharded"):
             import torch.distributed.checkpoint as dcp
 
@@ -335,9 +337,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def load_hf_model(name: str, flag: str = "--hf") -> GPT:
+def load_hf_model(name: str, flag: str = "--hf", device: str | torch.device = "cpu") -> GPT:
     """A transformers GPT-2 (a Hub name such as gpt2-medium, or a folder such as an export_hf.py
-    output) as our GPT, in eval mode. Looks in the local cache / folder first; goes to the network only
+    output) as our GPT, in eval mode, built on `device`. Looks in the local cache / folder first; goes to the network only
     when that fails and the Hub is reachable; fails at once, in one line, when it is not."""
     from huggingface_hub import constants
     from transformers import AutoConfig, GPT2LMHeadModel
@@ -365,4 +367,6 @@ def load_hf_model(name: str, flag: str = "--hf") -> GPT:
             if not local:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise fail(f"could not load it ({first})") from None
-    return load_hf_state_dict(GPT(gpt_config_from_hf(hf.config)), hf.state_dict()).eval()
+    with torch.device(device):
+        model = GPT(gpt_config_from_hf(hf.config))
+    return load_hf_state_dict(model, hf.state_dict()).eval()

@@ -265,6 +265,9 @@ _WORKER_DATASET = None  # the map-style dataset a worker reads its own rows from
 def _init_worker(dataset) -> None:
     global _WORKER_DATASET
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled once, by the main process
+    # Pool.terminate() stops workers with SIGTERM: a handler inherited from the parent (a trainer's
+    # stop flag in the same process) would keep one alive, and the pool's exit would wait forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _WORKER_DATASET = dataset
     get_encoding()
 

@@ -78,12 +78,12 @@ def evaluate(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> dict:
     path = data_path(cfg, dist_info)
     examples = load_examples(path, limit=cfg.limit or None, verify=cfg.verify)
     if cfg.hf:
-        model, ckpt, step = checkpoint.load_hf_model(cfg.hf), None, None
+        model, ckpt, step = checkpoint.load_hf_model(cfg.hf, device=device), None, None
     else:
         ckpt = cfg.checkpoint or DEFAULT_CHECKPOINT
-        model, step = checkpoint.load_model(ckpt), checkpoint.read_step(ckpt)
+        model, step = checkpoint.load_model(ckpt, device), checkpoint.read_step(ckpt)
     runtime.configure_device(device)
-    model = runtime.compile_model(model.to(device), cfg.compile, warn=dist_info.is_main)
+    model = runtime.compile_model(model, cfg.compile, warn=dist_info.is_main)
 
     start = time.perf_counter()
     with tqdm(total=len(examples), unit="ex", desc="hellaswag", disable=not dist_info.is_main,

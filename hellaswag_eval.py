@@ -258,18 +258,16 @@ def score_sequences(model, sequences: list[list[int]], n_scored: list[int], devi
         R = len(rows)
         if fixed_shapes:
             T, R = min(-(-T // 32) * 32, block_size), batch_size
-        inputs = torch.full((R, T), EOT_TOKEN, dtype=torch.long)  # padding: never scored
+        inputs = np.full((R, T), EOT_TOKEN, dtype=np.int64)  # padding: never scored
         positions, targets, row_ids = [], [], []
         for r, i in enumerate(rows):
             seq, n = seqs[i], n_scored[i]
             L = len(seq) - 1
-            inputs[r, :L] = torch.tensor(seq[:-1])
+            inputs[r, :L] = seq[:-1]
             positions.extend(range(r * T + L - n, r * T + L))  # logits at these (row, t) predict...
             targets.extend(seq[L + 1 - n:])  # ...these tokens: the ending's
             row_ids.extend([r] * n)
-        inputs = inputs.to(device, non_blocking=True)
-        positions, targets, row_ids = (torch.tensor(x, dtype=torch.long).to(device, non_blocking=True)
-                                       for x in (positions, targets, row_ids))
+        inputs, positions, targets, row_ids, row_index = _to_device(device, inputs, positions, targets, row_ids, rows)
         with autocast:
             logits, _ = model(inputs)  # (R, T, vocab)
         # Only the ending positions are needed: (N, vocab) rows, upcast to float32 for log-softmax.
@@ -277,7 +275,7 @@ def score_sequences(model, sequences: list[list[int]], n_scored: list[int], devi
         picked = logits.flatten(0, 1)[positions].float()
         logprobs = picked.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
         sums = torch.zeros(R, dtype=torch.float32, device=device).index_add_(0, row_ids, logprobs)
-        scores[torch.tensor(rows, device=device)] = sums[: len(rows)]
+        scores[row_index] = sums[: len(rows)]
         if progress is not None:
             progress(len(rows))
     # Every rank runs the same number of forwards (a sharded model all-gathers its weights in each):
@@ -286,6 +284,18 @@ def score_sequences(model, sequences: list[list[int]], n_scored: list[int], devi
         with autocast:
             model(torch.full((batch_size, 32) if fixed_shapes else (1, 1), EOT_TOKEN, dtype=torch.long, device=device))
     return scores
+
+
+def _to_device(device: torch.device, *parts) -> list[torch.Tensor]:
+    """Integer arrays / lists -> int64 tensors on `device` (each part keeps its shape), in ONE copy
+    from pinned memory that does not make the host wait (one copy per part from pageable memory would,
+    once per batch on a GPU)."""
+    arrays = [np.asarray(part, dtype=np.int64) for part in parts]
+    packed = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]))
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
+    return [chunk.view(a.shape) for chunk, a in zip(packed.split([a.size for a in arrays]), arrays)]
 
 
 def score_examples(model, examples: list[dict], dist_info: runtime.DistInfo, autocast=None, styles=STYLES,
@@ -308,7 +318,7 @@ def score_examples(model, examples: list[dict], dist_info: runtime.DistInfo, aut
                              dist_info.rank, dist_info.world_size, progress)
     if dist_info.distributed:
         dist.all_reduce(scores)  # each row is nonzero on exactly one rank: the sum is that value
-    scores = scores.cpu().numpy().astype(np.float64).reshape(len(styles), len(examples), NUM_ENDINGS)
+    scores = np.asarray(scores.tolist(), dtype=np.float64).reshape(len(styles), len(examples), NUM_ENDINGS)
     labels = np.asarray([example["label"] for example in examples])
     return {style: {"loglik": scores[s], "norm": norms[style], "label": labels} for s, style in enumerate(styles)}
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tokenizer import VOCAB_SIZE as GPT2_VOCAB_SIZE  # 50,000 BPE merges + 256 bytes + <|endoftext|>
 
@@ -46,6 +47,14 @@ class GPTConfig:
             raise ValueError("padded_vocab_size must be >= vocab_size")
 
 
+# --attn-backend: the scaled-dot-product attention kernel a forward must use ("auto": PyTorch picks per
+# call). Chosen inside the model's forward, not around the call: torch.compile traces the choice into
+# its graph then, so a recompile under another kernel is another graph (chosen outside, dynamo's guards
+# and the on-disk AOTAutograd cache both ignore it, and a compile under MATH replayed FLASH's kernel).
+ATTENTION_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
 # Model presets: keyword overrides of GPTConfig. The four GPT-2 sizes are OpenAI's.
 MODEL_PRESETS: dict[str, dict] = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -63,13 +72,18 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     rows of logits. The plain path keeps (N, 50304) logits and their gradient: 13 GB in fp32 for
     the reference's 64 x 1024 micro-batch. Here each chunk's logits are made, turned into the loss
     and into the gradients w.r.t. h and weight (softmax - one-hot), and dropped; backward only
-    scales the saved gradients. Same math as the plain path up to float summation order."""
+    scales the saved gradients. Same math as the plain path up to float summation order.
+
+    The logits keep the padded width (50304, a multiple of 128) with -inf in the padding columns
+    (`vocab_bias`, as the plain path): softmax gives those exactly 0, and the gradient matmuls run
+    over rows of 50304 x 2 bytes, 16-byte aligned (a 50257-wide slice is not: a slower GEMM path)."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab_size: int, chunk_rows: int, compute_grads: bool = True):
-        # h (N, C), weight (padded_vocab, C), targets (N,) with -1 = ignore. compute_grads: the
-        # caller's grad mode (inside forward autograd has switched it off, and needs_input_grad
-        # says only that the inputs require grad, which the weight does even under torch.no_grad).
+    def forward(ctx, h, weight, vocab_bias, targets, chunk_rows: int, compute_grads: bool = True):
+        # h (N, C), weight (padded_vocab, C), vocab_bias (padded_vocab,) float32 0 / -inf, targets (N,)
+        # with -1 = ignore. compute_grads: the caller's grad mode (inside forward autograd has switched
+        # it off, and needs_input_grad says only that the inputs require grad, which the weight does
+        # even under torch.no_grad).
         device_type = h.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
         need_grad_h, need_grad_w = (compute_grads and ctx.needs_input_grad[0]), (compute_grads and ctx.needs_input_grad[1])
@@ -82,21 +96,21 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.size(0), chunk_rows):
             end = min(start + chunk_rows, h.size(0))
             h_chunk = h[start:end].to(dtype)
-            logits = (h_chunk @ w.t())[:, :vocab_size].float()  # (rows, vocab_size)
+            logits = (h_chunk @ w.t()).float() + vocab_bias  # (rows, padded_vocab), -inf in the padding
             log_z = torch.logsumexp(logits, dim=-1)  # (rows,)
             rows = torch.arange(end - start, device=h.device)
             chunk_valid = valid[start:end]
             target_logit = logits[rows, safe_targets[start:end]]
             loss_sum += torch.where(chunk_valid, log_z - target_logit, 0.0).sum()
             if need_grad_h or need_grad_w:
-                grad_logits = torch.exp(logits.sub_(log_z[:, None]))  # softmax, in place: (rows, vocab_size)
+                grad_logits = torch.exp(logits.sub_(log_z[:, None]))  # softmax, in place: (rows, padded_vocab)
                 grad_logits[rows, safe_targets[start:end]] -= 1.0
                 grad_logits *= chunk_valid[:, None]
                 grad_logits = grad_logits.to(dtype)
                 if need_grad_h:
-                    grad_h[start:end] = (grad_logits @ w[:vocab_size]).to(h.dtype)
+                    grad_h[start:end] = (grad_logits @ w).to(h.dtype)
                 if need_grad_w:
-                    grad_w[:vocab_size] += (grad_logits.t() @ h_chunk).float()
+                    grad_w += (grad_logits.t() @ h_chunk).float()  # the padding rows get exactly 0
         num_valid = valid.sum().clamp(min=1)
         if need_grad_h:
             grad_h = grad_h / num_valid.to(grad_h.dtype)
@@ -116,20 +130,44 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
 
 
 class KVCache:
-    """Preallocated keys and values for incremental decoding: (B, n_head, max_len, head_dim) per layer."""
+    """Preallocated keys and values for incremental decoding: one `LayerKV` per block. `length`:
+    positions filled so far, the same for every layer after a full forward (GPT.forward advances it)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.length = 0  # positions filled so far (same for every layer after a full forward)
+        self.layers = [LayerKV(self, torch.zeros(shape, device=device, dtype=dtype),
+                               torch.zeros(shape, device=device, dtype=dtype)) for _ in range(config.n_layer)]
+        self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+class LayerKV:
+    """One block's keys and values, (B, n_head, max_len, head_dim) each. A block gets its own object,
+    not a layer number: a block compiled on its own (FSDP2) would be recompiled for every distinct
+    number it indexes a list with, and reach dynamo's recompile limit after 8 layers."""
+
+    def __init__(self, cache: KVCache, keys: torch.Tensor, values: torch.Tensor):
+        self.cache, self.keys, self.values = cache, keys, values
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v (B, n_head, t, head_dim) at the current length; return all keys/values so far."""
         start, end = self.length, self.length + k.size(2)
-        self.keys[layer][:, :, start:end] = k
-        self.values[layer][:, :, start:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        self.keys[:, :, start:end] = k
+        self.values[:, :, start:end] = v
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that computes in its input's dtype. Under FSDP2's bf16 policy a block's weights
+    arrive in bf16 while the residual stream stays float32 (parallel.FSDPParallel.mixed_precision):
+    CUDA's autocast runs layer_norm in float32 anyway, CPU's autocast refuses the mix ("mixed dtype").
+    Everywhere else the weights already have the input's dtype and the cast is a no-op."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
 class CausalSelfAttention(nn.Module):
@@ -139,8 +177,9 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.residual_scaled_init = True
+        self.backend = "auto"  # a key of ATTENTION_BACKENDS (set through GPT.attention_backend)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: LayerKV | None = None) -> torch.Tensor:
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
@@ -149,12 +188,13 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if kv_cache is None or kv_cache.length == 0:
             if kv_cache is not None:
-                kv_cache.update(layer, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                kv_cache.update(k, v)
+            y = self.causal_attention(q, k, v)
         else:
             # Decoding: T new queries after the cached prefix. One query sees every cached key; for
-            # several, mask so query i sees the prefix and the new keys up to i.
-            k, v = kv_cache.update(layer, k, v)
+            # several, mask so query i sees the prefix and the new keys up to i. PyTorch picks the
+            # kernel here whatever --attn-backend says: a forced one may not take these shapes.
+            k, v = kv_cache.update(k, v)
             mask = None
             if T > 1:
                 prefix = k.size(2) - T
@@ -162,6 +202,13 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.c_proj(y)
+
+    def causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kernel = ATTENTION_BACKENDS[self.backend]
+        if kernel is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with sdpa_kernel([kernel]):  # raises when that kernel cannot run these inputs: no silent fallback
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 class MLP(nn.Module):
@@ -179,13 +226,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = LayerNorm(config.n_embd)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), kv_cache, layer)  # pre-LayerNorm residual blocks
+    def forward(self, x: torch.Tensor, kv_cache: LayerKV | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv_cache)  # pre-LayerNorm residual blocks
         return x + self.mlp(self.ln_2(x))
 
 
@@ -198,7 +245,7 @@ class GPT(nn.Module):
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd),
+                ln_f=LayerNorm(config.n_embd),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
@@ -215,6 +262,19 @@ class GPT(nn.Module):
         # for a fraction of the memory (gpt2-large/xl on one GPU). Also a trainer setting.
         self.activation_checkpointing = False
         self.apply(self._init_weights)
+
+    @property
+    def attention_backend(self) -> str:
+        """The attention kernel every forward uses but KV-cached decoding (a key of ATTENTION_BACKENDS;
+        --attn-backend, a trainer setting like loss_chunk_rows)."""
+        return self.transformer.h[0].attn.backend
+
+    @attention_backend.setter
+    def attention_backend(self, name: str) -> None:
+        if name not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend {name!r}: choose from {', '.join(ATTENTION_BACKENDS)}")
+        for block in self.transformer.h:
+            block.attn.backend = name
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):
@@ -247,7 +307,7 @@ class GPT(nn.Module):
             if self.activation_checkpointing and self.training and kv_cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
-                x = block(x, kv_cache, layer)
+                x = block(x, kv_cache.layers[layer] if kv_cache is not None else None)
         if kv_cache is not None:
             kv_cache.length += T
         return self.output(self.transformer.ln_f(x), targets)
@@ -261,8 +321,8 @@ class GPT(nn.Module):
             # Loss without logits: (B*T, C) hidden states straight into the chunked lm_head + CE;
             # the gradients only when autograd will use them (not under torch.no_grad).
             compute_grads = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-            loss = ChunkedLinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                                   V, self.loss_chunk_rows, compute_grads)
+            loss = ChunkedLinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, self.vocab_bias,
+                                                   targets.reshape(-1), self.loss_chunk_rows, compute_grads)
             return None, loss
         # The padding columns get -inf from a fixed bias the matmul adds in its epilogue: softmax gives
         # them exactly 0 (no probability, no gradient) without a pass over, or a copy of, the logits.
@@ -373,8 +433,10 @@ def generate(
         )
     was_training = model.training
     model.eval()
-    tokens = torch.tensor(prompt, dtype=torch.long).unsqueeze(0).repeat(num_samples, 1)
-    done = torch.zeros(num_samples, dtype=torch.bool)
+    # On the model's device, as everything the loop makes from them (a CPU tensor fed to a CUDA model
+    # is an error there, and only there: the CPU tests could not see it).
+    tokens = torch.tensor(prompt, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
+    done = torch.zeros(num_samples, dtype=torch.bool, device=device)
     next_input = tokens
     with autocast if autocast is not None else nullcontext():
         cache = None

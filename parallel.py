@@ -103,9 +103,11 @@ class DDPParallel(Parallel):
         self.bucket_mb = bucket_mb
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        # All-reduce in buckets of bucket_mb while the last micro-step's backward still runs.
+        # All-reduce in buckets of bucket_mb while the last micro-step's backward still runs. The one
+        # buffer (vocab_bias) is a constant every rank builds alike: no broadcast before each forward.
         device = self.dist_info.device
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=self.bucket_mb)
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=self.bucket_mb,
+                   broadcast_buffers=False)
 
     def gradient_sync(self, train_model: DDP, enabled: bool):
         # no_sync covers the forward and the backward of a micro-step: gradients only accumulate
@@ -119,8 +121,9 @@ class FSDPParallel(Parallel):
 
     name = "fsdp"
 
-    def __init__(self, dist_info: runtime.DistInfo):
+    def __init__(self, dist_info: runtime.DistInfo, compute_dtype: torch.dtype | None = None):
         super().__init__(dist_info)
+        self.compute_dtype = compute_dtype  # runtime.Precision.dtype: the blocks' gathered weights
         if not dist.is_initialized():  # alone: FSDP2 still needs a process group and a device mesh
             dist.init_process_group("nccl" if dist_info.device.type == "cuda" else "gloo", store=dist.HashStore(),
                                     rank=0, world_size=1)
@@ -128,25 +131,37 @@ class FSDPParallel(Parallel):
     def prepare(self, model: torch.nn.Module, compile: bool = False, compile_mode: str = "default",
                 compile_on_cpu: bool = False):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
         device = self.dist_info.device
         mesh = init_device_mesh(device.type, (self.dist_info.world_size,))
-        # CUDA: blocks compute in bf16 (the all-gathered copy), gradients are reduced and the
-        # optimizer steps in fp32 (the sharded master weights). CPU: fp32 throughout, like the
-        # other strategies there.
-        mixed = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                 if device.type == "cuda" else MixedPrecisionPolicy())
+        blocks_policy, root_policy = self.mixed_precision()
         compile_blocks = runtime.compiles(device, compile, compile_on_cpu, warn=self.dist_info.is_main)
         for block in model.transformer.h:
             if compile_blocks:  # per block, before sharding (torchtitan's order): the FSDP hooks between
                 # blocks stay outside the graphs; Module.compile keeps the parameter names
-                block.compile(mode=None if compile_mode == "default" else compile_mode)
-            fully_shard(block, mesh=mesh, mp_policy=mixed)
+                block.compile(**runtime.compile_kwargs(compile_mode, block.attn.backend))
+            fully_shard(block, mesh=mesh, mp_policy=blocks_policy)
         # The root: wte (= lm_head.weight, one tied parameter), wpe, ln_f. Kept gathered after the
         # forward: the tied weight is needed again at once by the output layer's backward.
-        fully_shard(model, mesh=mesh, mp_policy=mixed, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh, mp_policy=root_policy, reshard_after_forward=False)
         return model, model
+
+    def mixed_precision(self):
+        """(blocks' policy, root's policy). Under bf16 the numerics are those of one process with
+        autocast: each block all-gathers its weights in bf16 (what autocast would cast them to) and
+        computes under autocast, but its input is NOT cast (cast_forward_inputs=False): the residual
+        stream x + attn(..) + mlp(..) stays float32 across the blocks, as it does without FSDP. The
+        root (embeddings, tied head, ln_f) keeps float32 weights, so x starts float32 too (bf16
+        embeddings would make the whole stream bf16); the head's matmul is cast by autocast. Gradients
+        are reduce-scattered and the optimizer steps in float32 (the sharded master weights)."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if self.compute_dtype is None:  # float32 throughout
+            return MixedPrecisionPolicy(), MixedPrecisionPolicy()
+        return (MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32,
+                                     cast_forward_inputs=False),
+                MixedPrecisionPolicy(reduce_dtype=torch.float32))
 
     @contextmanager
     def gradient_sync(self, train_model: torch.nn.Module, enabled: bool):
@@ -174,13 +189,15 @@ class FSDPParallel(Parallel):
         return checkpoint.save_sharded(model, optimizer, state, self.checkpoint_path(stem), keep, self.dist_info.is_main)
 
 
-def parallelize(dist_info: runtime.DistInfo, strategy: str = "ddp", ddp_bucket_mb: int = 25) -> Parallel:
+def parallelize(dist_info: runtime.DistInfo, strategy: str = "ddp", ddp_bucket_mb: int = 25,
+                compute_dtype: torch.dtype | None = None) -> Parallel:
     """The strategy for `--parallel` at this world size: FSDP2 whenever asked (one rank included);
-    DDP under torchrun; the model as it is alone."""
+    DDP under torchrun; the model as it is alone. compute_dtype: runtime.Precision.dtype (FSDP2
+    gathers the blocks' weights in it)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"--parallel {strategy!r}: choose from {', '.join(STRATEGIES)}")
     if strategy == "fsdp":
-        return FSDPParallel(dist_info)
+        return FSDPParallel(dist_info, compute_dtype)
     if dist_info.distributed:
         return DDPParallel(dist_info, ddp_bucket_mb)
     return Parallel(dist_info)

@@ -10,6 +10,7 @@ torch.compile on CUDA only) is decided here once, for the trainer, hellaswag.py,
 from __future__ import annotations
 
 import contextlib
+import datetime
 import gc
 import os
 import socket
@@ -51,9 +52,12 @@ def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def setup_distributed(device_flag: str = "auto") -> DistInfo:
+def setup_distributed(device_flag: str = "auto", timeout_minutes: float = 30) -> DistInfo:
     """Join the process group when launched by torchrun (RANK/WORLD_SIZE set), else run alone.
-    NCCL on GPUs, gloo on CPU. Multi-node works through torchrun's rendezvous environment."""
+    NCCL on GPUs, gloo on CPU. Multi-node works through torchrun's rendezvous environment.
+    timeout_minutes: how long a collective may wait for the slowest rank. NCCL's default, 10 minutes,
+    is shorter than rank 0 writing a gpt2-xl checkpoint (~19 GB) on a slow filesystem while the others
+    wait in the next collective; a dead rank is noticed by torchrun at once, not through this timeout."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -70,7 +74,8 @@ def setup_distributed(device_flag: str = "auto") -> DistInfo:
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                                     store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
-                                    world_size=world_size, device_id=device if device.type == "cuda" else None)
+                                    world_size=world_size, device_id=device if device.type == "cuda" else None,
+                                    timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistInfo(rank, local_rank, world_size, device, rank == 0)
 
 
@@ -104,6 +109,20 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
+def broadcast_object(obj):
+    """Rank 0's `obj` (picklable) on every rank; alone, `obj` itself."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def env_world_size() -> int:
+    """The number of ranks torchrun announces (1 without torchrun), before any process group."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def env_rank() -> int:
     """This process's rank as torchrun announces it, before (or without) a process group: for
     printing a start-up error once instead of once per rank."""
@@ -118,12 +137,37 @@ def configure_device(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def autocast(device: torch.device):
-    """The compute precision of forward passes: bf16 autocast on CUDA, plain float32 on CPU (bf16
-    matmuls are slow on most CPUs). A context manager, reusable."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How forward passes compute. bf16: autocast to bfloat16 over float32 weights (what CUDA runs by
+    default); the residual stream, LayerNorms, softmax and loss stay float32. None: float32
+    throughout (the CPU's default: bf16 matmuls are slow on most CPUs). Asking for bf16 on a CPU runs
+    the CUDA policy there, so the tests can check what it does without a GPU."""
+
+    device_type: str
+    dtype: torch.dtype | None  # the autocast dtype, None = no autocast
+
+    def autocast(self):
+        """A reusable context manager for a forward pass."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def precision(device: torch.device, name: str = "auto") -> Precision:
+    """--precision auto|bf16|fp32 on `device`: auto = bf16 on CUDA, fp32 elsewhere."""
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision {name!r}: use one of {', '.join(PRECISIONS)}")
+    bf16 = name == "bf16" or (name == "auto" and device.type == "cuda")
+    return Precision(device.type, torch.bfloat16 if bf16 else None)
+
+
+def autocast(device: torch.device, name: str = "auto"):
+    """The forward passes' precision context on `device` (see Precision)."""
+    return precision(device, name).autocast()
 
 
 def compiles(device: torch.device, enabled: bool, on_cpu: bool = False, warn: bool = True) -> bool:
@@ -142,22 +186,18 @@ def compile_model(model: torch.nn.Module, enabled: bool, mode: str = "default", 
     """torch.compile `model` where `compiles` says so; the model as it is otherwise."""
     if not compiles(next(model.parameters()).device, enabled, on_cpu, warn):
         return model
-    return torch.compile(model, mode=None if mode == "default" else mode)
+    return torch.compile(model, **compile_kwargs(mode, getattr(model, "attention_backend", "auto")))
 
 
-SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
-
-
-def sdpa_backend(name: str):
-    """Context forcing one scaled-dot-product-attention kernel ('auto': PyTorch's own choice).
-    A forced kernel that cannot run the inputs raises instead of silently falling back."""
-    if name == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    kernel = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-              "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
-    return sdpa_kernel([kernel])
+def compile_kwargs(mode: str = "default", attention_backend: str = "auto") -> dict:
+    """torch.compile's arguments for --compile-mode and the model's attention backend. Forced to
+    "math", inductor's pattern matcher is switched off: it recognises the math kernel's matmul /
+    softmax / matmul and rewrites it into PyTorch's fused attention (measured on CPU: FLASH's kernel
+    ran), which would time another kernel than the one asked for. (torch.compile takes a mode or
+    options, not both: TrainConfig refuses math with another mode.)"""
+    if attention_backend == "math":
+        return {"options": {"pattern_matcher": False}}
+    return {"mode": None if mode == "default" else mode}
 
 
 def barrier() -> None:
@@ -178,37 +218,50 @@ def teardown_distributed(wait_for_peers: bool = True) -> None:
         dist.destroy_process_group()
 
 
-# Dense (no sparsity) bf16 tensor-core peak per GPU, TFLOP/s, from NVIDIA's datasheets. Matched
-# against torch.cuda.get_device_name() in order, so the more specific names come first.
+# Dense (no sparsity) bf16 tensor-core peak per GPU, TFLOP/s, from NVIDIA's datasheets (their
+# headline figures are with 2:4 sparsity: half of those). Each key is matched as whole words of
+# torch.cuda.get_device_name() ("NVIDIA A100-SXM4-80GB" -> NVIDIA A100 SXM4 80GB), case aside, so
+# "L4" is not found in "L40", nor "H200" in "GH200"; the first match wins, so a form factor
+# ("H100 PCIe") comes before its family's default ("H100": the SXM part).
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
     ("H100", 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200", 989.4),
-    ("GH200", 989.4),
-    ("H800", 989.4),
+    ("H200 NVL", 835.0),
+    ("H200", 989.4),  # SXM
+    ("GH200", 989.4),  # the Hopper GPU of Grace Hopper
+    ("H800 PCIe", 756.0),
+    ("H800", 989.4),  # SXM
+    ("GB200", 2500.0),  # per Blackwell GPU of Grace Blackwell (NVL72: 180 PFLOP/s dense for 72)
     ("B200", 2250.0),
     ("A100", 312.0),
     ("A800", 312.0),
-    ("L40S", 362.1),
+    ("L40S", 362.05),
+    ("L40", 181.05),
     ("L4", 121.0),
     ("A10G", 70.0),
     ("A10", 125.0),
-    ("RTX 4090", 165.2),
+    ("RTX 4090", 165.2),  # GeForce: fp32 accumulate, the rate bf16 runs at
     ("RTX 3090", 71.0),
-    ("A6000", 154.8),
+    ("RTX A6000", 154.8),
 )
+
+
+def peak_flops_of_name(name: str) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU torch names `name`, or None where it is not listed."""
+    words = name.upper().replace("-", " ").split()
+    for key, tflops in PEAK_BF16_TFLOPS:
+        want = key.upper().split()
+        if any(words[i:i + len(want)] == want for i in range(len(words) - len(want) + 1)):
+            return tflops * 1e12
+    return None
 
 
 def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak FLOP/s of `device`, or None where unknown (CPU, unlisted GPU)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in name:
-            return tflops * 1e12
-    return None
+    return peak_flops_of_name(torch.cuda.get_device_name(device))
 
 
 def mfu(flops_per_token: float, tokens_per_sec: float, peak_per_device: float | None, world_size: int = 1) -> float | None:

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     try:
         cfg = parse_config(SampleConfig, argv, description=__doc__)
         device = runtime.resolve_device(cfg.device)
-        model = checkpoint.load_model(cfg.checkpoint).to(device)
+        model = checkpoint.load_model(cfg.checkpoint, device)
         enc = get_encoding()
         prompt = enc.encode(cfg.prompt) if cfg.prompt else [EOT_TOKEN]
         generator = torch.Generator(device=device).manual_seed(cfg.seed)

@@ -42,7 +42,7 @@ import runtime
 from cli import build_parser, field, parse_flags
 from dataloader import TrainLoader, ValLoader, describe_source
 from hellaswag_eval import evaluate_hellaswag, load_examples
-from model import BLOCK_MATRICES, GPT, MODEL_PRESETS, GPTConfig, generate
+from model import ATTENTION_BACKENDS, BLOCK_MATRICES, GPT, MODEL_PRESETS, GPTConfig, generate
 from muon import CombinedOptimizer, Muon
 from parallel import STRATEGIES, Parallel, parallelize
 from spike_guard import SpikeGuard, TooManySkips
@@ -63,6 +63,7 @@ DEMO_PRESET = dict(
     loss_chunk_rows=256,  # the 50304-wide output layer is most of a tiny model's work: 1.5x faster on CPU (BENCHMARKS.md)
 )
 DEMO_SHARD_SIZE = 100_000
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 # --spike-guard default: standard deviations above the last 100 steps' mean loss (spike_guard.py).
 # Clean tiny runs never scored above 4.27, a step of random tokens scored 9.3 (BENCHMARKS.md).
@@ -142,13 +143,15 @@ class TrainConfig:
     device: str = field("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     compile: bool = field(True, "torch.compile the model (CUDA; ignored with a warning on CPU unless --compile-on-cpu)")
     compile_on_cpu: bool = field(False, "torch.compile on CPU too (inductor; slower than eager there: tests of the compiled path)")
-    compile_mode: str = field("default", "torch.compile mode", choices=("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"))
-    attn_backend: str = field("auto", "scaled-dot-product attention kernel (auto: PyTorch picks)", choices=runtime.SDPA_BACKENDS)
+    compile_mode: str = field("default", "torch.compile mode (reduce-overhead and max-autotune use CUDA graphs: one micro-step per rank only)", choices=("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"))
+    precision: str = field("auto", "forward precision: auto (bf16 autocast on CUDA, float32 on CPU), bf16 (autocast on any device: CUDA's policy on a CPU) or fp32", choices=runtime.PRECISIONS)
+    attn_backend: str = field("auto", "scaled-dot-product attention kernel (auto: PyTorch picks)", choices=tuple(ATTENTION_BACKENDS))
     loss_chunk_rows: int = field(0, "compute lm_head + cross-entropy in chunks of N rows, never building the full logits (0: plain path)")
     fused_adamw: bool = field(True, "fused AdamW kernel on CUDA")
     activation_checkpointing: bool = field(False, "recompute each block in backward to save memory (gpt2-large/xl on one GPU)")
     parallel: str = field("ddp", "how the model is spread over ranks: ddp (whole model on every GPU, the reference) or fsdp (FSDP2: weights, gradients and optimizer state sharded; for gpt2-large/xl)", choices=STRATEGIES)
     ddp_bucket_mb: int = field(25, "DDP gradient all-reduce bucket size in MB")
+    dist_timeout_minutes: int = field(30, "how long a rank waits in a collective before giving up (covers rank 0 writing a gpt2-xl checkpoint, ~19 GB, at >= 11 MB/s)")
     demo: bool = field(False, "CPU demo: tiny model on the small corpus shipped in assets/demo (minutes)")
 
     def __post_init__(self):
@@ -172,6 +175,12 @@ class TrainConfig:
             raise ValueError("--decay-frac must be in (0, 1] with --schedule wsd")
         if min(self.weight_decay, self.grad_clip, self.seed, self.loss_chunk_rows) < 0 or self.ddp_bucket_mb < 1:
             raise ValueError("--weight-decay, --grad-clip, --seed and --loss-chunk-rows must be >= 0, --ddp-bucket-mb >= 1")
+        if self.attn_backend == "math" and self.compile_mode != "default":
+            raise ValueError(f"--attn-backend math compiles with inductor's pattern matcher off (else it fuses the math "
+                             f"kernel back into PyTorch's fused attention), which torch.compile cannot combine with "
+                             f"--compile-mode {self.compile_mode}: use the default mode, or --no-compile")
+        if self.dist_timeout_minutes < 1:
+            raise ValueError(f"--dist-timeout-minutes must be at least 1, got {self.dist_timeout_minutes}")
         if self.val_every and self.val_tokens < self.seq_len:
             raise ValueError(f"--val-tokens {self.val_tokens} is shorter than one sequence ({self.seq_len})")
         if min(self.val_every, self.hellaswag_every, self.sample_every, self.ckpt_every) < 0 or self.log_every < 1:
@@ -187,11 +196,23 @@ class TrainConfig:
         return GPTConfig(**MODEL_PRESETS[self.model])
 
     def check_world_size(self, world_size: int) -> None:
+        """What depends on the number of ranks (known from torchrun's environment before any process
+        group): the step must split evenly, and CUDA graphs need one micro-step per rank."""
         rows = self.micro_batch_size * self.seq_len * world_size
         if self.tokens_per_step % rows:
             raise ValueError(
                 f"--tokens-per-step {self.tokens_per_step} is not a multiple of micro-batch x seq-len x world size "
                 f"= {self.micro_batch_size} x {self.seq_len} x {world_size} = {rows}: lower --micro-batch-size"
+            )
+        accumulation = self.grad_accum_steps(world_size)
+        if self.compile_mode in CUDA_GRAPH_MODES and accumulation > 1:
+            # A CUDA graph replays into the same output memory: the gradients of micro-step 1 are
+            # overwritten by micro-step 2's before they are summed (torch 2.15 raises; older versions
+            # summed silently wrong gradients, pytorch/pytorch#96693).
+            raise ValueError(
+                f"--compile-mode {self.compile_mode} uses CUDA graphs, which cannot accumulate gradients, and this run "
+                f"has {accumulation} micro-steps per rank: use --compile-mode max-autotune-no-cudagraphs (or default), "
+                f"or make --tokens-per-step = --micro-batch-size x --seq-len x {world_size} ranks"
             )
 
     def grad_accum_steps(self, world_size: int) -> int:
@@ -287,20 +308,25 @@ class Run:
     eval_model: torch.nn.Module  # what evaluation calls (compiled)
     train_loader: TrainLoader
     val_loader: ValLoader | None
-    autocast: object  # the forward passes' precision context (bf16 on CUDA)
+    autocast: object  # the forward passes' precision context (runtime.Precision: bf16 on CUDA)
     grad_accum: int  # micro-steps per optimizer step on each rank
     spike_guard: SpikeGuard  # decides whether a step's update is applied (off: always)
 
 
-def build_model(cfg: TrainConfig, is_main: bool) -> GPT:
-    torch.manual_seed(cfg.seed)  # the same init on every rank
-    model = GPT(cfg.model_config)
+def build_model(cfg: TrainConfig, device: torch.device, is_main: bool) -> GPT:
+    """The model, made on `device` (initialised there: no host copy, seconds less for gpt2-xl on a
+    GPU; the same init on every rank, from --seed)."""
+    torch.manual_seed(cfg.seed)
     if cfg.init_from:
-        model = checkpoint.load_hf_model(cfg.init_from, flag="--init-from")
+        model = checkpoint.load_hf_model(cfg.init_from, flag="--init-from", device=device)
         if is_main:
             print(f"initialised from Hugging Face {cfg.init_from}")
+    else:
+        with torch.device(device):
+            model = GPT(cfg.model_config)
     model.loss_chunk_rows = cfg.loss_chunk_rows
     model.activation_checkpointing = cfg.activation_checkpointing
+    model.attention_backend = cfg.attn_backend
     return model
 
 
@@ -315,13 +341,14 @@ def build_run(cfg: TrainConfig, dist_info: runtime.DistInfo, train_loader=None) 
                                    seed=cfg.seed, shuffle=cfg.shuffle, pin_memory=device.type == "cuda")
     val_loader = (ValLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, cfg.val_tokens, dist_info.rank,
                             dist_info.world_size) if cfg.val_every else None)
-    model = build_model(cfg, dist_info.is_main).to(device)
-    parallel = parallelize(dist_info, cfg.parallel, cfg.ddp_bucket_mb)
+    model = build_model(cfg, device, dist_info.is_main)
+    precision = runtime.precision(device, cfg.precision)
+    parallel = parallelize(dist_info, cfg.parallel, cfg.ddp_bucket_mb, precision.dtype)
     # Wrapped first: FSDP2 replaces the parameters by their shards, which the optimizer must hold.
     train_model, eval_model = parallel.prepare(model, cfg.compile, cfg.compile_mode, cfg.compile_on_cpu)
     optimizer = make_optimizer(model, cfg, device)
     return Run(cfg, dist_info, model, optimizer, parallel, train_model, eval_model, train_loader, val_loader,
-               runtime.autocast(device), cfg.grad_accum_steps(dist_info.world_size),
+               precision.autocast(), cfg.grad_accum_steps(dist_info.world_size),
                SpikeGuard(cfg.spike_guard, cfg.spike_guard_norm, cfg.spike_window, cfg.spike_warmup))
 
 
@@ -336,19 +363,20 @@ def train_step(run: Run, step: int) -> StepResult:
     """One optimizer step: grad_accum micro-steps (gradients reduced across ranks on the last only),
     clip to the global norm, then the optimizer (AdamW, or Muon + AdamW) unless the spike guard
     refuses the update. Without the guard nothing waits for the device (no host sync); with it, one
-    small all-reduce of the loss and a sync decide, the same on every rank."""
+    small all-reduce of the loss and a host sync decide, the same on every rank: the decision must be
+    known before optimizer.step(), so the host waits for the backward (the one sync of a step that
+    is not a log step; `--spike-guard 0` removes it, bench.py measures the difference)."""
     device = run.dist_info.device
     loss_accum = torch.zeros((), device=device)
-    with runtime.sdpa_backend(run.cfg.attn_backend):
-        for micro_step in range(run.grad_accum):
-            x, y = run.train_loader.next_batch()  # (B, T) int64 each, pinned on CUDA
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with run.parallel.gradient_sync(run.train_model, micro_step == run.grad_accum - 1):
-                with run.autocast:
-                    _, loss = run.train_model(x, y)
-                loss = loss / run.grad_accum  # the step's loss is the mean over its micro-batches
-                loss_accum += loss.detach()
-                loss.backward()
+    for micro_step in range(run.grad_accum):
+        x, y = run.train_loader.next_batch()  # (B, T) int64 each, pinned on CUDA
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with run.parallel.gradient_sync(run.train_model, micro_step == run.grad_accum - 1):
+            with run.autocast:
+                _, loss = run.train_model(x, y)
+            loss = loss / run.grad_accum  # the step's loss is the mean over its micro-batches
+            loss_accum += loss.detach()
+            loss.backward()
     grad_norm = run.parallel.clip_grad_norm_(run.model, run.cfg.grad_clip)
     lr = learning_rate(step, run.cfg)
     skipped = None
@@ -370,21 +398,23 @@ def train_step(run: Run, step: int) -> StepResult:
 
 
 # ---- checkpoints and resume ---------------------------------------------------------------------
-def rng_state() -> dict:
+def rng_state(device: torch.device) -> dict:
+    """Every random state a run draws from. The CUDA one only when the run is on a GPU: asking for it
+    otherwise creates a CUDA context on GPU 0 for every rank of a --device cpu run on a GPU host."""
     np_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": random.getstate(),
     }
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    if state.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     n = state["numpy"]
     np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     version, internal, gauss = state["python"]
@@ -410,7 +440,7 @@ def save_checkpoint(run: Run, stem: Path, step: int, evals_done: bool, log: metr
         "model_config": run.model.model_config_dict(),
         "step": step,  # optimizer steps completed
         "loader": run.train_loader.state_dict(),
-        "rng": rng_state(),
+        "rng": rng_state(run.dist_info.device),
         "config": asdict(run.cfg),
         "evals_done": evals_done,  # were step's val/HellaSwag/sample logged before this save?
         "metrics": log.state_dict(),  # the log's length now: a resume cuts it back to this
@@ -423,7 +453,7 @@ def save_checkpoint(run: Run, stem: Path, step: int, evals_done: bool, log: metr
         failure = e
     # Every rank learns whether the write failed, so all stop together with one clear line instead
     # of the others dying of a vanished peer at the next collective.
-    failed = run.parallel.all_reduce(torch.tensor(float(failure is not None), device=run.dist_info.device))
+    failed = run.parallel.all_reduce(torch.full((), float(failure is not None), device=run.dist_info.device))
     if failed.item():
         raise CheckpointNotWritten(checkpoint_failure_message(path, failure))
     return path
@@ -493,7 +523,7 @@ def resume(run: Run) -> tuple[int, bool, dict | None]:
             raise ValueError(f"{log_dir} already holds checkpoints of another run: pass a new --log-dir, "
                              "or delete them, or use --resume auto")
         return 0, False, None
-    ckpt = checkpoint.load_latest(log_dir, warn=is_main)
+    ckpt = latest_checkpoint(run)
     if ckpt is None:
         return 0, False, None
     # A signal during the last step leaves model_{max_steps}.pt, saved before the final evals:
@@ -511,7 +541,7 @@ def resume(run: Run) -> tuple[int, bool, dict | None]:
     changes = check_resumable(ckpt, cfg, run.model)
     checkpoint.load_training_state(ckpt, run.model, run.optimizer)  # any kind, any world size, any strategy
     run.train_loader.load_state_dict(ckpt["loader"], strict=not cfg.allow_config_change)
-    set_rng_state(ckpt["rng"])
+    set_rng_state(ckpt["rng"], run.dist_info.device)
     if "spike_guard" in ckpt:  # checkpoints from before the guard start it empty
         run.spike_guard.load_state_dict(ckpt["spike_guard"])
     if is_main:
@@ -519,6 +549,31 @@ def resume(run: Run) -> tuple[int, bool, dict | None]:
         for change in changes:
             print(f"  changed since the checkpoint: {change}")
     return ckpt["step"], ckpt.get("evals_done", False), {"bytes": None, **ckpt.get("metrics", {}), "path": ckpt["path"]}
+
+
+def latest_checkpoint(run: Run) -> dict | None:
+    """The checkpoint every rank resumes from: rank 0 picks the newest one that loads, and every rank
+    loads that one. (Each rank choosing for itself could pick different steps: a file half-visible on
+    one node of a shared filesystem, a torn newest one that only some ranks can read.)"""
+    log_dir, dist_info = Path(run.cfg.log_dir), run.dist_info
+    chosen = None
+    if dist_info.is_main:
+        ckpt = checkpoint.load_latest(log_dir, warn=True)
+        chosen = ckpt and ckpt["path"]
+    chosen = runtime.broadcast_object(chosen)
+    if chosen is None:
+        return None
+    problem = None
+    if not dist_info.is_main:
+        try:
+            ckpt = {**checkpoint.load_file(chosen, required=checkpoint.TRAINING_KEYS), "path": chosen}
+        except (ValueError, OSError) as e:
+            problem = str(e)
+    unreadable = run.parallel.all_reduce(torch.full((), float(problem is not None), device=dist_info.device))
+    if unreadable.item():
+        raise ValueError(problem or f"{int(unreadable.item())} other rank(s) cannot read {chosen}, which rank 0 resumes from: "
+                         "the ranks see different files; put --log-dir on a filesystem every node shares")
+    return ckpt
 
 
 # ---- evaluation and sampling --------------------------------------------------------------------
@@ -538,7 +593,8 @@ def evaluate_val_loss(run: Run) -> float:
         if num_valid == 0:
             continue  # all padding (ranks with fewer windows): nothing scored, the loss is NaN
         tokens = num_valid * y.size(1)
-        totals += torch.stack([loss.double() * tokens, torch.tensor(float(tokens), dtype=torch.float64, device=device)])
+        totals[0] += loss.double() * tokens
+        totals[1] += tokens  # a scalar add on the device, not a host-to-device copy per batch
     run.parallel.all_reduce(totals)
     return (totals[0] / totals[1]).item()
 
@@ -788,11 +844,13 @@ def loop(run: Run, log: metrics_log.MetricsLog, stop: StopFlag, start_step: int,
         log_due = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
         saves_next = bool(cfg.ckpt_every) and (step + 1) % cfg.ckpt_every == 0
         if log_due or saves_next:
-            # The one host-device sync of the hot loop (log steps, and before every checkpoint so that
-            # none is saved after a non-finite step): loss, norm, health and stop flags of every rank.
+            # The loop's host-device sync (log steps, and before every checkpoint so that none is
+            # saved after a non-finite step): loss, norm, health and stop flags of every rank. (With
+            # the spike guard on, train_step also syncs once per step, for its decision.) The flags
+            # go in as fill kernels, not host-to-device copies, which would block the host earlier.
             stats = torch.stack([loss, grad_norm.to(loss.dtype), bad_steps,
-                                 torch.tensor(float(stop.set), device=dist_info.device),
-                                 torch.tensor(float(stop.interrupted), device=dist_info.device)])
+                                 torch.full((), float(stop.set), device=dist_info.device),
+                                 torch.full((), float(stop.interrupted), device=dist_info.device)])
             loss_sum, norm_sum, bad, stops, interrupts = run.parallel.all_reduce(stats).tolist()
             clock.pause()
             if bad:
@@ -840,8 +898,10 @@ def main(argv=None) -> int:
 
     try:
         cfg = parse_args(argv)
-        dist_info = runtime.setup_distributed(cfg.device)
+        cfg.check_world_size(runtime.env_world_size())  # before any process group, data or folder
+        dist_info = runtime.setup_distributed(cfg.device, timeout_minutes=cfg.dist_timeout_minutes)
     except ValueError as e:
+        restore_handlers(previous_handlers)
         return error(f"error: {e}", 2)
     clean_exit = False
     try:
@@ -875,8 +935,15 @@ def main(argv=None) -> int:
         return 1
     finally:
         runtime.teardown_distributed(wait_for_peers=clean_exit)
-        for sig, handler in previous_handlers.items():  # main() called in-process (tests) leaves no trace
-            signal.signal(sig, handler)
+        restore_handlers(previous_handlers)
+
+
+def restore_handlers(previous: dict) -> None:
+    """Put back the signal handlers main() replaced: main() called in-process (tests) leaves no trace
+    (a stop flag left catching SIGTERM in a process that later forks a worker pool keeps its workers
+    alive through Pool.terminate())."""
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

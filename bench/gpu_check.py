@@ -1,5 +1,5 @@
 """The one-call GPU acceptance check: everything that matters about this repo on one GPU, in one run
-of under 8 minutes, with the machine's own python3 (no uv, no `datasets`, no network).
+of about 8 minutes, with the machine's own python3 (no uv, no `datasets`, no network).
 
     python3 bench/gpu_check.py --data-dir gpu_shards                  # on the GPU machine; OUT=... for the results
     uv run bench/gpu_check.py --dry-run --out /tmp/gpu_check          # the same script on CPU, tiny, minutes
@@ -10,8 +10,8 @@ Prepare the token shards on a CPU machine first (fineweb.py needs `datasets`), t
     uv run fineweb.py --input assets/demo/fineweb_demo.parquet --out-dir gpu_shards --shard-size 200000
 
 It runs the repo's own scripts (train_gpt2.py, hellaswag.py, export_hf.py, bench.py) in
-subprocesses, one after the other, each with a time budget so a hang cannot eat the rest, and stops
-starting new checks when --budget is spent. In this order:
+subprocesses, one after the other, most valuable first, each with a time limit cut to what is left of
+--budget, so a hang cannot eat the rest and nothing is killed by the machine's own limit:
 
   1 environment   GPU, memory, driver, torch / CUDA, the SDPA kernel PyTorch picks for GPT-2's shapes
   2 train         GPT-2 124M, compiled, bf16: 100 steps of 65,536 real tokens; the loss must fall by 3;
@@ -21,35 +21,90 @@ starting new checks when --budget is spent. In this order:
   4 hellaswag     hellaswag.py on the final checkpoint, compiled: the full 10,042 examples when
                   --hellaswag gives the file, else the 300 shipped ones; examples/s
   5 export        export_hf.py, then transformers' GPT2LMHeadModel on the GPU: logits within 1e-4 (fp32)
-  6 throughput    bench.py at T=1024, 4 micro-steps of 64: the reference trainer's settings (compile
-                  off, fused AdamW, plain loss) vs our defaults (compile on) vs each lever (--loss-chunk-rows,
-                  each attention kernel, micro-batch 32 / 128) and --optimizer muon: tokens/s, MFU, memory
+  6 throughput    bench.py at T=1024, 4 micro-steps of 64, one process per row: the reference trainer's
+                  settings (compile off, fused AdamW, plain loss), our defaults (compile on), then each
+                  lever. Only those two rows are required: a lever that runs out of memory, cannot run
+                  these shapes or outruns its time reads "not measured: <why>"
+  7 bigger models gpt2-medium and gpt2-xl under --parallel fsdp: what fits, and at what speed
 
-Writes <out>/gpu_check.json (a verdict per check and every number) and <out>/gpu_check.log (every
-subprocess's output), <out> being --out, else $OUT, else gpu_check_out. Exit 0 when every check that
-ran passed. --dry-run: the tiny preset, a few steps, the CPU, eager; the same checks and JSON (CI
-runs it, so the script cannot rot between GPU sessions).
+Results: <out>/gpu_check.json and <out>/gpu_check.log, <out> being --out, else $OUT, else
+gpu_check_out. The JSON is rewritten (atomically) after every check and every throughput row, with
+"finished": false until the end, so a run cut off anywhere still tells what it measured. The output
+folder holds those two files only (the tool that lends GPUs returns at most 8 files of 16 MiB): the
+checkpoints (~1.5 GB each at 124M), the HF export and the subprocesses' full output go to a work
+folder outside it (a fresh temp folder, deleted at the end unless --keep-work), and the log keeps
+each subprocess's first LOG_HEAD_BYTES and last LOG_TAIL_BYTES per stream, LOG_LIMIT_BYTES in all.
+Exit 0 when the run finished and every check that ran passed. --dry-run: the tiny preset, a few
+steps, the CPU, eager: the same checks and JSON (CI runs it, so the script cannot rot between GPU
+sessions).
+
+Time. The lending tool kills a command at 600 s and counts the machine's start in a session's 15
+minutes, so the run must end in about 8.5 minutes. --budget (480 s) counts from this process's start
+and is a deadline, not a hint: each subprocess's limit is min(its cap, what is left of the budget), a
+check or row starts only if its `needs` is left (else: "time budget spent"), so the last one ends by
+480 s and the rest (a kill, writing the JSON, deleting the work folder) takes seconds: ~8.1 minutes.
+The caps and needs (STEPS below, throughput_settings) are estimates for a cold H200-class machine with
+torch 2.11, from these parts: ~10-15 s to start a Python process that imports torch and initialises
+CUDA; ~40-60 s for inductor to compile GPT-2 124M's training step from a cold cache, ~15 s each for
+validation, HellaSwag's scoring and sampling's two graphs, 10-20 s for any graph found in the cache;
+~0.1 s per 65,536-token step; ~3 s per 1.5 GB checkpoint. So train ~150 s (cap 240), resume ~45 s
+with the cache warm (cap 150), hellaswag ~45 s (cap 150), export ~30 s (cap 90 plus 30 s kept for
+the comparison in this process), which leaves ~200 s of the budget for throughput: the reference
+row (eager, ~30 s) and the defaults row (the train run's shapes, so its graph is cached: ~45 s)
+always, then levers in order until the budget ends; bigger models (two cold compiles of 24 and 48
+layers, ~4 min) run only on a machine faster than this estimate. Every check and row records its
+seconds in the JSON: retune these numbers from a measured run.
+
+Compiled kernels are shared: every subprocess uses torch's inductor cache (TORCHINDUCTOR_CACHE_DIR
+if set, else torch's default per-user temp folder), so resume, hellaswag.py and the bench rows at
+the train run's shapes load the train run's graphs instead of compiling them again, and a second run
+on a machine still warm finds everything compiled. The environment check records whether the cache
+held anything at the start (compile times depend on it).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+STARTED = time.monotonic()  # the budget counts from here: imports and data preparation spend it too
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import fileio  # noqa: E402
 from cli import field, parse_config  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "data" / "hellaswag_val_300.jsonl"
 RESUME_TOLERANCE = {"cuda": 0.02, "cpu": 0.0}  # |loss difference| per step after a resume
 LOSS_DROP = {"cuda": 3.0, "cpu": 0.5}  # the train loss must fall at least this much (nats) (CPU: 10 tiny steps)
+# The output folder comes back through a tool that returns at most 8 files of 16 MiB each. Per
+# subprocess and stream, the log keeps the start (the command's settings, the first error) and the
+# end (the traceback, the result rows); ~14 subprocesses x 2 streams x 220 KB < 7 MB, and the whole
+# log stops at LOG_LIMIT_BYTES whatever happens.
+LOG_HEAD_BYTES, LOG_TAIL_BYTES, LOG_LIMIT_BYTES = 20_000, 200_000, 8 * 2**20
+NOT_MEASURED = "not measured: "
+
+
+class Step(NamedTuple):
+    cap: float  # the most seconds its subprocess may run (also cut to what is left of the budget)
+    needs: float  # it starts only with this many seconds of the budget left
+
+
+# The checks before throughput (see "Time" above for where each number comes from). The export's
+# subprocess also leaves EXPORT_COMPARE_S for loading both models and comparing logits here.
+STEPS = {"train": Step(240, 150), "resume": Step(150, 60), "hellaswag": Step(150, 45), "export": Step(90, 40),
+         "memory formula": Step(60, 10), "bigger models": Step(300, 120)}
+EXPORT_COMPARE_S = 30
 
 
 @dataclass(frozen=True)
@@ -57,9 +112,9 @@ class CheckConfig:
     data_dir: str = field("", "token shards from fineweb.py (default: made from the demo corpus here, if `datasets` is installed)")
     hellaswag: str = field("", "the full hellaswag_val.jsonl for the full-set timing (default: the 300 shipped examples)")
     out: str = field("", "where gpu_check.json and gpu_check.log go (default: $OUT, else gpu_check_out)")
-    work_dir: str = field("", "checkpoints and run logs (default: <out>/work, deleted at the end unless --keep-work)")
-    keep_work: bool = field(False, "keep the work dir (checkpoints: ~1.5 GB at 124M)")
-    budget: int = field(450, "seconds after which no new check starts (the GPU machine's 8 minutes, less the start-up)")
+    work_dir: str = field("", "checkpoints, exports and full logs, outside --out (default: a fresh temp folder, deleted at the end unless --keep-work; a folder given here is kept)")
+    keep_work: bool = field(False, "keep the work folder (checkpoints: ~1.5 GB each at 124M)")
+    budget: int = field(480, "seconds from the start by which every check has ended (the lending tool kills at 600 s)")
     dry_run: bool = field(False, "the tiny preset on the CPU, a few steps, eager: the same checks, for CI")
 
     def __post_init__(self):
@@ -68,7 +123,7 @@ class CheckConfig:
 
 
 # Sizes of each check, GPU vs dry run. The GPU's are the reference model at its context; the dry
-# run's keep every check's code path on a 2-core CPU in about two minutes.
+# run's keep every check's code path on a 2-core CPU in about two and a half minutes.
 GPU_RUN = dict(model="gpt2", seq_len=1024, micro_batch_size=64, tokens_per_step=65_536, max_steps=100,
                warmup_steps=10, max_lr=6e-4, val_every=50, val_tokens=131_072, ckpt_every=50,
                hellaswag_every=100, sample_every=100, device="cuda")
@@ -81,23 +136,34 @@ DRY_BENCH = ["--model", "tiny", "--seq-len", "64", "--micro-batch-size", "2", "-
              "--steps", "1", "--warmup", "0", "--device", "cpu"]
 
 
-def throughput_settings(dry_run: bool) -> list[tuple[str, list[str]]]:
-    """(name, extra bench.py flags): the reference trainer's settings first, then ours, then one lever
-    at a time. A dry run keeps the rows whose code path differs (a sweep, a second strategy); the
-    other levers are plain bench.py flags, tested in tests/test_bench.py, at ~8 s of CI per process."""
+class Setting(NamedTuple):
+    name: str
+    flags: list[str]  # bench.py's, after the base sizes
+    step: Step
+
+
+def throughput_settings(dry_run: bool) -> list[Setting]:
+    """The bench.py rows in order of value: the reference trainer's settings, ours, then one lever at
+    a time, cheapest first where the value is alike (a lever whose graph is the defaults' is found in
+    the inductor cache; each new graph is a cold compile, ~60 s). A dry run keeps the rows whose code
+    path differs (a sweep, a second strategy); the other levers are plain bench.py flags, tested in
+    tests/test_bench.py, at ~8 s of CI per process."""
     micro_batches = "1,4" if dry_run else "32,128"
     rows = [
-        ("reference settings (compile off, fused AdamW, plain loss)", ["--no-compile", "--spike-guard", "0"]),
-        ("defaults (compile on)", []),
-        ("lever: --spike-guard 0 (no per-step sync)", ["--spike-guard", "0"]),
-        ("lever: --loss-chunk-rows 8192", ["--loss-chunk-rows", "8192"]),
-        ("lever: attention kernels", ["--sweep", "attn_backend=flash,cudnn,efficient,math"]),
-        (f"lever: micro-batch {micro_batches.replace(',', ' / ')}", ["--sweep", f"micro_batch_size={micro_batches}"]),
-        ("--optimizer muon", ["--optimizer", "muon"]),
-        ("--parallel ddp vs fsdp (one GPU)", ["--sweep", "parallel=ddp,fsdp"]),
+        # eager: ~15 s to start, 8 steps of ~0.8 s, one profiled step for the attention kernel
+        Setting("reference settings (compile off, fused AdamW, plain loss)", ["--no-compile", "--spike-guard", "0"],
+                Step(90, 30)),
+        Setting("defaults (compile on)", [], Step(150, 45)),  # the train run's shapes: cached, ~70 s if cold
+        Setting("lever: --spike-guard 0 (no per-step sync)", ["--spike-guard", "0"], Step(120, 40)),  # the same graph
+        Setting("lever: --loss-chunk-rows 8192", ["--loss-chunk-rows", "8192"], Step(150, 75)),  # one new graph
+        Setting("lever: attention kernels", ["--sweep", "attn_backend=flash,cudnn,efficient,math"], Step(300, 120)),
+        Setting(f"lever: micro-batch {micro_batches.replace(',', ' / ')}", ["--sweep", f"micro_batch_size={micro_batches}"],
+                Step(240, 100)),  # two new shapes
+        Setting("--optimizer muon", ["--optimizer", "muon"], Step(150, 60)),  # the model's graph is cached
+        Setting("--parallel ddp vs fsdp (one GPU)", ["--sweep", "parallel=ddp,fsdp"], Step(200, 90)),
     ]
     dry_rows = ("reference", "defaults", "lever: attention", "--parallel")
-    return [row for row in rows if row[0].startswith(dry_rows)] if dry_run else rows
+    return [row for row in rows if row.name.startswith(dry_rows)] if dry_run else rows
 
 
 # Bigger models under FSDP2 on the one GPU (world size 1: the code path, compile, memory): the
@@ -106,43 +172,124 @@ BIGGER_GPU = dict(models=("gpt2-medium", "gpt2-xl"), micro_batch_size=8, seq_len
 BIGGER_DRY = dict(models=("tiny",), micro_batch_size=2, seq_len=64, precision="fp32")
 
 
-class Checker:
-    """Runs the checks in order within the budget; records each one's verdict, numbers and log."""
+# ---- running the scripts ------------------------------------------------------------------------
+class Ran(NamedTuple):
+    code: int  # the exit status; 124: killed at its time limit
+    output: str  # stdout then stderr, each clipped as the log keeps it
+    timeout: float  # the limit it ran under
 
-    def __init__(self, cfg: CheckConfig, out: Path, work: Path):
-        self.cfg, self.out, self.work = cfg, out, work
-        self.started = time.monotonic()
+
+def read_clipped(path: Path, head: int = LOG_HEAD_BYTES, tail: int = LOG_TAIL_BYTES) -> str:
+    """A file's first `head` and last `tail` bytes, with a marker saying how much was cut between."""
+    if not path.exists():
+        return ""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= head + tail:
+            return f.read().decode("utf-8", errors="replace")
+        first = f.read(head)
+        f.seek(size - tail)
+        last = f.read()
+    return (first.decode("utf-8", errors="replace") + f"\n[... {size - head - tail} bytes cut ...]\n"
+            + last.decode("utf-8", errors="replace"))
+
+
+class BoundedLog:
+    """gpu_check.log, which stops at `limit` bytes with a line saying so."""
+
+    def __init__(self, path: Path, limit: int = LOG_LIMIT_BYTES):
+        self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 (closed in close)
+        self.written, self.limit, self.full = 0, limit, False
+
+    def write(self, text: str) -> None:
+        if self.full:
+            return
+        data = text.encode("utf-8", errors="replace")
+        if self.written + len(data) > self.limit:
+            self.full = True
+            text = f"\n[gpu_check.log reached {self.limit} bytes: nothing more is logged]\n"
+        self.file.write(text)
+        self.file.flush()
+        self.written += len(data)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def die_with_parent(parent_pid: int):
+    """preexec_fn (Linux): the child gets SIGKILL when gpu_check dies, killed by the lending tool or
+    a test, so no orphan keeps the GPU busy or writes into a work folder being read. prctl is looked
+    up here, in the parent: between fork and exec the child (of a process with torch's threads) does
+    as little as it can."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+    pr_set_pdeathsig, sigkill = 1, int(signal.SIGKILL)
+
+    def arm():
+        if prctl is not None:
+            prctl(pr_set_pdeathsig, sigkill)
+            if os.getppid() != parent_pid:  # the parent died before the line above
+                os._exit(1)
+
+    return arm
+
+
+class Checker:
+    """Runs the checks in order within the budget; records each one's verdict, numbers and log, and
+    rewrites gpu_check.json after each."""
+
+    def __init__(self, cfg: CheckConfig, out: Path, work: Path, config: dict, started: float = STARTED):
+        self.cfg, self.out, self.work, self.config, self.started = cfg, out, work, config, started
         self.results: list[dict] = []
-        self.log = open(out / "gpu_check.log", "w", encoding="utf-8")  # noqa: SIM115 (closed in finish)
+        self.running: dict | None = None  # the check under way, with what it has measured so far
+        self.log = BoundedLog(out / "gpu_check.log")
         self.device = "cpu" if cfg.dry_run else "cuda"
+        self.runs = 0
+        self.save()
 
     def left(self) -> float:
         return self.cfg.budget - (time.monotonic() - self.started)
 
-    def run(self, name: str, args: list[str], timeout: float) -> tuple[int, str]:
-        """One subprocess of the repo's scripts, its output to the log; (exit code, output)."""
-        timeout = max(5.0, min(timeout, self.left() + 60))
+    def run(self, name: str, args: list[str], step: Step, reserve: float = 0.0) -> Ran:
+        """One of the repo's scripts in a subprocess, stopped at min(step.cap, what is left of the
+        budget less `reserve`); its full output goes to the work folder, the clipped output to the log."""
+        timeout = min(step.cap, self.left() - reserve)
+        if timeout < 1:
+            return Ran(124, "[not started: time budget spent]", 0.0)
+        self.runs += 1
+        stdout, stderr = (self.work / "output" / f"{self.runs:02d}.{stream}" for stream in ("stdout", "stderr"))
+        stdout.parent.mkdir(parents=True, exist_ok=True)
         self.log.write(f"\n===== {name}: {' '.join(args)} (timeout {timeout:.0f} s)\n")
-        self.log.flush()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
-        try:
-            proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                                  timeout=timeout)
-            code, output = proc.returncode, proc.stdout + proc.stderr
-        except subprocess.TimeoutExpired as e:
-            code = 124
-            output = ((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")) \
-                + f"\n[killed after {timeout:.0f} s]"
-        self.log.write(output)
-        self.log.flush()
-        return code, output
+        start = time.monotonic()
+        with open(stdout, "wb") as out_file, open(stderr, "wb") as err_file:
+            # Its own process group, so a kill at the limit takes its workers (inductor's compilers) too.
+            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out_file, stderr=err_file, start_new_session=True,
+                                    preexec_fn=die_with_parent(os.getpid()))
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                code = 124
+        seconds = time.monotonic() - start
+        output = read_clipped(stdout) + read_clipped(stderr)
+        if code == 124:
+            output += f"\n[killed after {seconds:.0f} s: its limit was {timeout:.0f} s]\n"
+        self.log.write(output + f"\n===== {name}: exit {code} after {seconds:.1f} s\n")
+        return Ran(code, output, timeout)
 
-    def check(self, name: str, fn) -> None:
-        """Run fn() -> (passed, numbers) unless the budget is spent; never let one check stop the rest."""
-        if self.left() <= 0:
-            self.results.append({"check": name, "verdict": "SKIPPED", "reason": "time budget spent"})
+    def check(self, name: str, fn, needs: float = 0.0) -> None:
+        """Run fn() -> (passed, numbers) if `needs` seconds of the budget are left; never let one check
+        stop the rest."""
+        if self.left() < needs:
+            self.results.append({"check": name, "verdict": "SKIPPED", "reason": "time budget spent",
+                                 "needs_s": needs, "left_s": round(self.left(), 1)})
+            self.save()
             return
         start = time.monotonic()
+        self.running = {"check": name, "verdict": "RUNNING"}
+        self.save()
         try:
             passed, numbers = fn()
             verdict = "PASS" if passed else "FAIL"
@@ -150,24 +297,49 @@ class Checker:
             verdict, numbers = "FAIL", {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
         result = {"check": name, "verdict": verdict, "seconds": round(time.monotonic() - start, 1), **numbers}
         self.results.append(result)
+        self.running = None
+        self.save()
         print(f"{verdict:7s} {name:12s} {json.dumps({k: v for k, v in result.items() if k not in ('check', 'verdict')})}",
               flush=True)
 
-    def finish(self, config: dict) -> int:
+    def progress(self, numbers: dict) -> None:
+        """What the running check has measured so far, saved at once (a throughput row at a time)."""
+        if self.running is not None:
+            self.running = {"check": self.running["check"], "verdict": "RUNNING", **numbers}
+            self.save()
+
+    def save(self, finished: bool = False) -> dict:
+        """Write gpu_check.json as things stand: a temp file renamed over it, never half a file."""
+        summary = {"config": self.config, "device": self.device, "seconds": round(time.monotonic() - self.started, 1),
+                   "finished": finished,
+                   "passed": finished and all(r["verdict"] in ("PASS", "SKIPPED") for r in self.results),
+                   "checks": self.results + ([self.running] if self.running else [])}
+        fileio.atomic_write_json(self.out / "gpu_check.json", summary)
+        return summary
+
+    def finish(self) -> int:
         self.log.close()
-        summary = {"config": config, "device": self.device, "seconds": round(time.monotonic() - self.started, 1),
-                   "passed": all(r["verdict"] in ("PASS", "SKIPPED") for r in self.results), "checks": self.results}
-        (self.out / "gpu_check.json").write_text(json.dumps(summary, indent=1) + "\n")
+        summary = self.save(finished=True)
         print(f"{'PASS' if summary['passed'] else 'FAIL'}: {sum(r['verdict'] == 'PASS' for r in self.results)} of "
               f"{len(self.results)} checks passed in {summary['seconds']:.0f} s; {self.out / 'gpu_check.json'}")
         return 0 if summary["passed"] else 1
 
 
 # ---- the checks ---------------------------------------------------------------------------------
+def inductor_cache() -> dict:
+    """Where every subprocess's compiled kernels go, and how many files it held at the start."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+    except ImportError:  # moved in a later torch: the record goes without it
+        return {}
+    folder = Path(cache_dir())
+    return {"inductor_cache": str(folder), "inductor_cache_files_at_start": sum(1 for _ in folder.rglob("*"))}
+
+
 def environment(dry_run: bool) -> tuple[bool, dict]:
     import torch
 
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0], **inductor_cache()}
     if dry_run:
         return True, {**info, "device": "cpu"}
     if not torch.cuda.is_available():
@@ -176,7 +348,8 @@ def environment(dry_run: bool) -> tuple[bool, dict]:
     info.update(device=props.name, memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
     smi = shutil.which("nvidia-smi")
     if smi:
-        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
+        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=30)
         info["driver"] = out.stdout.strip()
     # The kernel PyTorch's SDPA picks for GPT-2 124M's attention (B 8, 12 heads, T 1024, head 64, bf16, causal).
     from bench import detect_attention_kernel
@@ -197,8 +370,16 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def json_rows(stdout: str) -> list[dict]:
-    """The JSON rows bench.py --json prints among its human lines (one object per line)."""
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    """The JSON rows bench.py --json prints among its human lines (one object per line; a line the
+    log's clipping cut in two is not a row)."""
+    rows = []
+    for line in stdout.splitlines():
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
 
 
 def metrics_of(log_dir: Path) -> list[dict]:
@@ -218,15 +399,15 @@ def train(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
     hellaswag = ck.work / "hellaswag_train.jsonl"
     lines = FIXTURE.read_text(encoding="utf-8").splitlines(keepends=True)
     hellaswag.write_text("".join(lines[:20] if ck.cfg.dry_run else lines), encoding="utf-8")
-    code, out = ck.run("train", ["train_gpt2.py", *train_flags(sizes), "--data-dir", str(data_dir), "--log-dir",
-                                 str(log_dir), "--hellaswag-data", str(hellaswag)], timeout=240)
+    ran = ck.run("train", ["train_gpt2.py", *train_flags(sizes), "--data-dir", str(data_dir), "--log-dir",
+                           str(log_dir), "--hellaswag-data", str(hellaswag)], STEPS["train"])
     records = metrics_of(log_dir)
     losses = [r["train_loss"] for r in records if r["type"] == "train"]
     val = [r["val_loss"] for r in records if r["type"] == "val"]
     hs = [r for r in records if r["type"] == "hellaswag"]
     rates = [r["tokens_per_sec"] for r in records if r["type"] == "train"][1:]  # the first window holds the compile
     mfus = [r["mfu"] for r in records if r["type"] == "train" and r.get("mfu") is not None][1:]
-    numbers = {"exit": code, "steps": len(losses), "first_loss": losses[0] if losses else None,
+    numbers = {"exit": ran.code, "steps": len(losses), "first_loss": losses[0] if losses else None,
                "last_loss": losses[-1] if losses else None, "val_losses": val,
                "hellaswag_acc_norm": hs[-1]["hellaswag_acc_norm"] if hs else None,
                "hellaswag_count": hs[-1]["count"] if hs else None,
@@ -236,7 +417,7 @@ def train(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
                "checkpoints": sorted(p.name for p in log_dir.glob("model_*.pt"))}
     drop = LOSS_DROP[ck.device]
     numbers["loss_drop_required"] = drop
-    passed = (code == 0 and len(losses) >= 2 and losses[0] - min(losses[-3:]) >= drop and len(val) >= 2
+    passed = (ran.code == 0 and len(losses) >= 2 and losses[0] - min(losses[-3:]) >= drop and len(val) >= 2
               and val[-1] < val[0] and bool(hs) and numbers["samples"] >= 1 and "model_final.pt" in numbers["checkpoints"])
     return passed, numbers
 
@@ -248,15 +429,15 @@ def resume(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
     shutil.rmtree(again, ignore_errors=True)
     again.mkdir(parents=True)
     shutil.copy(first / f"model_{middle:05d}.pt", again / f"model_{middle:05d}.pt")
-    code, out = ck.run("resume", ["train_gpt2.py", *train_flags({**sizes, "hellaswag_every": 0, "sample_every": 0}),
-                                  "--data-dir", str(data_dir), "--log-dir", str(again)], timeout=200)
+    ran = ck.run("resume", ["train_gpt2.py", *train_flags({**sizes, "hellaswag_every": 0, "sample_every": 0}),
+                            "--data-dir", str(data_dir), "--log-dir", str(again)], STEPS["resume"])
     before = {r["step"]: r["train_loss"] for r in metrics_of(first) if r["type"] == "train" and r["step"] >= middle}
     after = {r["step"]: r["train_loss"] for r in metrics_of(again) if r["type"] == "train"}
     common = sorted(set(before) & set(after))
     worst = max((abs(before[s] - after[s]) for s in common), default=None)
     tolerance = RESUME_TOLERANCE[ck.device]
-    passed = code == 0 and "resuming from" in out and len(common) >= 2 and worst is not None and worst <= tolerance
-    return passed, {"exit": code, "steps_compared": len(common), "max_loss_difference": worst, "tolerance": tolerance}
+    passed = ran.code == 0 and "resuming from" in ran.output and len(common) >= 2 and worst is not None and worst <= tolerance
+    return passed, {"exit": ran.code, "steps_compared": len(common), "max_loss_difference": worst, "tolerance": tolerance}
 
 
 def hellaswag_eval(ck: Checker, hellaswag: Path, full: bool) -> tuple[bool, dict]:
@@ -265,22 +446,22 @@ def hellaswag_eval(ck: Checker, hellaswag: Path, full: bool) -> tuple[bool, dict
         extra += ["--limit", "20", "--device", "cpu"]
     else:
         extra += ["--compile"]
-    code, out = ck.run("hellaswag", ["hellaswag.py", "--checkpoint", str(ck.work / "run" / "model_final.pt"),
-                                     "--data", str(hellaswag), "--log-dir", str(ck.work / "hs"), *extra], timeout=240)
+    ran = ck.run("hellaswag", ["hellaswag.py", "--checkpoint", str(ck.work / "run" / "model_final.pt"),
+                               "--data", str(hellaswag), "--log-dir", str(ck.work / "hs"), *extra], STEPS["hellaswag"])
     results = read_jsonl(ck.work / "hs" / "hellaswag_results.jsonl")
-    if code != 0 or not results:
-        return False, {"exit": code}
+    if ran.code != 0 or not results:
+        return False, {"exit": ran.code}
     r = results[-1]
-    return True, {"count": r["count"], "seconds": r["seconds"], "examples_per_sec": round(r["count"] / r["seconds"], 1),
+    return True, {"count": r["count"], "eval_seconds": r["seconds"], "examples_per_sec": round(r["count"] / r["seconds"], 1),
                   "acc_norm": r["acc_norm"], "harness_acc_norm": r["harness_acc_norm"], "full_set": full}
 
 
 def export(ck: Checker) -> tuple[bool, dict]:
     out_dir = ck.work / "hf"
-    code, _ = ck.run("export", ["export_hf.py", "--checkpoint", str(ck.work / "run" / "model_final.pt"),
-                                "--out-dir", str(out_dir)], timeout=120)
-    if code != 0:
-        return False, {"exit": code}
+    ran = ck.run("export", ["export_hf.py", "--checkpoint", str(ck.work / "run" / "model_final.pt"),
+                            "--out-dir", str(out_dir)], STEPS["export"], reserve=EXPORT_COMPARE_S)
+    if ran.code != 0:
+        return False, {"exit": ran.code}
     import torch
     from transformers import GPT2LMHeadModel
 
@@ -293,51 +474,102 @@ def export(ck: Checker) -> tuple[bool, dict]:
     idx = torch.randint(0, 50257, (2, 128), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         diff = (ours(idx)[0] - theirs(idx).logits).abs().max().item()
+    del ours, theirs
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the bench rows measure what fits: this process keeps none of the GPU
     return diff < 1e-4, {"max_logit_difference": diff, "tolerance": 1e-4}
 
 
+ROW_KEYS = ("model", "attn_backend", "micro_batch_size", "parallel", "tokens_per_sec", "mfu", "step_ms",
+            "peak_memory_gb", "attention", "compile", "error")
+
+
+def classify_bench(setting: str, code: int, output: str, timeout: float) -> list[dict]:
+    """bench.py's rows for one setting, each measured (its numbers), "not measured: <why>" in "result"
+    (out of memory: a measurement of what fits; an attention kernel that cannot run these shapes;
+    killed at its time limit, after the rows it printed), or an "error" (a crash: a bug)."""
+    rows = []
+    for printed in json_rows(output):
+        row = {"setting": setting, **{k: printed[k] for k in ROW_KEYS if k in printed}}
+        error = row.pop("error", None)
+        if error is None:
+            rows.append(row)
+        elif "out of memory" in error.lower():
+            rows.append({**row, "result": NOT_MEASURED + error})
+        elif setting.startswith("lever: attention"):
+            rows.append({**row, "result": NOT_MEASURED + f"this kernel cannot run these shapes: {error}"})
+        else:
+            rows.append({**row, "error": error})
+    if code == 124:
+        rows.append({"setting": setting, "result": NOT_MEASURED + f"killed at its time limit ({timeout:.0f} s)"})
+    elif code not in (0, 2, 3) or not rows:  # 2 / 3: bench.py's own exits after an error / out-of-memory row
+        last = next((line for line in reversed(output.splitlines()) if line.strip()), "no output")
+        rows.append({"setting": setting, "error": f"exit {code}: {last.strip()[:300]}"})
+    return rows
+
+
+def measured(row: dict) -> bool:
+    return "error" not in row and "result" not in row
+
+
+def throughput_passed(rows: list[dict]) -> bool:
+    """The reference and defaults rows measured, and no row an error: a lever not measured (out of
+    memory, no such kernel here, no time left) is an answer, not a failure."""
+    required = ("reference", "defaults")
+    return (all(any(r["setting"].startswith(name) and measured(r) for r in rows) for name in required)
+            and not any("error" in r for r in rows))
+
+
 def throughput(ck: Checker) -> tuple[bool, dict]:
-    """Each setting in its own bench.py process (a hang or a crash costs that setting only). An
-    attention kernel that cannot run these shapes is a row with its error, not a failure."""
-    rows, errors = [], 0
+    """Each setting in its own bench.py process (a hang or a crash costs that setting only), in
+    order of value; a setting that does not have its `needs` left of the budget is not started."""
+    rows = []
     base = DRY_BENCH if ck.cfg.dry_run else GPU_BENCH
-    for name, extra in throughput_settings(ck.cfg.dry_run):
-        if ck.left() <= 0:
-            rows.append({"setting": name, "error": "skipped: time budget spent"})
+    for setting in throughput_settings(ck.cfg.dry_run):
+        if ck.left() < setting.step.needs:
+            rows.append({"setting": setting.name, "result": NOT_MEASURED + "time budget spent"})
             continue
-        code, out = ck.run(f"throughput: {name}", ["bench.py", *base, *extra, "--json"], timeout=150)
-        for row in json_rows(out) or [{"error": f"exit {code}, no result"}]:
-            rows.append({"setting": name, **{k: row[k] for k in (
-                "attn_backend", "micro_batch_size", "parallel", "tokens_per_sec", "mfu", "step_ms", "peak_memory_gb",
-                "attention", "compile", "error") if k in row}})
-            errors += "error" in row and not name.startswith("lever: attention")
-    reference = next((r for r in rows if r["setting"].startswith("reference") and r.get("tokens_per_sec")), None)
-    ours = next((r for r in rows if r["setting"].startswith("defaults") and r.get("tokens_per_sec")), None)
+        start = time.monotonic()
+        ran = ck.run(f"throughput: {setting.name}", ["bench.py", *base, *setting.flags, "--json"], setting.step)
+        new = classify_bench(setting.name, ran.code, ran.output, ran.timeout)
+        for row in new:
+            row["process_seconds"] = round(time.monotonic() - start, 1)
+        rows += new
+        ck.progress({"rows": rows})
+    reference = next((r for r in rows if r["setting"].startswith("reference") and measured(r)), None)
+    ours = next((r for r in rows if r["setting"].startswith("defaults") and measured(r)), None)
     speedup = round(ours["tokens_per_sec"] / reference["tokens_per_sec"], 3) if reference and ours else None
-    return errors == 0 and reference is not None and ours is not None, {"rows": rows, "defaults_vs_reference": speedup}
+    return throughput_passed(rows), {"rows": rows, "defaults_vs_reference": speedup}
 
 
 def bigger_models(ck: Checker) -> tuple[bool, dict]:
     """gpt2-medium and gpt2-xl steps under --parallel fsdp (tiny in a dry run), one bench.py process;
-    each row's peak memory with the formula's prediction (on the CPU the peak is the whole process's)."""
+    each row's peak memory with the formula's prediction (on the CPU the peak is the whole process's).
+    A model that runs out of memory or out of time is "not measured": that is what fits, not a bug."""
     sizes = BIGGER_DRY if ck.cfg.dry_run else BIGGER_GPU
     mbs, seq_len = sizes["micro_batch_size"], sizes["seq_len"]
     base = DRY_BENCH if ck.cfg.dry_run else GPU_BENCH
     predictions = ck.work / "memory_table.jsonl"
-    ck.run("bigger models: the formula", ["bench/memory_table.py", "--models", *sizes["models"], "--gpus", "1",
-                                          "--micro-batch-sizes", str(mbs), "--seq-len", str(seq_len),
-                                          "--precision", sizes["precision"], "--json-out", str(predictions)], timeout=120)
+    formula = ck.run("bigger models: the formula", [
+        "bench/memory_table.py", "--models", *sizes["models"], "--gpus", "1", "--micro-batch-sizes", str(mbs),
+        "--seq-len", str(seq_len), "--precision", sizes["precision"], "--json-out", str(predictions)],
+        STEPS["memory formula"])
     predicted = {r["model"]: r["total"] for r in read_jsonl(predictions)
                  if r["parallel"] == "fsdp" and not r["activation_checkpointing"]}
-    code, out = ck.run("bigger models: --parallel fsdp", [
-        "bench.py", *base, "--parallel", "fsdp", "--micro-batch-size", str(mbs), "--seq-len", str(seq_len),
-        "--tokens-per-step", str(mbs * seq_len), "--sweep", "model=" + ",".join(sizes["models"]), "--json"], timeout=300)
-    rows = [{k: row[k] for k in ("model", "tokens_per_sec", "mfu", "step_ms", "peak_memory_gb", "error") if k in row}
-            for row in json_rows(out)]
+    name = "bigger models: --parallel fsdp"
+    ran = ck.run(name, ["bench.py", *base, "--parallel", "fsdp", "--micro-batch-size", str(mbs), "--seq-len", str(seq_len),
+                        "--tokens-per-step", str(mbs * seq_len), "--sweep", "model=" + ",".join(sizes["models"]), "--json"],
+                 STEPS["bigger models"])
+    rows = [{k: v for k, v in row.items() if k != "setting"} for row in classify_bench(name, ran.code, ran.output, ran.timeout)]
+    # A row for no model in particular (killed at the limit, a crash) stands for each model without a row.
+    missing = [m for m in sizes["models"] if m not in {r.get("model") for r in rows}]
+    loose = [r for r in rows if "model" not in r]
+    if loose and missing:
+        rows = [r for r in rows if "model" in r] + [{"model": m, **r} for r in loose for m in missing]
     for row in rows:
         row["predicted_gib"] = round(predicted[row["model"]], 2) if row.get("model") in predicted else None
-    ok = code == 0 and len(rows) == len(sizes["models"]) and all("error" not in r for r in rows)
-    return ok, {"rows": rows, "micro_batch_size": mbs, "seq_len": seq_len}
+    ok = formula.code == 0 and not any("error" in r for r in rows)
+    return ok, {"rows": rows, "micro_batch_size": mbs, "seq_len": seq_len, "formula_exit": formula.code}
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -361,33 +593,53 @@ def prepare_data(cfg: CheckConfig, work: Path) -> Path:
     return out
 
 
+def work_folder(cfg: CheckConfig, out: Path) -> Path:
+    """--work-dir, which must not be inside the output folder (that comes back from the GPU machine,
+    8 files at most), else a fresh temp folder."""
+    if not cfg.work_dir:
+        return Path(tempfile.mkdtemp(prefix="gpu_check_work_"))
+    work = Path(cfg.work_dir).resolve()
+    if work == out.resolve() or out.resolve() in work.parents:
+        raise ValueError(f"--work-dir {cfg.work_dir} is inside the output folder {out}: give one outside it")
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def run_checks(ck: Checker, cfg: CheckConfig, data_dir: Path, sizes: dict) -> None:
+    """The checks, most valuable first: a run cut short loses the least."""
+    hellaswag = Path(cfg.hellaswag) if cfg.hellaswag else FIXTURE
+    ck.check("environment", lambda: environment(cfg.dry_run))
+    ck.check("train", lambda: train(ck, data_dir, sizes), STEPS["train"].needs)
+    ck.check("resume", lambda: resume(ck, data_dir, sizes), STEPS["resume"].needs)
+    ck.check("hellaswag", lambda: hellaswag_eval(ck, hellaswag, full=bool(cfg.hellaswag)), STEPS["hellaswag"].needs)
+    ck.check("export", lambda: export(ck), STEPS["export"].needs)
+    ck.check("throughput", lambda: throughput(ck), throughput_settings(cfg.dry_run)[0].step.needs)
+    ck.check("bigger models", lambda: bigger_models(ck), STEPS["bigger models"].needs)
+
+
 def main(argv=None) -> int:
     try:
         cfg = parse_config(CheckConfig, argv, description=__doc__)
+        out = Path(cfg.out or os.environ.get("OUT") or "gpu_check_out")
+        out.mkdir(parents=True, exist_ok=True)
+        work = work_folder(cfg, out)
     except ValueError as e:
         print(f"gpu_check: error: {e}", file=sys.stderr)
         return 2
-    out = Path(cfg.out or os.environ.get("OUT") or "gpu_check_out")
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(cfg.work_dir) if cfg.work_dir else out / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    data_dir = prepare_data(cfg, work)
-    hellaswag = Path(cfg.hellaswag) if cfg.hellaswag else FIXTURE
-    sizes = DRY_RUN if cfg.dry_run else GPU_RUN
-    ck = Checker(cfg, out, work)
-    print(f"gpu_check: {'dry run on the CPU' if cfg.dry_run else 'GPU'}, data {data_dir}, HellaSwag {hellaswag}, "
-          f"budget {cfg.budget} s, results in {out}", flush=True)
-    ck.check("environment", lambda: environment(cfg.dry_run))
-    ck.check("train", lambda: train(ck, data_dir, sizes))
-    ck.check("resume", lambda: resume(ck, data_dir, sizes))
-    ck.check("hellaswag", lambda: hellaswag_eval(ck, hellaswag, full=bool(cfg.hellaswag)))
-    ck.check("export", lambda: export(ck))
-    ck.check("throughput", lambda: throughput(ck))
-    ck.check("bigger models", lambda: bigger_models(ck))
-    code = ck.finish({**asdict(cfg), "data_dir": str(data_dir), "sizes": sizes})
-    if not cfg.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
-    return code
+    remove_work = not cfg.work_dir and not cfg.keep_work
+    try:
+        data_dir = prepare_data(cfg, work)
+        sizes = DRY_RUN if cfg.dry_run else GPU_RUN
+        ck = Checker(cfg, out, work, {**asdict(cfg), "data_dir": str(data_dir), "work_dir": str(work), "sizes": sizes})
+        print(f"gpu_check: {'dry run on the CPU' if cfg.dry_run else 'GPU'}, data {data_dir}, HellaSwag "
+              f"{cfg.hellaswag or FIXTURE}, budget {cfg.budget} s, results in {out}, work in {work}", flush=True)
+        run_checks(ck, cfg, data_dir, sizes)
+        return ck.finish()
+    finally:
+        if remove_work:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"gpu_check: the work folder is kept: {work}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
+import torch
 
 import runtime
-from bench import sweep_grid
+from bench import SyntheticLoader, release_row_memory, sweep_grid
 from train_gpt2 import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +44,35 @@ def test_sweep_grid_is_the_cartesian_product():
     assert grid[3][1].micro_batch_size == 32 and grid[3][1].compile is True
     with pytest.raises(ValueError, match="NAME=V1,V2"):
         sweep_grid(TrainConfig(), ("micro_batch_size",))
+
+
+def test_synthetic_batches_are_contiguous_like_the_trainer_s():
+    """Strided views of one (B, T+1) buffer would make bench time a copy training never does. (The
+    pinning of each, on CUDA, needs a GPU to check.)"""
+    x, y = SyntheticLoader(micro_batch_size=3, seq_len=8, vocab_size=50, pin_memory=False).next_batch()
+    assert x.shape == y.shape == (3, 8) and x.is_contiguous() and y.is_contiguous()
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one token
+
+
+def test_after_a_row_the_compiled_model_is_freed_and_the_next_row_compiles_afresh():
+    compiles = []
+
+    def counting_backend(graph_module, example_inputs):  # a real dynamo backend: runs the captured graph
+        compiles.append(graph_module)
+        return graph_module.forward
+
+    def one_row():
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+        torch.compile(model, backend=counting_backend)(torch.randn(4, 8)).sum().backward()
+        return weakref.ref(model[0].weight)
+
+    first = one_row()
+    compiles.clear()  # the captured graphs hold the weights as attributes
+    release_row_memory(torch.device("cpu"))
+    assert first() is None  # nothing of the previous row survives into the next
+    one_row()
+    assert len(compiles) == 1  # dynamo was reset on the CPU too: the same code compiles again
+    release_row_memory(torch.device("cpu"))
 
 
 def test_mfu_is_a_fraction_never_above_one():

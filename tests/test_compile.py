@@ -9,6 +9,7 @@ its frame counter, so a failure says which guard failed.
 
 from __future__ import annotations
 
+from pathlib import Path
 import logging
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+import runtime
 import train_gpt2
 from conftest import HELLASWAG_FIXTURE
 from hellaswag_eval import load_examples
@@ -128,3 +130,91 @@ def test_compile_is_ignored_on_cpu_unless_asked(data_dir):
     forced = build_run(tiny_config(data_dir, val_every=0, compile_on_cpu=True), CPU)
     assert isinstance(forced.eval_model, torch._dynamo.eval_frame.OptimizedModule)
     assert train_gpt2.parse_args(["--compile-on-cpu"]).compile_on_cpu
+
+
+def attention_ops(run_step) -> set[str]:
+    """The attention kernels the profiler saw in one call of run_step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run_step()
+    return {e.key for e in prof.key_averages() if "attention" in e.key}
+
+
+def test_each_attention_backend_compiles_its_own_kernel(recompiles, one_thread):
+    """--attn-backend under torch.compile: a compile under MATH after one under FLASH must run MATH's
+    kernel, and FLASH again after it FLASH's. Chosen outside the compiled model, the kernel was not part
+    of dynamo's guards nor of the on-disk AOTAutograd cache key: the second compile was a cache hit
+    replaying FLASH's kernel. And inductor's pattern matcher rewrote MATH's matmul / softmax / matmul
+    into the fused kernel (runtime.compile_kwargs turns it off for math)."""
+    torch.manual_seed(0)
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64))
+    idx = torch.randint(0, 50257, (2, 65), generator=torch.Generator().manual_seed(1))
+    seen = {}
+    for backend in ("flash", "math", "flash"):
+        torch._dynamo.reset()
+        model.attention_backend = backend
+        compiled = runtime.compile_model(model, True, on_cpu=True)
+
+        def step():
+            compiled(idx[:, :-1], idx[:, 1:])[1].backward()
+
+        step()  # compile
+        seen.setdefault(backend, []).append(attention_ops(step))
+    assert all(ops and all("flash" in op for op in ops) for ops in seen["flash"]), seen
+    assert not seen["math"][0], seen  # math: plain matmuls and softmax, no fused attention kernel
+
+
+def test_cuda_graph_compile_modes_are_refused_with_gradient_accumulation(capsys):
+    flags = ["--model", "tiny", "--micro-batch-size", "2", "--seq-len", "32", "--device", "cpu"]
+    for mode in ("reduce-overhead", "max-autotune"):
+        cfg = train_gpt2.parse_args([*flags, "--tokens-per-step", "128", "--compile-mode", mode])
+        with pytest.raises(ValueError, match="CUDA graphs.*2 micro-steps"):
+            cfg.check_world_size(1)
+        cfg.check_world_size(2)  # 2 ranks x 1 micro-step: nothing to accumulate
+        assert train_gpt2.main([*flags, "--tokens-per-step", "128", "--compile-mode", mode]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "max-autotune-no-cudagraphs" in err
+    train_gpt2.parse_args([*flags, "--tokens-per-step", "128", "--compile-mode", "max-autotune-no-cudagraphs"]).check_world_size(1)
+
+
+def fsdp_sampling_worker(data_dir: str) -> None:
+    """One process under --parallel fsdp with per-block compile on CPU inductor: the recompiles and
+    frames dynamo compiles in a first and a second round of in-training samples, as JSON on stdout."""
+    import json
+
+    from test_cuda_paths import CPU
+
+    handler = Recompiles()
+    torch._logging.set_logs(recompiles=True)
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    run = build_run(tiny_config(data_dir, compile_on_cpu=True, parallel="fsdp", val_every=0), CPU)
+    rounds = []
+    for step in (10, 20):
+        before, recompiled = frames(), len(handler.messages)
+        sample_texts(run, step, num_samples=2, max_new_tokens=12)
+        rounds.append({"frames": frames() - before, "recompiles": len(handler.messages) - recompiled})
+    print(json.dumps({"rounds": rounds, "layers": run.model.config.n_layer, "messages": handler.messages}))
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_compiled_blocks_sample_without_a_recompile_per_layer(data_dir, tmp_path):
+    """Under FSDP2 each block is compiled on its own, all sharing Block.forward's code. Sampling passed
+    each block its layer number, which indexes the KV cache's list: dynamo specialised on it, compiled
+    Block.forward once per layer, and hit its recompile limit (8) on gpt2's 12 layers. Each block now
+    gets its own cache object: the prompt's graph, the one-token steps' graph, then nothing."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_train_gpt2 import run_env
+
+    code = f"import test_compile as t; t.fsdp_sampling_worker({str(data_dir)!r})"
+    env = {**run_env(), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent)])}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    first, second = counts["rounds"]
+    # 1 recompile: the prompt's graph, then the one-token steps' (the cache length then stays dynamic)
+    assert first["recompiles"] <= 1 < counts["layers"] - 1, counts["messages"]
+    assert second == {"frames": 0, "recompiles": 0}, counts["messages"]
