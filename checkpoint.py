@@ -53,6 +53,10 @@ def load_file(path: str | Path, map_location="cpu", required: tuple[str, ...] = 
     if not path.exists() and path.suffix == FILE_SUFFIX and path.with_suffix("").is_dir():
         path = path.with_suffix("")  # log/model_final.pt of a --parallel fsdp run: the folder log/model_final
     if path.is_dir():
+        found = [] if (path / ".metadata").exists() else paths(path)
+        if found:  # a run's folder (--checkpoint log), not a sharded checkpoint: name the newest in it
+            raise ValueError(f"{path} is a log dir, not a checkpoint: pass one of its checkpoints, e.g. the newest, "
+                             f"{found[0][1]}")
         return _load_sharded_state(path, required)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found: pass a model_*.pt file or model_* folder of your log dir")
@@ -344,11 +348,17 @@ def load_hf_model(name: str, flag: str = "--hf", device: str | torch.device = "c
     from huggingface_hub import constants
     from transformers import AutoConfig, GPT2LMHeadModel
 
-    def fail(reason: str) -> ValueError:
-        return ValueError(f"{flag} {name}: {reason}; a Hub name needs the network once (or a Hugging Face cache "
-                          "that has it, under HF_HOME); offline, pass a local folder such as an export_hf.py output")
-
     folder, offline = Path(name).is_dir(), constants.HF_HUB_OFFLINE
+
+    def fail(reason: str) -> ValueError:
+        if offline:  # already set: what is missing is a cache that holds the model
+            fix = (f"load it once on a machine with network, with the same HF_HOME ({constants.HF_HOME}), or pass "
+                   "a local folder such as an export_hf.py output")
+        else:
+            fix = ("a Hub name needs the network once; on an offline node, set HF_HUB_OFFLINE=1 with HF_HOME pointing "
+                   "to a cache filled on a networked machine, or pass a local folder such as an export_hf.py output")
+        return ValueError(f"{flag} {name}: {reason}; {fix}")
+
     for local in (True, False):  # the cache (or the folder) first; the network only if that fails
         if not local:
             if folder:

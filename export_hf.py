@@ -67,10 +67,24 @@ def export(model: GPT, out_dir: str | Path) -> Path:
     missing, unexpected = hf_model.load_state_dict(hf_state_dict(model), strict=False)
     if unexpected or any(not k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing):
         raise ValueError(f"name map mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    from safetensors import SafetensorError
+
     out_dir = Path(out_dir)
-    with fileio.atomic_dir(out_dir) as staging:
-        hf_model.save_pretrained(staging, safe_serialization=True)
-        GPT2TokenizerFast.from_pretrained(HF_TOKENIZER_FILES).save_pretrained(staging)
+    missing_parents = [p for p in out_dir.parents if not p.exists()]  # deepest first; atomic_dir makes them
+    try:
+        with fileio.atomic_dir(out_dir) as staging:
+            try:
+                hf_model.save_pretrained(staging, safe_serialization=True)
+            except SafetensorError as e:  # its I/O errors (a full disk: "File too large (os error 27)")
+                raise OSError(f"cannot write {out_dir} ({e}): free space or choose another --out-dir") from None
+            GPT2TokenizerFast.from_pretrained(HF_TOKENIZER_FILES).save_pretrained(staging)
+    except BaseException:
+        for folder in missing_parents:  # a failed export leaves no empty folder behind
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: something else is in it now
+        raise
     return out_dir
 
 

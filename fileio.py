@@ -7,6 +7,8 @@ shared cluster can read them; `mkstemp` alone would leave 0600), then renamed ov
 the folder's entry fsynced. A kill at any moment leaves the old file or the new one, never a torn
 one. No torch here: fineweb.py and plot.py use it without importing torch.
 
+`FolderLock` keeps a folder to one writing run at a time (training holds its --log-dir with it).
+
     uv run python -c "import fileio; fileio.atomic_write_bytes('/tmp/hello.txt', b'hi')"
 """
 
@@ -14,10 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
+import secrets
 import shutil
+import socket
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 # errnos that mean "no room": a full disk, a quota, a file-size limit (ulimit -f)
@@ -151,3 +158,177 @@ def _follow_umask(folder: Path) -> None:
             os.chmod(os.path.join(root, name), 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(root, name), 0o666 & ~mask)
+
+
+# ---- one writer per folder ----------------------------------------------------------------------
+LOCK_FILE = "run.lock"
+HEARTBEAT_SECONDS = 30  # how often a holder re-writes its record (and checks it is still its own)
+LEASE_SECONDS = 120  # a record from another host not re-written for this long belongs to a dead run
+# errnos of a filesystem without working flock (Lustre mounted without -o flock, some FUSE / NFS)
+NO_FLOCK_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
+
+
+class FolderInUse(ValueError):
+    """Another live run writes into the folder (a one-line, user-fixable error)."""
+
+
+class FolderLock:
+    """An exclusive hold on a folder for the run that writes into it (training's --log-dir).
+
+    The hold is an flock on `<folder>/run.lock`, which the kernel drops when the process dies however
+    it dies (a crashed run never leaves a stale lock); a second run asking for it is refused at once,
+    before it writes anything, naming the holder (host, pid, start time, command) recorded in the
+    file. Readers (plot.py, sample.py, TensorBoard, ...) never ask for it.
+
+    Where flock does not work (an error from the filesystem, or NFS mounted `nolock`, where each node
+    only sees its own locks), a record that is kept alive catches two live writers instead: every
+    HEARTBEAT_SECONDS the holder re-writes it, and checks the file still names itself; a run that
+    finds a record of another live process (on this host: its pid exists; elsewhere: re-written less
+    than LEASE_SECONDS ago, clocks in sync) is refused, and a holder that finds another run's record
+    in place of its own stops at its next `check()` (the trainer checks at every log step and before
+    every checkpoint)."""
+
+    def __init__(self, folder: str | Path, command: list[str] | None = None):
+        self.folder, self.path = Path(folder), Path(folder) / LOCK_FILE
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                       "token": secrets.token_hex(8), "command": " ".join(command or [])}
+        self.fd: int | None = None
+        self.created = False  # the folder did not exist: removed again if the run leaves nothing in it
+        self.flock = False
+        self.lost: str | None = None  # why the hold was lost (another run's record in its place)
+        self._stop = threading.Event()
+
+    def acquire(self) -> FolderLock:
+        """Create the folder if needed and hold it; FolderInUse (one line) when it cannot be."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise FolderInUse(f"--log-dir {self.folder} is a file, not a folder: choose another --log-dir")
+        try:
+            self.created = not self.folder.exists()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise FolderInUse(f"cannot write in --log-dir {self.folder} ({e.strerror}): fix its permissions or choose "
+                              "another --log-dir") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.flock = True
+        except BlockingIOError:
+            holder = self._describe(self._read())
+            self._close()
+            raise FolderInUse(f"{self.folder} is in use by another run ({holder}): wait for it to end or stop it, "
+                              "or give this run its own --log-dir") from None
+        except OSError as e:
+            if e.errno not in NO_FLOCK_ERRNOS:
+                self._close()
+                raise
+        other = self._read()
+        if self._alive(other):
+            self._close()
+            dead = (f"; if it died, this clears {LEASE_SECONDS} s after its last heartbeat"
+                    if other.get("host") != self.record["host"] else "")
+            raise FolderInUse(f"{self.folder} is in use by another run ({self._describe(other)}, not seen by this "
+                              f"filesystem's locks{dead}): wait for it to end or stop it, or give this run its own --log-dir")
+        self._write()
+        if not self.flock:  # two runs may have written at once: the one whose record stayed goes on
+            time.sleep(1.0)
+            if self._read().get("token") != self.record["token"]:
+                self._close()
+                raise FolderInUse(f"{self.folder} was taken by another run at the same moment: give this run its own --log-dir")
+        threading.Thread(target=self._heartbeat, name="folder-lock", daemon=True).start()
+        return self
+
+    def check(self) -> None:
+        """Raise FolderInUse when another run's record replaced this one's."""
+        if self.lost:
+            raise FolderInUse(self.lost)
+
+    def release(self) -> None:
+        """Mark the record released (the next run need not wait for the lease) and drop the lock; a
+        folder this lock created and nothing else wrote into (a run that failed at start) goes again."""
+        self._stop.set()
+        if self.fd is not None and not self.lost:
+            self._write(released=True)
+        self._close()
+        if self.created and {p.name for p in self.folder.iterdir()} <= {LOCK_FILE}:
+            remove(self.folder)
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # ---- the record -----------------------------------------------------------------------------
+    def _read(self) -> dict:
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                return json.loads(f.read() or "{}")
+        except (OSError, ValueError):  # being written, or not a record of ours
+            return {}
+
+    def _write(self, released: bool = False) -> None:
+        data = json.dumps({**self.record, "heartbeat": time.time(), "released": released}).encode()
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, data, 0)
+        os.fsync(self.fd)
+
+    def _alive(self, other: dict) -> bool:
+        """Does `other` (a record found in the file) belong to another run that still writes here?"""
+        if not other.get("token") or other.get("released") or other.get("token") == self.record["token"]:
+            return False
+        if other.get("host") == self.record["host"]:
+            # flock works between the processes of one host (even on NFS mounted `nolock`): holding it
+            # is the answer. Without it, the pid must exist and be no younger than the record (a pid
+            # the kernel gave to a new process since is not that run).
+            if self.flock or other.get("pid") == os.getpid():
+                return False
+            return _pid_started_before(other.get("pid"), other.get("started", 0))
+        return time.time() - other.get("heartbeat", 0) < LEASE_SECONDS
+
+    @staticmethod
+    def _describe(record: dict) -> str:
+        if not record.get("host"):
+            return "its record is being written"
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started", 0)))
+        return f"pid {record.get('pid')} on {record['host']}, started {started}: {record.get('command', '')[:120]}"
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            found = self._read()
+            replaced = os.fstat(self.fd).st_ino != _inode(self.path)
+            if replaced or (found.get("token") and found.get("token") != self.record["token"]):
+                who = "its lock file was deleted" if replaced else f"another run took it over ({self._describe(found)})"
+                self.lost = f"{self.folder}: {who}: two runs were writing there, so this one stops; its last checkpoint is intact"
+                return
+            self._write()
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # also drops the flock
+            self.fd = None
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return None
+
+
+def _pid_started_before(pid, when: float) -> bool:
+    """Is `pid` a live process that started before `when` (seconds since the epoch)?"""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        pass
+    try:  # Linux: the 22nd field of /proc/<pid>/stat is its start, in clock ticks after boot
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK") <= when + 1
+    except (OSError, ValueError, IndexError, StopIteration):
+        return True  # no /proc: alive is all we know

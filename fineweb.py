@@ -59,6 +59,14 @@ TMP_PREFIX = ".shard-"
 BATCH_DOCS = 128
 TASKS_PER_WORKER = 3  # tasks in flight per worker: keeps every core busy, bounds memory
 INPUT_KINDS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".txt": "text"}
+# The smallest --shard-size the command line takes. The trainer cuts each shard into windows of
+# seq_len + 1 tokens that never cross shards, so a shard of S tokens holds (S - 1) // 1024 windows at
+# the default context: 4 * 1024 + 1 tokens is the smallest shard holding 4 whole windows. Below that
+# most of a shard is an unusable tail, and a slip such as `--shard-size 10` writes tens of thousands
+# of files that train on nothing. (prepare() itself takes any positive size: the tests cut the stream
+# into tiny shards to put many boundaries inside a few documents.)
+DEFAULT_CONTEXT = 1024
+MIN_SHARD_SIZE = 4 * DEFAULT_CONTEXT + 1  # 4,097
 
 
 class PrepError(Exception):
@@ -148,19 +156,23 @@ def resolve_inputs(patterns: tuple[str, ...] | list[str]) -> list[Path]:
 
 
 def _check_text_column(files: list[Path]) -> None:
-    """Fail early, naming the file, when an input has no `text` column (cheap: schema / first line)."""
+    """Fail early, naming the file, when an input has no rows or no `text` column (cheap: the
+    parquet footer / the first line). `datasets` would say only "An error occurred while generating
+    the dataset" for a 0-row parquet, or StopIteration for an empty jsonl."""
     kind = _input_kind(files[0].name)
     for f in files:
-        columns = None
+        columns, rows = None, None
         try:
             if kind == "parquet":
                 import pyarrow.parquet as pq
 
-                columns = pq.read_schema(f).names
+                metadata = pq.read_metadata(f)
+                columns, rows = metadata.schema.to_arrow_schema().names, metadata.num_rows
             elif kind == "json":
                 opener = gzip.open if f.name.lower().endswith(".gz") else open
                 with opener(f, "rt", encoding="utf-8", errors="replace") as fh:
                     line = next((line for line in fh if line.strip()), "")
+                rows = 1 if line else 0  # at least one, or none
                 try:
                     first = json.loads(line)
                     columns = list(first) if isinstance(first, dict) else None
@@ -168,6 +180,8 @@ def _check_text_column(files: list[Path]) -> None:
                     pass  # not one object a line (e.g. a JSON array): datasets decides, checked after loading
         except (OSError, ValueError) as e:
             raise PrepError(f"cannot read input file {f}: {_one_line(e)}") from None
+        if rows == 0:
+            raise PrepError(f"input file {f} has no rows (no documents to tokenize): remove it from --input")
         if columns is not None and "text" not in columns:
             raise PrepError(
                 f"input file {f} has no `text` column (it has: {', '.join(columns) or 'none'}): "
@@ -193,11 +207,16 @@ def _hub_revision(cfg: FinewebConfig) -> str:
 
 
 def _hub_hint(cfg: FinewebConfig, e: BaseException) -> str:
-    return (
-        f"cannot load {cfg.dataset} ({cfg.name}) from the Hugging Face Hub ({_one_line(e)}); check the name "
-        "and network, or on an offline node set HF_HUB_OFFLINE=1 with HF_HOME pointing to a cache filled "
-        "on a networked machine, or download the parquet files and pass --input"
-    )
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:  # already offline: the cache is what is missing, not the setting
+        fix = (f"HF_HUB_OFFLINE is set and the cache under HF_HOME ({constants.HF_HOME}) does not hold it: run "
+               "the same command once on a networked machine with that HF_HOME, or download the parquet files "
+               "and pass --input")
+    else:
+        fix = ("check the name and network, or on an offline node set HF_HUB_OFFLINE=1 with HF_HOME pointing to "
+               "a cache filled on a networked machine, or download the parquet files and pass --input")
+    return f"cannot load {cfg.dataset} ({cfg.name}) from the Hugging Face Hub ({_one_line(e)}); {fix}"
 
 
 def load_source(cfg: FinewebConfig, files: list[Path], revision: str, cache_dir: str | None, workers: int):
@@ -519,9 +538,10 @@ class ShardBuilder:
 
 
 def _settings(cfg: FinewebConfig, files: list[Path], revision: str) -> dict:
-    """What determines the bytes of the shards; a resume must match it exactly."""
+    """What determines the bytes of the shards; a resume must match it (see _comparable). Each input's
+    path is kept for information only."""
     if files:
-        source = {"files": [{"path": str(f), "bytes": f.stat().st_size} for f in files]}
+        source = {"files": [{"name": f.name, "bytes": f.stat().st_size, "path": str(f)} for f in files]}
     else:
         source = {"dataset": cfg.dataset, "name": cfg.name, "split": "train", "revision": revision}
     return {
@@ -544,6 +564,18 @@ def read_manifest(out_dir: Path) -> dict | None:
     except (ValueError, KeyError, TypeError) as e:
         raise PrepError(f"{path} is unreadable ({_one_line(e)}): delete {out_dir} or use another --out-dir") from None
     return manifest
+
+
+def _comparable(settings: dict) -> dict:
+    """The settings a rerun must match. An input file counts by its name and size (in order), not
+    by its absolute path, so a renamed checkout or a moved data folder still resumes (the demo's
+    input lives in the checkout). Manifests that recorded only "path" compare by its file name."""
+    source = settings.get("source") if isinstance(settings, dict) else None
+    if not isinstance(source, dict) or not isinstance(source.get("files"), list):
+        return settings
+    files = [{"name": f.get("name") or Path(str(f.get("path", ""))).name, "bytes": f.get("bytes")}
+             if isinstance(f, dict) else f for f in source["files"]]
+    return {**settings, "source": {**source, "files": files}}
 
 
 def _diff(old, new, prefix="") -> list[str]:
@@ -569,7 +601,7 @@ def _valid_prefix(out_dir: Path, shards: list[dict]) -> list[dict]:
 
 def _shards_to_keep(cfg: FinewebConfig, out_dir: Path, old: dict, settings: dict) -> list[dict] | None:
     """The recorded shards a rerun keeps (it continues after the last), or None if all is done."""
-    diff = _diff(old["settings"], settings)
+    diff = _diff(_comparable(old["settings"]), _comparable(settings))
     if diff:
         raise PrepError(
             f"{out_dir} was made with other settings ({'; '.join(diff)}): rerun with the same flags, "
@@ -592,8 +624,10 @@ def _shards_to_keep(cfg: FinewebConfig, out_dir: Path, old: dict, settings: dict
     return shards
 
 
-def _prepare_out_dir(out_dir: Path) -> None:
-    """Create --out-dir, check it is writable, and delete the temp files a killed run left there."""
+def _prepare_out_dir(out_dir: Path) -> list[Path]:
+    """Create --out-dir, check it is writable, and delete the temp files a killed run left there.
+    Returns the folders it created, deepest first ([] when --out-dir existed)."""
+    created = [p for p in (out_dir, *out_dir.parents) if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write-test.tmp"
@@ -602,9 +636,26 @@ def _prepare_out_dir(out_dir: Path) -> None:
         fileio.remove_temps(out_dir, TMP_PREFIX)  # a shard's temp file
         fileio.remove_temps(out_dir, f".{MANIFEST}.")  # the manifest's (fileio's default prefix)
     except OSError as e:
+        _remove_unused_out_dir(out_dir, created)
         if fileio.is_disk_full(e):
             raise _disk_full(e) from None
         raise PrepError(f"cannot write to --out-dir {out_dir} ({_one_line(e)}): choose a writable folder") from None
+    return created
+
+
+def _remove_unused_out_dir(out_dir: Path, created: list[Path]) -> None:
+    """After a failure: remove the folders this run created if it wrote no shard into them (its
+    manifest and temp files go; a file of anyone else's keeps its folder, as rmdir then fails)."""
+    if not created or not out_dir.is_dir() or any(SHARD_RE.match(p.name) for p in out_dir.iterdir()):
+        return
+    try:
+        (out_dir / MANIFEST).unlink(missing_ok=True)
+        fileio.remove_temps(out_dir, TMP_PREFIX)
+        fileio.remove_temps(out_dir, f".{MANIFEST}.")
+        for folder in created:
+            folder.rmdir()
+    except OSError:
+        pass  # not empty, or no longer ours to remove: leave it
 
 
 def _disk_full(e: OSError, out_dir: Path | None = None, done: int = 0) -> PrepError:
@@ -640,16 +691,29 @@ def prepare(
     progress: bool = True,
     command: str | None = None,
 ) -> dict:
-    """Tokenize the source into shards in cfg.out_dir, resuming what is there. Returns the manifest.
+    """Tokenize the source into shards in cfg.out_dir, resuming what is there. Returns the manifest
+    (which may hold the val shard only: main() refuses that, a caller wanting one array may not).
 
+    A run that fails before writing any shard removes the --out-dir folders it created (never a
+    folder that was there before), so a failed first try leaves nothing to clean up.
     cache_dir: the `datasets` cache (default: its own, under $HF_HOME); mp_context: the
     multiprocessing start method (default: the platform's), both for tests.
     """
     out_dir = Path(cfg.out_dir)
-    workers = cfg.workers or default_workers()
     files = _local_inputs(cfg)
-    _prepare_out_dir(out_dir)
+    created = _prepare_out_dir(out_dir)
+    try:
+        return _prepare_in(cfg, out_dir, files, cache_dir=cache_dir, mp_context=mp_context, progress=progress,
+                           command=command)
+    except BaseException:
+        _remove_unused_out_dir(out_dir, created)
+        raise
 
+
+def _prepare_in(cfg: FinewebConfig, out_dir: Path, files: list[Path], *, cache_dir: str | None,
+                mp_context: str | None, progress: bool, command: str | None) -> dict:
+    """prepare() once --out-dir exists and is writable."""
+    workers = cfg.workers or default_workers()
     old = _previous_manifest(out_dir)
     revision = _source_revision(cfg, files, old)
     settings = _settings(cfg, files, revision)
@@ -890,6 +954,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("USE_TORCH", "0")
     try:
         cfg = parse_config(FinewebConfig, argv, description=__doc__.split("\n\n")[0])
+        if cfg.shard_size < MIN_SHARD_SIZE and not cfg.verify:
+            raise ValueError(
+                f"--shard-size {cfg.shard_size:,} is too small: a shard must hold a few training windows of the "
+                f"default context ({DEFAULT_CONTEXT}+1 tokens); use {MIN_SHARD_SIZE:,} or more (default 100,000,000)"
+            )
     except ValueError as e:  # a value FinewebConfig refuses (argparse itself exits on a malformed one)
         raise SystemExit(f"fineweb.py: error: {e}") from None
     try:
@@ -897,7 +966,7 @@ def main(argv: list[str] | None = None) -> None:
             _verify_out_dir(cfg)
             return
         command = shlex.join([Path(sys.executable).name, "fineweb.py", *(sys.argv[1:] if argv is None else argv)])
-        prepare(cfg, command=command)
+        _require_train_shard(cfg, prepare(cfg, command=command))
     except PrepError as e:
         raise SystemExit(f"fineweb.py: error: {e}") from None
     except OSError as e:
@@ -907,6 +976,25 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to continue from the last complete shard", file=sys.stderr)
         raise SystemExit(130) from None
+
+
+def _require_train_shard(cfg: FinewebConfig, manifest: dict) -> None:
+    """Refuse a result that training cannot use: every token in val shard 0, no train shard. The
+    val shard and its manifest stay (complete and valid); the fix is a new --out-dir anyway."""
+    if len(manifest["shards"]) > 1:
+        return
+    total = sum(s["tokens"] for s in manifest["shards"])
+    if manifest.get("stop_reason") == "max_tokens":
+        fix = "a --max-tokens well above the --shard-size (or none)"
+    elif total // 2 >= MIN_SHARD_SIZE:
+        fix = f"a --shard-size of at most {total // 2:,} (then val and train hold half each), or more input"
+    else:
+        fix = (f"more input (a val and a train shard of the smallest --shard-size, {MIN_SHARD_SIZE:,}, need over "
+               f"{2 * MIN_SHARD_SIZE:,} tokens)")
+    raise PrepError(
+        f"no train shard: all {total:,} tokens went to val shard 0 (--shard-size {cfg.shard_size:,}) and training "
+        f"reads shards 1 and up; rerun with {fix}, into another --out-dir or after deleting {cfg.out_dir}"
+    )
 
 
 def _verify_out_dir(cfg: FinewebConfig) -> None:

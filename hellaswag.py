@@ -8,7 +8,8 @@
 
 Shows progress (examples done, examples/s) while it runs, then prints one line with both scoring
 styles (reference = build-nanogpt's, harness = lm-evaluation-harness's; defined in hellaswag_eval.py
-and the README) and appends one JSON object to <log-dir>/hellaswag_results.jsonl. Under torchrun the
+and the README) and appends one JSON object to hellaswag_results.jsonl in the checkpoint's folder (its
+run's log dir, where plot.py looks; --log-dir chooses another; log/ for --hf). Under torchrun the
 examples are split across ranks; the numbers are identical to one process. bf16 autocast on CUDA,
 float32 on CPU.
 """
@@ -42,7 +43,9 @@ class HellaSwagConfig:
     download_only: bool = field(False, f"download the data to --data (or {DEFAULT_DATA_PATH}) and exit")
     limit: int = field(0, "evaluate the first N examples only (0: all 10,042)")
     batch_size: int = field(0, "sequences (one example's ending each) per forward (0: 128 on CUDA, 16 on CPU)")
-    log_dir: str = field("log", "append the result to <log-dir>/hellaswag_results.jsonl")
+    log_dir: str = field("", "append the result to <log-dir>/hellaswag_results.jsonl (default: the checkpoint's "
+                             "folder, e.g. log_fast for log_fast/model_final.pt, so plot.py files it under its run; "
+                             "log for --hf)")
     device: str = field("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     compile: bool = field(False, "torch.compile the model (CUDA only; pays off for the full set on a big model)")
 
@@ -71,6 +74,16 @@ def data_path(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> Path:
     if error:
         raise error
     return path
+
+
+def results_dir(cfg: HellaSwagConfig) -> Path:
+    """Where the result is appended: --log-dir, else the folder of the checkpoint (a model_*.pt file
+    or model_*/ folder lives in its run's log dir), else log/ for a Hugging Face model."""
+    if cfg.log_dir:
+        return Path(cfg.log_dir)
+    if cfg.hf:
+        return Path("log")
+    return Path(cfg.checkpoint or DEFAULT_CHECKPOINT).parent
 
 
 def evaluate(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> dict:
@@ -106,8 +119,8 @@ def evaluate(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> dict:
         "count": result["count"], "seconds": round(seconds, 3), "time": time.time(),
     }
     if dist_info.is_main:
-        log_dir = Path(cfg.log_dir)
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir = results_dir(cfg)
+        log_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed evaluation leaves no folder
         fileio.append_jsonl(log_dir / "hellaswag_results.jsonl", record)
         name = cfg.hf or f"{ckpt} (step {step})"
         print(f"hellaswag | {name} | {result['count']:,} examples | reference acc {result['acc']:.4f} "

@@ -17,7 +17,11 @@ Conventions (the README's "Plotting a run" section says the same):
   wins, as the resumed process is the one whose weights continue.
 - Smoothed train loss is a debiased exponential moving average over the logged steps, drawn over the
   raw curve: `--smoothing` is the weight of the past (0 = off), lowered for short logs so the lag
-  stays within 2% of the steps (the legend shows the weight used).
+  stays within 2% of the steps (the legend shows the weight used). A log too short to smooth (50
+  train records or fewer) is drawn as its raw curve, in full, with its own legend entry.
+- A hellaswag.py score counts for the run whose folder holds its checkpoint: a row in one run's
+  hellaswag_results.jsonl for a checkpoint in another folder moves to that run when it is plotted
+  too, and is otherwise left out (the summary and a warning say so).
 - Mean tokens/s and MFU skip the first `--warmup-steps` train records after each (re)start
   (torch.compile and CUDA warm-up make those steps slow). Wall time sums, over the (re)starts,
   the time from the config record to that process's last record; gaps between jobs do not count.
@@ -40,12 +44,19 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+try:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+except ModuleNotFoundError as e:  # `python plot.py` with a Python outside the repo's venv
+    if __name__ != "__main__":
+        raise
+    package = (e.name or "matplotlib").split(".")[0]  # what to install: matplotlib, not matplotlib.backends
+    raise SystemExit(f"plot.py: {package} is not installed for {sys.executable}: run `uv run plot.py`, or activate "
+                     "the repo's venv first (source .venv/bin/activate)") from None
 
 import cli
 from fileio import atomic_path
@@ -116,6 +127,9 @@ class Run:
     results: dict[str, list]  # hellaswag.py: "step" (int or None), "label", "checkpoint", "model", RESULT_FIELDS
     restarts: list[tuple[float, float]]  # (first, last) record time of each (re)start
     skipped: list[str]  # "file:line: reason" for every line that was not used
+    # hellaswag.py rows in this run's file whose checkpoint lies in another folder (an older
+    # hellaswag.py filed every score under log/): not this run's scores, so neither drawn nor summarised
+    elsewhere: list[dict] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- reading
@@ -215,6 +229,7 @@ def load_run(log_dir: str | os.PathLike, name: str | None = None) -> Run:
         keys = ("step", *fields, "since_restart") if kind == "train" else ("step", *fields)
         series[kind] = _columns(rows, keys)
 
+    results = _load_results(log_dir / HELLASWAG_FILE, skipped)
     return Run(
         name=name or log_dir.resolve().name or str(log_dir),
         log_dir=log_dir,
@@ -222,23 +237,46 @@ def load_run(log_dir: str | os.PathLike, name: str | None = None) -> Run:
         train=series["train"],
         val=series["val"],
         hellaswag=series["hellaswag"],
-        results=_load_results(log_dir / HELLASWAG_FILE, skipped),
+        results=_result_columns([r for r in results if _is_own(r, log_dir)]),
         restarts=[(min(t), max(t)) for t in times if t],
         skipped=sorted(skipped, key=_line_order),
+        elsewhere=[r for r in results if not _is_own(r, log_dir)],
     )
 
 
-def _load_results(path: Path, skipped: list[str]) -> dict[str, list]:
-    """hellaswag.py's results; re-evaluating the same (checkpoint, model, step) replaces the old row."""
-    keys = ("step", "label", "checkpoint", "model", *RESULT_FIELDS)
+def _in_folder(checkpoint: str, log_dir: Path) -> bool:
+    """Whether a checkpoint path as hellaswag.py recorded it (relative to where it ran, or absolute)
+    lies in `log_dir`: the same folder from here, or a folder of the same name (the run was copied or
+    moved since), or no folder at all (scored from inside it)."""
+    folder = Path(checkpoint).parent
+    return not folder.name or folder.resolve() == log_dir.resolve() or folder.name == log_dir.resolve().name
+
+
+def _is_own(row: dict, log_dir: Path) -> bool:
+    """A row scores this run unless it names a checkpoint in another folder (HF models: kept as levels)."""
+    return not row["checkpoint"] or _in_folder(row["checkpoint"], log_dir)
+
+
+def _result_columns(rows: list[dict]) -> dict[str, list]:
+    """Rows as columns sorted by step (None last); re-evaluating the same (checkpoint, model, step)
+    replaces the older row."""
+    latest: dict[tuple, dict] = {}
+    for row in sorted(rows, key=lambda r: r.get("time") or 0):  # stable: file order among equal times
+        latest[(row["checkpoint"], row["model"], row["step"])] = row
+    ordered = sorted(latest.values(), key=lambda r: (r["step"] is None, r["step"] or 0))
+    return _columns(ordered, ("step", "label", "checkpoint", "model", *RESULT_FIELDS))
+
+
+def _load_results(path: Path, skipped: list[str]) -> list[dict]:
+    """hellaswag.py's results, one dict per valid line (with its "label"), in file order."""
     if not path.is_file():
-        return {k: [] for k in keys}
+        return []
     try:
         lines, bad = _read_jsonl(path)
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror}: check its permissions") from None
     skipped.extend(bad)
-    latest: dict[tuple, dict] = {}
+    rows = []
     for n, rec in lines:
         step, ckpt, model = rec.get("step"), rec.get("checkpoint"), rec.get("model")
         why = _bad_field(rec, "acc_norm", RESULT_FIELDS)
@@ -252,13 +290,14 @@ def _load_results(path: Path, skipped: list[str]) -> dict[str, list]:
             skipped.append(f"{path}:{n}: {why}")
             continue
         label = Path(str(ckpt or model)).name or str(ckpt or model)
-        latest[(ckpt, model, step)] = {**rec, "label": label}
-    rows = sorted(latest.values(), key=lambda r: (r["step"] is None, r["step"] or 0))
-    return _columns(rows, keys)
+        rows.append({**rec, "checkpoint": ckpt, "model": model, "step": step, "label": label})
+    return rows
 
 
 def load_runs(log_dirs) -> list[Run]:
-    """load_run for each dir, named by the dir's name, or by the path as given where names collide."""
+    """load_run for each dir, named by the dir's name, or by the path as given where names collide.
+    A hellaswag.py score filed in one run's folder for a checkpoint of another run given here moves
+    to that run (each score in its own run's row)."""
     names = [Path(d).resolve().name or str(d) for d in log_dirs]
     runs = []
     for i, d in enumerate(log_dirs):
@@ -266,6 +305,20 @@ def load_runs(log_dirs) -> list[Run]:
         if any(r.name == name for r in runs):
             name = f"{name}#{i + 1}"
         runs.append(load_run(d, name=name))
+    moved: dict[int, list[dict]] = {}
+    for i, run in enumerate(runs):
+        stay = []
+        for row in run.elsewhere:
+            home = next((j for j, other in enumerate(runs)
+                         if j != i and _in_folder(row["checkpoint"], other.log_dir)), None)
+            if home is None:
+                stay.append(row)
+            else:
+                moved.setdefault(home, []).append(row)
+        runs[i] = replace(run, elsewhere=stay)
+    for j, rows in moved.items():
+        own = [dict(zip(runs[j].results, values)) for values in zip(*runs[j].results.values())]
+        runs[j] = replace(runs[j], results=_result_columns(own + rows))
     return runs
 
 
@@ -463,7 +516,17 @@ def summarize(runs: list[Run], warmup_steps: int = PlotConfig.warmup_steps) -> s
         "wall time (h:mm:ss): sum over (re)starts of first-to-last record time."
     )
     lines += ["", note]
+    lines += ["\n" + elsewhere_note(run) for run in runs if run.elsewhere]
     return "\n".join(lines) + "\n"
+
+
+def elsewhere_note(run: Run) -> str:
+    """What was left out of a run's row: scores filed in its folder for checkpoints of other runs."""
+    checkpoints = list(dict.fromkeys(row["checkpoint"] for row in run.elsewhere))
+    shown = ", ".join(checkpoints[:3]) + (f" and {len(checkpoints) - 3} more" if len(checkpoints) > 3 else "")
+    folders = " ".join(dict.fromkeys(str(Path(c).parent) for c in checkpoints))
+    return (f"Not in {run.name}'s row: {run.log_dir / HELLASWAG_FILE} also holds hellaswag.py scores of checkpoints in "
+            f"other folders ({shown}); add --log-dir {folders} to show each in its own run's row.")
 
 
 # ---------------------------------------------------------------- drawing
@@ -511,12 +574,16 @@ def _draw_training_loss(ax, runs: list[Run], smoothing: float) -> None:
         if not x:
             continue
         color = f"C{i % 10}"
-        ax.plot(x, y, color=color, alpha=0.3, linewidth=0.8, gid=f"{run.name}/train_loss",
-                label=_label("train loss (raw)", run, runs) if len(runs) == 1 else "_raw")
         weight = ema_weight(smoothing, len(y))
-        if weight > 0:
+        if weight > 0:  # faint raw curve under the smoothed one, which carries the run's legend entry
+            ax.plot(x, y, color=color, alpha=0.3, linewidth=0.8, gid=f"{run.name}/train_loss",
+                    label=_label("train loss (raw)", run, runs) if len(runs) == 1 else "_raw")
             ax.plot(x, ema(y, weight), color=color, linewidth=1.8, gid=f"{run.name}/train_loss_ema",
                     label=_label(f"train loss (EMA {weight:.3g})", run, runs))
+        else:  # too few steps to smooth (or --smoothing 0): the raw curve is the run's curve, drawn full
+            unsmoothed = f", {len(y)} steps: not smoothed" if smoothing > 0 else ""
+            ax.plot(x, y, color=color, linewidth=1.4, marker="o" if len(y) <= 20 else None, markersize=3,
+                    gid=f"{run.name}/train_loss", label=_label(f"train loss (raw{unsmoothed})", run, runs))
         curves.append((x, y))
     if not curves:
         _no_data(ax, "no train records yet")
@@ -744,6 +811,8 @@ def main(argv: list[str] | None = None) -> None:
             more = f"; ... {len(run.skipped) - 5} more" if len(run.skipped) > 5 else ""
             print(f"plot.py: warning: skipped {len(run.skipped)} bad line(s) in {run.log_dir}: "
                   f"{'; '.join(run.skipped[:5])}{more}", file=sys.stderr)
+        if run.elsewhere:
+            print(f"plot.py: warning: {elsewhere_note(run)}", file=sys.stderr)
     out_dir = Path(cfg.out_dir or cfg.log_dirs[0])
     try:
         paths = make_figures(runs, out_dir, cfg.smoothing)

@@ -13,8 +13,10 @@ import contextlib
 import datetime
 import gc
 import os
+import signal
 import socket
 import subprocess
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,8 @@ def setup_distributed(device_flag: str = "auto", timeout_minutes: float = 30) ->
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_flag, local_rank)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker torchrun started
+        stop_with_parent(signal.SIGTERM)
     if world_size > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -77,6 +81,24 @@ def setup_distributed(device_flag: str = "auto", timeout_minutes: float = 30) ->
                                     world_size=world_size, device_id=device if device.type == "cuda" else None,
                                     timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistInfo(rank, local_rank, world_size, device, rank == 0)
+
+
+def stop_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send `sig` to this process when the process that started it dies (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing). torchrun starts each worker in a session of its own, so a
+    SIGKILLed torchrun (kill -9, the OOM killer) left its workers training on into the log dir, where a
+    rerun then met them. With SIGTERM the trainer's stop flag checkpoints at the next step boundary if
+    the ranks can still agree, and otherwise the first collective fails and the rank exits."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent or parent == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), sig)
 
 
 def host_names() -> list[str]:

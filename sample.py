@@ -33,6 +33,18 @@ class SampleConfig:
             raise ValueError("--num-samples and --max-new-tokens must be >= 1, --temperature and --top-k >= 0")
 
 
+def check_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    """Say which flag to change when prompt + new tokens do not fit the model's context."""
+    if prompt_tokens >= context:  # not even one new token fits
+        raise ValueError(f"--prompt is too long: {prompt_tokens} tokens for a context of {context} (the model's "
+                         f"block_size, which must also hold the new tokens): shorten it to at most {context - 1} "
+                         "tokens")
+    if prompt_tokens + max_new_tokens > context:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} does not fit: the prompt's {prompt_tokens} tokens leave "
+                         f"{context - prompt_tokens} of the model's context of {context} (block_size): ask for "
+                         f"--max-new-tokens {context - prompt_tokens} or fewer")
+
+
 def main(argv=None) -> int:
     try:
         cfg = parse_config(SampleConfig, argv, description=__doc__)
@@ -40,6 +52,7 @@ def main(argv=None) -> int:
         model = checkpoint.load_model(cfg.checkpoint, device)
         enc = get_encoding()
         prompt = enc.encode(cfg.prompt) if cfg.prompt else [EOT_TOKEN]
+        check_length(len(prompt), cfg.max_new_tokens, model.config.block_size)
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
         rows = generate(model, prompt, cfg.max_new_tokens, num_samples=cfg.num_samples, temperature=cfg.temperature,
                         top_k=cfg.top_k or None, generator=generator, stop_token=EOT_TOKEN,

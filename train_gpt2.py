@@ -27,6 +27,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ import torch
 
 import checkpoint
 import fileio
+import memory
 import metrics as metrics_log
 import runtime
 from cli import build_parser, field, parse_flags
@@ -151,6 +153,7 @@ class TrainConfig:
     activation_checkpointing: bool = field(False, "recompute each block in backward to save memory (gpt2-large/xl on one GPU)")
     parallel: str = field("ddp", "how the model is spread over ranks: ddp (whole model on every GPU, the reference) or fsdp (FSDP2: weights, gradients and optimizer state sharded; for gpt2-large/xl)", choices=STRATEGIES)
     ddp_bucket_mb: int = field(25, "DDP gradient all-reduce bucket size in MB")
+    memory_check: bool = field(True, "refuse at start a run that memory.py's formula says cannot fit in this GPU's (or this machine's) memory")
     dist_timeout_minutes: int = field(30, "how long a rank waits in a collective before giving up (covers rank 0 writing a gpt2-xl checkpoint, ~19 GB, at >= 11 MB/s)")
     demo: bool = field(False, "CPU demo: tiny model on the small corpus shipped in assets/demo (minutes)")
 
@@ -311,6 +314,8 @@ class Run:
     autocast: object  # the forward passes' precision context (runtime.Precision: bf16 on CUDA)
     grad_accum: int  # micro-steps per optimizer step on each rank
     spike_guard: SpikeGuard  # decides whether a step's update is applied (off: always)
+    log_dir_lock: fileio.FolderLock | None = None  # the trainer's hold on --log-dir (rank 0)
+    micro_steps_done: int = 0  # by this process: what the first step's progress line reports
 
 
 def build_model(cfg: TrainConfig, device: torch.device, is_main: bool) -> GPT:
@@ -377,6 +382,7 @@ def train_step(run: Run, step: int) -> StepResult:
             loss = loss / run.grad_accum  # the step's loss is the mean over its micro-batches
             loss_accum += loss.detach()
             loss.backward()
+        run.micro_steps_done += 1
     grad_norm = run.parallel.clip_grad_norm_(run.model, run.cfg.grad_clip)
     lr = learning_rate(step, run.cfg)
     skipped = None
@@ -626,15 +632,19 @@ def sample_texts(run: Run, step: int, num_samples: int = 4, max_new_tokens: int 
 # ---- the loop's helpers --------------------------------------------------------------------------
 class StopFlag:
     """SIGTERM / SIGUSR1 (what SLURM sends before a time limit) and the first Ctrl-C (SIGINT) ask for
-    a checkpoint at the next step boundary; a second Ctrl-C, more than a second after the first,
-    aborts at once. (Within a second it is the same key press delivered twice: by the terminal and
-    by a launcher that forwards it.)"""
+    a checkpoint at the next step boundary; a second Ctrl-C or a second SIGTERM, more than a second
+    after the first, aborts at once (exit 130 / 143, no checkpoint). (Within a second it is the same
+    request delivered twice: by the terminal, or a `kill` of the process group, and by a launcher that
+    forwards it.) SIGUSR1 then SIGTERM is SLURM's time limit arriving during the checkpoint USR1 asked
+    for: the checkpoint goes on (SLURM's SIGKILL follows after its KillWait)."""
 
     SAME_PRESS_SECONDS = 1.0
+    ABORTS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}
 
     def __init__(self):
         self.signal_name: str | None = None
         self.interrupted_at: float | None = None
+        self.first_at: dict[int, float] = {}  # signal -> when it first came
         self.quiet = runtime.env_rank() != 0  # one message per job, not one per rank
 
     def install(self) -> dict:
@@ -647,15 +657,19 @@ class StopFlag:
             os.write(2, text.encode())  # a signal handler must not use print (it may interrupt one)
 
     def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if signum in self.first_at:
+            if signum in self.ABORTS and now - self.first_at[signum] > self.SAME_PRESS_SECONDS:
+                name, code = self.ABORTS[signum]
+                self._say(f"\nsecond {name}: stopping now, without a checkpoint\n")
+                os._exit(code)
+            return
+        self.first_at[signum] = now
         if signum == signal.SIGINT:
-            now = time.monotonic()
-            if self.interrupted_at is not None:
-                if now - self.interrupted_at > self.SAME_PRESS_SECONDS:
-                    self._say("\nsecond Ctrl-C: stopping now, without a checkpoint\n")
-                    os._exit(130)
-                return
             self.interrupted_at = now
             self._say("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)\n")
+        elif signum == signal.SIGTERM:
+            self._say("\nSIGTERM: finishing this step and saving a checkpoint (SIGTERM again to stop at once)\n")
         self.signal_name = self.signal_name or signal.Signals(signum).name
 
     @property
@@ -665,6 +679,37 @@ class StopFlag:
     @property
     def interrupted(self) -> bool:
         return self.interrupted_at is not None
+
+
+class FirstStepNotice:
+    """A line every so often while this process's first step runs (compiling, a big model on a slow
+    device): what it is doing and how many micro-steps are done, instead of minutes of silence."""
+
+    FIRST_AFTER, EVERY = 30.0, 60.0  # seconds
+
+    def __init__(self, run: Run, step: int, enabled: bool):
+        self.run, self.step, self.enabled = run, step, enabled
+        self.done = threading.Event()
+
+    def __enter__(self):
+        if self.enabled:
+            threading.Thread(target=self._report, name="first-step", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+
+    def _report(self) -> None:
+        started, wait = time.perf_counter(), self.FIRST_AFTER
+        run, cfg = self.run, self.run.cfg
+        while not self.done.wait(wait):
+            done = run.micro_steps_done
+            compiling = done == 0 and runtime.compiles(run.dist_info.device, cfg.compile, cfg.compile_on_cpu, warn=False)
+            doing = ("torch.compile is compiling the model (minutes, the first time)" if compiling else
+                     f"a {cfg.model} step of {cfg.tokens_per_step:,} tokens on {runtime.device_name(run.dist_info.device)}")
+            print(f"step {self.step:6d} | still running after {hms(time.perf_counter() - started)}: {done} of "
+                  f"{run.grad_accum} micro-steps done; {doing}", flush=True)
+            wait = self.EVERY
 
 
 class StepClock:
@@ -730,11 +775,38 @@ def prepare_demo_data(cfg: TrainConfig) -> None:
         raise ValueError(f"demo data preparation failed (exit {result.returncode}): see the message above")
 
 
+def hold_log_dir(cfg: TrainConfig, dist_info: runtime.DistInfo) -> fileio.FolderLock | None:
+    """Rank 0 holds --log-dir (fileio.FolderLock) before anything is written there: a second run into
+    it stops here, every rank with it, having written nothing."""
+    lock, problem = None, None
+    if dist_info.is_main:
+        try:
+            lock = fileio.FolderLock(cfg.log_dir, [Path(sys.argv[0]).name, *sys.argv[1:]]).acquire()
+        except fileio.FolderInUse as e:
+            problem = str(e)
+    problem = runtime.broadcast_object(problem)
+    if problem:
+        raise fileio.FolderInUse(problem)
+    return lock
+
+
+def check_memory(cfg: TrainConfig, dist_info: runtime.DistInfo) -> None:
+    """Refuse, before anything is built, a run the memory formula says cannot fit (--no-memory-check)."""
+    if not cfg.memory_check:
+        return
+    device = dist_info.device
+    needed = memory.memory_bytes(cfg.model, cfg.parallel, cfg.activation_checkpointing, cfg.micro_batch_size,
+                                 cfg.seq_len, dist_info.world_size, cfg.grad_accum_steps(dist_info.world_size),
+                                 "bf16" if runtime.precision(device, cfg.precision).dtype else "fp32",
+                                 cfg.loss_chunk_rows)
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1  # they share RAM
+    memory.check_fits(needed, device, processes_here)
+
+
 def prepare_run_dir(cfg: TrainConfig, dist_info: runtime.DistInfo) -> list[dict]:
-    """Before anything is built: the log dir (and its temp files from a killed save), the demo's
+    """Before anything is built (the log dir is held): its temp files from a killed save, the demo's
     data, the HellaSwag examples (a missing or malformed file fails now, not after hours of training)."""
     if dist_info.is_main:
-        Path(cfg.log_dir).mkdir(parents=True, exist_ok=True)
         fileio.remove_temps(cfg.log_dir, checkpoint.TMP_PREFIX)
         if cfg.demo:
             prepare_demo_data(cfg)
@@ -770,16 +842,24 @@ def write_config_record(run: Run, log: metrics_log.MetricsLog, start_step: int, 
 # ---- the run ------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: StopFlag | None = None) -> int:
     stop = stop or StopFlag()
-    hellaswag_examples = prepare_run_dir(cfg, dist_info)
-    run = build_run(cfg, dist_info)
-    start_step, evals_done, resumed = resume(run)
-    log = metrics_log.open_log(Path(cfg.log_dir), dist_info.is_main, cfg.tensorboard, cfg.wandb_project if cfg.wandb else None, asdict(cfg))
-    log.start(resumed)
-    write_config_record(run, log, start_step, resumed and resumed["path"])
+    check_memory(cfg, dist_info)
+    lock = hold_log_dir(cfg, dist_info)
     try:
-        return loop(run, log, stop, start_step, evals_done, hellaswag_examples)
+        hellaswag_examples = prepare_run_dir(cfg, dist_info)
+        run = build_run(cfg, dist_info)
+        run.log_dir_lock = lock
+        start_step, evals_done, resumed = resume(run)
+        log = metrics_log.open_log(Path(cfg.log_dir), dist_info.is_main, cfg.tensorboard,
+                                   cfg.wandb_project if cfg.wandb else None, asdict(cfg))
+        log.start(resumed)
+        write_config_record(run, log, start_step, resumed and resumed["path"])
+        try:
+            return loop(run, log, stop, start_step, evals_done, hellaswag_examples)
+        finally:
+            log.close()
     finally:
-        log.close()
+        if lock is not None:
+            lock.release()
 
 
 def loop(run: Run, log: metrics_log.MetricsLog, stop: StopFlag, start_step: int, evals_done: bool,
@@ -831,7 +911,8 @@ def loop(run: Run, log: metrics_log.MetricsLog, stop: StopFlag, start_step: int,
             save_checkpoint(run, log_dir / f"model_{step:05d}", step, True, log, cfg.keep_checkpoints)
 
         clock.run()
-        loss, grad_norm, lr, skipped = train_step(run, step)
+        with FirstStepNotice(run, step, enabled=is_main and step == start_step):
+            loss, grad_norm, lr, skipped = train_step(run, step)
         clock.step_done()
         if skipped:  # the guard's decision is a host value, the same on every rank
             log.write({"type": "skip", "step": step, "tokens": (step + 1) * cfg.tokens_per_step, "reason": skipped})
@@ -848,11 +929,16 @@ def loop(run: Run, log: metrics_log.MetricsLog, stop: StopFlag, start_step: int,
             # saved after a non-finite step): loss, norm, health and stop flags of every rank. (With
             # the spike guard on, train_step also syncs once per step, for its decision.) The flags
             # go in as fill kernels, not host-to-device copies, which would block the host earlier.
+            lost_log_dir = run.log_dir_lock is not None and run.log_dir_lock.lost is not None
             stats = torch.stack([loss, grad_norm.to(loss.dtype), bad_steps,
                                  torch.full((), float(stop.set), device=dist_info.device),
-                                 torch.full((), float(stop.interrupted), device=dist_info.device)])
-            loss_sum, norm_sum, bad, stops, interrupts = run.parallel.all_reduce(stats).tolist()
+                                 torch.full((), float(stop.interrupted), device=dist_info.device),
+                                 torch.full((), float(lost_log_dir), device=dist_info.device)])
+            loss_sum, norm_sum, bad, stops, interrupts, lost = run.parallel.all_reduce(stats).tolist()
             clock.pause()
+            if lost:  # another run writes into --log-dir (fileio.FolderLock): no checkpoint of ours over its
+                raise fileio.FolderInUse(run.log_dir_lock.lost if run.log_dir_lock else
+                                         f"another run took over {log_dir}: stopping on every rank")
             if bad:
                 raise Diverged(f"the loss or gradient norm stopped being finite by step {step} (loss now "
                                f"{loss_sum / dist_info.world_size}): stopping. The last good checkpoint in {log_dir} is "

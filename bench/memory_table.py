@@ -8,33 +8,7 @@ next to the formula's prediction for it.
     uv run bench/memory_table.py --measure gpt2-medium                # + a real CPU step (fp32): measured vs formula
     uv run bench/memory_table.py --measure tiny --parallel fsdp --ranks 2   # the same under FSDP2, 2 gloo ranks
 
-The formula (bytes per GPU; P parameters, N GPUs, L layers, d width, V = 50,304 padded vocab,
-R = micro-batch x seq-len tokens per micro-step):
-
-  weights         4P (fp32 master)                              fsdp: 4P/N
-  gradients       4P (fp32)                                     fsdp: 4P/N
-  DDP buckets     4P (DDP's flat copy of the gradients to all-reduce; N > 1)
-  optimizer       AdamW 8P (exp_avg, exp_avg_sq)                fsdp: 8P/N
-  compute copies  CUDA: 2P (autocast's bf16 copy of each weight, kept for backward)
-                  fsdp CUDA: 2 x 2 x P_block (one block gathered + the next prefetched, bf16) + 2 x P_root
-                  (wte/wpe/ln_f gathered for the whole step; fp32 on CPU: 4 x ...)
-  accumulation    fsdp with grad accumulation > 1: 4P (unsharded fp32 gradients kept between the
-                  micro-steps: reduce-scatter runs on the last one only)
-  activations     per layer, per token: a x d bytes, a = 38 under bf16 autocast (fp32 residual and
-                  LayerNorm inputs 2 x 4d, bf16 c_attn/c_proj/c_fc inputs 3 x 2d, q/k/v and the
-                  attention output 4 x 2d, GELU input and output 2 x 8d), a = 68 in fp32 (CPU);
-                  x L x R. Activation checkpointing keeps each block's input (4d x L x R) and one
-                  block's activations (a x d x R) while it is recomputed.
-  logits          12 V R at the start of backward: the fp32 log-softmax output saved by the loss, its
-                  gradient and the gradient of the logits (--loss-chunk-rows K: 12 V K)
-
-  optimizer step  foreach AdamW (CPU) adds a temporary of 4P (fsdp: 4P/N); fused AdamW (CUDA) none
-
-Peak = the larger of the sum of the above (gradients of earlier micro-steps are alive while the next
-one's activations are: an upper bound for one micro-step per step) and weights + gradients +
-optimizer + the optimizer step's temporaries. Not counted: the CUDA context and NCCL buffers (~1-2
-GiB), allocator fragmentation, torch.compile's workspace. Measured on the CPU (BENCHMARKS.md): within
-10% of real steps of gpt2-medium and gpt2-large, above them when activations dominate.
+The formula and what it leaves out: memory.py (the trainer refuses a run that cannot fit with it).
 """
 
 from __future__ import annotations
@@ -54,12 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cli import field, parse_config  # noqa: E402
-from model import MODEL_PRESETS, GPT, GPTConfig  # noqa: E402
+from memory import GiB, memory_bytes  # noqa: E402
+from model import MODEL_PRESETS, GPTConfig  # noqa: E402
 from parallel import STRATEGIES  # noqa: E402
 
-GiB = 2**30
 TABLE_SIZES = ("gpt2-medium", "gpt2-large", "gpt2-xl")
-ACTIVATION_BYTES = {"bf16": 38, "fp32": 68}  # per layer, per token, per unit of width (see the docstring)
 
 
 @dataclass(frozen=True)
@@ -78,51 +51,6 @@ class MemoryConfig:
     micro_batch_size: int = field(1, "--measure: rows per micro-step")
     activation_checkpointing: bool = field(False, "--measure: with activation checkpointing")
     json_out: str = field("", "also write the rows as JSON lines here")
-
-
-def parameter_counts(model_name: str) -> dict[str, int]:
-    """Parameters of the whole model, of one block, of the root (embeddings + ln_f), from a model
-    built on the meta device (shapes only: no memory, no init)."""
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**MODEL_PRESETS[model_name]))
-    block = sum(p.numel() for p in model.transformer.h[0].parameters())
-    total = model.num_params()
-    return {"total": total, "block": block, "root": total - block * model.config.n_layer,
-            "layers": model.config.n_layer, "width": model.config.n_embd, "vocab": model.config.padded_vocab_size}
-
-
-def memory_bytes(model_name: str, parallel: str, activation_checkpointing: bool, micro_batch_size: int,
-                 seq_len: int, gpus: int, grad_accum: int = 1, precision: str = "bf16",
-                 loss_chunk_rows: int = 0) -> dict[str, float]:
-    """The docstring's formula: bytes per GPU, by component, and "total"."""
-    n = parameter_counts(model_name)
-    P, L, d, V = n["total"], n["layers"], n["width"], n["vocab"]
-    rows = micro_batch_size * seq_len
-    shard = gpus if parallel == "fsdp" else 1
-    compute = 2 if precision == "bf16" else 4  # bytes of the weights a matmul reads
-    parts = {
-        "weights": 4 * P / shard,
-        "gradients": 4 * P / shard,
-        "ddp_buckets": 4 * P if parallel == "ddp" and gpus > 1 else 0,
-        "optimizer": 8 * P / shard,
-    }
-    if parallel == "fsdp":
-        parts["compute_copies"] = compute * (2 * n["block"] + n["root"]) if gpus > 1 or precision == "bf16" else 0
-        parts["accumulation"] = 4 * P if grad_accum > 1 else 0
-    else:
-        parts["compute_copies"] = 2 * P if precision == "bf16" else 0
-    a = ACTIVATION_BYTES[precision]
-    if activation_checkpointing:
-        parts["activations"] = 4 * d * L * rows + a * d * rows
-    else:
-        parts["activations"] = a * d * L * rows
-    parts["logits"] = 12 * V * (loss_chunk_rows if loss_chunk_rows else rows)
-    # The optimizer step: foreach AdamW (the CPU's) makes a temporary the size of its shard of the
-    # weights; fused AdamW (CUDA, the trainer's default there) makes none.
-    step_temporaries = 4 * P / shard if precision == "fp32" else 0
-    model_state = parts["weights"] + parts["gradients"] + parts["optimizer"]
-    parts["total"] = max(sum(parts.values()), model_state + step_temporaries)
-    return parts
 
 
 def table(cfg: MemoryConfig) -> list[dict]:

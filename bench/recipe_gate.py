@@ -115,9 +115,12 @@ def prepare_data(cfg: GateConfig, work: Path) -> Path:
     shard = {}
     for name in ("heldout", "heldin"):  # one shard each (fineweb.py names its first shard "val")
         out = work / f"tokens_{name}"
-        cmd = [sys.executable, str(ROOT / "fineweb.py"), "--input", str(split_dir / f"{name}.parquet"),
-               "--out-dir", str(out), "--shard-size", str(10**9), "--workers", "1"]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        # fineweb.prepare, not the command: the command refuses a run that leaves no train shard,
+        # and a single shard is exactly what each split wants here.
+        code = ("import sys, fineweb; fineweb.prepare(fineweb.FinewebConfig(input=(sys.argv[1],), out_dir=sys.argv[2], "
+                "shard_size=10**9, workers=1), progress=False)")
+        subprocess.run([sys.executable, "-c", code, str(split_dir / f"{name}.parquet"), str(out)], check=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
         shard[name] = out / "edufineweb_val_000000.npy"
     os.link(shard["heldout"], staging / "edufineweb_val_000000.npy")
     os.link(shard["heldin"], staging / "edufineweb_train_000001.npy")

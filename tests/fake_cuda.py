@@ -23,7 +23,8 @@ What is real and what is stood in for:
   own shape, dtype and device, accumulated as autograd accumulates. What the real backward computes
   is placed by the forward's devices, which the forward under fake CUDA has checked.
 
-Not covered here (see their own tests): numbers (the CPU tests), compiled graphs (CPU inductor,
+Needs the torch of uv.lock (2.15): before ~2.13 making a fake CUDA tensor still asked for a driver
+(pytorch/pytorch#122109). Not covered here (see their own tests): numbers (the CPU tests), compiled graphs (CPU inductor,
 tests/test_compile.py), collectives (gloo, tests/test_fsdp.py), and what no CPU can tell: kernels,
 memory, speed (bench/gpu_check.sh on a GPU).
 """
@@ -34,7 +35,12 @@ import contextlib
 from unittest import mock
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+try:
+    from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
+except ImportError:  # torch < 2.13: a plain RuntimeError ("Unhandled FakeTensor Device Propagation")
+    FakeTensorDeviceMismatchError = RuntimeError
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["DeviceMismatch", "fake_cuda", "is_fake"]

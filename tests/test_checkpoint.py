@@ -86,6 +86,44 @@ def test_scripts_refuse_a_text_file_renamed_pt_in_one_line(tmp_path, script):
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "not a checkpoint of this repo" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_final.pt"]  # no --log-dir / --out-dir made
+
+
+def test_a_log_dir_passed_as_checkpoint_names_its_newest_checkpoint(tmp_path):
+    """`--checkpoint log` (the run's folder): every script's loader points at the checkpoint to pass."""
+    save_small(tmp_path / "model_00005.pt", step=5)
+    (tmp_path / "model_00010").mkdir()  # a sharded checkpoint's folder (--parallel fsdp), newer
+    with pytest.raises(ValueError) as err:
+        checkpoint.load_model(tmp_path)
+    assert str(err.value) == (f"{tmp_path} is a log dir, not a checkpoint: pass one of its checkpoints, e.g. the "
+                              f"newest, {tmp_path / 'model_00010'}")
+    save_small(tmp_path / "model_final.pt")
+    with pytest.raises(ValueError, match=f"e.g. the newest, {tmp_path / 'model_final.pt'}$"):
+        checkpoint.read_step(tmp_path)
+    (tmp_path / "empty").mkdir()  # no checkpoint in it: not a log dir, not a sharded checkpoint either
+    with pytest.raises(ValueError, match="has no readable .metadata"):
+        checkpoint.load_model(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["HF_HUB_OFFLINE set", "HF_HUB_OFFLINE unset"])
+def test_hf_model_missing_offline_advises_by_whether_hf_hub_offline_is_set(tmp_path, monkeypatch, offline):
+    """Set: the cache is what is missing, so no advice to set it; unset (and the Hub unreachable: a
+    closed local port as the endpoint): setting it, with a filled cache, is the way to work offline."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "ENDPOINT", closed)
+    with pytest.raises(ValueError) as err:
+        checkpoint.load_hf_model("nobody/no-such-gpt2")
+    message = str(err.value)
+    assert message.startswith("--hf nobody/no-such-gpt2: not in the local Hugging Face cache") and "\n" not in message
+    assert ("HF_HUB_OFFLINE is set" in message) == offline
+    assert ("set HF_HUB_OFFLINE=1" in message) == (not offline)
 
 
 def test_paths_newest_first_and_load_latest_skips_a_corrupt_one(tmp_path):

@@ -2,6 +2,9 @@
 
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +13,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
+from conftest import limit_file_size
+from export_hf import ExportConfig
 from model import GPT, GPTConfig
 from tokenizer import get_encoding
 
@@ -57,6 +62,35 @@ def test_export_errors_are_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs POSIX RLIMIT_FSIZE for a real write error")
+def test_an_export_that_cannot_be_written_is_one_line_and_leaves_no_folder(tmp_path):
+    """A full disk (here a real EFBIG: a 1 MiB file-size limit, the weights are 13 MB) while the
+    weights are written: one line, and neither the export nor the folders made for it are left."""
+    save_random_checkpoint(tmp_path / "model_final.pt")
+    result = subprocess.run(
+        [sys.executable, "export_hf.py", "--checkpoint", str(tmp_path / "model_final.pt"),
+         "--out-dir", str(tmp_path / "new" / "deeper" / "hf")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size(1 << 20),
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: cannot write {tmp_path / 'new' / 'deeper' / 'hf'} (")
+    assert "File too large" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_final.pt"]
+
+
+def test_the_export_folders_the_readme_and_the_default_use_are_git_ignored():
+    """Exports are outputs (hundreds of MB), never meant for a commit."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    readme = (ROOT / "README.md").read_text()
+    folders = {ExportConfig().out_dir} | set(re.findall(r"export_hf\.py .*--out-dir (\S+)", readme))
+    assert folders >= {"gpt2-fineweb-hf", "gpt2-demo-hf"}
+    paths = [f"{folder}/model.safetensors" for folder in sorted(folders)]
+    result = subprocess.run(["git", "check-ignore", *paths], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert result.stdout.split() == paths, result.stdout + result.stderr
 
 
 @pytest.mark.slow

@@ -52,6 +52,14 @@ def cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("hf_cache"))
 
 
+@pytest.fixture
+def cli_cache(cache, monkeypatch):
+    """fineweb.main() in this process uses `datasets`' default cache: the private one instead."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(cache))
+
+
 def texts_of(files: list[str]) -> list[str]:
     return [t for f in files for t in pq.read_table(f, columns=["text"]).column("text").to_pylist()]
 
@@ -166,11 +174,39 @@ def test_max_tokens_stops_early_and_a_longer_rerun_continues(subset, cache, refe
         run(subset, tmp_path, cache, shard_size=SHARD + 1, workers=2)
 
 
+def test_a_moved_input_file_still_matches_its_manifest(subset, cache, tmp_path, capsys):
+    """A renamed checkout (the demo's input lives in it) or a moved data folder: the same file name and
+    size is the same input, also for a manifest that recorded only the absolute path (older runs)."""
+    first = tmp_path / "before" / "part-0.parquet"
+    first.parent.mkdir()
+    shutil.copy(subset[0], first)
+    out = tmp_path / "out"
+    made = run([first], out, cache, shard_size=SHARD, workers=1)
+    assert made["settings"]["source"]["files"] == [{"name": "part-0.parquet", "bytes": first.stat().st_size,
+                                                    "path": str(first)}]
+    moved = tmp_path / "renamed-checkout" / "part-0.parquet"
+    moved.parent.mkdir()
+    first.rename(moved)
+    capsys.readouterr()
+    assert run([moved], out, cache, shard_size=SHARD, workers=1) == made
+    assert "already complete" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())  # as the previous fineweb.py wrote it
+    manifest["settings"]["source"]["files"] = [{"path": str(first), "bytes": moved.stat().st_size}]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert run([moved], out, cache, shard_size=SHARD, workers=1)["shards"] == made["shards"]
+    assert "already complete" in capsys.readouterr().out
+    other = tmp_path / "other" / "part-0.parquet"  # same name, other content: not the same input
+    other.parent.mkdir()
+    shutil.copy(subset[1], other)
+    with pytest.raises(PrepError, match="other settings.*source.files"):
+        run([other], out, cache, shard_size=SHARD, workers=1)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.name != "posix", reason="SIGKILL and process groups are POSIX")
 def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(demo_parquet, cache, tmp_path):
     files = [str(demo_parquet)]  # 348 documents, 571K tokens
-    shard = 2_000  # ~286 shards: a wide window to kill in
+    shard = fineweb.MIN_SHARD_SIZE  # ~140 shards: a wide window to kill in
     expected = run(files, tmp_path / "straight", cache, shard_size=shard, workers=1)
     out = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "fineweb.py"), "--input", *files, "--out-dir", str(out),
@@ -263,9 +299,60 @@ def test_refused_flag_values_are_one_line_errors_before_anything_runs(tmp_path, 
     assert "--workers must be >= 0" in cli_error(capsys, "--workers", "-1", "--out-dir", str(out))
     assert "--max-tokens must be >= 0" in cli_error(capsys, "--max-tokens", "-1e3", "--out-dir", str(out))
     assert "--out-dir must not be empty" in cli_error(capsys, "--out-dir", "")
+    # thousands of shards too small to hold a training window: refused before anything is read
+    small = cli_error(capsys, "--shard-size", "10", "--input", str(ROOT / "README.md"), "--out-dir", str(out))
+    assert "--shard-size 10 is too small" in small and f"use {fineweb.MIN_SHARD_SIZE:,} or more" in small
     assert not out.exists()
     with pytest.raises(ValueError, match="--shard-size"):  # the config checks itself, however it is made
         FinewebConfig(shard_size=-5)
+
+
+def test_every_documented_shard_size_is_accepted():
+    """The command lines the READMEs give (the demo's 100,000, the GPU check's 200,000, ...) stay valid."""
+    import re
+
+    texts = [(ROOT / name).read_text() for name in ("README.md", "assets/demo/README.md", "BENCHMARKS.md")]
+    sizes = [int(float(v.replace("_", ""))) for t in texts for v in re.findall(r"--shard-size (\S+?)[`\s)]", t)]
+    assert len(sizes) >= 4 and min(sizes) >= fineweb.MIN_SHARD_SIZE, sizes
+
+
+def test_input_files_without_rows_are_named_and_no_out_dir_is_left(tmp_path, capsys):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"text": ["a document"]}), good)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    out = tmp_path / "new" / "out"
+    for argv in ([str(empty)], [str(good), str(empty)], [str(tmp_path / "empty.jsonl")]):
+        message = cli_error(capsys, "--input", *argv, "--out-dir", str(out))
+        assert f"input file {argv[-1]} has no rows" in message, message
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_run_that_wrote_no_shard_removes_only_the_folders_it_created(tmp_path, capsys, cli_cache):
+    blank = tmp_path / "blank.jsonl"  # rows, but no text in any
+    blank.write_text("".join(json.dumps({"text": ""}) + "\n" for _ in range(3)))
+    argv = ["--input", str(blank), "--streaming", "--workers", "1"]
+    assert "no tokens" in cli_error(capsys, *argv, "--out-dir", str(tmp_path / "new" / "out"))
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    assert "no tokens" in cli_error(capsys, *argv, "--out-dir", str(existing))
+    assert (existing / "notes.txt").read_text() == "mine"
+
+
+def test_a_run_with_no_train_shard_fails_saying_how_many_tokens_there_were(tmp_path, capsys, cli_cache):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": f"short document number {i}"}) + "\n" for i in range(40)))
+    out = tmp_path / "out"
+    argv = ["--input", str(src), "--out-dir", str(out), "--streaming", "--workers", "1"]
+    tokens = len(expected_stream([f"short document number {i}" for i in range(40)]))
+    for _ in range(2):  # the run, then its rerun (already complete): the same refusal
+        message = cli_error(capsys, *argv)
+        assert f"no train shard: all {tokens:,} tokens went to val shard 0" in message
+        assert "more input" in message and str(out) in message
+    assert sorted(p.name for p in out.iterdir()) == ["edufineweb_val_000000.npy", "manifest.json"]
 
 
 def test_no_input_files_is_a_one_line_error(tmp_path, capsys):
@@ -305,6 +392,7 @@ def test_full_disk_is_a_one_line_error_and_leaves_no_shard(subset, tmp_path):
     # --streaming: local files are read in place, nothing goes to the user's datasets cache
     cmd = [sys.executable, str(ROOT / "fineweb.py"), "--input", *subset, "--out-dir", str(out),
            "--shard-size", str(SHARD), "--streaming", "--workers", "1"]
+    out.mkdir()  # a folder that was there before is kept (one the run created goes: see above)
     proc = subprocess.run(cmd, cwd=ROOT, env={**env_for_cli(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"},
                           capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size(64 * 1024))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -342,7 +430,7 @@ def test_txt_files_are_one_document_each(cache, tmp_path):
     )
 
 
-def test_hub_without_network_fails_fast_with_one_line(tmp_path):
+def test_hub_without_network_fails_fast_with_one_line(tmp_path, monkeypatch):
     env = {**env_for_cli(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     t = time.time()
     proc = subprocess.run([sys.executable, str(ROOT / "fineweb.py"), "--out-dir", str(tmp_path / "o")],
@@ -351,7 +439,12 @@ def test_hub_without_network_fails_fast_with_one_line(tmp_path):
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("fineweb.py: error: cannot load HuggingFaceFW/fineweb-edu (sample-10BT)"), proc.stderr
-    assert "HF_HUB_OFFLINE" in last and "--input" in last
+    assert "HF_HUB_OFFLINE is set" in last and "set HF_HUB_OFFLINE=1" not in last and "--input" in last
+    assert not (tmp_path / "o").exists()  # the out dir it created, with no shard in it, is gone
+    from huggingface_hub import constants  # online, the same failure advises going offline
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert "set HF_HUB_OFFLINE=1 with HF_HOME" in fineweb._hub_hint(FinewebConfig(), OSError("no route"))
 
 
 def test_importing_does_nothing(tmp_path):

@@ -254,14 +254,11 @@ def test_every_script_takes_a_sharded_checkpoint(fsdp_two, tmp_path):
 
 
 def test_memory_formula_counts_the_model_built_on_the_meta_device():
-    """bench/memory_table.py: parameter counts from shapes alone, model state sharded by N under
-    FSDP, activation checkpointing cutting activations, the optimizer step's temporary on the CPU.
-    (Its predictions against real CPU steps are in BENCHMARKS.md: within 10%.)"""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("memory_table", ROOT / "bench" / "memory_table.py")
-    memory_table = sys.modules["memory_table"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(memory_table)
+    """memory.py (bench/memory_table.py's table, the trainer's check): parameter counts from shapes
+    alone, model state sharded by N under FSDP, activation checkpointing cutting activations, the
+    optimizer step's temporary on the CPU. (Its predictions against real CPU steps are in
+    BENCHMARKS.md: within 10%.)"""
+    import memory as memory_table
     from model import MODEL_PRESETS, GPT, GPTConfig
 
     counts = memory_table.parameter_counts("tiny")

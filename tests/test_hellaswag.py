@@ -325,6 +325,26 @@ def test_cli_appends_one_result_line_per_run(tmp_path, hellaswag_val_path, model
             assert record[key] == expected[key]
 
 
+def test_a_checkpoints_score_is_filed_in_its_own_run_folder(tmp_path, hellaswag_val_path, capsys):
+    """log_fast/model_final.pt is scored into log_fast/, where `plot.py --log-dir log_fast` reads it,
+    not into log/ (another run's folder); --log-dir still chooses; --hf models go to log/."""
+    run_dir = tmp_path / "log_fast"
+    run_dir.mkdir()
+    save_tiny_checkpoint(run_dir / "model_final.pt", step=5)
+    data = ["--data", str(hellaswag_val_path), "--no-verify", "--limit", "4", "--device", "cpu"]
+    assert hellaswag.main(["--checkpoint", str(run_dir / "model_final.pt"), *data]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(run_dir / "hellaswag_results.jsonl"))
+    (record,) = [json.loads(line) for line in (run_dir / "hellaswag_results.jsonl").read_text().splitlines()]
+    assert record["checkpoint"] == str(run_dir / "model_final.pt") and record["step"] == 5
+    assert hellaswag.main(["--checkpoint", str(run_dir / "model_final.pt"), *data,
+                           "--log-dir", str(tmp_path / "chosen")]) == 0
+    assert (tmp_path / "chosen" / "hellaswag_results.jsonl").is_file()
+    assert len((run_dir / "hellaswag_results.jsonl").read_text().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chosen", "log_fast"]  # no log/ made on the side
+    assert hellaswag.results_dir(hellaswag.HellaSwagConfig(hf="gpt2")) == Path("log")
+    assert hellaswag.results_dir(hellaswag.HellaSwagConfig()) == Path("log")  # of log/model_final.pt
+
+
 def test_cli_errors_are_one_line(tmp_path, hellaswag_val_path, capsys):
     data = ["--data", str(hellaswag_val_path), "--no-verify", "--limit", "4", "--device", "cpu",
             "--log-dir", str(tmp_path / "log")]

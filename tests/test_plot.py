@@ -93,9 +93,9 @@ def resumed_run(tmp_path):
     records = first + second
     _write(log / "metrics.jsonl", records)
     results = [
-        {"checkpoint": "log/model_00100.pt", "model": None, "step": 100, "acc": 0.27, "acc_norm": 0.281,
+        {"checkpoint": "resumed/model_00100.pt", "model": None, "step": 100, "acc": 0.27, "acc_norm": 0.281,
          "harness_acc": 0.275, "harness_acc_norm": 0.290, "count": 10042, "seconds": 60.0, "time": T0 + 20_000},
-        {"checkpoint": "log/model_00200.pt", "model": None, "step": 200, "acc": 0.28, "acc_norm": 0.297,
+        {"checkpoint": "resumed/model_00200.pt", "model": None, "step": 200, "acc": 0.28, "acc_norm": 0.297,
          "harness_acc": 0.285, "harness_acc_norm": 0.305, "count": 10042, "seconds": 60.0, "time": T0 + 20_100},
         {"checkpoint": None, "model": "gpt2", "step": None, "acc": 0.2859, "acc_norm": 0.2955,
          "harness_acc": 0.2892, "harness_acc_norm": 0.3114, "count": 10042, "seconds": 60.0, "time": T0 + 20_200},
@@ -403,6 +403,25 @@ def test_several_runs_in_one_figure_labelled_by_dir(resumed_run, tmp_path):
     assert table.count("| resumed |") == 1 and table.count("| short |") == 1
 
 
+def test_every_run_has_a_legend_entry_and_a_short_one_is_drawn_in_full(resumed_run, tmp_path):
+    """A run of 50 logged steps or fewer is too short to smooth: its raw curve is its curve, drawn at
+    full strength and named in the legend, next to the smoothed curve of a long run."""
+    short = tmp_path / "short"
+    short.mkdir()
+    _write(short / "metrics.jsonl", _segment(0, 30, T0, seed=7))
+    runs = plot.load_runs([resumed_run[0], short])
+    for fig_name in ("training_loss", "overview"):
+        fig = plot.build_figures(runs)[fig_name]
+        ax = _axes_with(fig, "short/train_loss")
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == ["resumed: train loss (EMA 0.75)", "short: train loss (raw, 30 steps: not smoothed)"], labels
+        line = _line(fig, "short/train_loss")
+        assert line.get_alpha() in (None, 1.0) and line.get_linewidth() >= 1.4
+        assert list(line.get_ydata()) == plot.load_run(short).train["train_loss"]
+    alone = plot.build_figures([runs[1]], smoothing=0.0)["training_loss"]
+    assert [t.get_text() for t in alone.axes[0].get_legend().get_texts()] == ["train loss (raw)"]
+
+
 def test_runs_with_the_same_dir_name_get_distinct_labels(tmp_path):
     for parent in ("a", "b"):
         (tmp_path / parent / "log").mkdir(parents=True)
@@ -471,9 +490,9 @@ def test_summary_shows_how_many_examples_each_hellaswag_score_used(tmp_path):
     records = [{**r, "count": 200} if r["type"] == "hellaswag" else r for r in _segment(0, 120, T0, seed=9)]
     _write(log / "metrics.jsonl", _with_source(records, DEMO))
     results = [
-        {"checkpoint": "log/model_00100.pt", "model": None, "step": 100, "acc": 0.30, "acc_norm": 0.310,
+        {"checkpoint": "demo/model_00100.pt", "model": None, "step": 100, "acc": 0.30, "acc_norm": 0.310,
          "harness_acc": 0.29, "harness_acc_norm": 0.300, "count": 200, "seconds": 2.0, "time": T0 + 20_000},
-        {"checkpoint": "log/model_00120.pt", "model": None, "step": 120, "acc": 0.28, "acc_norm": 0.290,
+        {"checkpoint": "demo/model_00120.pt", "model": None, "step": 120, "acc": 0.28, "acc_norm": 0.290,
          "harness_acc": 0.30, "harness_acc_norm": 0.320, "count": 10042, "seconds": 60.0, "time": T0 + 20_100},
     ]
     _write(log / "hellaswag_results.jsonl", results)
@@ -499,6 +518,40 @@ def test_summary_shows_how_many_examples_each_hellaswag_score_used(tmp_path):
     assert "number of examples it was scored on (10,042 ex = the full val set" in note
 
 
+def _result(checkpoint, acc_norm, step=200):
+    return {"checkpoint": checkpoint, "model": None, "step": step, "acc": acc_norm - 0.01, "acc_norm": acc_norm,
+            "harness_acc": acc_norm, "harness_acc_norm": acc_norm + 0.01, "count": 300, "seconds": 3.0,
+            "time": T0 + 30_000}
+
+
+def test_each_hellaswag_score_shows_in_the_row_of_the_run_its_checkpoint_is_in(tmp_path, capsys, monkeypatch):
+    """An older hellaswag.py filed every score in log/: log/hellaswag_results.jsonl holds log_fast's
+    score (the path relative to where it ran, as it records it). It is not log's score: left out of
+    log's row (the summary says so) and shown in log_fast's row when both runs are plotted."""
+    monkeypatch.chdir(tmp_path)  # where the commands ran
+    for name in ("log", "log_fast"):
+        Path(name).mkdir()
+        _write(Path(name) / "metrics.jsonl", _segment(0, 60, T0, seed=11))
+    _write(Path("log") / "hellaswag_results.jsonl",
+           [_result("log/model_final.pt", 0.2600), _result("log_fast/model_final.pt", 0.2900)])
+    alone = plot.summarize(plot.load_runs(["log"]))
+    (row,) = _parse_table(alone)
+    assert row["HellaSwag (hellaswag.py)"] == "0.2600 (300 ex)"  # log's own score, not log_fast's 0.29
+    assert "Not in log's row: log/hellaswag_results.jsonl also holds hellaswag.py scores of checkpoints in " \
+           "other folders (log_fast/model_final.pt); add --log-dir log_fast" in alone
+    plot.main(["--log-dir", "log"])
+    assert "plot.py: warning: Not in log's row" in capsys.readouterr().err
+
+    both = plot.load_runs(["log", str(tmp_path / "log_fast")])  # either spelling of a folder matches
+    log_row, fast_row = _parse_table(plot.summarize(both))
+    assert log_row["HellaSwag (hellaswag.py)"] == "0.2600 (300 ex)"
+    assert fast_row["HellaSwag (hellaswag.py)"] == "0.2900 (300 ex)"
+    assert "Not in" not in plot.summarize(both)
+    fig = plot.build_figures(both)["hellaswag_accuracy"]
+    assert list(_line(fig, "log_fast/results_acc_norm").get_ydata()) == [0.29]
+    assert list(_line(fig, "log/results_acc_norm").get_ydata()) == [0.26]
+
+
 def test_cli_subprocess_writes_figures_and_summary(resumed_run, tmp_path):
     log = resumed_run[0]
     out = subprocess.run([sys.executable, str(ROOT / "plot.py"), "--log-dir", str(log), "--summary"],
@@ -514,6 +567,17 @@ def test_cli_subprocess_writes_figures_and_summary(resumed_run, tmp_path):
     assert missing.returncode == 1
     assert missing.stderr.strip().count("\n") == 0 and "log" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_without_matplotlib_plot_says_to_run_it_with_uv(tmp_path):
+    """`python plot.py` with a Python that lacks matplotlib (the system one, outside the venv)."""
+    code = ("import sys, runpy; sys.modules['matplotlib'] = None; sys.argv = ['plot.py']; "
+            "runpy.run_path('plot.py', run_name='__main__')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
+                         timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == (f"plot.py: matplotlib is not installed for {sys.executable}: run `uv run plot.py`, "
+                                  "or activate the repo's venv first (source .venv/bin/activate)")
 
 
 def test_importing_plot_has_no_side_effects():

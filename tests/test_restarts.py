@@ -3,7 +3,9 @@
 One training process is SIGKILLed mid-run (what a kernel OOM kill or a GPU fault does); torchrun
 stops the other, starts both again, and the run resumes from its newest checkpoint and ends with
 the weights of an uninterrupted 2-rank run, bitwise. A crash that repeats (a bad flag) ends after
-MAX_RESTARTS + 1 attempts instead of looping.
+MAX_RESTARTS + 1 attempts instead of looping. And the launcher itself SIGKILLed (kill -9, the OOM
+killer taking torchrun): its workers stop within seconds instead of training on into the log dir,
+and the rerun of the command ends with the uninterrupted weights (DDP and FSDP).
 
     uv run pytest tests/test_restarts.py -q
 """
@@ -17,7 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import checkpoint
 from test_train_sh import ROOT, TINY_FLAGS, TRAIN_SH, assert_same_weights, clean_env, metrics
 
 RESTART_FLAGS = [*TINY_FLAGS, "--ckpt-every", "5"]  # the last --ckpt-every wins: checkpoints at 5, 10, 15
@@ -79,6 +83,62 @@ def test_sigkill_of_one_rank_restarts_the_group_and_ends_with_the_uninterrupted_
     steps = [r["step"] for r in metrics(log_dir) if r["type"] == "train"]
     assert steps == list(range(20))  # the log was cut back to the checkpoint: each step once
     assert_same_weights(log_dir / "model_final.pt", uninterrupted_two_ranks / "model_final.pt")
+
+
+def running(pid: int) -> bool:
+    """Is `pid` a process that still runs (not gone, not a zombie waiting for its new parent to reap it)?"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_fsdp(tmp_path_factory, data_dir) -> Path:
+    log_dir = tmp_path_factory.mktemp("two_fsdp_ranks")
+    proc = train_sh(log_dir, data_dir, [*RESTART_FLAGS, "--parallel", "fsdp"])
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    return log_dir
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_sigkill_of_torchrun_stops_its_workers_and_the_rerun_ends_as_if_uninterrupted(
+        strategy, request, data_dir, tmp_path):
+    flags = [*RESTART_FLAGS, "--parallel", strategy]
+    reference = request.getfixturevalue("uninterrupted_two_ranks" if strategy == "ddp" else "uninterrupted_fsdp")
+    log_dir = tmp_path / "log"
+    proc = train_sh(log_dir, data_dir, flags)  # without SLURM train.sh execs torchrun: proc is torchrun
+    try:
+        deadline = time.monotonic() + 240
+        while not any(r["type"] == "train" and r["step"] >= 7 for r in metrics(log_dir)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never reached step 7"
+            time.sleep(0.2)
+        workers = [training_pid(log_dir, rank) for rank in (0, 1)]
+        assert None not in workers
+        os.kill(proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15  # a step boundary, a checkpoint, the exit
+        while any(map(running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in workers if running(pid)], "workers outlived their torchrun by 15 s"
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
+    rerun = train_sh(log_dir, data_dir, flags)
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out[-4000:]
+    assert "resuming from" in out and "in use by another run" not in out
+    steps = [r["step"] for r in metrics(log_dir) if r["type"] == "train"]
+    assert steps == list(range(20))  # each step once: nothing from the orphans interleaved
+    finals = [checkpoint.load_model(d / "model_final.pt").state_dict() for d in (log_dir, reference)]
+    assert all(torch.equal(finals[0][name], finals[1][name]) for name in finals[1])
+    assert sorted(p.name for p in log_dir.glob("model_final*")) == sorted(p.name for p in reference.glob("model_final*"))
 
 
 @pytest.mark.slow

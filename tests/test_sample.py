@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+import sample
 from model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,3 +38,24 @@ def test_sample_errors_are_one_line(tmp_path):
     torch.save({"model": model.state_dict(), "model_config": model.model_config_dict(), "step": 1}, ckpt)
     too_long = run_sample("--checkpoint", str(ckpt), "--max-new-tokens", "100")
     assert too_long.returncode == 2 and "block_size" in too_long.stderr and "Traceback" not in too_long.stderr
+    assert "--max-new-tokens 8 or fewer" in too_long.stderr  # the default prompt is 8 of the 16 tokens
+
+
+def test_a_log_dir_or_a_prompt_longer_than_the_context_is_named_in_one_line(tmp_path, capsys):
+    """--checkpoint log points at the newest checkpoint in it; a prompt alone too long for the context
+    is called too long (asking for fewer new tokens could not help)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    log = tmp_path / "log"
+    log.mkdir()
+    for name in ("model_00010.pt", "model_final.pt"):
+        torch.save({"model": model.state_dict(), "model_config": model.model_config_dict(), "step": 10}, log / name)
+    (log / "metrics.jsonl").write_text("")
+    assert sample.main(["--checkpoint", str(log), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {log} is a log dir, not a checkpoint: pass one of its checkpoints, e.g. the newest, " \
+                  f"{log / 'model_final.pt'}"
+    prompt = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
+    assert sample.main(["--checkpoint", str(log / "model_final.pt"), "--prompt", prompt, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --prompt is too long: 16 tokens for a context of 16") and "\n" not in err

@@ -926,9 +926,11 @@ def test_ctrl_c_checkpoints_at_the_step_boundary_exits_130_and_resumes_exactly(s
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_second_ctrl_c_stops_at_once_without_a_checkpoint(data_dir, tmp_path):
-    """Steps of several seconds (4 micro-steps of 8 x 256): the second Ctrl-C, 2 s after the first,
-    ends the process during the step, before the checkpoint the first one asked for."""
+@pytest.mark.parametrize("sig, name, code", [(signal.SIGINT, "Ctrl-C", 130), (signal.SIGTERM, "SIGTERM", 143)])
+def test_second_ctrl_c_or_sigterm_stops_at_once_without_a_checkpoint(data_dir, tmp_path, sig, name, code):
+    """Steps of several seconds (4 micro-steps of 8 x 256): the second Ctrl-C (or SIGTERM: `kill`
+    twice), 2 s after the first, ends the process during the step, before the checkpoint the first
+    one asked for."""
     log_dir = tmp_path / "log"
     cmd = trainer_cmd(data_dir, log_dir, "--micro-batch-size", "8", "--seq-len", "256", "--tokens-per-step", "8192",
                       "--val-every", "0", "--ckpt-every", "0")
@@ -936,15 +938,69 @@ def test_second_ctrl_c_stops_at_once_without_a_checkpoint(data_dir, tmp_path):
                             stderr=subprocess.STDOUT, text=True)
     try:
         wait_for(proc, lambda: last_train_step(log_dir) >= 0, "train step 0")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         time.sleep(2.0)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         proc.wait(timeout=60)
     finally:
         proc.kill()
     out = (tmp_path / "out").read_text()
-    assert proc.returncode == 130 and "second Ctrl-C: stopping now, without a checkpoint" in out, out[-2000:]
+    assert proc.returncode == code and f"second {name}: stopping now, without a checkpoint" in out, out[-2000:]
     assert "Traceback" not in out and not list(log_dir.glob("model_*.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_second_run_into_a_held_log_dir_is_refused_and_the_first_goes_on_untouched(straight_run, data_dir, tmp_path):
+    """The same command twice at once: the second stops in one line naming the first (its pid and
+    command), writes nothing, and the first ends as an uninterrupted run (its checkpoints, its
+    metrics, each step once). The first is paused (SIGSTOP) while the second tries, so the two
+    really overlap."""
+    log_dir = tmp_path / "log"
+    cmd = trainer_cmd(data_dir, log_dir, "--sample-every", "10")
+    first = start(cmd, tmp_path, tmp_path / "first.out")
+    try:
+        wait_for(first, lambda: last_train_step(log_dir) >= 2, "train step 2 of the first run")
+        first.send_signal(signal.SIGSTOP)
+        before = {p.name: p.stat().st_mtime_ns for p in log_dir.iterdir()}
+        second = run(cmd, tmp_path)
+        after = {p.name: p.stat().st_mtime_ns for p in log_dir.iterdir()}
+        first.send_signal(signal.SIGCONT)
+        first.wait(timeout=RUN_TIMEOUT)
+    finally:
+        first.kill()
+    assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+    assert f"{log_dir} is in use by another run (pid {first.pid} on " in second.stderr
+    assert "train_gpt2.py" in second.stderr and "--log-dir" in second.stderr
+    assert after == before  # the second run wrote nothing
+    assert first.returncode == 0, (tmp_path / "first.out").read_text()[-2000:]
+    assert_same_weights(final_weights(log_dir), straight_run["weights"])
+    assert_train_steps_once(log_dir)
+    assert len(records(log_dir, "config")) == 1
+
+
+def test_log_dir_that_cannot_be_used_is_one_line_and_a_failed_start_leaves_no_folder(data_dir, tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    for log_dir, expected in ((a_file, "is a file, not a folder"), (Path("/proc/self/no/log"), "cannot write in --log-dir")):
+        code, err = _main_in_process([*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir)], capsys)
+        assert code == 2 and expected in err and err.count("\n") == 1, err
+    new = tmp_path / "new" / "log"
+    code, err = _main_in_process([*BASE_FLAGS, "--data-dir", str(tmp_path / "no_data"), "--log-dir", str(new)], capsys)
+    assert code == 2 and "no_data" in err
+    assert not new.exists()  # the folder this run made, with nothing in it but its lock, is gone again
+
+
+def test_a_run_that_cannot_fit_is_refused_before_it_starts(data_dir, tmp_path, capsys):
+    """gpt2-xl on the CPU: the formula's estimate against the memory there is, in one line with the
+    fixes, before any folder or model exists (it used to start, grow past 10 GB and never finish a
+    step)."""
+    log_dir = tmp_path / "log"
+    code, err = _main_in_process(["--model", "gpt2-xl", "--device", "cpu", "--data-dir", str(data_dir),
+                                  "--log-dir", str(log_dir), "--micro-batch-size", "1"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "needs about" in err and "GiB per process" in err and "--parallel fsdp" in err and "--no-memory-check" in err
+    assert not log_dir.exists()
 
 
 @pytest.mark.slow
