@@ -15,7 +15,8 @@ A checkpoint comes in one of two kinds, and every loader here takes both:
   RNG, config) in `train_state.pt`. Written into `.model_NNNNN.sharded.tmp/` and renamed when every
   rank is done. DCP reshards on load: any world size, either kind of model (plain, DDP, FSDP2).
 
-What the trainer puts in one is listed in train_gpt2.save_checkpoint; every file or folder that is not
+What the trainer puts in one is listed in train_gpt2.save_checkpoint (a format version, the model's
+shape, the config, the step, then one entry per part of train_gpt2.stateful_parts); every file or folder that is not
 such a checkpoint (a torn copy, a text file renamed .pt, a folder missing a rank's shard) is refused
 with one line.
 """
@@ -31,6 +32,7 @@ from urllib.parse import urlparse
 
 import torch
 
+import cli
 import fileio
 from model import GPT, GPTConfig, gpt_config_from_hf, load_hf_state_dict
 
@@ -42,7 +44,11 @@ TMP_PREFIX = ".model_"  # temp names: .model_00042.pt.<random>.tmp, .model_00042
 STATE_FILE = "train_state.pt"  # in a sharded folder: everything but the weights and optimizer tensors
 TENSOR_KEYS = ("model", "optimizer")  # in a sharded checkpoint: in the DCP shards
 MODEL_KEYS = ("model", "model_config")
-TRAINING_KEYS = ("model", "model_config", "optimizer", "step", "loader", "config")
+TRAINING_KEYS = ("model", "model_config", "optimizer", "step", "config")  # what resume reads before deciding
+# What a training checkpoint holds, by version: bump it when that changes. The trainer resumes only its
+# own version (train_gpt2.resume_problem says so in one line); the weights' layout has not changed
+# since the first version, so load_model reads any.
+FORMAT_VERSION = 1
 
 
 def load_file(path: str | Path, map_location="cpu", required: tuple[str, ...] = MODEL_KEYS) -> dict:
@@ -55,20 +61,27 @@ def load_file(path: str | Path, map_location="cpu", required: tuple[str, ...] = 
     if path.is_dir():
         found = [] if (path / ".metadata").exists() else paths(path)
         if found:  # a run's folder (--checkpoint log), not a sharded checkpoint: name the newest in it
-            raise ValueError(f"{path} is a log dir, not a checkpoint: pass one of its checkpoints, e.g. the newest, "
-                             f"{found[0][1]}")
+            raise cli.UserError(
+                f"{path} is a log dir, not a checkpoint: pass one of its checkpoints, e.g. the newest, {found[0][1]}"
+            )
         return _load_sharded_state(path, required)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found: pass a model_*.pt file or model_* folder of your log dir")
+        raise FileNotFoundError(
+            f"checkpoint {path} not found: pass a model_*.pt file or model_* folder of your log dir"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError, KeyError, UnpicklingError, ... on bad files
-        raise ValueError(f"checkpoint {path} is corrupt, truncated or not a checkpoint of this repo "
-                         f"({type(e).__name__}): use another checkpoint") from None
+        raise cli.UserError(
+            f"checkpoint {path} is corrupt, truncated or not a checkpoint of this repo "
+            f"({type(e).__name__}): use another checkpoint"
+        ) from None
     missing = [key for key in required if key not in ckpt] if isinstance(ckpt, dict) else list(required)
     if missing:
-        raise ValueError(f"{path} is not a checkpoint of this repo (no {', '.join(repr(k) for k in missing)}): "
-                         "use a model_*.pt file written by train_gpt2.py")
+        raise cli.UserError(
+            f"{path} is not a checkpoint of this repo (no {', '.join(repr(k) for k in missing)}): "
+            "use a model_*.pt file written by train_gpt2.py"
+        )
     return ckpt
 
 
@@ -80,8 +93,10 @@ def _load_sharded_state(path: Path, required: tuple[str, ...]) -> dict:
     try:
         metadata = FileSystemReader(str(path)).read_metadata()
     except Exception as e:  # noqa: BLE001 - missing or torn .metadata
-        raise ValueError(f"checkpoint folder {path} has no readable .metadata ({type(e).__name__}): it is not a "
-                         "complete sharded checkpoint; use another checkpoint") from None
+        raise cli.UserError(
+            f"checkpoint folder {path} has no readable .metadata ({type(e).__name__}): it is not a "
+            "complete sharded checkpoint; use another checkpoint"
+        ) from None
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -89,13 +104,15 @@ def _load_sharded_state(path: Path, required: tuple[str, ...]) -> dict:
         have = (path / name).stat().st_size if (path / name).is_file() else None
         if have is None or have < size:
             what = "is missing" if have is None else f"is cut short ({have:,} of {size:,} bytes)"
-            raise ValueError(f"checkpoint folder {path} is incomplete: shard {name} {what}; use another checkpoint")
+            raise cli.UserError(f"checkpoint folder {path} is incomplete: shard {name} {what}; use another checkpoint")
     saved = {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
     state = load_file(path / STATE_FILE, required=tuple(k for k in required if k not in TENSOR_KEYS))
     missing = [key for key in required if key in TENSOR_KEYS and key not in saved]
     if missing:
-        raise ValueError(f"checkpoint folder {path} holds no {', '.join(repr(k) for k in missing)}: use a model_* "
-                         "folder written by train_gpt2.py")
+        raise cli.UserError(
+            f"checkpoint folder {path} holds no {', '.join(repr(k) for k in missing)}: use a model_* "
+            "folder written by train_gpt2.py"
+        )
     return {**state, "sharded": True, "path": str(path)}
 
 
@@ -113,7 +130,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
             import torch.distributed.checkpoint as dcp
 
             weights = _untied(model, model.state_dict())
-            with warnings.catch_warnings():  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
+            with (
+                warnings.catch_warnings()
+            ):  # "torch.distributed is ... uninitialized, assuming ... a single process": yes
                 warnings.simplefilter("ignore", UserWarning)
                 dcp.load({"model": weights}, checkpoint_id=ckpt["path"], no_dist=True)  # every process reads it all
         else:
@@ -121,7 +140,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
     except (TypeError, ValueError, RuntimeError) as e:
         lines = str(e).strip().splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0] if lines else type(e).__name__
-        raise ValueError(f"{path}: weights do not fit its model_config ({detail})") from None
+        raise cli.UserError(f"{path}: weights do not fit its model_config ({detail})") from None
     return model.eval()
 
 
@@ -233,8 +252,10 @@ def _sharded_tensors(model: torch.nn.Module, optimizer) -> dict:
     """The DCP state: this rank's shards (DTensors) under FSDP2, whole tensors otherwise."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    return {"model": _untied(model, get_model_state_dict(model)),
-            "optimizer": {name: get_optimizer_state_dict(model, opt) for name, opt in optimizer_parts(optimizer).items()}}
+    return {
+        "model": _untied(model, get_model_state_dict(model)),
+        "optimizer": {name: get_optimizer_state_dict(model, opt) for name, opt in optimizer_parts(optimizer).items()},
+    }
 
 
 def save_sharded(model: torch.nn.Module, optimizer, state: dict, path: Path, keep: int | None, is_main: bool) -> Path:
@@ -284,11 +305,8 @@ def load_training_state(ckpt: dict, model: torch.nn.Module, optimizer) -> None:
         set_model_state_dict(model, weights)
         for name, opt in parts.items():
             set_optimizer_state_dict(model, opt, tensors["optimizer"][name])
-    else:
+    else:  # the parts match: train_gpt2.resume_problem refused another --optimizer
         saved = ckpt["optimizer"] if hasattr(optimizer, "optimizers") else {"adamw": ckpt["optimizer"]}
-        if set(saved) != set(parts):
-            raise ValueError(f"checkpoint optimizer has parts {sorted(saved)}, this run has {sorted(parts)}: "
-                             "resume with the same --optimizer")
         if any(hasattr(p, "device_mesh") for p in model.parameters()):  # sharded (FSDP2): each rank takes its part
             full = StateDictOptions(full_state_dict=True)
             set_model_state_dict(model, ckpt["model"], options=full)
@@ -311,9 +329,13 @@ def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: di
     names = {id(param): name for name, param in model.named_parameters()}
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     if len(order) != sum(len(group["params"]) for group in saved["param_groups"]):
-        raise ValueError("the checkpoint's optimizer holds other parameters than this model: resume with its --model")
-    return {"state": {order[i]: value for i, value in saved["state"].items()},
-            "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in saved["param_groups"]]}
+        raise cli.UserError(
+            "the checkpoint's optimizer holds other parameters than this model: resume with its --model"
+        )
+    return {
+        "state": {order[i]: value for i, value in saved["state"].items()},
+        "param_groups": [{**group, "params": [order[i] for i in group["params"]]} for group in saved["param_groups"]],
+    }
 
 
 def _os_error_in(e: BaseException) -> OSError | None:
@@ -335,7 +357,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
     url = urlparse(constants.ENDPOINT)
     try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout):
+        with socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout
+        ):
             return True
     except OSError:
         return False
@@ -343,21 +367,26 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def load_hf_model(name: str, flag: str = "--hf", device: str | torch.device = "cpu") -> GPT:
     """A transformers GPT-2 (a Hub name such as gpt2-medium, or a folder such as an export_hf.py
-    output) as our GPT, in eval mode, built on `device`. Looks in the local cache / folder first; goes to the network only
-    when that fails and the Hub is reachable; fails at once, in one line, when it is not."""
+    output) as our GPT, in eval mode, built on `device`. Looks in the local cache / folder first; goes
+    to the network only when that fails and the Hub is reachable; fails at once, in one line, when it
+    is not."""
     from huggingface_hub import constants
     from transformers import AutoConfig, GPT2LMHeadModel
 
     folder, offline = Path(name).is_dir(), constants.HF_HUB_OFFLINE
 
-    def fail(reason: str) -> ValueError:
+    def fail(reason: str) -> cli.UserError:
         if offline:  # already set: what is missing is a cache that holds the model
-            fix = (f"load it once on a machine with network, with the same HF_HOME ({constants.HF_HOME}), or pass "
-                   "a local folder such as an export_hf.py output")
+            fix = (
+                f"load it once on a machine with network, with the same HF_HOME ({constants.HF_HOME}), or pass "
+                "a local folder such as an export_hf.py output"
+            )
         else:
-            fix = ("a Hub name needs the network once; on an offline node, set HF_HUB_OFFLINE=1 with HF_HOME pointing "
-                   "to a cache filled on a networked machine, or pass a local folder such as an export_hf.py output")
-        return ValueError(f"{flag} {name}: {reason}; {fix}")
+            fix = (
+                "a Hub name needs the network once; on an offline node, set HF_HUB_OFFLINE=1 with HF_HOME pointing "
+                "to a cache filled on a networked machine, or pass a local folder such as an export_hf.py output"
+            )
+        return cli.UserError(f"{flag} {name}: {reason}; {fix}")
 
     for local in (True, False):  # the cache (or the folder) first; the network only if that fails
         if not local:
@@ -370,7 +399,9 @@ def load_hf_model(name: str, flag: str = "--hf", device: str | torch.device = "c
         try:
             hf_config = AutoConfig.from_pretrained(name, local_files_only=local)
             if hf_config.model_type != "gpt2":
-                raise ValueError(f"{flag} {name} is a {hf_config.model_type!r} model: only GPT-2 models load into this repo's GPT")
+                raise cli.UserError(
+                    f"{flag} {name} is a {hf_config.model_type!r} model: only GPT-2 models load into this repo's GPT"
+                )
             hf = GPT2LMHeadModel.from_pretrained(name, local_files_only=local)
             break
         except OSError as e:

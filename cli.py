@@ -4,12 +4,13 @@
     compile: bool = True        -> --compile / --no-compile
     log_dirs: tuple[str, ...]   -> --log-dir A B, or --log-dir A --log-dir B (flag name from metadata)
     max_tokens: int             -> --max-tokens 1e9 (ints also as 1e9 or 100_000_000)
-    max_lr: float               -> --max-lr 6e-4, also negative: --max-lr -1e-3 (then refused by validation)
+    max_lr: float               -> --max-lr 6e-4; a negative value joined by `=`: --max-lr=-1e-3
+                                   (argparse reads `--max-lr -1e-3` as a flag without its value)
 
 Each field's help comes from `field(default, help, ...)`; choices are listed in --help with the
 default. Every script's config validates itself in `__post_init__`, so a bad flag fails while
-parsing, before any process group, data or folder is touched; `parse_config` turns that into a
-ValueError for the script's one-line error.
+parsing, before any process group, data or folder is touched: it raises UserError, which
+`run_main` prints as the script's one-line error (exit 2).
 
     uv run python -c "import cli, sample; print(cli.parse_config(sample.SampleConfig, ['--top-k', '5']))"
 """
@@ -18,17 +19,145 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
+import types
 import typing
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+# Defaults every script shares, defined once. The data dir lives here rather than in dataloader.py
+# because fineweb.py, which writes it, never imports torch (dataloader.py does).
+DEFAULT_DATA_DIR = "edu_fineweb10B"
+DEFAULT_LOG_DIR = "log"
+DEFAULT_CHECKPOINT = f"{DEFAULT_LOG_DIR}/model_final.pt"  # what a finished training run leaves
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
 
-def field(default: Any, help: str, choices: Sequence | None = None, flag: str | None = None,
-          metavar: str | None = None):
-    """A dataclass field with a default, a help string and optional choices / flag name / metavar."""
-    metadata = {"help": help, "choices": choices, "flag": flag, "metavar": metavar}
+class UserError(ValueError):
+    """A problem the user can fix (a bad flag, a missing file, data made with other settings): its
+    message is one line naming the problem and the fix. Every script's own errors derive from it."""
+
+
+def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run a script's `main(argv)` under the one CLI convention: a UserError or an OSError (a file that
+    is missing, unreadable, a full disk) prints `<script>: error: <message>` once per job (rank 0 under
+    torchrun) and exits 2; Ctrl-C exits 130 (a KeyboardInterrupt raised with a message, e.g. what to
+    do next, adds it to the line). Anything else is a bug: its traceback is kept.
+
+        if __name__ == "__main__":
+            sys.exit(cli.run_main(main))
+    """
+    try:
+        return main(argv)
+    except (UserError, OSError) as e:
+        print_error(str(e) if isinstance(e, UserError) else os_error_message(e))
+        return 2
+    except KeyboardInterrupt as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\n{script_name()}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr, flush=True)
+        return 130
+
+
+def script_name() -> str:
+    return Path(sys.argv[0]).name or "python"
+
+
+def print_error(message: str, every_rank: bool = False) -> None:
+    """`<script>: error: <message>` on stderr, from rank 0 only (every rank of a job sees the same error),
+    or from `every_rank` for an error only some ranks see."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
+        print(f"{script_name()}: error: {message}", file=sys.stderr, flush=True)
+
+
+def os_error_message(e: OSError) -> str:
+    """An OSError in one line: `<what failed>: <path>` without the errno tuple."""
+    if e.strerror and e.filename:
+        return f"{e.strerror}: {e.filename}"
+    return str(e) or type(e).__name__
+
+
+# What a setting is, for the rules derived from it (config metadata, `field(..., groups=...)`):
+RUN = "run"  # decides the weights a run ends with (a finished run asked again with another value did not train)
+RESUME_REFUSED = "resume_refused"  # changing it turns a resumed run into another run (--allow-config-change)
+RESUME_FLAG = "resume_flag"  # says how to resume: never compared with the checkpoint's
+BENCH_STEP = "bench_step"  # shapes a training step: bench/throughput.py offers it
+GROUPS = (RUN, RESUME_REFUSED, RESUME_FLAG, BENCH_STEP)
+
+
+def field(
+    default: Any,
+    help: str,
+    choices: Sequence | None = None,
+    flag: str | None = None,
+    metavar: str | None = None,
+    *,
+    section: str | None = None,
+    groups: Sequence[str] = (),
+    above: float | None = None,
+    at_least: float | None = None,
+    below: float | None = None,
+    at_most: float | None = None,
+):
+    """A dataclass field with a default, a help string and optional choices / flag name / metavar;
+    `section`: its --help group; `groups`: what kind of setting it is (GROUPS); above / at_least /
+    below / at_most: the bounds `check_bounds` enforces, naming the flag."""
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        raise TypeError(f"unknown setting groups {sorted(unknown)}: use {GROUPS}")
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "flag": flag,
+        "metavar": metavar,
+        "section": section,
+        "groups": tuple(groups),
+        "bounds": (above, at_least, below, at_most),
+    }
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for sequence defaults (configs are frozen)")
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def sections(**first_fields: str):
+    """Class decorator for a config dataclass: its --help sections, each named at its first field and
+    running to the next one (`@sections(model="model", tokens_per_step="batch")`), recorded in each
+    field's metadata as `section` (a field's own `section=` wins)."""
+
+    def mark(config_cls):
+        current = None
+        for f in dataclasses.fields(config_cls):
+            current = first_fields.get(f.name, current)
+            if current and not f.metadata.get("section"):
+                f.metadata = types.MappingProxyType({**f.metadata, "section": current})
+        return config_cls
+
+    return mark
+
+
+def fields_in(config_cls, group: str) -> tuple[str, ...]:
+    """The names of `config_cls`'s settings in `group` (RUN, RESUME_REFUSED, ...), in field order."""
+    return tuple(f.name for f in dataclasses.fields(config_cls) if group in f.metadata.get("groups", ()))
+
+
+def check_bounds(config) -> None:
+    """UserError naming the flag for the first setting of `config` outside its field's bounds."""
+    for f in dataclasses.fields(config):
+        above, at_least, below, at_most = f.metadata.get("bounds", (None,) * 4)
+        value = getattr(config, f.name)
+        rules = [
+            (ok, text)
+            for bound, ok, text in (
+                (above, above is not None and value > above, "positive" if above == 0 else f"> {above}"),
+                (at_least, at_least is not None and value >= at_least, f">= {at_least}"),
+                (below, below is not None and value < below, f"< {below}"),
+                (at_most, at_most is not None and value <= at_most, f"<= {at_most}"),
+            )
+            if bound is not None
+        ]
+        if not all(ok for ok, _ in rules):
+            raise UserError(f"{flag_name(f)} must be {' and '.join(text for _, text in rules)}, got {value}")
 
 
 def flag_name(f: dataclasses.Field) -> str:
@@ -47,34 +176,50 @@ def add_config_flags(parser, config_cls, only: Sequence[str] | None = None) -> N
     """Add one flag per field of `config_cls` (or of the fields named in `only`) to `parser`, which
     may be an argument group: several configs can share a parser."""
     hints = typing.get_type_hints(config_cls)
+    sections: dict[str, Any] = {}
     for f in dataclasses.fields(config_cls):
         if only is not None and f.name not in only:
             continue
-        kind = hints[f.name]
-        # argparse %-formats help strings: a literal "5%" must reach it as "5%%"
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help", "").replace("%", "%%"), "default": None, "dest": f.name}
-        origin = typing.get_origin(kind)
-        if kind is bool:
-            kwargs["help"] += f" (default: {'on' if f.default else 'off'})"
-            parser.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, **kwargs)
-            continue
-        if origin is tuple:
-            # `--input a b` and `--input a --input b` both collect (a, b); unset = the field default.
-            item = typing.get_args(kind)[0]
-            if f.default:
-                kwargs["help"] += f" (default: {' '.join(map(str, f.default))})"
-            parser.add_argument(flag_name(f), type=_int if item is int else item, action="extend", nargs="+",
-                                metavar=f.metadata.get("metavar") or f.name.upper(), **kwargs)
-            continue
-        if origin is typing.Union or str(origin) == "types.UnionType":  # Optional[X] / X | None
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        if f.metadata.get("choices"):
-            # argparse shows {a,b,c} as the metavar when none is given: the choices in --help
-            kwargs["choices"] = list(f.metadata["choices"])
-        else:
-            kwargs["metavar"] = f.metadata.get("metavar") or f.name.upper()
-        kwargs["help"] += f" (default: {f.default})" if f.default not in (None, "") else ""
-        parser.add_argument(flag_name(f), type=_int if kind is int else kind, **kwargs)
+        section = f.metadata.get("section")
+        target = parser
+        if section and isinstance(parser, argparse.ArgumentParser):  # --help lists the flags by section (a group
+            # of a parser, as bench/throughput.py passes, cannot hold groups: argparse would not print them)
+            target = sections.get(section) or sections.setdefault(section, parser.add_argument_group(section))
+        _add_flag(target, f, hints[f.name])
+
+
+def _add_flag(parser, f: dataclasses.Field, kind) -> None:
+    """One flag for field `f` of type `kind`."""
+    # argparse %-formats help strings: a literal "5%" must reach it as "5%%"
+    kwargs: dict[str, Any] = {"help": f.metadata.get("help", "").replace("%", "%%"), "default": None, "dest": f.name}
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        kwargs["help"] += f" (default: {'on' if f.default else 'off'})"
+        parser.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    if origin is tuple:
+        # `--input a b` and `--input a --input b` both collect (a, b); unset = the field default.
+        item = typing.get_args(kind)[0]
+        if f.default:
+            kwargs["help"] += f" (default: {' '.join(map(str, f.default))})"
+        parser.add_argument(
+            flag_name(f),
+            type=_int if item is int else item,
+            action="extend",
+            nargs="+",
+            metavar=f.metadata.get("metavar") or f.name.upper(),
+            **kwargs,
+        )
+        return
+    if origin is typing.Union or str(origin) == "types.UnionType":  # Optional[X] / X | None
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if f.metadata.get("choices"):
+        # argparse shows {a,b,c} as the metavar when none is given: the choices in --help
+        kwargs["choices"] = list(f.metadata["choices"])
+    else:
+        kwargs["metavar"] = f.metadata.get("metavar") or f.name.upper()
+    kwargs["help"] += f" (default: {f.default})" if f.default not in (None, "") else ""
+    parser.add_argument(flag_name(f), type=_int if kind is int else kind, **kwargs)
 
 
 def _int(text: str) -> int:
@@ -88,38 +233,9 @@ def _int(text: str) -> int:
     return int(value)
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text.replace("_", ""))
-    except ValueError:
-        return False
-    return True
-
-
-def join_negative_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
-    """argparse reads `--max-lr -1e-3` as two flags (only plain `-1` / `-.5` count as numbers for
-    it); join a negative number to the single-value flag before it: `--max-lr=-1e-3`."""
-    takes_value = {opt for action in parser._actions if action.nargs is None and action.option_strings
-                   for opt in action.option_strings}
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in takes_value and i + 1 < len(argv) and argv[i + 1].startswith("-") and _is_number(argv[i + 1]):
-            out.append(f"{arg}={argv[i + 1]}")
-            i += 2
-            continue
-        out.append(arg)
-        i += 1
-    return out
-
-
 def parse_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> dict:
     """The flags the user actually gave, as {field name: value} (argparse leaves the others None)."""
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    namespace = parser.parse_args(join_negative_values(parser, argv))
+    namespace = parser.parse_args(argv)
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in vars(namespace).items() if v is not None}
 
 
@@ -127,24 +243,24 @@ def parse_value(config_cls, name: str, text: str):
     """Convert `text` to the type of field `name` of `config_cls` (for NAME=VALUE style options)."""
     hints = typing.get_type_hints(config_cls)
     if name not in hints:
-        raise ValueError(f"unknown setting {name!r}: use a field name such as {next(iter(hints))}")
+        raise UserError(f"unknown setting {name!r}: use a field name such as {next(iter(hints))}")
     kind = hints[name]
     if kind is bool:
         if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-            raise ValueError(f"{name}={text}: expected true or false")
+            raise UserError(f"{name}={text}: expected true or false")
         return text.lower() in ("1", "true", "yes", "on")
     if kind is int:
         try:
             return _int(text)
         except argparse.ArgumentTypeError as e:
-            raise ValueError(f"{name}={text}: {e}") from None
+            raise UserError(f"{name}={text}: {e}") from None
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"{name}={text}: expected a {kind.__name__}") from None
+        raise UserError(f"{name}={text}: expected a {kind.__name__}") from None
 
 
 def parse_config(config_cls, argv: Sequence[str] | None = None, description: str | None = None):
     """Parse argv into a `config_cls`, unset flags keeping the dataclass defaults. A value the
-    config's own validation refuses raises ValueError (one line, naming the flag)."""
+    config's own validation refuses raises UserError (one line, naming the flag)."""
     return config_cls(**parse_flags(build_parser(config_cls, description), argv))

@@ -44,6 +44,7 @@ Nothing here uses a global RNG; everything is a pure function of (files, seed, p
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -52,11 +53,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import field, parse_config
+import cli
+from cli import DEFAULT_DATA_DIR, UserError, field, parse_config
 from tokenizer import VOCAB_SIZE
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the token shards on disk (missing, empty, truncated, wrong type, too small)."""
 
 
@@ -67,9 +69,7 @@ def list_shards(data_dir: str | Path, split: str) -> list[Path]:
     """Sorted shard files of `split` in `data_dir`: names containing `_{split}_` and ending `.npy`."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(
-            f"data dir {data_dir} does not exist: run `uv run fineweb.py` first or pass --data-dir"
-        )
+        raise DataError(f"data dir {data_dir} does not exist: run `uv run fineweb.py` first or pass --data-dir")
     shards = sorted(p for p in data_dir.iterdir() if f"_{split}_" in p.name and p.name.endswith(".npy"))
     if not shards:
         what = "no val shard" if split == "val" else f"no {split} shards"
@@ -107,11 +107,11 @@ def load_shard(path: str | Path) -> np.ndarray:
 
 def _check_sizes(micro_batch_size: int, seq_len: int, rank: int, world_size: int) -> None:
     if micro_batch_size < 1:
-        raise ValueError(f"--micro-batch-size must be >= 1, got {micro_batch_size}")
+        raise UserError(f"--micro-batch-size must be >= 1, got {micro_batch_size}")
     if seq_len < 1:
-        raise ValueError(f"--seq-len must be >= 1, got {seq_len}")
+        raise UserError(f"--seq-len must be >= 1, got {seq_len}")
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is not in 0..world_size-1 (world_size={world_size})")
+        raise UserError(f"rank {rank} is not in 0..world_size-1 (world_size={world_size})")
 
 
 def check_token_ids(tokens: np.ndarray, path: Path) -> None:
@@ -119,12 +119,15 @@ def check_token_ids(tokens: np.ndarray, path: Path) -> None:
     the embedding table."""
     top = int(tokens.max()) if tokens.size else 0
     if top >= VOCAB_SIZE:
-        raise DataError(f"shard {path} holds token id {top}, not a GPT-2 id (< {VOCAB_SIZE}): the shard is corrupt; "
-                        "`uv run fineweb.py --out-dir <its folder> --verify` names every bad shard, then rewrite them")
+        raise DataError(
+            f"shard {path} holds token id {top}, not a GPT-2 id (< {VOCAB_SIZE}): the shard is corrupt; "
+            "`uv run fineweb.py --out-dir <its folder> --verify` names every bad shard, then rewrite them"
+        )
 
 
-def _gather(shards: list[np.ndarray], paths: list[Path], shard_ids: np.ndarray, windows: np.ndarray,
-            seq_len: int) -> np.ndarray:
+def _gather(
+    shards: list[np.ndarray], paths: list[Path], shard_ids: np.ndarray, windows: np.ndarray, seq_len: int
+) -> np.ndarray:
     """Rows = windows `windows[i]` of shards `shard_ids[i]`, as a (len, T+1) uint16 array."""
     out = np.empty((len(windows), seq_len + 1), dtype=np.uint16)
     offsets = np.arange(seq_len + 1, dtype=np.int64)
@@ -200,7 +203,7 @@ class TrainLoader:
     ):
         _check_sizes(micro_batch_size, seq_len, rank, world_size)
         if seed < 0:
-            raise ValueError(f"--seed must be >= 0 (it seeds numpy's Generator), got {seed}")
+            raise UserError(f"--seed must be >= 0 (it seeds numpy's Generator), got {seed}")
         self.B, self.T = micro_batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.seed, self.shuffle, self.split = seed, shuffle, split
@@ -263,26 +266,11 @@ class TrainLoader:
             "num_windows": self.num_windows,
         }
 
-    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+    def load_state_dict(self, state: dict) -> None:
         """Continue after `state["rows_consumed"]` rows; any world size and micro-batch size work.
-        `strict=False` (the trainer's --allow-config-change) accepts another seed, shuffle, seq_len or
-        data: the stream continues at the same token position, in this loader's own order."""
-        for key, flag, mine in (
-            ("seq_len", "--seq-len", self.T),
-            ("shuffle", "--shuffle/--no-shuffle", self.shuffle),
-            ("seed", "--seed", self.seed),
-        ):
-            if strict and state[key] != mine:
-                raise DataError(
-                    f"loader state was saved with {key}={state[key]} but this run has {key}={mine}: "
-                    f"resume with the same {flag} or start a new run"
-                )
-        if strict and state["num_windows"] != self.num_windows:
-            raise DataError(
-                f"data changed: the checkpoint's {self.split} split had {state['num_windows']} windows, "
-                f"{len(self.paths)} shards now hold {self.num_windows}: resume with the same --data-dir "
-                f"contents, start a new run, or pass --allow-config-change to continue on the new data"
-            )
+        Whether a state may continue this run (same seed, order, data) is the trainer's decision
+        (train_gpt2.resume_problem); given another seed, shuffle, seq_len or data (its
+        --allow-config-change), the stream continues at the same token position in this loader's order."""
         self._base = int(state["rows_consumed"]) * int(state["seq_len"]) // self.T  # same tokens read
         self._calls = 0
 
@@ -328,6 +316,11 @@ class ValLoader:
     def __len__(self) -> int:
         return self.num_batches
 
+    @property
+    def targets(self) -> np.ndarray:
+        """Every token the validation loss predicts, each once: (num_windows * T,) over all ranks."""
+        return self.tokens[1 : self.num_windows * self.T + 1]
+
     def __iter__(self):
         """Yields (x, y, num_valid): int64 (B, T) tensors; rows num_valid.. are padding to mask out."""
         offsets = np.arange(self.T + 1, dtype=np.int64)
@@ -361,7 +354,7 @@ def describe_source(data_dir: str | Path) -> str | None:
 
 @dataclass(frozen=True)
 class InspectConfig:
-    data_dir: str = field("edu_fineweb10B", "folder of token shards written by fineweb.py")
+    data_dir: str = field(DEFAULT_DATA_DIR, "folder of token shards written by fineweb.py")
     micro_batch_size: int = field(64, "rows per micro-batch")
     seq_len: int = field(1024, "tokens per row")
     # the reference's validation: 20 micro-batches of 64 x 1024 on each of 8 ranks
@@ -372,16 +365,13 @@ class InspectConfig:
 
     def __post_init__(self):
         if self.batches < 1:
-            raise ValueError(f"--batches must be >= 1, got {self.batches}")
+            raise UserError(f"--batches must be >= 1, got {self.batches}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg = parse_config(InspectConfig, argv, description="Summarise a token-shard folder and time the train loader.")
-        train = TrainLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed, shuffle=cfg.shuffle)
-        val = ValLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, cfg.val_tokens)
-    except ValueError as e:  # DataError and bad sizes: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(InspectConfig, argv, description="Summarise a token-shard folder and time the train loader.")
+    train = TrainLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed, shuffle=cfg.shuffle)
+    val = ValLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, cfg.val_tokens)
     tokens = sum(len(s) for s in train.shards)
     print(f"train: {len(train.paths)} shards, {tokens:,} tokens, {train.num_windows:,} windows of {cfg.seq_len}")
     print(f"val:   {val.num_windows:,} windows ({val.num_windows * cfg.seq_len:,} tokens) in {val.num_batches} batches")
@@ -391,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     dt = time.perf_counter() - start
     rate = cfg.batches * x.numel() / dt
     print(f"loader: {cfg.batches} micro-batches of {tuple(x.shape)} in {dt * 1e3:.0f} ms ({rate:,.0f} tok/s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_main(main))

@@ -18,37 +18,50 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import checkpoint
+import cli
 import fileio
-from cli import field, parse_config
+from cli import DEFAULT_CHECKPOINT, UserError, field, parse_config
 from model import GPT, hf_state_dict
 
 HF_TOKENIZER_FILES = Path(__file__).resolve().parent / "assets" / "gpt2_hf_tokenizer"  # OpenAI's vocab + merges
 # What save_pretrained writes for a GPT-2 model and its tokenizer (the last four in older transformers):
 # a folder holding only these names is a previous export and may be replaced.
-EXPORT_FILES = frozenset({"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                          "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-                          "added_tokens.json"})
+EXPORT_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+        "added_tokens.json",
+    }
+)
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    checkpoint: str = field("log/model_final.pt", "checkpoint to export: a model_*.pt file, or a model_* folder of a --parallel fsdp run")
+    checkpoint: str = field(
+        DEFAULT_CHECKPOINT, "checkpoint to export: a model_*.pt file, or a model_* folder of a --parallel fsdp run"
+    )
     out_dir: str = field("gpt2-fineweb-hf", "folder to write: new, empty, or a previous export (replaced atomically)")
 
 
 def check_out_dir(out_dir: Path, checkpoint_path: Path) -> None:
     """Refuse, in one line, any --out-dir whose replacement could lose a file that is not ours."""
     if out_dir.resolve() in (checkpoint_path.resolve().parent, *checkpoint_path.resolve().parents):
-        raise ValueError(f"--out-dir {out_dir} holds the checkpoint being exported: choose an empty or new folder")
+        raise UserError(f"--out-dir {out_dir} holds the checkpoint being exported: choose an empty or new folder")
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise ValueError(f"--out-dir {out_dir} is a file: choose an empty or new folder")
+        raise UserError(f"--out-dir {out_dir} is a file: choose an empty or new folder")
     entries = list(out_dir.iterdir())
     names = {p.name for p in entries}
     previous_export = {"config.json", "model.safetensors"} <= names
     if entries and not (previous_export and names <= EXPORT_FILES and all(p.is_file() for p in entries)):
-        raise ValueError(f"--out-dir {out_dir} holds other files: choose an empty or new folder")
+        raise UserError(f"--out-dir {out_dir} holds other files: choose an empty or new folder")
 
 
 def export(model: GPT, out_dir: str | Path) -> Path:
@@ -58,10 +71,19 @@ def export(model: GPT, out_dir: str | Path) -> Path:
 
     c = model.config
     hf_config = GPT2Config(
-        vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+        vocab_size=c.vocab_size,
+        n_positions=c.block_size,
+        n_embd=c.n_embd,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
         activation_function="gelu_new",  # the tanh GELU we train with
-        layer_norm_epsilon=1e-5, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # we train without dropout
-        bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True,
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,  # we train without dropout
+        bos_token_id=50256,
+        eos_token_id=50256,
+        tie_word_embeddings=True,
     )
     hf_model = GPT2LMHeadModel(hf_config)
     missing, unexpected = hf_model.load_state_dict(hf_state_dict(model), strict=False)
@@ -89,17 +111,13 @@ def export(model: GPT, out_dir: str | Path) -> Path:
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse_config(ExportConfig, argv, description=__doc__)
-        check_out_dir(Path(cfg.out_dir), Path(cfg.checkpoint))
-        model = checkpoint.load_model(cfg.checkpoint)
-        out = export(model, cfg.out_dir)
-    except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = parse_config(ExportConfig, argv, description=__doc__)
+    check_out_dir(Path(cfg.out_dir), Path(cfg.checkpoint))
+    model = checkpoint.load_model(cfg.checkpoint)
+    out = export(model, cfg.out_dir)
     print(f"exported {cfg.checkpoint} ({model.num_params():,} parameters) to {out}/")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

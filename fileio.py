@@ -2,9 +2,9 @@
 
 Every file this repo writes for a user (checkpoints, token shards, manifests, metrics, exports,
 figures) goes through `atomic_path` / `atomic_dir`: written to a temp name in the same folder,
-fsynced, given the mode the user's umask allows (0644 / 0755 with the usual 022, so teammates on a
-shared cluster can read them; `mkstemp` alone would leave 0600), then renamed over the target and
-the folder's entry fsynced. A kill at any moment leaves the old file or the new one, never a torn
+fsynced, with the mode the user's umask allows (0644 / 0755 with the usual 022, so teammates on a
+shared cluster can read them; `mkstemp` would leave 0600), then renamed over the target and the
+folder's entry fsynced. A kill at any moment leaves the old file or the new one, never a torn
 one. No torch here: fineweb.py and plot.py use it without importing torch.
 
 `FolderLock` keeps a folder to one writing run at a time (training holds its --log-dir with it).
@@ -27,26 +27,14 @@ import threading
 import time
 from pathlib import Path
 
+import cli
+
 # errnos that mean "no room": a full disk, a quota, a file-size limit (ulimit -f)
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it (Linux /proc); elsewhere set-and-restore."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def fsync_file(path: str | Path) -> None:
@@ -69,22 +57,27 @@ def fsync_dir(path: str | Path) -> None:
 @contextlib.contextmanager
 def atomic_path(path: str | Path, tmp_prefix: str | None = None):
     """Yield a temp path beside `path` to write by name; when the block ends without an error the
-    file is fsynced, given the umask's mode, renamed to `path` and the rename fsynced. On an error
+    file is fsynced, renamed to `path` and the rename fsynced. On an error
     (a full disk, a kill signal turned into an exception) the temp file is removed and `path` is
     untouched. `tmp_prefix` names the temp file (default `.<name>.`; fineweb.py uses one without
     "train"/"val" so that no split-matching loader can pick up a half-written shard)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix or f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = temp_name(path, tmp_prefix)
+    # Created 0o666 for the umask to narrow, as open() does: writers that open it by name keep the mode.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        yield tmp
+        yield str(tmp)
         fsync_file(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def temp_name(path: Path, tmp_prefix: str | None = None) -> Path:
+    """A new name beside `path` (64 random bits; O_EXCL / mkdir refuse the unlikely clash)."""
+    return path.parent / f"{tmp_prefix or f'.{path.name}.'}{secrets.token_hex(8)}.tmp"
 
 
 def remove_temps(folder: str | Path, tmp_prefix: str) -> None:
@@ -126,7 +119,8 @@ def atomic_dir(path: str | Path):
     caller decides beforehand whether an existing `path` may be replaced."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    staging = temp_name(path)
+    staging.mkdir(0o777)  # the umask narrows it, as for any new folder: _follow_umask copies that mode
     try:
         yield staging
         _follow_umask(staging)
@@ -150,14 +144,14 @@ def atomic_dir(path: str | Path):
 
 
 def _follow_umask(folder: Path) -> None:
-    """mkdtemp makes 0700 and some writers (safetensors) 0600: give the tree a plain open()'s modes."""
-    mask = current_umask()
-    os.chmod(folder, 0o777 & ~mask)
+    """Some writers (safetensors) make 0600 files: give the tree under `folder`, made with 0o777 and
+    so holding the umask's mode, the modes a plain mkdir / open() would."""
+    dir_mode = folder.stat().st_mode & 0o777
     for root, dirs, files in os.walk(folder):
         for name in dirs:
-            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            os.chmod(os.path.join(root, name), dir_mode)
         for name in files:
-            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+            os.chmod(os.path.join(root, name), dir_mode & 0o666)
 
 
 # ---- one writer per folder ----------------------------------------------------------------------
@@ -168,7 +162,7 @@ LEASE_SECONDS = 120  # a record from another host not re-written for this long b
 NO_FLOCK_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
 
 
-class FolderInUse(ValueError):
+class FolderInUse(cli.UserError):
     """Another live run writes into the folder (a one-line, user-fixable error)."""
 
 
@@ -190,8 +184,13 @@ class FolderLock:
 
     def __init__(self, folder: str | Path, command: list[str] | None = None):
         self.folder, self.path = Path(folder), Path(folder) / LOCK_FILE
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                       "token": secrets.token_hex(8), "command": " ".join(command or [])}
+        self.record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.time(),
+            "token": secrets.token_hex(8),
+            "command": " ".join(command or []),
+        }
         self.fd: int | None = None
         self.created = False  # the folder did not exist: removed again if the run leaves nothing in it
         self.flock = False
@@ -207,16 +206,20 @@ class FolderLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
-            raise FolderInUse(f"cannot write in --log-dir {self.folder} ({e.strerror}): fix its permissions or choose "
-                              "another --log-dir") from None
+            raise FolderInUse(
+                f"cannot write in --log-dir {self.folder} ({e.strerror}): fix its permissions or choose "
+                "another --log-dir"
+            ) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             self.flock = True
         except BlockingIOError:
             holder = self._describe(self._read())
             self._close()
-            raise FolderInUse(f"{self.folder} is in use by another run ({holder}): wait for it to end or stop it, "
-                              "or give this run its own --log-dir") from None
+            raise FolderInUse(
+                f"{self.folder} is in use by another run ({holder}): wait for it to end or stop it, "
+                "or give this run its own --log-dir"
+            ) from None
         except OSError as e:
             if e.errno not in NO_FLOCK_ERRNOS:
                 self._close()
@@ -224,16 +227,23 @@ class FolderLock:
         other = self._read()
         if self._alive(other):
             self._close()
-            dead = (f"; if it died, this clears {LEASE_SECONDS} s after its last heartbeat"
-                    if other.get("host") != self.record["host"] else "")
-            raise FolderInUse(f"{self.folder} is in use by another run ({self._describe(other)}, not seen by this "
-                              f"filesystem's locks{dead}): wait for it to end or stop it, or give this run its own --log-dir")
+            dead = (
+                f"; if it died, this clears {LEASE_SECONDS} s after its last heartbeat"
+                if other.get("host") != self.record["host"]
+                else ""
+            )
+            raise FolderInUse(
+                f"{self.folder} is in use by another run ({self._describe(other)}, not seen by this "
+                f"filesystem's locks{dead}): wait for it to end or stop it, or give this run its own --log-dir"
+            )
         self._write()
         if not self.flock:  # two runs may have written at once: the one whose record stayed goes on
             time.sleep(1.0)
             if self._read().get("token") != self.record["token"]:
                 self._close()
-                raise FolderInUse(f"{self.folder} was taken by another run at the same moment: give this run its own --log-dir")
+                raise FolderInUse(
+                    f"{self.folder} was taken by another run at the same moment: give this run its own --log-dir"
+                )
         threading.Thread(target=self._heartbeat, name="folder-lock", daemon=True).start()
         return self
 
@@ -298,7 +308,10 @@ class FolderLock:
             replaced = os.fstat(self.fd).st_ino != _inode(self.path)
             if replaced or (found.get("token") and found.get("token") != self.record["token"]):
                 who = "its lock file was deleted" if replaced else f"another run took it over ({self._describe(found)})"
-                self.lost = f"{self.folder}: {who}: two runs were writing there, so this one stops; its last checkpoint is intact"
+                self.lost = (
+                    f"{self.folder}: {who}: two runs were writing there, so this one stops; "
+                    "its last checkpoint is intact"
+                )
                 return
             self._write()
 
@@ -327,8 +340,9 @@ def _pid_started_before(pid, when: float) -> bool:
         pass
     try:  # Linux: the 22nd field of /proc/<pid>/stat is its start, in clock ticks after boot
         ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
-                    if line.startswith("btime "))
+        boot = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
         return boot + ticks / os.sysconf("SC_CLK_TCK") <= when + 1
     except (OSError, ValueError, IndexError, StopIteration):
         return True  # no /proc: alive is all we know

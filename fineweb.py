@@ -41,8 +41,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+import cli
 import fileio
-from cli import field, parse_config
+from cli import DEFAULT_DATA_DIR, UserError, field, parse_config
 from tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE, get_encoding
 
 MANIFEST = "manifest.json"
@@ -69,8 +70,8 @@ DEFAULT_CONTEXT = 1024
 MIN_SHARD_SIZE = 4 * DEFAULT_CONTEXT + 1  # 4,097
 
 
-class PrepError(Exception):
-    """A problem the user can fix (bad input, full disk, ...): main() prints it as one line."""
+class PrepError(UserError):
+    """A problem the user can fix (bad input, full disk, ...): cli.run_main prints it as one line."""
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,11 @@ class FinewebConfig:
     name: str = field("sample-10BT", "dataset config, e.g. sample-100BT")
     revision: str = field("", "Hub commit/branch/tag to read (default: latest; a resume reuses its own)")
     input: tuple[str, ...] = field(
-        (), "local parquet / jsonl(.gz) / txt files, globs or folders to tokenize instead of the Hub",
+        (),
+        "local parquet / jsonl(.gz) / txt files, globs or folders to tokenize instead of the Hub",
         metavar="FILE_OR_GLOB",
     )
-    out_dir: str = field("edu_fineweb10B", "folder for the shards and manifest.json")
+    out_dir: str = field(DEFAULT_DATA_DIR, "folder for the shards and manifest.json")
     shard_size: int = field(100_000_000, "tokens per shard (the last may be shorter)")
     workers: int = field(0, "tokenizer processes (0 = every core this process may use)")
     streaming: bool = field(False, "stream the dataset instead of first keeping a full local Arrow copy")
@@ -90,17 +92,17 @@ class FinewebConfig:
     verify: bool = field(False, "only re-check the shards in --out-dir against the manifest")
 
     def __post_init__(self):
-        """Check the flags once, up front; raise ValueError naming the flag and the fix."""
+        """Check the flags once, up front; raise UserError naming the flag and the fix."""
         if self.shard_size <= 0:
-            raise ValueError(f"--shard-size must be a positive number of tokens, got {self.shard_size}")
+            raise UserError(f"--shard-size must be a positive number of tokens, got {self.shard_size}")
         if self.workers < 0:
-            raise ValueError(f"--workers must be >= 0 (0 = all cores), got {self.workers}")
+            raise UserError(f"--workers must be >= 0 (0 = all cores), got {self.workers}")
         if self.max_tokens < 0:
-            raise ValueError(f"--max-tokens must be >= 0 (0 = no limit), got {self.max_tokens}")
+            raise UserError(f"--max-tokens must be >= 0 (0 = no limit), got {self.max_tokens}")
         if not self.out_dir:
-            raise ValueError("--out-dir must not be empty")
+            raise UserError("--out-dir must not be empty")
         if not self.input and not self.dataset:
-            raise ValueError("give --dataset (a Hub dataset) or --input (local files)")
+            raise UserError("give --dataset (a Hub dataset) or --input (local files)")
 
 
 def default_workers() -> int:
@@ -182,11 +184,26 @@ def _check_text_column(files: list[Path]) -> None:
             raise PrepError(f"cannot read input file {f}: {_one_line(e)}") from None
         if rows == 0:
             raise PrepError(f"input file {f} has no rows (no documents to tokenize): remove it from --input")
-        if columns is not None and "text" not in columns:
-            raise PrepError(
-                f"input file {f} has no `text` column (it has: {', '.join(columns) or 'none'}): "
-                "fineweb.py tokenizes the `text` column"
-            )
+        _require_text_column(columns, f"input file {f}")
+
+
+def _require_text_column(columns: list[str] | None, what: str) -> None:
+    """The one check that a source (a file, the loaded dataset) has the column fineweb.py tokenizes;
+    None: its columns are not known (e.g. a file holding one JSON array), then the dataset is checked."""
+    if columns is not None and "text" not in columns:
+        raise PrepError(
+            f"{what} has no `text` column (it has: {', '.join(columns) or 'none'}): "
+            "fineweb.py tokenizes the `text` column"
+        )
+
+
+def _column_names(ds) -> list[str] | None:
+    """The dataset's columns; a stream that does not know them before reading (JSON) shows its first
+    row's. None for a stream with no rows: nothing to tokenize, which the run reports itself."""
+    if ds.column_names is not None:
+        return ds.column_names
+    first = next(iter(ds.take(1)), None)
+    return None if first is None else list(first)
 
 
 def _one_line(e: BaseException) -> str:
@@ -210,12 +227,16 @@ def _hub_hint(cfg: FinewebConfig, e: BaseException) -> str:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:  # already offline: the cache is what is missing, not the setting
-        fix = (f"HF_HUB_OFFLINE is set and the cache under HF_HOME ({constants.HF_HOME}) does not hold it: run "
-               "the same command once on a networked machine with that HF_HOME, or download the parquet files "
-               "and pass --input")
+        fix = (
+            f"HF_HUB_OFFLINE is set and the cache under HF_HOME ({constants.HF_HOME}) does not hold it: run "
+            "the same command once on a networked machine with that HF_HOME, or download the parquet files "
+            "and pass --input"
+        )
     else:
-        fix = ("check the name and network, or on an offline node set HF_HUB_OFFLINE=1 with HF_HOME pointing to "
-               "a cache filled on a networked machine, or download the parquet files and pass --input")
+        fix = (
+            "check the name and network, or on an offline node set HF_HUB_OFFLINE=1 with HF_HOME pointing to "
+            "a cache filled on a networked machine, or download the parquet files and pass --input"
+        )
     return f"cannot load {cfg.dataset} ({cfg.name}) from the Hugging Face Hub ({_one_line(e)}); {fix}"
 
 
@@ -254,8 +275,7 @@ def load_source(cfg: FinewebConfig, files: list[Path], revision: str, cache_dir:
         if files:
             raise PrepError(f"cannot read {what}: {_one_line(e)}") from None
         raise PrepError(_hub_hint(cfg, e)) from None
-    if ds.column_names is not None and "text" not in ds.column_names:
-        raise PrepError(f"{what} has no `text` column (it has: {', '.join(ds.column_names)})")
+    _require_text_column(_column_names(ds), what)
     if ds.column_names is not None and ds.column_names != ["text"]:
         ds = ds.select_columns(["text"])
     return ds
@@ -342,8 +362,6 @@ def _work_items(ds, start_row: int):
     else:  # streaming: only the main process can iterate, so it sends the texts
         it = ds.skip(start_row) if start_row else ds  # whole Arrow batches are skipped, not decoded
         for batch in it.iter(batch_size=BATCH_DOCS):
-            if "text" not in batch:
-                raise PrepError(f"the dataset has no `text` column (it has: {', '.join(batch)})")
             yield encode_documents, batch["text"], len(batch["text"])
 
 
@@ -438,7 +456,7 @@ class ShardBuilder:
     """
 
     def __init__(self, shard_size: int, writer: ShardWriter, first_shard: int, next_row: int, offset: int):
-        self.S, self.writer = shard_size, writer
+        self.shard_size, self.writer = shard_size, writer
         self.shard = first_shard  # index of the shard being filled
         self.pos = first_shard * shard_size  # global position of the next token
         self.row = next_row  # source row index of the next batch's first row
@@ -451,8 +469,8 @@ class ShardBuilder:
 
     @property
     def buf(self) -> np.ndarray:
-        if len(self.buffers[0]) < self.S:
-            self.buffers[0] = np.empty(self.S, dtype=np.uint16)
+        if len(self.buffers[0]) < self.shard_size:
+            self.buffers[0] = np.empty(self.shard_size, dtype=np.uint16)
         return self.buffers[0]
 
     def _emit(self, end_row: int, end_offset: int) -> None:
@@ -472,51 +490,53 @@ class ShardBuilder:
         self.buffers.reverse()  # fill the other buffer while this one is written
         self.shard, self.fill, self.boundary = self.shard + 1, 0, None
 
-    def _resume_point(self, starts: np.ndarray, ends: np.ndarray, row0: int, b: int) -> tuple[int, int]:
-        j = int(np.searchsorted(starts, b, side="left"))  # rows starting before position b
-        if j > 0 and ends[j - 1] > b:  # row j-1 straddles b: it continues in the next shard
-            return row0 + j - 1, b - int(starts[j - 1])
-        return row0 + j, 0
+    def _resume_point(self, starts: np.ndarray, ends: np.ndarray, row0: int, position: int) -> tuple[int, int]:
+        started = int(np.searchsorted(starts, position, side="left"))  # rows starting before `position`
+        if (
+            started > 0 and ends[started - 1] > position
+        ):  # the last of them straddles it: it continues in the next shard
+            return row0 + started - 1, position - int(starts[started - 1])
+        return row0 + started, 0
 
     def add(self, n_rows: int, result, limit: int | None) -> bool:
         """Append one batch (n_rows source rows, in order). Returns True when `limit` is reached."""
         tokens, lengths, undecodable = result
         assert len(lengths) == n_rows
-        row0, o = self.row, self.offset
-        if o:  # first batch after a resume inside a document: its first o tokens are already written
-            tokens, self.offset = tokens[o:], 0
-        starts = (self.pos - o) + np.concatenate(([0], np.cumsum(lengths)[:-1]))  # (n_rows,) global
+        row0, written = self.row, self.offset
+        if written:  # first batch after a resume inside a document: its first tokens are already in a shard
+            tokens, self.offset = tokens[written:], 0
+        starts = (self.pos - written) + np.concatenate(([0], np.cumsum(lengths)[:-1]))  # (n_rows,) global
         ends = starts + lengths
         stop = limit is not None and self.pos + len(tokens) >= limit
-        m = n_rows
+        rows = n_rows  # rows that started before the cut
         if stop:
             tokens = tokens[: limit - self.pos]
-            m = int(np.searchsorted(starts, limit, side="left"))  # rows started before the cut
+            rows = int(np.searchsorted(starts, limit, side="left"))
         # Per-shard document counts, vectorised over the batch (rows from earlier shards: ignored).
-        shard_of = starts[:m] // self.S
-        kept = lengths[:m] > 0
-        for col, mask in enumerate((kept, ~kept & ~undecodable[:m], undecodable[:m])):
-            ids = shard_of[mask]
-            ids = ids[ids >= self.shard] - self.shard
-            for k, c in enumerate(np.bincount(ids)):
-                if c:
-                    self.counts[self.shard + k][col] += c
-        self.documents += int(kept.sum()) - (1 if o else 0)
-        self.empty += int((~kept & ~undecodable[:m]).sum())
-        self.undecodable += int(undecodable[:m].sum())
+        shard_of = starts[:rows] // self.shard_size
+        kept = lengths[:rows] > 0
+        for col, mask in enumerate((kept, ~kept & ~undecodable[:rows], undecodable[:rows])):
+            ahead = shard_of[mask]
+            ahead = ahead[ahead >= self.shard] - self.shard  # shards after the one being filled
+            for shard_ahead, count in enumerate(np.bincount(ahead)):
+                if count:
+                    self.counts[self.shard + shard_ahead][col] += count
+        self.documents += int(kept.sum()) - (1 if written else 0)
+        self.empty += int((~kept & ~undecodable[:rows]).sum())
+        self.undecodable += int(undecodable[:rows].sum())
         # Copy into the shard buffer; a full shard is handed to the writer when the next token
         # arrives (or at the end), so empty rows that follow it can still be counted where they belong.
-        p = 0
-        while p < len(tokens):
-            if self.fill == self.S:
+        copied = 0
+        while copied < len(tokens):
+            if self.fill == self.shard_size:
                 self._emit(*self.boundary)
-            take = min(self.S - self.fill, len(tokens) - p)
-            self.buf[self.fill : self.fill + take] = tokens[p : p + take]
-            self.fill, p, self.pos = self.fill + take, p + take, self.pos + take
-            if self.fill == self.S:
-                self.boundary = self._resume_point(starts[:m], ends[:m], row0, self.pos)
+            take = min(self.shard_size - self.fill, len(tokens) - copied)
+            self.buf[self.fill : self.fill + take] = tokens[copied : copied + take]
+            self.fill, copied, self.pos = self.fill + take, copied + take, self.pos + take
+            if self.fill == self.shard_size:
+                self.boundary = self._resume_point(starts[:rows], ends[:rows], row0, self.pos)
         if stop:
-            self.boundary = self._resume_point(starts[:m], ends[:m], row0, self.pos)
+            self.boundary = self._resume_point(starts[:rows], ends[:rows], row0, self.pos)
         self.row = row0 + n_rows
         return stop
 
@@ -573,8 +593,12 @@ def _comparable(settings: dict) -> dict:
     source = settings.get("source") if isinstance(settings, dict) else None
     if not isinstance(source, dict) or not isinstance(source.get("files"), list):
         return settings
-    files = [{"name": f.get("name") or Path(str(f.get("path", ""))).name, "bytes": f.get("bytes")}
-             if isinstance(f, dict) else f for f in source["files"]]
+    files = [
+        {"name": f.get("name") or Path(str(f.get("path", ""))).name, "bytes": f.get("bytes")}
+        if isinstance(f, dict)
+        else f
+        for f in source["files"]
+    ]
     return {**settings, "source": {**source, "files": files}}
 
 
@@ -703,15 +727,24 @@ def prepare(
     files = _local_inputs(cfg)
     created = _prepare_out_dir(out_dir)
     try:
-        return _prepare_in(cfg, out_dir, files, cache_dir=cache_dir, mp_context=mp_context, progress=progress,
-                           command=command)
+        return _prepare_in(
+            cfg, out_dir, files, cache_dir=cache_dir, mp_context=mp_context, progress=progress, command=command
+        )
     except BaseException:
         _remove_unused_out_dir(out_dir, created)
         raise
 
 
-def _prepare_in(cfg: FinewebConfig, out_dir: Path, files: list[Path], *, cache_dir: str | None,
-                mp_context: str | None, progress: bool, command: str | None) -> dict:
+def _prepare_in(
+    cfg: FinewebConfig,
+    out_dir: Path,
+    files: list[Path],
+    *,
+    cache_dir: str | None,
+    mp_context: str | None,
+    progress: bool,
+    command: str | None,
+) -> dict:
     """prepare() once --out-dir exists and is writable."""
     workers = cfg.workers or default_workers()
     old = _previous_manifest(out_dir)
@@ -788,8 +821,9 @@ def _remove_unrecorded_shards(out_dir: Path, keep: int) -> None:
             p.unlink()
 
 
-def _tokenize(cfg: FinewebConfig, ds, files: list[Path], manifest: dict, workers: int,
-              mp_context: str | None, progress: bool) -> tuple[ShardBuilder, bool]:
+def _tokenize(
+    cfg: FinewebConfig, ds, files: list[Path], manifest: dict, workers: int, mp_context: str | None, progress: bool
+) -> tuple[ShardBuilder, bool]:
     """Run the worker pool over the source, from where the kept shards end, into new shards.
     Returns the builder (its counts) and whether --max-tokens stopped it before the end of the data."""
     out_dir, shards = Path(cfg.out_dir), manifest["shards"]
@@ -846,8 +880,9 @@ def _progress_bar(src: str, done_tokens: int, limit: int | None, enabled: bool) 
     )
 
 
-def _finish_manifest(cfg: FinewebConfig, files: list[Path], manifest: dict, builder: ShardBuilder,
-                     stopped: bool) -> None:
+def _finish_manifest(
+    cfg: FinewebConfig, files: list[Path], manifest: dict, builder: ShardBuilder, stopped: bool
+) -> None:
     """Record the run as complete, with its totals, in manifest.json."""
     shards = manifest["shards"]
     if not shards:
@@ -948,34 +983,28 @@ def verify(out_dir: str | Path, workers: int = 0) -> list[tuple[str, str]]:
 # CLI
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     # fineweb.py never uses torch; without this, `datasets` imports it (seconds) for every
     # streaming dataset. Set before `datasets` is first imported; the user's value wins.
     os.environ.setdefault("USE_TORCH", "0")
+    cfg = parse_config(FinewebConfig, argv, description=__doc__.split("\n\n")[0])
+    if cfg.shard_size < MIN_SHARD_SIZE and not cfg.verify:
+        raise UserError(
+            f"--shard-size {cfg.shard_size:,} is too small: a shard must hold a few training windows of the "
+            f"default context ({DEFAULT_CONTEXT}+1 tokens); use {MIN_SHARD_SIZE:,} or more (default 100,000,000)"
+        )
+    if cfg.verify:
+        return _verify_out_dir(cfg)
+    command = shlex.join([Path(sys.executable).name, "fineweb.py", *(sys.argv[1:] if argv is None else argv)])
     try:
-        cfg = parse_config(FinewebConfig, argv, description=__doc__.split("\n\n")[0])
-        if cfg.shard_size < MIN_SHARD_SIZE and not cfg.verify:
-            raise ValueError(
-                f"--shard-size {cfg.shard_size:,} is too small: a shard must hold a few training windows of the "
-                f"default context ({DEFAULT_CONTEXT}+1 tokens); use {MIN_SHARD_SIZE:,} or more (default 100,000,000)"
-            )
-    except ValueError as e:  # a value FinewebConfig refuses (argparse itself exits on a malformed one)
-        raise SystemExit(f"fineweb.py: error: {e}") from None
-    try:
-        if cfg.verify:
-            _verify_out_dir(cfg)
-            return
-        command = shlex.join([Path(sys.executable).name, "fineweb.py", *(sys.argv[1:] if argv is None else argv)])
         _require_train_shard(cfg, prepare(cfg, command=command))
-    except PrepError as e:
-        raise SystemExit(f"fineweb.py: error: {e}") from None
     except OSError as e:
-        if not fileio.is_disk_full(e):
-            raise
-        raise SystemExit(f"fineweb.py: error: {_disk_full(e)}") from None
+        if fileio.is_disk_full(e):  # the one-line error that says how much room a shard needs
+            raise _disk_full(e) from None
+        raise
     except KeyboardInterrupt:
-        print("\ninterrupted: rerun the same command to continue from the last complete shard", file=sys.stderr)
-        raise SystemExit(130) from None
+        raise KeyboardInterrupt("rerun the same command to continue from the last complete shard") from None
+    return 0
 
 
 def _require_train_shard(cfg: FinewebConfig, manifest: dict) -> None:
@@ -989,30 +1018,35 @@ def _require_train_shard(cfg: FinewebConfig, manifest: dict) -> None:
     elif total // 2 >= MIN_SHARD_SIZE:
         fix = f"a --shard-size of at most {total // 2:,} (then val and train hold half each), or more input"
     else:
-        fix = (f"more input (a val and a train shard of the smallest --shard-size, {MIN_SHARD_SIZE:,}, need over "
-               f"{2 * MIN_SHARD_SIZE:,} tokens)")
+        fix = (
+            f"more input (a val and a train shard of the smallest --shard-size, {MIN_SHARD_SIZE:,}, need over "
+            f"{2 * MIN_SHARD_SIZE:,} tokens)"
+        )
     raise PrepError(
         f"no train shard: all {total:,} tokens went to val shard 0 (--shard-size {cfg.shard_size:,}) and training "
         f"reads shards 1 and up; rerun with {fix}, into another --out-dir or after deleting {cfg.out_dir}"
     )
 
 
-def _verify_out_dir(cfg: FinewebConfig) -> None:
-    """--verify: print `BAD <file>: <problem>` for each problem and exit 1 naming them, or one OK line."""
+def _verify_out_dir(cfg: FinewebConfig) -> int:
+    """--verify: print `BAD <file>: <problem>` for each problem and return 1 naming them, or one OK
+    line and 0. Exit 1, not 2: like cmp, 1 is the check's verdict; 2 means it could not check."""
     problems = verify(cfg.out_dir, cfg.workers)
     for name, problem in problems:
         print(f"BAD {name}: {problem}")
     if problems:
         bad = sorted({n for n, _ in problems if n != MANIFEST})
-        raise SystemExit(
-            f"fineweb.py: error: --verify found {len(problems)} problem(s) in {cfg.out_dir}"
+        cli.print_error(
+            f"--verify found {len(problems)} problem(s) in {cfg.out_dir}"
             + (f" ({', '.join(bad)}): delete the bad shards and rerun the command in {MANIFEST}" if bad else "")
         )
+        return 1
     manifest = read_manifest(Path(cfg.out_dir))
     n_tokens = sum(s["tokens"] for s in manifest["shards"])
     n_shards = len(manifest["shards"])
     print(f"verified {n_shards} shards in {cfg.out_dir}, {n_tokens:,} tokens: all match {MANIFEST}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_main(main))

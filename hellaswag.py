@@ -3,7 +3,8 @@
     uv run hellaswag.py --checkpoint log/model_final.pt
     uv run hellaswag.py --hf gpt2                       # OpenAI's 124M through transformers
     uv run hellaswag.py --download-only                 # fetch the data once, e.g. on a login node
-    uv run hellaswag.py --checkpoint CKPT --data tests/data/hellaswag_val_300.jsonl --no-verify --device cpu  # 300 shipped examples
+    uv run hellaswag.py --checkpoint CKPT --data tests/data/hellaswag_val_300.jsonl --no-verify \\
+        --device cpu                                    # 300 shipped examples
     torchrun --standalone --nproc_per_node=8 hellaswag.py --checkpoint log/model_final.pt
 
 Shows progress (examples done, examples/s) while it runs, then prints one line with both scoring
@@ -26,34 +27,40 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import fileio
 import runtime
-from cli import field, parse_config
+from cli import DEFAULT_CHECKPOINT, DEFAULT_LOG_DIR, DEVICE_CHOICES, UserError, field, parse_config
 from hellaswag_eval import DEFAULT_DATA_PATH, NUM_ENDINGS, STYLES, download, evaluate_hellaswag, load_examples
-
-DEFAULT_CHECKPOINT = "log/model_final.pt"
 
 
 @dataclass(frozen=True)
 class HellaSwagConfig:
-    checkpoint: str = field("", f"our checkpoint to evaluate, a model_*.pt file or model_* folder (default {DEFAULT_CHECKPOINT} unless --hf is given)")
+    checkpoint: str = field(
+        "",
+        f"our checkpoint to evaluate, a model_*.pt file or model_* folder (default {DEFAULT_CHECKPOINT} "
+        "unless --hf is given)",
+    )
     hf: str = field("", "a Hugging Face GPT-2 name or folder instead (gpt2, gpt2-medium, an export_hf.py output)")
     data: str = field("", f"a local hellaswag_val.jsonl (default: {DEFAULT_DATA_PATH}, downloaded there once)")
     verify: bool = field(True, "check the data file's sha256 (--no-verify for a deliberate subset)")
     download_only: bool = field(False, f"download the data to --data (or {DEFAULT_DATA_PATH}) and exit")
     limit: int = field(0, "evaluate the first N examples only (0: all 10,042)")
     batch_size: int = field(0, "sequences (one example's ending each) per forward (0: 128 on CUDA, 16 on CPU)")
-    log_dir: str = field("", "append the result to <log-dir>/hellaswag_results.jsonl (default: the checkpoint's "
-                             "folder, e.g. log_fast for log_fast/model_final.pt, so plot.py files it under its run; "
-                             "log for --hf)")
-    device: str = field("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    log_dir: str = field(
+        "",
+        "append the result to <log-dir>/hellaswag_results.jsonl (default: the checkpoint's "
+        "folder, e.g. log_fast for log_fast/model_final.pt, so plot.py files it under its run; "
+        f"{DEFAULT_LOG_DIR} for --hf)",
+    )
+    device: str = field("auto", "auto, cpu or cuda", choices=DEVICE_CHOICES)
     compile: bool = field(False, "torch.compile the model (CUDA only; pays off for the full set on a big model)")
 
     def __post_init__(self):
         if self.checkpoint and self.hf:
-            raise ValueError("give --checkpoint or --hf, not both")
+            raise UserError("give --checkpoint or --hf, not both")
         if self.limit < 0 or self.batch_size < 0:
-            raise ValueError("--limit and --batch-size must be >= 0")
+            raise UserError("--limit and --batch-size must be >= 0")
 
 
 def data_path(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> Path:
@@ -70,7 +77,7 @@ def data_path(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> Path:
         ok = torch.tensor([0 if error else 1], device=dist_info.device)
         dist.broadcast(ok, src=0)
         if not ok.item() and error is None:
-            error = ValueError(f"rank 0 could not download {path}: see its message")
+            error = UserError(f"rank 0 could not download {path}: see its message")
     if error:
         raise error
     return path
@@ -82,7 +89,7 @@ def results_dir(cfg: HellaSwagConfig) -> Path:
     if cfg.log_dir:
         return Path(cfg.log_dir)
     if cfg.hf:
-        return Path("log")
+        return Path(DEFAULT_LOG_DIR)
     return Path(cfg.checkpoint or DEFAULT_CHECKPOINT).parent
 
 
@@ -99,8 +106,14 @@ def evaluate(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> dict:
     model = runtime.compile_model(model, cfg.compile, warn=dist_info.is_main)
 
     start = time.perf_counter()
-    with tqdm(total=len(examples), unit="ex", desc="hellaswag", disable=not dist_info.is_main,
-              mininterval=1 if sys.stderr.isatty() else 30, dynamic_ncols=True) as bar:
+    with tqdm(
+        total=len(examples),
+        unit="ex",
+        desc="hellaswag",
+        disable=not dist_info.is_main,
+        mininterval=1 if sys.stderr.isatty() else 30,
+        dynamic_ncols=True,
+    ) as bar:
         rows_done = 0
 
         def progress(rows: int) -> None:  # this rank's rows, scaled to examples of all ranks
@@ -108,55 +121,57 @@ def evaluate(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> dict:
             rows_done += rows
             bar.update(min(len(examples), rows_done * dist_info.world_size // (NUM_ENDINGS * len(STYLES))) - bar.n)
 
-        result = evaluate_hellaswag(model, examples, dist_info, autocast=runtime.autocast(device),
-                                    batch_size=cfg.batch_size or None, progress=progress)
+        result = evaluate_hellaswag(
+            model,
+            examples,
+            dist_info,
+            autocast=runtime.autocast(device),
+            batch_size=cfg.batch_size or None,
+            progress=progress,
+        )
         bar.update(len(examples) - bar.n)
     seconds = time.perf_counter() - start
     record = {
-        "checkpoint": ckpt, "model": cfg.hf or None, "step": step,
-        "acc": result["acc"], "acc_norm": result["acc_norm"],
-        "harness_acc": result["harness_acc"], "harness_acc_norm": result["harness_acc_norm"],
-        "count": result["count"], "seconds": round(seconds, 3), "time": time.time(),
+        "checkpoint": ckpt,
+        "model": cfg.hf or None,
+        "step": step,
+        "acc": result["acc"],
+        "acc_norm": result["acc_norm"],
+        "harness_acc": result["harness_acc"],
+        "harness_acc_norm": result["harness_acc_norm"],
+        "count": result["count"],
+        "seconds": round(seconds, 3),
+        "time": time.time(),
     }
     if dist_info.is_main:
         log_dir = results_dir(cfg)
         log_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed evaluation leaves no folder
         fileio.append_jsonl(log_dir / "hellaswag_results.jsonl", record)
         name = cfg.hf or f"{ckpt} (step {step})"
-        print(f"hellaswag | {name} | {result['count']:,} examples | reference acc {result['acc']:.4f} "
-              f"acc_norm {result['acc_norm']:.4f} | harness acc {result['harness_acc']:.4f} "
-              f"acc_norm {result['harness_acc_norm']:.4f} | {seconds:.1f} s ({result['count'] / seconds:,.1f} examples/s) | "
-              f"{log_dir / 'hellaswag_results.jsonl'}")
+        print(
+            f"hellaswag | {name} | {result['count']:,} examples | reference acc {result['acc']:.4f} "
+            f"acc_norm {result['acc_norm']:.4f} | harness acc {result['harness_acc']:.4f} "
+            f"acc_norm {result['harness_acc_norm']:.4f} | {seconds:.1f} s "
+            f"({result['count'] / seconds:,.1f} examples/s) | "
+            f"{log_dir / 'hellaswag_results.jsonl'}"
+        )
     return record
 
 
 def main(argv=None) -> int:
+    cfg = parse_config(HellaSwagConfig, argv, description=__doc__)
     try:
-        cfg = parse_config(HellaSwagConfig, argv, description=__doc__)
         if cfg.download_only:  # no model, no process group: a login node only needs the network
             path = Path(cfg.data or DEFAULT_DATA_PATH)
             download(path)
             load_examples(path, verify=cfg.verify)
             print(f"HellaSwag validation data ready: {path}")
             return 0
-        dist_info = runtime.setup_distributed(cfg.device)
-    except (ValueError, OSError) as e:  # ConnectionError and FileNotFoundError are OSErrors
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        evaluate(cfg, dist_info)
+        evaluate(cfg, runtime.setup_distributed(cfg.device))
         return 0
-    except (ValueError, OSError) as e:  # data, checkpoint, model: one line, no traceback
-        if dist_info.is_main:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if dist_info.is_main:
-            print("\ninterrupted: nothing was logged", file=sys.stderr)
-        return 130
     finally:
         runtime.teardown_distributed()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

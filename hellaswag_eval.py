@@ -1,9 +1,10 @@
-"""HellaSwag: the validation file, its two scoring styles, and the one batched scorer.
+"""HellaSwag: the validation file and its two scoring styles (scored by scoring.py, the one batched scorer).
 
 Used by `hellaswag.py` (a checkpoint or a Hugging Face model, both styles) and by the trainer
 (every --hellaswag-every steps, reference style). Nothing here prints, parses flags or picks a device.
 
-    uv run python -c "import hellaswag_eval as h; print(len(h.load_examples('tests/data/hellaswag_val_300.jsonl', verify=False)))"
+    uv run python -c "import hellaswag_eval as h; \\
+        print(len(h.load_examples('tests/data/hellaswag_val_300.jsonl', verify=False)))"
 
 Each example has a context and 4 endings; a model "answers" by which ending it finds most likely.
 Two ways of turning that into text and numbers are in use, and they give different accuracies:
@@ -29,16 +30,15 @@ import json
 import re
 import urllib.error
 import urllib.request
-from contextlib import nullcontext
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 import fileio
 import runtime
+from cli import UserError
+from scoring import score_all
 from tokenizer import EOT_TOKEN, get_encoding
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -47,11 +47,10 @@ HELLASWAG_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c99
 DEFAULT_DATA_PATH = "hellaswag/hellaswag_val.jsonl"  # the trainer's --hellaswag-data default too
 NUM_ENDINGS = 4
 STYLES = ("reference", "harness")
-# Rows (one example's ending each) per forward when not given. A GPU wants big batches; on a CPU the
-# (rows, T, 50257) float32 logits of more than ~16 rows fall out of cache and it gets slower.
-DEFAULT_BATCH_ROWS = {"cuda": 128, "cpu": 16}
 _REQUIRED_FIELDS = {"ctx": str, "ctx_a": str, "ctx_b": str, "activity_label": str, "endings": list, "label": int}
-_HOW_TO_GET = "get it with `uv run hellaswag.py --download-only` (on a machine with network), or pass --data PATH to a copy"
+_HOW_TO_GET = (
+    "get it with `uv run hellaswag.py --download-only` (on a machine with network), or pass --data PATH to a copy"
+)
 
 
 # ---- the data file ----------------------------------------------------------------------------
@@ -66,15 +65,19 @@ def sha256_file(path: str | Path) -> str:
 def verify_sha256(path: str | Path, expected: str = HELLASWAG_SHA256) -> None:
     actual = sha256_file(path)
     if actual != expected:
-        raise ValueError(
+        raise UserError(
             f"{path} has sha256 {actual[:12]}..., not the official HellaSwag validation file's {expected[:12]}...: "
             "delete it and download again (`uv run hellaswag.py --download-only`), or skip the check with "
             "--no-verify if it is a subset on purpose"
         )
 
 
-def download(path: str | Path = DEFAULT_DATA_PATH, url: str = HELLASWAG_URL,
-             expected_sha256: str | None = HELLASWAG_SHA256, timeout: float = 60.0) -> Path:
+def download(
+    path: str | Path = DEFAULT_DATA_PATH,
+    url: str = HELLASWAG_URL,
+    expected_sha256: str | None = HELLASWAG_SHA256,
+    timeout: float = 60.0,
+) -> Path:
     """Fetch the validation file into `path` unless it is there already. The bytes are checked
     against the sha256 before anything is written, and written atomically: a failed or partial
     download never leaves a file behind."""
@@ -93,8 +96,9 @@ def download(path: str | Path = DEFAULT_DATA_PATH, url: str = HELLASWAG_URL,
     if expected_sha256 is not None:
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected_sha256:
-            raise ValueError(
-                f"downloaded {url} ({len(data):,} bytes) has sha256 {actual[:12]}..., expected {expected_sha256[:12]}...: "
+            raise UserError(
+                f"downloaded {url} ({len(data):,} bytes) has sha256 {actual[:12]}..., "
+                f"expected {expected_sha256[:12]}...: "
                 "the download is corrupt or the upstream file changed; nothing was written, try again"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,17 +124,18 @@ def load_examples(path: str | Path, limit: int | None = None, verify: bool = Tru
             try:
                 example = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(
-                    f"{path} line {line_number}: not valid JSON ({e.msg}): the file is corrupt; delete it and {_HOW_TO_GET}"
+                raise UserError(
+                    f"{path} line {line_number}: not valid JSON ({e.msg}): the file is corrupt; "
+                    f"delete it and {_HOW_TO_GET}"
                 ) from None
             problem = _check_example(example)
             if problem:
-                raise ValueError(
+                raise UserError(
                     f"{path} line {line_number}: {problem}: not a HellaSwag example; delete the file and {_HOW_TO_GET}"
                 )
             examples.append(example)
     if not examples:
-        raise ValueError(f"{path} holds no examples: delete it and {_HOW_TO_GET}")
+        raise UserError(f"{path} holds no examples: delete it and {_HOW_TO_GET}")
     return examples
 
 
@@ -182,7 +187,7 @@ def harness_encode_pair(enc, context: str, continuation: str) -> tuple[list[int]
         return [EOT_TOKEN], enc.encode_ordinary(continuation)
     whole = enc.encode_ordinary(context + continuation)
     context_tokens = enc.encode_ordinary(context)
-    return context_tokens, whole[len(context_tokens):]
+    return context_tokens, whole[len(context_tokens) :]
 
 
 def render(example: dict, style: str, enc=None) -> tuple[list[list[int]], list[int], list[int]]:
@@ -202,108 +207,23 @@ def render(example: dict, style: str, enc=None) -> tuple[list[list[int]], list[i
         query, choices = harness_query(example), harness_choices(example)
         pairs = [harness_encode_pair(enc, query, " " + choice) for choice in choices]
         return [c + e for c, e in pairs], [len(e) for _, e in pairs], [len(choice) for choice in choices]
-    raise ValueError(f"unknown HellaSwag style {style!r}: use one of {STYLES}")
+    raise UserError(f"unknown HellaSwag style {style!r}: use one of {STYLES}")
 
 
-# ---- the batched scorer -----------------------------------------------------------------------
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPT inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module):
-            return model
-        model = inner
-
-
-def _is_compiled(model: torch.nn.Module) -> bool:
-    while isinstance(model, torch.nn.Module):
-        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            return True
-        model = getattr(model, "module", None)
-    return False
-
-
-@torch.no_grad()
-def score_sequences(model, sequences: list[list[int]], n_scored: list[int], device: torch.device, autocast=None,
-                    batch_size: int | None = None, fixed_shapes: bool | None = None,
-                    rank: int = 0, world_size: int = 1, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Sum of log p(token) over the last n_scored[i] tokens of each sequence, given the tokens before.
-
-    Sequences are sorted by length (longest first, so an out-of-memory shows at once) and cut into
-    batches of `batch_size` rows, padded on the right; batch j runs on rank j % world_size, so a row
-    is computed in exactly the same batch whatever the world size. Rows of other ranks stay 0; a rank
-    with a batch fewer than the others runs one forward of padding (as ValLoader pads validation).
-    fixed_shapes (default: on for a torch.compile'd model) pads every batch to batch_size rows and
-    its length to a multiple of 32, so a compiled model sees a handful of shapes, not hundreds.
-    `progress(rows)` is called after each of this rank's batches. Returns a float32 tensor
-    (len(sequences),) on `device`."""
-    autocast = autocast if autocast is not None else nullcontext()
-    batch_size = batch_size or DEFAULT_BATCH_ROWS.get(device.type, DEFAULT_BATCH_ROWS["cuda"])
-    if fixed_shapes is None:
-        fixed_shapes = _is_compiled(model)
-    block_size = _unwrap(model).config.block_size
-    seqs = []
-    for tokens, n in zip(sequences, n_scored):
-        if not 0 < n <= block_size:
-            raise ValueError(f"an ending of {n} tokens does not fit the model's context of {block_size} tokens")
-        seqs.append(tokens[-(block_size + 1):])  # left-truncate: the input is all but the last token
-    order = sorted(range(len(seqs)), key=lambda i: (-len(seqs[i]), i))
-    scores = torch.zeros(len(seqs), dtype=torch.float32, device=device)
-    num_batches = -(-len(order) // batch_size)
-    for b, start in enumerate(range(0, len(order), batch_size)):
-        if b % world_size != rank:
-            continue
-        rows = order[start:start + batch_size]
-        T = len(seqs[rows[0]]) - 1  # the longest input in this batch
-        R = len(rows)
-        if fixed_shapes:
-            T, R = min(-(-T // 32) * 32, block_size), batch_size
-        inputs = np.full((R, T), EOT_TOKEN, dtype=np.int64)  # padding: never scored
-        positions, targets, row_ids = [], [], []
-        for r, i in enumerate(rows):
-            seq, n = seqs[i], n_scored[i]
-            L = len(seq) - 1
-            inputs[r, :L] = seq[:-1]
-            positions.extend(range(r * T + L - n, r * T + L))  # logits at these (row, t) predict...
-            targets.extend(seq[L + 1 - n:])  # ...these tokens: the ending's
-            row_ids.extend([r] * n)
-        inputs, positions, targets, row_ids, row_index = _to_device(device, inputs, positions, targets, row_ids, rows)
-        with autocast:
-            logits, _ = model(inputs)  # (R, T, vocab)
-        # Only the ending positions are needed: (N, vocab) rows, upcast to float32 for log-softmax.
-        # (Advanced indexing, not index_select: on CPU the latter is ~10x slower on this strided view.)
-        picked = logits.flatten(0, 1)[positions].float()
-        logprobs = picked.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
-        sums = torch.zeros(R, dtype=torch.float32, device=device).index_add_(0, row_ids, logprobs)
-        scores[row_index] = sums[: len(rows)]
-        if progress is not None:
-            progress(len(rows))
-    # Every rank runs the same number of forwards (a sharded model all-gathers its weights in each):
-    # a rank with one batch fewer runs one of padding, whose logits nobody reads.
-    if len(range(rank, num_batches, world_size)) < -(-num_batches // world_size):
-        with autocast:
-            model(torch.full((batch_size, 32) if fixed_shapes else (1, 1), EOT_TOKEN, dtype=torch.long, device=device))
-    return scores
-
-
-def _to_device(device: torch.device, *parts) -> list[torch.Tensor]:
-    """Integer arrays / lists -> int64 tensors on `device` (each part keeps its shape), in ONE copy
-    from pinned memory that does not make the host wait (one copy per part from pageable memory would,
-    once per batch on a GPU)."""
-    arrays = [np.asarray(part, dtype=np.int64) for part in parts]
-    packed = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]))
-    if device.type == "cuda":
-        packed = packed.pin_memory()
-    packed = packed.to(device, non_blocking=True)
-    return [chunk.view(a.shape) for chunk, a in zip(packed.split([a.size for a in arrays]), arrays)]
-
-
-def score_examples(model, examples: list[dict], dist_info: runtime.DistInfo, autocast=None, styles=STYLES,
-                   batch_size: int | None = None, fixed_shapes: bool | None = None,
-                   progress: Callable[[int], None] | None = None) -> dict[str, dict[str, np.ndarray]]:
+# ---- scoring: one pool of rows for both styles, through the shared scorer ----------------------
+def score_examples(
+    model,
+    examples: list[dict],
+    dist_info: runtime.DistInfo,
+    autocast=None,
+    styles=STYLES,
+    batch_size: int | None = None,
+    fixed_shapes: bool | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, dict[str, np.ndarray]]:
     """Per style: "loglik" (N, 4) summed log-likelihood of each ending, "norm" (N, 4) its acc_norm
     divisor, "label" (N,). Every rank scores its share of the rows (both styles in one pool of
-    batches); the sums are all-reduced, so every rank returns all scores."""
+    batches, scoring.score_all); every rank returns all scores."""
     enc = get_encoding()
     sequences, n_scored, norms = [], [], {}
     for style in styles:
@@ -314,11 +234,8 @@ def score_examples(model, examples: list[dict], dist_info: runtime.DistInfo, aut
             n_scored += ns
             style_norms.append(norm)
         norms[style] = np.asarray(style_norms, dtype=np.float64)
-    scores = score_sequences(model, sequences, n_scored, dist_info.device, autocast, batch_size, fixed_shapes,
-                             dist_info.rank, dist_info.world_size, progress)
-    if dist_info.distributed:
-        dist.all_reduce(scores)  # each row is nonzero on exactly one rank: the sum is that value
-    scores = np.asarray(scores.tolist(), dtype=np.float64).reshape(len(styles), len(examples), NUM_ENDINGS)
+    scores = score_all(model, sequences, n_scored, dist_info, autocast, batch_size, fixed_shapes, progress=progress)
+    scores = scores.logprob.reshape(len(styles), len(examples), NUM_ENDINGS)
     labels = np.asarray([example["label"] for example in examples])
     return {style: {"loglik": scores[s], "norm": norms[style], "label": labels} for s, style in enumerate(styles)}
 
@@ -331,20 +248,28 @@ def accuracies(loglik: np.ndarray, norm: np.ndarray, labels: np.ndarray) -> tupl
     return acc, acc_norm
 
 
-def evaluate_hellaswag(model, examples: list[dict], dist_info: runtime.DistInfo, autocast=None, *, styles=STYLES,
-                       batch_size: int | None = None, fixed_shapes: bool | None = None,
-                       progress: Callable[[int], None] | None = None) -> dict:
+def evaluate_hellaswag(
+    model,
+    examples: list[dict],
+    dist_info: runtime.DistInfo,
+    autocast=None,
+    *,
+    styles=STYLES,
+    batch_size: int | None = None,
+    fixed_shapes: bool | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """HellaSwag accuracies of `model` (a GPT, possibly torch.compile'd; called as model(idx) ->
     (logits, loss)) on `examples`, split across ranks; every rank returns the same dict:
     acc, acc_norm (reference style), harness_acc, harness_acc_norm (None when the style is not
-    asked for), count. batch_size: rows per forward (default DEFAULT_BATCH_ROWS for the device);
+    asked for), count. batch_size: rows per forward (default scoring.DEFAULT_BATCH_ROWS for the device);
     progress(rows): called after each batch this rank scores (rows = one ending of one example in one style).
     The model's train/eval mode is left as it is (GPT has no dropout)."""
     unknown = set(styles) - set(STYLES)
     if unknown or not styles:
-        raise ValueError(f"styles {tuple(styles)}: choose from {STYLES}")
+        raise UserError(f"styles {tuple(styles)}: choose from {STYLES}")
     if not examples:
-        raise ValueError("no HellaSwag examples to evaluate")
+        raise UserError("no HellaSwag examples to evaluate")
     scored = score_examples(model, examples, dist_info, autocast, tuple(styles), batch_size, fixed_shapes, progress)
     result = {"acc": None, "acc_norm": None, "harness_acc": None, "harness_acc_norm": None, "count": len(examples)}
     for style, s in scored.items():

@@ -3,7 +3,8 @@ counts, and whether this machine has it: the trainer refuses a run that cannot f
 anything (`--no-memory-check` to try anyway). bench/memory_table.py tabulates the same formula and
 checks it against real steps.
 
-    uv run python -c "import memory; print(memory.memory_bytes('gpt2-xl', 'fsdp', True, 8, 1024, gpus=8)['total'] / 2**30)"
+    uv run python -c "import memory; \\
+        print(memory.memory_bytes('gpt2-xl', 'fsdp', True, 8, 1024, gpus=8)['total'] / 2**30)"
 
 The formula (bytes per GPU; P parameters, N GPUs, L layers, d width, V = 50,304 padded vocab,
 R = micro-batch x seq-len tokens per micro-step):
@@ -40,7 +41,8 @@ from pathlib import Path
 
 import torch
 
-from model import MODEL_PRESETS, GPT, GPTConfig
+from cli import UserError
+from model import GPT, MODEL_PRESETS, GPTConfig
 
 GiB = 2**30
 ACTIVATION_BYTES = {"bf16": 38, "fp32": 68}  # per layer, per token, per unit of width (see the docstring)
@@ -53,13 +55,27 @@ def parameter_counts(model_name: str) -> dict[str, int]:
         model = GPT(GPTConfig(**MODEL_PRESETS[model_name]))
     block = sum(p.numel() for p in model.transformer.h[0].parameters())
     total = model.num_params()
-    return {"total": total, "block": block, "root": total - block * model.config.n_layer,
-            "layers": model.config.n_layer, "width": model.config.n_embd, "vocab": model.config.padded_vocab_size}
+    return {
+        "total": total,
+        "block": block,
+        "root": total - block * model.config.n_layer,
+        "layers": model.config.n_layer,
+        "width": model.config.n_embd,
+        "vocab": model.config.padded_vocab_size,
+    }
 
 
-def memory_bytes(model_name: str, parallel: str, activation_checkpointing: bool, micro_batch_size: int,
-                 seq_len: int, gpus: int, grad_accum: int = 1, precision: str = "bf16",
-                 loss_chunk_rows: int = 0) -> dict[str, float]:
+def memory_bytes(
+    model_name: str,
+    parallel: str,
+    activation_checkpointing: bool,
+    micro_batch_size: int,
+    seq_len: int,
+    gpus: int,
+    grad_accum: int = 1,
+    precision: str = "bf16",
+    loss_chunk_rows: int = 0,
+) -> dict[str, float]:
     """The docstring's formula: bytes per GPU, by component, and "total"."""
     n = parameter_counts(model_name)
     P, L, d, V = n["total"], n["layers"], n["width"], n["vocab"]
@@ -90,8 +106,6 @@ def memory_bytes(model_name: str, parallel: str, activation_checkpointing: bool,
     model_state = parts["weights"] + parts["gradients"] + parts["optimizer"]
     parts["total"] = max(sum(parts.values()), model_state + step_temporaries)
     return parts
-
-
 
 
 # Besides the formula: the CUDA context and NCCL's buffers on a GPU; the interpreter, torch and the
@@ -142,6 +156,8 @@ def check_fits(needed: dict[str, float], device: torch.device, local_ranks: int 
         return
     biggest = sorted(((v, k) for k, v in needed.items() if k != "total"), reverse=True)[:3]
     parts = ", ".join(f"{name.replace('_', ' ')} {v / GiB:.1f}" for v, name in biggest)
-    raise ValueError(f"this run needs about {want / GiB:.1f} GiB per process ({parts} GiB, by memory.py's formula) and "
-                     f"{where}: use --parallel fsdp over more ranks, --activation-checkpointing, a smaller "
-                     "--micro-batch-size or --model (or --no-memory-check to try anyway)")
+    raise UserError(
+        f"this run needs about {want / GiB:.1f} GiB per process ({parts} GiB, by memory.py's formula) and "
+        f"{where}: use --parallel fsdp over more ranks, --activation-checkpointing, a smaller "
+        "--micro-batch-size or --model (or --no-memory-check to try anyway)"
+    )

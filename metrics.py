@@ -8,7 +8,8 @@ when it was saved (`state_dict()`); a resumed run cuts the log back to that leng
 (`start(resume_state)`), dropping exactly what the killed run logged after its checkpoint (train
 steps, evals, samples, any type added later, a torn last line) and nothing before it.
 
-    uv run python -c "import metrics; m = metrics.MetricsLog('/tmp/m.jsonl', True); m.start(None); m.write({'type': 'x', 'step': 0})"
+    uv run python -c "import metrics; m = metrics.MetricsLog('/tmp/m.jsonl', True); m.start(None); \\
+        m.write({'type': 'x', 'step': 0})"
 """
 
 from __future__ import annotations
@@ -19,28 +20,39 @@ import warnings
 from pathlib import Path
 
 import fileio
+from cli import UserError
+
+FILE_NAME = "metrics.jsonl"
 
 
 class MetricsLog:
-    """`path` on the main rank (`enabled`); a no-op elsewhere."""
+    """`path` on the main rank (`enabled`); a no-op elsewhere. A checkpoint part: `state_dict` is the
+    log's length, `load_state_dict` the length a resumed run's `start` cuts it back to."""
 
     def __init__(self, path: str | Path, enabled: bool, mirrors: list | None = None):
         self.path, self.enabled, self.mirrors = Path(path), enabled, mirrors or []
+        self.resume_state: dict | None = None  # set by load_state_dict: this run continues a checkpoint
 
-    def start(self, resume_state: dict | None) -> None:
-        """A fresh run empties the log. A resumed one cuts it to the length its checkpoint saw."""
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_state = state
+
+    def start(self, resume_state: dict | None = None, mirrors: list | None = None) -> None:
+        """A fresh run empties the log. A resumed one cuts it to the length its checkpoint saw
+        (`resume_state`, or the one load_state_dict took). `mirrors`: TensorBoard / W&B from now on."""
+        self.mirrors = mirrors if mirrors is not None else self.mirrors
+        resume_state = resume_state if resume_state is not None else self.resume_state
         if not self.enabled:
             return
         if resume_state is None or not self.path.exists():
             fileio.atomic_write_bytes(self.path, b"")
             return
-        length = resume_state.get("bytes")
-        size = self.path.stat().st_size
-        if length is None or length > size:
-            # an old checkpoint without the length, or a log shortened by hand: keep it all (plot.py
-            # keeps the last record of each (type, step), so a repeat draws once)
-            warnings.warn(f"{self.path} does not match the checkpoint's record of it: appending to it as it is",
-                          stacklevel=2)
+        length, size = resume_state["bytes"], self.path.stat().st_size
+        if length > size:
+            # a log shortened by hand: keep it all (plot.py keeps the last record of each
+            # (type, step), so a repeat draws once)
+            warnings.warn(
+                f"{self.path} does not match the checkpoint's record of it: appending to it as it is", stacklevel=2
+            )
             return
         with open(self.path, "rb") as f:
             kept = f.read(length)
@@ -63,8 +75,11 @@ class MetricsLog:
 
 
 def _numbers(record: dict) -> dict:
-    return {k: v for k, v in record.items()
-            if k not in ("type", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: v
+        for k, v in record.items()
+        if k not in ("type", "step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 class TensorBoardMirror:
@@ -74,7 +89,7 @@ class TensorBoardMirror:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ValueError("--tensorboard needs the tensorboard package: run `uv sync --extra loggers`") from None
+            raise UserError("--tensorboard needs the tensorboard package: run `uv sync --extra loggers`") from None
         self.writer = SummaryWriter(str(log_dir / "tensorboard"))
 
     def write(self, record: dict) -> None:
@@ -101,13 +116,14 @@ class WandbMirror:
         try:
             import wandb
         except ImportError:
-            raise ValueError("--wandb needs the wandb package: run `uv sync --extra loggers`") from None
+            raise UserError("--wandb needs the wandb package: run `uv sync --extra loggers`") from None
         id_file = log_dir / "wandb_run_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(6)
         fileio.atomic_write_bytes(id_file, run_id.encode())
         self.wandb = wandb
-        self.run = wandb.init(project=project, id=run_id, resume="allow", dir=str(log_dir), config=config,
-                              name=log_dir.resolve().name)
+        self.run = wandb.init(
+            project=project, id=run_id, resume="allow", dir=str(log_dir), config=config, name=log_dir.resolve().name
+        )
         self.run.define_metric("*", step_metric="step")  # our step, not wandb's own counter
 
     def write(self, record: dict) -> None:
@@ -123,12 +139,17 @@ class WandbMirror:
         self.run.finish()
 
 
-def open_log(log_dir: Path, enabled: bool, tensorboard: bool = False, wandb_project: str | None = None,
-             config: dict | None = None) -> MetricsLog:
-    """metrics.jsonl in `log_dir`, with the mirrors asked for (main rank only)."""
-    mirrors = []
+def mirrors(
+    log_dir: Path,
+    enabled: bool,
+    tensorboard: bool = False,
+    wandb_project: str | None = None,
+    config: dict | None = None,
+) -> list:
+    """The TensorBoard / W&B mirrors asked for (main rank only)."""
+    out = []
     if enabled and tensorboard:
-        mirrors.append(TensorBoardMirror(log_dir))
+        out.append(TensorBoardMirror(log_dir))
     if enabled and wandb_project:
-        mirrors.append(WandbMirror(log_dir, wandb_project, config or {}))
-    return MetricsLog(log_dir / "metrics.jsonl", enabled, mirrors)
+        out.append(WandbMirror(log_dir, wandb_project, config or {}))
+    return out

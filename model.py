@@ -2,7 +2,8 @@
 
 Architecture only: no optimizer, no ranks, no prints, no file I/O (checkpoints are checkpoint.py's).
 
-    uv run python -c "from model import GPT, GPTConfig; m = GPT(GPTConfig(**{'n_layer': 2, 'n_head': 2, 'n_embd': 64})); print(m.num_params())"
+    uv run python -c "from model import GPT, GPTConfig; \\
+        m = GPT(GPTConfig(**{'n_layer': 2, 'n_head': 2, 'n_embd': 64})); print(m.num_params())"
 
 Numerics match Hugging Face's `GPT2LMHeadModel` (tanh GELU, LayerNorm eps 1e-5, pre-LN, learned
 positions, tied embedding / lm_head), so weights move both ways through `hf_state_dict` /
@@ -51,8 +52,13 @@ class GPTConfig:
 # call). Chosen inside the model's forward, not around the call: torch.compile traces the choice into
 # its graph then, so a recompile under another kernel is another graph (chosen outside, dynamo's guards
 # and the on-disk AOTAutograd cache both ignore it, and a compile under MATH replayed FLASH's kernel).
-ATTENTION_BACKENDS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+ATTENTION_BACKENDS = {
+    "auto": None,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 
 
 # Model presets: keyword overrides of GPTConfig. The four GPT-2 sizes are OpenAI's.
@@ -86,7 +92,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         # even under torch.no_grad).
         device_type = h.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else h.dtype
-        need_grad_h, need_grad_w = (compute_grads and ctx.needs_input_grad[0]), (compute_grads and ctx.needs_input_grad[1])
+        need_grad_h, need_grad_w = (
+            (compute_grads and ctx.needs_input_grad[0]),
+            (compute_grads and ctx.needs_input_grad[1]),
+        )
         w = weight.to(dtype)
         valid = targets != -1
         safe_targets = targets.clamp(min=0)
@@ -125,7 +134,10 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (
             grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None,
             grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None,
-            None, None, None, None,
+            None,
+            None,
+            None,
+            None,
         )
 
 
@@ -135,8 +147,12 @@ class KVCache:
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int, device, dtype):
         shape = (batch_size, config.n_head, max_len, config.n_embd // config.n_head)
-        self.layers = [LayerKV(self, torch.zeros(shape, device=device, dtype=dtype),
-                               torch.zeros(shape, device=device, dtype=dtype)) for _ in range(config.n_layer)]
+        self.layers = [
+            LayerKV(
+                self, torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+            )
+            for _ in range(config.n_layer)
+        ]
         self.length = 0
 
 
@@ -253,7 +269,7 @@ class GPT(nn.Module):
         # (padded_vocab,): 0 for the real tokens, -inf for the padding (see `output`); not a weight,
         # not in state_dict.
         vocab_bias = torch.zeros(config.padded_vocab_size)
-        vocab_bias[config.vocab_size:] = float("-inf")
+        vocab_bias[config.vocab_size :] = float("-inf")
         self.register_buffer("vocab_bias", vocab_bias, persistent=False)
         # Rows of logits per chunk when a loss is asked for: 0 = the plain path (full logits).
         # A speed/memory setting of the trainer, not part of the architecture or the checkpoint.
@@ -294,9 +310,13 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, vocab_size), None); with `targets` (B, T) ->
-        (None, the mean cross-entropy over them; positions with target -1 are ignored)."""
+        (None, the mean cross-entropy over them; positions with target -1 are ignored); with
+        `positions` (N,) flat indices into the B*T positions -> (logits (N, vocab_size), None), the
+        output layer run only there (evaluations that score a few tokens of long prompts: on a small
+        model the 50,304-wide output is most of a forward's work)."""
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -310,7 +330,10 @@ class GPT(nn.Module):
                 x = block(x, kv_cache.layers[layer] if kv_cache is not None else None)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.output(self.transformer.ln_f(x), targets)
+        x = self.transformer.ln_f(x)
+        if positions is not None:
+            x = x.reshape(B * T, -1)[positions]  # (N, C)
+        return self.output(x, targets)
 
     def output(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Final hidden states x (B, T, C) -> (logits (B, T, vocab_size), None) without targets, or
@@ -321,8 +344,14 @@ class GPT(nn.Module):
             # Loss without logits: (B*T, C) hidden states straight into the chunked lm_head + CE;
             # the gradients only when autograd will use them (not under torch.no_grad).
             compute_grads = torch.is_grad_enabled() and (x.requires_grad or self.lm_head.weight.requires_grad)
-            loss = ChunkedLinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, self.vocab_bias,
-                                                   targets.reshape(-1), self.loss_chunk_rows, compute_grads)
+            loss = ChunkedLinearCrossEntropy.apply(
+                x.reshape(-1, x.size(-1)),
+                self.lm_head.weight,
+                self.vocab_bias,
+                targets.reshape(-1),
+                self.loss_chunk_rows,
+                compute_grads,
+            )
             return None, loss
         # The padding columns get -inf from a fixed bias the matmul adds in its epilogue: softmax gives
         # them exactly 0 (no probability, no gradient) without a pass over, or a copy of, the logits.

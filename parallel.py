@@ -51,10 +51,13 @@ class Parallel:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(world_size={self.dist_info.world_size})"
 
-    def prepare(self, model: torch.nn.Module, compile: bool = False, compile_mode: str = "default",
-                compile_on_cpu: bool = False):
+    def prepare(
+        self, model: torch.nn.Module, compile: bool = False, compile_mode: str = "default", compile_on_cpu: bool = False
+    ):
         """(train_model, eval_model): what the training step calls and what evaluation calls."""
-        compiled = runtime.compile_model(model, compile, compile_mode, warn=self.dist_info.is_main, on_cpu=compile_on_cpu)
+        compiled = runtime.compile_model(
+            model, compile, compile_mode, warn=self.dist_info.is_main, on_cpu=compile_on_cpu
+        )
         return self._wrap(compiled), compiled
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -106,8 +109,12 @@ class DDPParallel(Parallel):
         # All-reduce in buckets of bucket_mb while the last micro-step's backward still runs. The one
         # buffer (vocab_bias) is a constant every rank builds alike: no broadcast before each forward.
         device = self.dist_info.device
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=self.bucket_mb,
-                   broadcast_buffers=False)
+        return DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            bucket_cap_mb=self.bucket_mb,
+            broadcast_buffers=False,
+        )
 
     def gradient_sync(self, train_model: DDP, enabled: bool):
         # no_sync covers the forward and the backward of a micro-step: gradients only accumulate
@@ -125,11 +132,13 @@ class FSDPParallel(Parallel):
         super().__init__(dist_info)
         self.compute_dtype = compute_dtype  # runtime.Precision.dtype: the blocks' gathered weights
         if not dist.is_initialized():  # alone: FSDP2 still needs a process group and a device mesh
-            dist.init_process_group("nccl" if dist_info.device.type == "cuda" else "gloo", store=dist.HashStore(),
-                                    rank=0, world_size=1)
+            dist.init_process_group(
+                "nccl" if dist_info.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+            )
 
-    def prepare(self, model: torch.nn.Module, compile: bool = False, compile_mode: str = "default",
-                compile_on_cpu: bool = False):
+    def prepare(
+        self, model: torch.nn.Module, compile: bool = False, compile_mode: str = "default", compile_on_cpu: bool = False
+    ):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -159,9 +168,10 @@ class FSDPParallel(Parallel):
 
         if self.compute_dtype is None:  # float32 throughout
             return MixedPrecisionPolicy(), MixedPrecisionPolicy()
-        return (MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32,
-                                     cast_forward_inputs=False),
-                MixedPrecisionPolicy(reduce_dtype=torch.float32))
+        return (
+            MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False),
+            MixedPrecisionPolicy(reduce_dtype=torch.float32),
+        )
 
     @contextmanager
     def gradient_sync(self, train_model: torch.nn.Module, enabled: bool):
@@ -186,11 +196,17 @@ class FSDPParallel(Parallel):
 
     def save_checkpoint(self, model: torch.nn.Module, optimizer, state: dict, stem: Path, keep: int | None) -> Path:
         """A DCP folder `<stem>/`: every rank writes its own shards (no gather), the main rank `state`."""
-        return checkpoint.save_sharded(model, optimizer, state, self.checkpoint_path(stem), keep, self.dist_info.is_main)
+        return checkpoint.save_sharded(
+            model, optimizer, state, self.checkpoint_path(stem), keep, self.dist_info.is_main
+        )
 
 
-def parallelize(dist_info: runtime.DistInfo, strategy: str = "ddp", ddp_bucket_mb: int = 25,
-                compute_dtype: torch.dtype | None = None) -> Parallel:
+def parallelize(
+    dist_info: runtime.DistInfo,
+    strategy: str = "ddp",
+    ddp_bucket_mb: int = 25,
+    compute_dtype: torch.dtype | None = None,
+) -> Parallel:
     """The strategy for `--parallel` at this world size: FSDP2 whenever asked (one rank included);
     DDP under torchrun; the model as it is alone. compute_dtype: runtime.Precision.dtype (FSDP2
     gathers the blocks' weights in it)."""

@@ -1,10 +1,11 @@
-"""Plot a training run from its JSONL logs: losses, learning rate, throughput, HellaSwag.
+"""Plot a training run from its JSONL logs: losses, learning rate, throughput, HellaSwag, CORE.
 
 Reads `<log-dir>/metrics.jsonl` (written by train_gpt2.py) and, if present,
-`<log-dir>/hellaswag_results.jsonl` (written by hellaswag.py), and writes into the log dir:
+`<log-dir>/hellaswag_results.jsonl` (written by hellaswag.py) and `<log-dir>/core_results.jsonl`
+(written by core.py), and writes into the log dir:
 
     training_loss.png  validation_loss.png  learning_rate.png  throughput.png
-    hellaswag_accuracy.png  overview.png (all five panels in one figure)
+    hellaswag_accuracy.png  core.png  overview.png (all six panels in one figure)
 
 Runs on CPU in a few seconds, also while training is still writing the log:
 
@@ -19,9 +20,9 @@ Conventions (the README's "Plotting a run" section says the same):
   raw curve: `--smoothing` is the weight of the past (0 = off), lowered for short logs so the lag
   stays within 2% of the steps (the legend shows the weight used). A log too short to smooth (50
   train records or fewer) is drawn as its raw curve, in full, with its own legend entry.
-- A hellaswag.py score counts for the run whose folder holds its checkpoint: a row in one run's
-  hellaswag_results.jsonl for a checkpoint in another folder moves to that run when it is plotted
-  too, and is otherwise left out (the summary and a warning say so).
+- A hellaswag.py or core.py score counts for the run whose folder holds its checkpoint: a row in one
+  run's hellaswag_results.jsonl or core_results.jsonl for a checkpoint in another folder moves to that
+  run when it is plotted too, and is otherwise left out (the summary and a warning say so).
 - Mean tokens/s and MFU skip the first `--warmup-steps` train records after each (re)start
   (torch.compile and CUDA warm-up make those steps slow). Wall time sums, over the (re)starts,
   the time from the config record to that process's last record; gaps between jobs do not count.
@@ -31,6 +32,8 @@ Conventions (the README's "Plotting a run" section says the same):
   is drawn only when every run's source is FineWeb-Edu or unknown; next to another corpus it would mislead.
 - HellaSwag scores in the summary carry the number of examples scored: 10,042 is the full val set,
   fewer is a demo or `--limit` run, a noisier estimate, not directly comparable with the baselines.
+- CORE is the DCLM 22-task score; a score on the first N examples per task says "(N/task)". A mean over
+  fewer tasks (some missing) is CORE-PARTIAL: drawn and summarised apart, labelled so, never as CORE.
 
 Figures are drawn with matplotlib's Agg canvas on `Figure` objects (no pyplot, so no GUI backend
 and no global figure state), and every file (figures, summary.md) is written through
@@ -47,6 +50,8 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import cli
+
 try:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -55,15 +60,19 @@ except ModuleNotFoundError as e:  # `python plot.py` with a Python outside the r
     if __name__ != "__main__":
         raise
     package = (e.name or "matplotlib").split(".")[0]  # what to install: matplotlib, not matplotlib.backends
-    raise SystemExit(f"plot.py: {package} is not installed for {sys.executable}: run `uv run plot.py`, or activate "
-                     "the repo's venv first (source .venv/bin/activate)") from None
+    cli.print_error(
+        f"{package} is not installed for {sys.executable}: run `uv run plot.py`, or activate the repo's "
+        "venv first (source .venv/bin/activate)"
+    )
+    raise SystemExit(2) from None
 
-import cli
+from cli import DEFAULT_LOG_DIR, UserError
 from fileio import atomic_path
 
 METRICS_FILE = "metrics.jsonl"
 HELLASWAG_FILE = "hellaswag_results.jsonl"
-PANELS = ("training_loss", "validation_loss", "learning_rate", "throughput", "hellaswag_accuracy")
+CORE_FILE = "core_results.jsonl"
+PANELS = ("training_loss", "validation_loss", "learning_rate", "throughput", "hellaswag_accuracy", "core")
 
 # Baselines (value, label). Val loss: OpenAI's GPT-2 124M checkpoint on the FineWeb-Edu val shard
 # (edufineweb_val_000000), the number the reference run compares against. A loss on another corpus
@@ -80,38 +89,63 @@ GPT2_HELLASWAG_HARNESS = (0.3114, "OpenAI GPT-2 124M, harness style")
 GPT3_HELLASWAG = (0.337, "GPT-3 124M (paper)")
 RANDOM_HELLASWAG = (0.25, "random")
 HELLASWAG_VAL_SIZE = 10_042  # examples in the full val set; a demo or --limit score uses fewer
+# CORE of OpenAI's GPT-2 checkpoints as the "time to GPT-2" leaderboard (nanochat) reports them: quoted,
+# not measured by this repo's core.py, so the labels say where they come from.
+GPT2_CORE = ((0.1139, "GPT-2 124M"), (0.1849, "GPT-2 355M"), (0.2146, "GPT-2 774M"), (0.2565, "GPT-2 1.5B"))
+CORE_SOURCE = "leaderboard, not measured here"
 
-# metrics.jsonl record types plotted, their numeric fields, and the one field a record must have.
+# metrics.jsonl record types plotted and their numeric fields.
 SERIES_FIELDS = {
     "train": ("tokens", "train_loss", "lr", "grad_norm", "step_ms", "tokens_per_sec", "mfu", "time"),
-    "val": ("tokens", "val_loss", "time"),
+    "val": ("tokens", "val_loss", "val_bpb", "time"),  # val_bpb: absent (None) in older logs
     "hellaswag": ("tokens", "hellaswag_acc", "hellaswag_acc_norm", "count", "time"),
+    # core: None and core_partial set when tasks were missing (a mean over fewer tasks is not CORE)
+    "core": ("tokens", "core", "core_partial", "count", "max_per_task", "time"),
 }
-REQUIRED_FIELD = {"train": "train_loss", "val": "val_loss", "hellaswag": "hellaswag_acc_norm"}
 RESULT_FIELDS = ("acc", "acc_norm", "harness_acc", "harness_acc_norm", "count", "seconds", "time")
+CORE_RESULT_FIELDS = ("core", "core_partial", "missing", "max_per_task", "count", "seconds", "time")
+# Results files a script appends to a log dir: file -> (Run field holding its rows, writer, fields kept).
+RESULT_FILES = {
+    HELLASWAG_FILE: ("results", "hellaswag.py", RESULT_FIELDS),
+    CORE_FILE: ("core_results", "core.py", CORE_RESULT_FIELDS),
+}
 
 
 @dataclass(frozen=True)
 class PlotConfig:
-    log_dirs: tuple[str, ...] = field(default=("log",), metadata={
-        "flag": "--log-dir", "metavar": "DIR", "help": "run directory holding metrics.jsonl; repeat the flag to compare runs"})
-    out_dir: str = field(default="", metadata={
-        "help": "where figures and summary.md go (default: the first --log-dir)"})
-    summary: bool = field(default=False, metadata={
-        "help": "print a markdown table of each run's results and write summary.md"})
-    smoothing: float = field(default=0.95, metadata={
-        "help": "EMA weight of the past for the smoothed train loss, in [0, 1); 0 = no smoothing"})
+    log_dirs: tuple[str, ...] = field(
+        default=(DEFAULT_LOG_DIR,),
+        metadata={
+            "flag": "--log-dir",
+            "metavar": "DIR",
+            "help": "run directory holding metrics.jsonl; repeat the flag to compare runs",
+        },
+    )
+    out_dir: str = field(
+        default="", metadata={"help": "where figures and summary.md go (default: the first --log-dir)"}
+    )
+    summary: bool = field(
+        default=False, metadata={"help": "print a markdown table of each run's results and write summary.md"}
+    )
+    smoothing: float = field(
+        default=0.95,
+        metadata={"help": "EMA weight of the past for the smoothed train loss, in [0, 1); 0 = no smoothing"},
+    )
     # 10: torch.compile's first step and a few recompiles/cache warm-ups on H100s; 0.05% of a 19,073-step run.
-    warmup_steps: int = field(default=10, metadata={
-        "help": "train records skipped after each (re)start when averaging tokens/s and MFU (compile, warm-up)"})
+    warmup_steps: int = field(
+        default=10,
+        metadata={
+            "help": "train records skipped after each (re)start when averaging tokens/s and MFU (compile, warm-up)"
+        },
+    )
 
     def __post_init__(self):
         if not self.log_dirs:
-            raise ValueError("no log dir given: pass --log-dir DIR (default: log)")
+            raise UserError(f"no log dir given: pass --log-dir DIR (default: {DEFAULT_LOG_DIR})")
         if not 0.0 <= self.smoothing < 1.0:
-            raise ValueError(f"--smoothing {self.smoothing} is outside [0, 1): use e.g. 0.95, or 0 for none")
+            raise UserError(f"--smoothing {self.smoothing} is outside [0, 1): use e.g. 0.95, or 0 for none")
         if self.warmup_steps < 0:
-            raise ValueError(f"--warmup-steps {self.warmup_steps} is negative: use 0 or more")
+            raise UserError(f"--warmup-steps {self.warmup_steps} is negative: use 0 or more")
 
 
 @dataclass(frozen=True)
@@ -127,9 +161,11 @@ class Run:
     results: dict[str, list]  # hellaswag.py: "step" (int or None), "label", "checkpoint", "model", RESULT_FIELDS
     restarts: list[tuple[float, float]]  # (first, last) record time of each (re)start
     skipped: list[str]  # "file:line: reason" for every line that was not used
-    # hellaswag.py rows in this run's file whose checkpoint lies in another folder (an older
-    # hellaswag.py filed every score under log/): not this run's scores, so neither drawn nor summarised
+    # rows of this run's results files (each with its "results_file") whose checkpoint lies in another
+    # folder (an older hellaswag.py filed every score under log/): not this run's, neither drawn nor summarised
     elsewhere: list[dict] = field(default_factory=list)
+    core: dict[str, list] = field(default_factory=lambda: _columns([], ("step", *SERIES_FIELDS["core"])))
+    core_results: dict[str, list] = field(default_factory=lambda: _result_columns([], CORE_RESULT_FIELDS))
 
 
 # ---------------------------------------------------------------- reading
@@ -140,7 +176,8 @@ def _is_number(v) -> bool:
 
 
 def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
-    """(line number, object) for every JSON-object line; a reason string for each line that is not."""
+    """(line number, record) for every JSON line; a reason string for each line that is not JSON. The
+    records are the ones train_gpt2.py / hellaswag.py write: their fields are not checked again here."""
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.split("\n")
     records, skipped = [], []
@@ -154,9 +191,6 @@ def _read_jsonl(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:
             partial = n == len(lines) and not text.endswith("\n")
             why = "incomplete last line (the run may still be writing it)" if partial else "not valid JSON"
             skipped.append(f"{path}:{n}: {why}")
-            continue
-        if not isinstance(obj, dict):
-            skipped.append(f"{path}:{n}: not a JSON object")
             continue
         records.append((n, obj))
     return records, skipped
@@ -172,46 +206,30 @@ def _columns(rows: list[dict], keys) -> dict[str, list]:
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
-def _bad_field(rec: dict, required: str, fields) -> str | None:
-    if not _is_number(rec.get(required)):
-        return f"'{required}' missing or not a number"
-    for k in fields:
-        if rec.get(k) is not None and not _is_number(rec[k]):
-            return f"'{k}' is not a number"
-    return None
-
-
 def load_run(log_dir: str | os.PathLike, name: str | None = None) -> Run:
-    """Read one run directory. Raises ValueError (one line) when there is no usable metrics.jsonl."""
+    """Read one run directory. Raises UserError (one line) when there is no usable metrics.jsonl."""
     log_dir = Path(log_dir)
     path = log_dir / METRICS_FILE
     if not log_dir.is_dir():
-        raise ValueError(f"log dir {log_dir} does not exist: train first (uv run train_gpt2.py) or pass --log-dir DIR")
+        raise UserError(f"log dir {log_dir} does not exist: train first (uv run train_gpt2.py) or pass --log-dir DIR")
     if not path.is_file():
-        raise ValueError(f"{path} not found: train first (uv run train_gpt2.py) or pass the run's --log-dir")
+        raise UserError(f"{path} not found: train first (uv run train_gpt2.py) or pass the run's --log-dir")
     try:
         lines, skipped = _read_jsonl(path)
     except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}: check its permissions") from None
+        raise UserError(f"cannot read {path}: {e.strerror}: check its permissions") from None
 
     configs: list[dict] = []
     latest: dict[tuple[str, int], dict] = {}  # (type, step) -> last record: a resumed run's record wins
     times: list[list[float]] = [[]]  # record times per (re)start; index 0 = records before any config
     n_train = [0]  # train records seen in each (re)start, in file order
-    for n, rec in lines:
-        kind, step = rec.get("type"), rec.get("step")
-        if not isinstance(kind, str) or not isinstance(step, int) or isinstance(step, bool):
-            skipped.append(f"{path}:{n}: no string 'type' and integer 'step'")
-            continue
+    for _, rec in lines:
+        kind, step = rec["type"], rec["step"]
         if kind == "config":
             configs.append(rec)
             times.append([])
             n_train.append(0)
         elif kind in SERIES_FIELDS:
-            why = _bad_field(rec, REQUIRED_FIELD[kind], SERIES_FIELDS[kind])
-            if why:
-                skipped.append(f"{path}:{n}: {kind} record {why}")
-                continue
             if kind == "train":
                 rec = {**rec, "since_restart": n_train[-1]}
                 n_train[-1] += 1
@@ -220,8 +238,9 @@ def load_run(log_dir: str | os.PathLike, name: str | None = None) -> Run:
         if _is_number(rec.get("time")):
             times[-1].append(float(rec["time"]))
     if not configs and not latest:
-        raise ValueError(f"{path} has no records (empty, or only bad lines): "
-                         "wait for the first log step or check --log-dir")
+        raise UserError(
+            f"{path} has no records (empty, or only bad lines): wait for the first log step or check --log-dir"
+        )
 
     series = {}
     for kind, fields in SERIES_FIELDS.items():
@@ -229,7 +248,11 @@ def load_run(log_dir: str | os.PathLike, name: str | None = None) -> Run:
         keys = ("step", *fields, "since_restart") if kind == "train" else ("step", *fields)
         series[kind] = _columns(rows, keys)
 
-    results = _load_results(log_dir / HELLASWAG_FILE, skipped)
+    own, elsewhere = {}, []
+    for file, (attr, _, fields) in RESULT_FILES.items():
+        rows = _load_results(log_dir / file, skipped)
+        own[attr] = _result_columns([r for r in rows if _is_own(r, log_dir)], fields)
+        elsewhere += [r for r in rows if not _is_own(r, log_dir)]
     return Run(
         name=name or log_dir.resolve().name or str(log_dir),
         log_dir=log_dir,
@@ -237,10 +260,11 @@ def load_run(log_dir: str | os.PathLike, name: str | None = None) -> Run:
         train=series["train"],
         val=series["val"],
         hellaswag=series["hellaswag"],
-        results=_result_columns([r for r in results if _is_own(r, log_dir)]),
+        core=series["core"],
         restarts=[(min(t), max(t)) for t in times if t],
         skipped=sorted(skipped, key=_line_order),
-        elsewhere=[r for r in results if not _is_own(r, log_dir)],
+        elsewhere=elsewhere,
+        **own,
     )
 
 
@@ -257,47 +281,40 @@ def _is_own(row: dict, log_dir: Path) -> bool:
     return not row["checkpoint"] or _in_folder(row["checkpoint"], log_dir)
 
 
-def _result_columns(rows: list[dict]) -> dict[str, list]:
-    """Rows as columns sorted by step (None last); re-evaluating the same (checkpoint, model, step)
-    replaces the older row."""
+def _result_columns(rows: list[dict], fields: tuple[str, ...] = RESULT_FIELDS) -> dict[str, list]:
+    """Rows of one results file as columns sorted by step (None last); re-evaluating the same
+    (checkpoint, model, step) replaces the older row."""
     latest: dict[tuple, dict] = {}
     for row in sorted(rows, key=lambda r: r.get("time") or 0):  # stable: file order among equal times
         latest[(row["checkpoint"], row["model"], row["step"])] = row
     ordered = sorted(latest.values(), key=lambda r: (r["step"] is None, r["step"] or 0))
-    return _columns(ordered, ("step", "label", "checkpoint", "model", *RESULT_FIELDS))
+    return _columns(ordered, ("step", "label", "checkpoint", "model", *fields))
 
 
 def _load_results(path: Path, skipped: list[str]) -> list[dict]:
-    """hellaswag.py's results, one dict per valid line (with its "label"), in file order."""
+    """A results file's rows (hellaswag.py's, core.py's), one dict per valid line with its "label" and
+    "results_file" (the file's name: which Run field the row belongs in), in file order."""
     if not path.is_file():
         return []
     try:
         lines, bad = _read_jsonl(path)
     except OSError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror}: check its permissions") from None
+        raise UserError(f"cannot read {path}: {e.strerror}: check its permissions") from None
     skipped.extend(bad)
     rows = []
-    for n, rec in lines:
+    for _, rec in lines:
         step, ckpt, model = rec.get("step"), rec.get("checkpoint"), rec.get("model")
-        why = _bad_field(rec, "acc_norm", RESULT_FIELDS)
-        if why is None and step is not None and (not isinstance(step, int) or isinstance(step, bool)):
-            why = "'step' is not an integer or null"
-        if why is None and not all(v is None or isinstance(v, str) for v in (ckpt, model)):
-            why = "'checkpoint' or 'model' is not a string"
-        if why is None and not (ckpt or model):
-            why = "neither 'checkpoint' nor 'model' is set"
-        if why:
-            skipped.append(f"{path}:{n}: {why}")
-            continue
         label = Path(str(ckpt or model)).name or str(ckpt or model)
-        rows.append({**rec, "checkpoint": ckpt, "model": model, "step": step, "label": label})
+        rows.append(
+            {**rec, "checkpoint": ckpt, "model": model, "step": step, "label": label, "results_file": path.name}
+        )
     return rows
 
 
 def load_runs(log_dirs) -> list[Run]:
     """load_run for each dir, named by the dir's name, or by the path as given where names collide.
-    A hellaswag.py score filed in one run's folder for a checkpoint of another run given here moves
-    to that run (each score in its own run's row)."""
+    A hellaswag.py or core.py score filed in one run's folder for a checkpoint of another run given
+    here moves to that run (each score in its own run's row)."""
     names = [Path(d).resolve().name or str(d) for d in log_dirs]
     runs = []
     for i, d in enumerate(log_dirs):
@@ -305,20 +322,23 @@ def load_runs(log_dirs) -> list[Run]:
         if any(r.name == name for r in runs):
             name = f"{name}#{i + 1}"
         runs.append(load_run(d, name=name))
-    moved: dict[int, list[dict]] = {}
+    moved: dict[tuple[int, str], list[dict]] = {}  # (run index, results file) -> rows moving there
     for i, run in enumerate(runs):
         stay = []
         for row in run.elsewhere:
-            home = next((j for j, other in enumerate(runs)
-                         if j != i and _in_folder(row["checkpoint"], other.log_dir)), None)
+            home = next(
+                (j for j, other in enumerate(runs) if j != i and _in_folder(row["checkpoint"], other.log_dir)), None
+            )
             if home is None:
                 stay.append(row)
             else:
-                moved.setdefault(home, []).append(row)
+                moved.setdefault((home, row["results_file"]), []).append(row)
         runs[i] = replace(run, elsewhere=stay)
-    for j, rows in moved.items():
-        own = [dict(zip(runs[j].results, values)) for values in zip(*runs[j].results.values())]
-        runs[j] = replace(runs[j], results=_result_columns(own + rows))
+    for (j, file), rows in moved.items():
+        attr, _, fields = RESULT_FILES[file]
+        columns = getattr(runs[j], attr)
+        own = [dict(zip(columns, values)) for values in zip(*columns.values())]
+        runs[j] = replace(runs[j], **{attr: _result_columns(own + rows, fields)})
     return runs
 
 
@@ -367,7 +387,7 @@ def val_baseline_applies(runs: list[Run]) -> bool:
 
 
 def val_title(runs: list[Run]) -> str:
-    """"Validation loss (val shard of X)", "(val shards: X; Y)" for several sources, "(val shard)" unknown."""
+    """ "Validation loss (val shard of X)", "(val shards: X; Y)" for several sources, "(val shard)" unknown."""
     sources = list(dict.fromkeys(s for run in runs for s in data_sources(run)))
     if sources == [None]:
         return "Validation loss (val shard)"
@@ -417,11 +437,32 @@ def _mean(values) -> float | None:
 def _best(values, counts) -> tuple[float | None, int | None]:
     """The best finite value and the example count of the row that gave it (None: not logged); on a
     tie, the row scored on the most examples."""
-    rows = [(float(v), c if _is_number(c) else None) for v, c in zip(values, counts)
-            if _is_number(v) and math.isfinite(v)]
+    rows = [
+        (float(v), c if _is_number(c) else None) for v, c in zip(values, counts) if _is_number(v) and math.isfinite(v)
+    ]
     if not rows:
         return None, None
     return max(rows, key=lambda vc: (vc[0], vc[1] or 0))
+
+
+def _best_core(run: Run) -> tuple[float | None, int | None, bool]:
+    """The run's best CORE (training loop and core.py on its own checkpoints), the max_per_task of the
+    row that gave it (None: every example) and whether it is CORE-PARTIAL: a partial mean counts only
+    where no row has the full CORE, and is then never called CORE. On a tie, the full-set row wins."""
+    res = run.core_results
+    own = [i for i, c in enumerate(res["checkpoint"]) if c]  # not HF models' scores
+    per_task = [*run.core["max_per_task"], *(res["max_per_task"][i] for i in own)]
+    for key, partial in (("core", False), ("core_partial", True)):
+        values = [*run.core[key], *(res[key][i] for i in own)]
+        rows = [
+            (float(v), m if _is_number(m) and m > 0 else None)
+            for v, m in zip(values, per_task)
+            if _is_number(v) and math.isfinite(v)
+        ]
+        if rows:
+            value, m = max(rows, key=lambda vm: (vm[0], vm[1] is None))
+            return value, m, partial
+    return None, None, False
 
 
 def run_stats(run: Run, warmup_steps: int = PlotConfig.warmup_steps) -> dict:
@@ -429,8 +470,14 @@ def run_stats(run: Run, warmup_steps: int = PlotConfig.warmup_steps) -> dict:
     train, val = run.train, run.val
     steady = [i for i, k in enumerate(train["since_restart"]) if k >= warmup_steps]
     val_pairs = [(s, v) for s, v in zip(val["step"], val["val_loss"]) if math.isfinite(v)]
-    max_steps = next((_train_config(c)["max_steps"] for c in reversed(run.configs)
-                      if isinstance(_train_config(c).get("max_steps"), int)), None)
+    max_steps = next(
+        (
+            _train_config(c)["max_steps"]
+            for c in reversed(run.configs)
+            if isinstance(_train_config(c).get("max_steps"), int)
+        ),
+        None,
+    )
     own = [i for i, c in enumerate(run.results["checkpoint"]) if c]  # this run's checkpoints, not e.g. HF gpt2
     wall = sum(last - first for first, last in run.restarts) if run.restarts else None
     # Each best HellaSwag score with the number of examples it was taken on (count of its own row).
@@ -438,6 +485,8 @@ def run_stats(run: Run, warmup_steps: int = PlotConfig.warmup_steps) -> dict:
     own_counts = [run.results["count"][i] for i in own]
     hs_ref = _best([run.results["acc_norm"][i] for i in own], own_counts)
     hs_harness = _best([run.results["harness_acc_norm"][i] for i in own], own_counts)
+    core, core_per_task, core_partial = _best_core(run)
+    bpb = _finite(val["val_bpb"])
     return {
         "run": run.name,
         "steps": train["step"][-1] + 1 if train["step"] else None,
@@ -445,9 +494,16 @@ def run_stats(run: Run, warmup_steps: int = PlotConfig.warmup_steps) -> dict:
         "tokens": train["tokens"][-1] if train["tokens"] and _is_number(train["tokens"][-1]) else None,
         "final_val_loss": val_pairs[-1][1] if val_pairs else None,
         "best_val_loss": min(v for _, v in val_pairs) if val_pairs else None,
-        "hellaswag_train": hs_train[0], "hellaswag_train_count": hs_train[1],
-        "hellaswag_ref": hs_ref[0], "hellaswag_ref_count": hs_ref[1],
-        "hellaswag_harness": hs_harness[0], "hellaswag_harness_count": hs_harness[1],
+        "final_val_bpb": bpb[-1] if bpb else None,
+        "hellaswag_train": hs_train[0],
+        "hellaswag_train_count": hs_train[1],
+        "hellaswag_ref": hs_ref[0],
+        "hellaswag_ref_count": hs_ref[1],
+        "hellaswag_harness": hs_harness[0],
+        "hellaswag_harness_count": hs_harness[1],
+        "core": core,
+        "core_max_per_task": core_per_task,
+        "core_partial": core_partial,
         "tokens_per_sec": _mean(train["tokens_per_sec"][i] for i in steady),
         "mfu": _mean(train["mfu"][i] for i in steady),
         "wall_seconds": wall,
@@ -480,39 +536,69 @@ def summarize(runs: list[Run], warmup_steps: int = PlotConfig.warmup_steps) -> s
         count = s[f"{key}_count"]
         return f"{s[key]:.4f}" + ("" if count is None else f" ({count:,.0f} ex)")
 
-    header = ["run", "steps", "tokens", "final val loss", "best val loss", "HellaSwag (training loop)",
-              "HellaSwag (hellaswag.py)", "HellaSwag (harness style)", "tokens/s", "MFU", "wall time"]
+    def core(s):  # "0.1234 (partial, 500/task)": a partial or subset score must not pass for CORE
+        notes = ["partial"] if s["core_partial"] else []
+        if s["core_max_per_task"]:
+            notes.append(f"{s['core_max_per_task']:,}/task")
+        return num(s["core"], ".4f") + (f" ({', '.join(notes)})" if notes else "")
+
+    header = [
+        "run",
+        "steps",
+        "tokens",
+        "final val loss",
+        "best val loss",
+        "final val bpb",
+        "HellaSwag (training loop)",
+        "HellaSwag (hellaswag.py)",
+        "HellaSwag (harness style)",
+        "CORE",
+        "tokens/s",
+        "MFU",
+        "wall time",
+    ]
     rows = []
     for run in runs:
         s = run_stats(run, warmup_steps)
         steps = dash if s["steps"] is None else f"{s['steps']:,}"
         if s["max_steps"] is not None and s["steps"] is not None:
             steps += f" / {s['max_steps']:,}"
-        rows.append([
-            s["run"].replace("|", "\\|"), steps,
-            dash if s["tokens"] is None else _fmt_count(s["tokens"]),
-            num(s["final_val_loss"], ".4f"), num(s["best_val_loss"], ".4f"),
-            score(s, "hellaswag_train"), score(s, "hellaswag_ref"), score(s, "hellaswag_harness"),
-            dash if s["tokens_per_sec"] is None else f"{s['tokens_per_sec']:,.0f}",
-            dash if s["mfu"] is None else f"{100 * s['mfu']:.1f}%",
-            dash if s["wall_seconds"] is None else _fmt_duration(s["wall_seconds"]),
-        ])
+        rows.append(
+            [
+                s["run"].replace("|", "\\|"),
+                steps,
+                dash if s["tokens"] is None else _fmt_count(s["tokens"]),
+                num(s["final_val_loss"], ".4f"),
+                num(s["best_val_loss"], ".4f"),
+                num(s["final_val_bpb"], ".4f"),
+                score(s, "hellaswag_train"),
+                score(s, "hellaswag_ref"),
+                score(s, "hellaswag_harness"),
+                core(s),
+                dash if s["tokens_per_sec"] is None else f"{s['tokens_per_sec']:,.0f}",
+                dash if s["mfu"] is None else f"{100 * s['mfu']:.1f}%",
+                dash if s["wall_seconds"] is None else _fmt_duration(s["wall_seconds"]),
+            ]
+        )
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     if val_baseline_applies(runs):
         val_note = f"Val loss baseline: OpenAI GPT-2 124M {GPT2_VAL_LOSS[0]} on the FineWeb-Edu val shard. "
     else:
         sources = "; ".join(dict.fromkeys(s or "unknown" for run in runs for s in data_sources(run)))
-        val_note = (f"Val losses are on the val shards of {sources}: not comparable with OpenAI GPT-2 124M's "
-                    f"{GPT2_VAL_LOSS[0]}, measured on the FineWeb-Edu val shard. ")
+        val_note = (
+            f"Val losses are on the val shards of {sources}: not comparable with OpenAI GPT-2 124M's "
+            f"{GPT2_VAL_LOSS[0]}, measured on the FineWeb-Edu val shard. "
+        )
     note = (
         "HellaSwag columns: best acc_norm on the val set, with the number of examples it was scored on "
         f"({HELLASWAG_VAL_SIZE:,} ex = the full val set; fewer = a demo or --limit run: a noisier estimate, "
         "not directly comparable with the full-set baselines). Training loop and hellaswag.py use the same "
         f"completion-style scoring (OpenAI GPT-2 124M: {GPT2_HELLASWAG[0]}, GPT-3 124M: {GPT3_HELLASWAG[0]}); "
         f"harness style is lm-evaluation-harness's multiple-choice scoring (GPT-2 124M: {GPT2_HELLASWAG_HARNESS[0]}). "
-        + val_note +
-        f"tokens/s and MFU: means over train steps, skipping the first {warmup_steps} after each (re)start; "
+        + val_note
+        + core_note()
+        + f"tokens/s and MFU: means over train steps, skipping the first {warmup_steps} after each (re)start; "
         "wall time (h:mm:ss): sum over (re)starts of first-to-last record time."
     )
     lines += ["", note]
@@ -520,13 +606,29 @@ def summarize(runs: list[Run], warmup_steps: int = PlotConfig.warmup_steps) -> s
     return "\n".join(lines) + "\n"
 
 
+def core_note() -> str:
+    refs = ", ".join(f"{label.removeprefix('GPT-2 ')} {value}" for value, label in GPT2_CORE)
+    return (
+        "val bpb: bits per byte of the last val loss (older logs: –). CORE: best DCLM CORE (22 tasks, "
+        "centered accuracy) of the training loop and core.py on this run's checkpoints; N/task = the first N "
+        "examples of each task, a noisier estimate; partial = CORE-PARTIAL, a mean over the tasks found (some "
+        f"missing), not CORE. OpenAI GPT-2 CORE ({CORE_SOURCE}): {refs}. "
+    )
+
+
 def elsewhere_note(run: Run) -> str:
     """What was left out of a run's row: scores filed in its folder for checkpoints of other runs."""
-    checkpoints = list(dict.fromkeys(row["checkpoint"] for row in run.elsewhere))
-    shown = ", ".join(checkpoints[:3]) + (f" and {len(checkpoints) - 3} more" if len(checkpoints) > 3 else "")
-    folders = " ".join(dict.fromkeys(str(Path(c).parent) for c in checkpoints))
-    return (f"Not in {run.name}'s row: {run.log_dir / HELLASWAG_FILE} also holds hellaswag.py scores of checkpoints in "
-            f"other folders ({shown}); add --log-dir {folders} to show each in its own run's row.")
+    parts, folders = [], {}
+    for file, (_, writer, _) in RESULT_FILES.items():
+        checkpoints = list(dict.fromkeys(r["checkpoint"] for r in run.elsewhere if r["results_file"] == file))
+        if checkpoints:
+            shown = ", ".join(checkpoints[:3]) + (f" and {len(checkpoints) - 3} more" if len(checkpoints) > 3 else "")
+            parts.append(f"{run.log_dir / file} also holds {writer} scores of checkpoints in other folders ({shown})")
+            folders.update(dict.fromkeys(str(Path(c).parent) for c in checkpoints))
+    return (
+        f"Not in {run.name}'s row: {'; '.join(parts)}; add --log-dir {' '.join(folders)} to show each in its "
+        "own run's row."
+    )
 
 
 # ---------------------------------------------------------------- drawing
@@ -542,14 +644,25 @@ def _label(text: str, run: Run, runs: list[Run]) -> str:
 
 
 def _no_data(ax, what: str) -> None:
-    ax.text(0.5, 0.62, f"no data: {what}", transform=ax.transAxes, ha="center", va="center", fontsize=12,
-            color="0.35", gid="no-data", bbox={"facecolor": "white", "edgecolor": "0.8", "boxstyle": "round"})
+    ax.text(
+        0.5,
+        0.62,
+        f"no data: {what}",
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=12,
+        color="0.35",
+        gid="no-data",
+        bbox={"facecolor": "white", "edgecolor": "0.8", "boxstyle": "round"},
+    )
 
 
 def _baseline(ax, value_label: tuple[float, str], style: str, color: str) -> None:
     value, label = value_label
-    ax.axhline(value, linestyle=style, color=color, linewidth=1.3, label=f"{label} ({value:g})",
-               gid=f"baseline/{label}")
+    ax.axhline(
+        value, linestyle=style, color=color, linewidth=1.3, label=f"{label} ({value:g})", gid=f"baseline/{label}"
+    )
 
 
 def _focus_ylim(ax, curves: list[tuple[list, list]], keep: tuple[float, ...] = (), skip: float = 0.05) -> None:
@@ -576,14 +689,35 @@ def _draw_training_loss(ax, runs: list[Run], smoothing: float) -> None:
         color = f"C{i % 10}"
         weight = ema_weight(smoothing, len(y))
         if weight > 0:  # faint raw curve under the smoothed one, which carries the run's legend entry
-            ax.plot(x, y, color=color, alpha=0.3, linewidth=0.8, gid=f"{run.name}/train_loss",
-                    label=_label("train loss (raw)", run, runs) if len(runs) == 1 else "_raw")
-            ax.plot(x, ema(y, weight), color=color, linewidth=1.8, gid=f"{run.name}/train_loss_ema",
-                    label=_label(f"train loss (EMA {weight:.3g})", run, runs))
+            ax.plot(
+                x,
+                y,
+                color=color,
+                alpha=0.3,
+                linewidth=0.8,
+                gid=f"{run.name}/train_loss",
+                label=_label("train loss (raw)", run, runs) if len(runs) == 1 else "_raw",
+            )
+            ax.plot(
+                x,
+                ema(y, weight),
+                color=color,
+                linewidth=1.8,
+                gid=f"{run.name}/train_loss_ema",
+                label=_label(f"train loss (EMA {weight:.3g})", run, runs),
+            )
         else:  # too few steps to smooth (or --smoothing 0): the raw curve is the run's curve, drawn full
             unsmoothed = f", {len(y)} steps: not smoothed" if smoothing > 0 else ""
-            ax.plot(x, y, color=color, linewidth=1.4, marker="o" if len(y) <= 20 else None, markersize=3,
-                    gid=f"{run.name}/train_loss", label=_label(f"train loss (raw{unsmoothed})", run, runs))
+            ax.plot(
+                x,
+                y,
+                color=color,
+                linewidth=1.4,
+                marker="o" if len(y) <= 20 else None,
+                markersize=3,
+                gid=f"{run.name}/train_loss",
+                label=_label(f"train loss (raw{unsmoothed})", run, runs),
+            )
         curves.append((x, y))
     if not curves:
         _no_data(ax, "no train records yet")
@@ -597,8 +731,16 @@ def _draw_validation_loss(ax, runs: list[Run], smoothing: float) -> None:
     for i, run in enumerate(runs):
         x, y = _xy(run.val, "val_loss")
         if x:
-            ax.plot(x, y, color=f"C{i % 10}", marker="o", markersize=3, linewidth=1.6,
-                    gid=f"{run.name}/val_loss", label=_label("val loss", run, runs))
+            ax.plot(
+                x,
+                y,
+                color=f"C{i % 10}",
+                marker="o",
+                markersize=3,
+                linewidth=1.6,
+                gid=f"{run.name}/val_loss",
+                label=_label("val loss", run, runs),
+            )
             curves.append((x, y))
     baseline = val_baseline_applies(runs)
     if baseline:
@@ -615,8 +757,9 @@ def _draw_learning_rate(ax, runs: list[Run], smoothing: float) -> None:
     for i, run in enumerate(runs):
         x, y = _xy(run.train, "lr")
         if x:
-            ax.plot(x, y, color=f"C{i % 10}", linewidth=1.6, gid=f"{run.name}/lr",
-                    label=_label("learning rate", run, runs))
+            ax.plot(
+                x, y, color=f"C{i % 10}", linewidth=1.6, gid=f"{run.name}/lr", label=_label("learning rate", run, runs)
+            )
             drawn = True
     if not drawn:
         _no_data(ax, "no train records yet")
@@ -633,16 +776,25 @@ def _draw_throughput(ax, runs: list[Run], smoothing: float) -> None:
         color = f"C{i % 10}"
         x, y = _xy(run.train, "tokens_per_sec")
         if x:
-            handles += ax.plot(x, y, color=color, linewidth=1.2, gid=f"{run.name}/tokens_per_sec",
-                               label=_label("tokens/s", run, runs))
+            handles += ax.plot(
+                x, y, color=color, linewidth=1.2, gid=f"{run.name}/tokens_per_sec", label=_label("tokens/s", run, runs)
+            )
             drawn = True
         mx, my = _xy(run.train, "mfu", scale=100.0)
         if mx:
             if mfu_ax is None:
                 mfu_ax = ax.twinx()
                 mfu_ax.set_ylabel("MFU (%)")
-            handles += mfu_ax.plot(mx, my, color=color, linewidth=1.0, linestyle=":", alpha=0.9,
-                                   gid=f"{run.name}/mfu", label=_label("MFU (%)", run, runs))
+            handles += mfu_ax.plot(
+                mx,
+                my,
+                color=color,
+                linewidth=1.0,
+                linestyle=":",
+                alpha=0.9,
+                gid=f"{run.name}/mfu",
+                label=_label("MFU (%)", run, runs),
+            )
     if not drawn:
         _no_data(ax, "no train records yet")
     ax.set_ylim(bottom=0)
@@ -658,16 +810,26 @@ def _draw_throughput(ax, runs: list[Run], smoothing: float) -> None:
 def _draw_hellaswag(ax, runs: list[Run], smoothing: float) -> None:
     drawn, harness, levels = False, False, {}
     several = len(runs) > 1
-    marks = {"acc_norm": {"marker": "s", "markerfacecolor": "none", "markeredgewidth": 1.5},
-             "harness_acc_norm": {"marker": "^"}}
+    marks = {
+        "acc_norm": {"marker": "s", "markerfacecolor": "none", "markeredgewidth": 1.5},
+        "harness_acc_norm": {"marker": "^"},
+    }
     what = {"acc_norm": "acc_norm, hellaswag.py", "harness_acc_norm": "harness acc_norm, hellaswag.py"}
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
         named = False  # with several runs, the legend names each run once and explains markers once
         x, y = _xy(run.hellaswag, "hellaswag_acc_norm")
         if x:
-            ax.plot(x, y, color=color, marker="o", markersize=3, linewidth=1.6, gid=f"{run.name}/hellaswag_acc_norm",
-                    label=run.name if several else "acc_norm, training loop")
+            ax.plot(
+                x,
+                y,
+                color=color,
+                marker="o",
+                markersize=3,
+                linewidth=1.6,
+                gid=f"{run.name}/hellaswag_acc_norm",
+                label=run.name if several else "acc_norm, training loop",
+            )
             drawn = named = True
         res = run.results
         for key in ("acc_norm", "harness_acc_norm"):
@@ -675,8 +837,16 @@ def _draw_hellaswag(ax, runs: list[Run], smoothing: float) -> None:
             if not pairs:
                 continue
             label = what[key] if not several else ("_" if named else run.name)
-            ax.plot([p[0] for p in pairs], [p[1] for p in pairs], color=color, markersize=7, linestyle="none",
-                    gid=f"{run.name}/results_{key}", label=label, **marks[key])
+            ax.plot(
+                [p[0] for p in pairs],
+                [p[1] for p in pairs],
+                color=color,
+                markersize=7,
+                linestyle="none",
+                gid=f"{run.name}/results_{key}",
+                label=label,
+                **marks[key],
+            )
             drawn = named = True
             harness |= key == "harness_acc_norm"
         # Evaluations with no step (e.g. `hellaswag.py --model gpt2`) have no x: drawn once as levels.
@@ -684,8 +854,14 @@ def _draw_hellaswag(ax, runs: list[Run], smoothing: float) -> None:
             if step is None:
                 levels[(label, value)] = True
     for j, (label, value) in enumerate(levels):
-        ax.axhline(value, color="tab:purple", linestyle=(j, (1, 2)), linewidth=1.4, gid=f"results/{label}",
-                   label=f"{label}, hellaswag.py ({value:.4f})")
+        ax.axhline(
+            value,
+            color="tab:purple",
+            linestyle=(j, (1, 2)),
+            linewidth=1.4,
+            gid=f"results/{label}",
+            label=f"{label}, hellaswag.py ({value:.4f})",
+        )
         drawn = True
     if several:  # marker meaning, once, in a neutral colour
         for key in ("acc_norm", "harness_acc_norm"):
@@ -700,8 +876,11 @@ def _draw_hellaswag(ax, runs: list[Run], smoothing: float) -> None:
     if not drawn:
         _no_data(ax, "no HellaSwag evaluations yet")
     # Room below the random line for the legend (up to eight entries), so it hides no curve.
-    values = _finite(v for run in runs for v in (*run.hellaswag["hellaswag_acc_norm"], *run.results["acc_norm"],
-                                                 *run.results["harness_acc_norm"]))
+    values = _finite(
+        v
+        for run in runs
+        for v in (*run.hellaswag["hellaswag_acc_norm"], *run.results["acc_norm"], *run.results["harness_acc_norm"])
+    )
     lo, hi = min(values + [RANDOM_HELLASWAG[0]]), max(values + [GPT3_HELLASWAG[0]])
     ax.set_ylim(lo - 0.4 * (hi - lo), hi + 0.08 * (hi - lo))
     ax.legend(loc="lower right", ncol=2, fontsize=7)
@@ -710,13 +889,104 @@ def _draw_hellaswag(ax, runs: list[Run], smoothing: float) -> None:
     ax.set_ylabel("acc_norm (length-normalized)")
 
 
+def _per_task(max_per_task) -> str:
+    """ " (500/task)" when points were scored on the first N examples of each task; "" when all were
+    scored on every example. Mixed: each size, "all" for the full ones."""
+    sizes = [int(m) if _is_number(m) and m > 0 else None for m in max_per_task]
+    subsets, full = sorted({m for m in sizes if m}), None in sizes
+    return f" ({', '.join([f'{m:,}/task' for m in subsets] + ['all'] * full)})" if subsets else ""
+
+
+# CORE and CORE-PARTIAL are drawn apart: (key, name, style of the training loop's curve, of core.py's points)
+CORE_KINDS = (
+    (
+        "core",
+        "CORE",
+        {"linestyle": "-", "marker": "o", "linewidth": 1.6},
+        {"marker": "s", "markerfacecolor": "none", "markeredgewidth": 1.5},
+    ),
+    ("core_partial", "CORE-PARTIAL (not CORE)", {"linestyle": ":", "marker": "x", "linewidth": 1.0}, {"marker": "X"}),
+)
+
+
+def _draw_core_run(ax, run: Run, runs: list[Run], color: str) -> list[float]:
+    """One run's CORE: the training loop's evaluations as a curve, core.py's checkpoint scores as points;
+    returns the values drawn."""
+    drawn = []
+    for key, name, curve, points in CORE_KINDS:
+        for series, prefix, where, style in (
+            (run.core, "", "training loop", {**curve, "markersize": 4}),
+            (run.core_results, "results_", "core.py", {**points, "markersize": 7, "linestyle": "none"}),
+        ):
+            rows = [
+                (s, v, m)
+                for s, v, m in zip(series["step"], series[key], series["max_per_task"])
+                if s is not None and _is_number(v)
+            ]
+            if rows:
+                ax.plot(
+                    [r[0] for r in rows],
+                    [r[1] for r in rows],
+                    color=color,
+                    gid=f"{run.name}/{prefix}{key}",
+                    label=_label(f"{name}, {where}{_per_task(r[2] for r in rows)}", run, runs),
+                    **style,
+                )
+                drawn += [r[1] for r in rows]
+    return drawn
+
+
+def _draw_core(ax, runs: list[Run], smoothing: float) -> None:
+    drawn, levels = [], {}
+    for i, run in enumerate(runs):
+        drawn += _draw_core_run(ax, run, runs, f"C{i % 10}")
+        # Scores with no step (core.py --hf gpt2) have no x: drawn once as levels.
+        res = run.core_results
+        for label, step, core, partial, m in zip(
+            res["label"], res["step"], res["core"], res["core_partial"], res["max_per_task"]
+        ):
+            if step is None and _is_number(core if core is not None else partial):
+                name = "CORE" if core is not None else "CORE-PARTIAL, not CORE"
+                levels[(label, name, core if core is not None else partial, _per_task([m]))] = True
+    for j, (label, name, value, per_task) in enumerate(levels):
+        ax.axhline(
+            value,
+            color="tab:purple",
+            linestyle=(j, (1, 2)),
+            linewidth=1.4,
+            gid=f"core_results/{label}",
+            label=f"{label}, core.py {name}{per_task} ({value:.4f})",
+        )
+        drawn.append(value)
+    shades = ("0.25", "0.4", "0.55", "0.7")
+    for (value, label), shade in zip(GPT2_CORE, shades):
+        ax.axhline(
+            value,
+            linestyle="--",
+            color=shade,
+            linewidth=1.2,
+            gid=f"baseline/{label}",
+            label=f"{label} {value:g} ({CORE_SOURCE})",
+        )
+    if not drawn:
+        _no_data(ax, "no CORE evaluations yet")
+    # Room above the largest reference for the legend, so it hides no curve.
+    lo, hi = min(drawn + [0.0]), max(drawn + [GPT2_CORE[-1][0]])
+    ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.6 * (hi - lo))
+    ax.legend(loc="upper left", fontsize=7)
+    ax.set_title("CORE (DCLM, 22 tasks)")
+    ax.set_ylabel("CORE (centered accuracy, mean)")
+
+
 DRAW = {
     "training_loss": _draw_training_loss,
     "validation_loss": _draw_validation_loss,
     "learning_rate": _draw_learning_rate,
     "throughput": _draw_throughput,
     "hellaswag_accuracy": _draw_hellaswag,
+    "core": _draw_core,
 }
+OWN_LEGEND = ("throughput", "hellaswag_accuracy", "core")  # panels that place their own legend
 
 
 def _finish_axes(ax, tps: float | None, legend: bool, last_step: int) -> None:
@@ -742,8 +1012,8 @@ def _shared_tokens_per_step(runs: list[Run]) -> float | None:
 def build_figures(runs: list[Run], smoothing: float = PlotConfig.smoothing) -> dict[str, Figure]:
     """One Figure per panel plus "overview" (all panels), each with an Agg canvas, not yet saved."""
     tps = _shared_tokens_per_step(runs)
-    last_step = max((s for r in runs for series in (r.train, r.val, r.hellaswag, r.results)
-                     for s in series["step"] if s is not None), default=0)
+    every = [series for r in runs for series in (r.train, r.val, r.hellaswag, r.results, r.core, r.core_results)]
+    last_step = max((s for series in every for s in series["step"] if s is not None), default=0)
     title = ", ".join(r.name for r in runs)
     figures = {}
     for name in PANELS:
@@ -751,20 +1021,27 @@ def build_figures(runs: list[Run], smoothing: float = PlotConfig.smoothing) -> d
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
         DRAW[name](ax, runs, smoothing)
-        _finish_axes(ax, tps, legend=name not in ("throughput", "hellaswag_accuracy"), last_step=last_step)
+        _finish_axes(ax, tps, legend=name not in OWN_LEGEND, last_step=last_step)
         fig.suptitle(title, fontsize=9, color="0.4", x=0.99, ha="right")
         figures[name] = fig
 
-    fig = Figure(figsize=(18, 10), dpi=110, layout="constrained")
+    fig = Figure(figsize=(24, 10), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(2, 3)
-    # Training loss gets two columns: it is the curve people read first.
-    slots = {"training_loss": grid[0, :2], "validation_loss": grid[0, 2], "learning_rate": grid[1, 0],
-             "throughput": grid[1, 1], "hellaswag_accuracy": grid[1, 2]}
+    grid = fig.add_gridspec(2, 4)
+    # Training loss gets two columns: it is the curve people read first; throughput, over the same
+    # steps, the two below it.
+    slots = {
+        "training_loss": grid[0, :2],
+        "validation_loss": grid[0, 2],
+        "learning_rate": grid[0, 3],
+        "throughput": grid[1, :2],
+        "hellaswag_accuracy": grid[1, 2],
+        "core": grid[1, 3],
+    }
     for name, slot in slots.items():
         ax = fig.add_subplot(slot)
         DRAW[name](ax, runs, smoothing)
-        _finish_axes(ax, tps, legend=name not in ("throughput", "hellaswag_accuracy"), last_step=last_step)
+        _finish_axes(ax, tps, legend=name not in OWN_LEGEND, last_step=last_step)
     fig.suptitle(f"GPT-2 training: {title}", fontsize=14)
     figures["overview"] = fig
     return figures
@@ -773,8 +1050,9 @@ def build_figures(runs: list[Run], smoothing: float = PlotConfig.smoothing) -> d
 # ---------------------------------------------------------------- writing
 
 
-def make_figures(runs: list[Run], out_dir: str | os.PathLike,
-                 smoothing: float = PlotConfig.smoothing) -> dict[str, Path]:
+def make_figures(
+    runs: list[Run], out_dir: str | os.PathLike, smoothing: float = PlotConfig.smoothing
+) -> dict[str, Path]:
     """Draw and save every figure as out_dir/<name>.png; returns name -> path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -796,36 +1074,36 @@ def write_text(path: Path, text: str) -> None:
 
 
 def parse_config(argv: list[str] | None = None) -> PlotConfig:
-    """The flags given, over PlotConfig's defaults; a value PlotConfig refuses raises ValueError."""
+    """The flags given, over PlotConfig's defaults; a value PlotConfig refuses raises UserError."""
     return cli.parse_config(PlotConfig, argv, description=__doc__.split("\n\n")[0])
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg = parse_config(argv)
-        runs = load_runs(cfg.log_dirs)
-    except ValueError as e:
-        raise SystemExit(f"plot.py: {e}") from None
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(argv)
+    runs = load_runs(cfg.log_dirs)
     for run in runs:
         if run.skipped:
             more = f"; ... {len(run.skipped) - 5} more" if len(run.skipped) > 5 else ""
-            print(f"plot.py: warning: skipped {len(run.skipped)} bad line(s) in {run.log_dir}: "
-                  f"{'; '.join(run.skipped[:5])}{more}", file=sys.stderr)
+            print(
+                f"plot.py: warning: skipped {len(run.skipped)} bad line(s) in {run.log_dir}: "
+                f"{'; '.join(run.skipped[:5])}{more}",
+                file=sys.stderr,
+            )
         if run.elsewhere:
             print(f"plot.py: warning: {elsewhere_note(run)}", file=sys.stderr)
     out_dir = Path(cfg.out_dir or cfg.log_dirs[0])
     try:
         paths = make_figures(runs, out_dir, cfg.smoothing)
     except OSError as e:
-        raise SystemExit(f"plot.py: cannot write figures to {out_dir}: {e.strerror}: "
-                         "pass a writable --out-dir") from None
+        raise UserError(f"cannot write figures to {out_dir}: {e.strerror}: pass a writable --out-dir") from None
     print(f"wrote {', '.join(p.name for p in paths.values())} to {out_dir}")
     if cfg.summary:
         table = summarize(runs, cfg.warmup_steps)
         write_text(out_dir / "summary.md", table)
         print(table, end="")
         print(f"wrote {out_dir / 'summary.md'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_main(main))

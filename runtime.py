@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from cli import DEVICE_CHOICES, UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -40,14 +42,14 @@ class DistInfo:
 
 def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
     """--device auto|cpu|cuda -> a torch.device (one GPU per process under torchrun)."""
-    if flag not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device {flag!r}: use auto, cpu or cuda")
+    if flag not in DEVICE_CHOICES:
+        raise UserError(f"--device {flag!r}: use one of {', '.join(DEVICE_CHOICES)}")
     if flag == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda but no CUDA GPU is visible: use --device cpu (or auto)")
+        raise UserError("--device cuda but no CUDA GPU is visible: use --device cpu (or auto)")
     if flag == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     if local_rank >= torch.cuda.device_count():
-        raise ValueError(
+        raise UserError(
             f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPUs visible: "
             "set torchrun --nproc_per_node to the number of GPUs"
         )
@@ -76,10 +78,14 @@ def setup_distributed(device_flag: str = "auto", timeout_minutes: float = 30) ->
             # attempt gets its own key prefix.
             store, _, _ = next(dist.rendezvous("env://"))
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                    store=dist.PrefixStore(f"attempt{attempt}", store), rank=rank,
-                                    world_size=world_size, device_id=device if device.type == "cuda" else None,
-                                    timeout=datetime.timedelta(minutes=timeout_minutes))
+            dist.init_process_group(
+                backend="nccl" if device.type == "cuda" else "gloo",
+                store=dist.PrefixStore(f"attempt{attempt}", store),
+                rank=rank,
+                world_size=world_size,
+                device_id=device if device.type == "cuda" else None,
+                timeout=datetime.timedelta(minutes=timeout_minutes),
+            )
     return DistInfo(rank, local_rank, world_size, device, rank == 0)
 
 
@@ -114,9 +120,23 @@ def host_names() -> list[str]:
 def is_peer_failure(e: BaseException) -> bool:
     """Did a collective fail because another rank died (its connection closed or timed out)?"""
     text = str(e)
-    return isinstance(e, RuntimeError) and dist.is_initialized() and any(s in text for s in (
-        "Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused", "Timed out",
-        "timed out", "NCCL communicator was aborted", "ProcessGroupNCCL"))
+    return (
+        isinstance(e, RuntimeError)
+        and dist.is_initialized()
+        and any(
+            s in text
+            for s in (
+                "Connection reset by peer",
+                "Connection closed by peer",
+                "Broken pipe",
+                "Connection refused",
+                "Timed out",
+                "timed out",
+                "NCCL communicator was aborted",
+                "ProcessGroupNCCL",
+            )
+        )
+    )
 
 
 # FSDP2's sharded tensors (DTensors) are recognised by their methods: importing
@@ -182,7 +202,7 @@ class Precision:
 def precision(device: torch.device, name: str = "auto") -> Precision:
     """--precision auto|bf16|fp32 on `device`: auto = bf16 on CUDA, fp32 elsewhere."""
     if name not in PRECISIONS:
-        raise ValueError(f"--precision {name!r}: use one of {', '.join(PRECISIONS)}")
+        raise UserError(f"--precision {name!r}: use one of {', '.join(PRECISIONS)}")
     bf16 = name == "bf16" or (name == "auto" and device.type == "cuda")
     return Precision(device.type, torch.bfloat16 if bf16 else None)
 
@@ -203,8 +223,9 @@ def compiles(device: torch.device, enabled: bool, on_cpu: bool = False, warn: bo
     return enabled
 
 
-def compile_model(model: torch.nn.Module, enabled: bool, mode: str = "default", warn: bool = True,
-                  on_cpu: bool = False) -> torch.nn.Module:
+def compile_model(
+    model: torch.nn.Module, enabled: bool, mode: str = "default", warn: bool = True, on_cpu: bool = False
+) -> torch.nn.Module:
     """torch.compile `model` where `compiles` says so; the model as it is otherwise."""
     if not compiles(next(model.parameters()).device, enabled, on_cpu, warn):
         return model
@@ -274,7 +295,7 @@ def peak_flops_of_name(name: str) -> float | None:
     words = name.upper().replace("-", " ").split()
     for key, tflops in PEAK_BF16_TFLOPS:
         want = key.upper().split()
-        if any(words[i:i + len(want)] == want for i in range(len(words) - len(want) + 1)):
+        if any(words[i : i + len(want)] == want for i in range(len(words) - len(want) + 1)):
             return tflops * 1e12
     return None
 
@@ -286,7 +307,9 @@ def peak_flops(device: torch.device) -> float | None:
     return peak_flops_of_name(torch.cuda.get_device_name(device))
 
 
-def mfu(flops_per_token: float, tokens_per_sec: float, peak_per_device: float | None, world_size: int = 1) -> float | None:
+def mfu(
+    flops_per_token: float, tokens_per_sec: float, peak_per_device: float | None, world_size: int = 1
+) -> float | None:
     """Model FLOPs utilisation as a fraction: achieved training FLOP/s over the devices' peak.
     None when the peak is unknown; clamped to 1.0, since more than the peak means a wrong entry."""
     if not peak_per_device or tokens_per_sec <= 0:
@@ -303,8 +326,11 @@ def device_name(device: torch.device) -> str:
 def git_sha() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-            capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
         )
         return out.stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):

@@ -11,9 +11,10 @@ of the norm to 18-29 standard deviations (26-65x its mean) on ordinary text, opt
 gradient clipping already contains, while a batch of random tokens moved the norm less than 2x and
 the loss by 9.3 standard deviations (BENCHMARKS.md, "Spike guard"). Every rank sees the same
 all-reduced numbers, so every rank takes the same decision. Only accepted values enter the window:
-a spike does not widen the band that judges the next step. `MAX_CONSECUTIVE_SKIPS` refusals in a row mean the run itself is off
-(not one batch), and stop it. A non-finite value is refused too, and the trainer then stops at its
-next sync, as it does without the guard (diverging weights, far more often than one bad batch).
+a spike does not widen the band that judges the next step. `MAX_CONSECUTIVE_SKIPS` refusals in a row
+mean the run itself is off (not one batch), and stop it. A non-finite value is refused too, and the
+trainer then stops at that step (diverging weights, far more often than one bad batch; without the
+guard, at its next sync).
 
 The state is a few hundred floats, saved in every checkpoint, so a resumed run decides as the
 uninterrupted one would. No torch here: the inputs are host floats.
@@ -73,8 +74,10 @@ class SpikeGuard:
         score = (value - mean) / std
         if score > threshold:
             flag = "--spike-guard" if name == "loss" else "--spike-guard-norm"
-            return (f"{name} {value:.4g} is {score:.1f} standard deviations above the mean {mean:.4g} of the last "
-                    f"{len(self.history[name])} steps ({flag} {threshold:g})")
+            return (
+                f"{name} {value:.4g} is {score:.1f} standard deviations above the mean {mean:.4g} of the last "
+                f"{len(self.history[name])} steps ({flag} {threshold:g})"
+            )
         return None
 
     def check(self, loss: float, grad_norm: float) -> str | None:
@@ -87,8 +90,11 @@ class SpikeGuard:
             self.consecutive_skips += 1
             self.skipped += 1
             if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                raise TooManySkips(f"{self.consecutive_skips} updates in a row were refused (last: {reasons[0]}): "
-                                   "the run, not one batch, is off", nonfinite=not all(map(math.isfinite, values.values())))
+                raise TooManySkips(
+                    f"{self.consecutive_skips} updates in a row were refused (last: {reasons[0]}): "
+                    "the run, not one batch, is off",
+                    nonfinite=not all(map(math.isfinite, values.values())),
+                )
             return "; ".join(reasons)
         self.consecutive_skips = 0
         for name, v in values.items():
@@ -96,8 +102,11 @@ class SpikeGuard:
         return None
 
     def state_dict(self) -> dict:
-        return {"history": {name: list(h) for name, h in self.history.items()},
-                "consecutive_skips": self.consecutive_skips, "skipped": self.skipped}
+        return {
+            "history": {name: list(h) for name, h in self.history.items()},
+            "consecutive_skips": self.consecutive_skips,
+            "skipped": self.skipped,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for name in SERIES:

@@ -18,6 +18,7 @@ import functools
 import os
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 
 TIKTOKEN_CACHE = Path(__file__).resolve().parent / "assets" / "tiktoken"
@@ -41,7 +42,7 @@ def _cache_dir(path: Path):
             os.environ["TIKTOKEN_CACHE_DIR"] = old
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_encoding() -> tiktoken.Encoding:
     """GPT-2's tiktoken encoding, built offline from the shipped ranks file."""
     if not TIKTOKEN_CACHE.is_dir():
@@ -52,3 +53,15 @@ def get_encoding() -> tiktoken.Encoding:
         enc = tiktoken.get_encoding(ENCODING_NAME)
     assert enc.eot_token == EOT_TOKEN and enc.n_vocab == VOCAB_SIZE
     return enc
+
+
+@functools.cache
+def token_byte_lengths() -> np.ndarray:
+    """(VOCAB_SIZE,) int64: how many UTF-8 bytes of text each token id stands for; <|endoftext|> is 0
+    (a document boundary, not text). Summed over a token stream: the bytes of the text it encodes,
+    the denominator of bits per byte (a token may hold part of a multi-byte character: the sum is
+    still exact over whole documents)."""
+    enc = get_encoding()
+    lengths = np.array([len(enc.decode_single_token_bytes(i)) for i in range(VOCAB_SIZE)], dtype=np.int64)
+    lengths[EOT_TOKEN] = 0
+    return lengths

@@ -37,18 +37,20 @@ import numpy as np
 import torch
 
 import checkpoint
+import cli
+import core_eval
 import fileio
 import memory
 import metrics as metrics_log
 import runtime
-from cli import build_parser, field, parse_flags
+from cli import UserError, build_parser, field, parse_flags
 from dataloader import TrainLoader, ValLoader, describe_source
-from hellaswag_eval import evaluate_hellaswag, load_examples
+from hellaswag_eval import DEFAULT_DATA_PATH, evaluate_hellaswag, load_examples
 from model import ATTENTION_BACKENDS, BLOCK_MATRICES, GPT, MODEL_PRESETS, GPTConfig, generate
 from muon import CombinedOptimizer, Muon
 from parallel import STRATEGIES, Parallel, parallelize
 from spike_guard import SpikeGuard, TooManySkips
-from tokenizer import EOT_TOKEN, get_encoding
+from tokenizer import EOT_TOKEN, get_encoding, token_byte_lengths
 
 __all__ = ["GPT", "GPTConfig", "TrainConfig", "build_run", "train_step", "main"]  # `from train_gpt2 import GPT` works
 
@@ -59,10 +61,23 @@ DEMO_CORPUS = REPO / "assets" / "demo" / "fineweb_demo.parquet"
 # 2 micro-batches of 4 x 256 (so gradient accumulation runs too); a higher lr than 124M's because
 # small models tolerate it; the shipped ~0.6M-token corpus in 100K-token shards (shard 0 = val).
 DEMO_PRESET = dict(
-    model="tiny", data_dir="demo_fineweb", tokens_per_step=2048, micro_batch_size=4, seq_len=256,
-    max_steps=120, warmup_steps=10, max_lr=3e-3, val_every=30, val_tokens=32_768,
-    hellaswag_every=0, sample_every=60, ckpt_every=40, device="cpu", compile=False,
-    loss_chunk_rows=256,  # the 50304-wide output layer is most of a tiny model's work: 1.5x faster on CPU (BENCHMARKS.md)
+    model="tiny",
+    data_dir="demo_fineweb",
+    tokens_per_step=2048,
+    micro_batch_size=4,
+    seq_len=256,
+    max_steps=120,
+    warmup_steps=10,
+    max_lr=3e-3,
+    val_every=30,
+    val_tokens=32_768,
+    hellaswag_every=0,
+    sample_every=60,
+    ckpt_every=40,
+    device="cpu",
+    compile=False,
+    # the 50304-wide output layer is most of a tiny model's work: 1.5x faster on CPU (BENCHMARKS.md)
+    loss_chunk_rows=256,
 )
 DEMO_SHARD_SIZE = 100_000
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
@@ -87,112 +102,341 @@ RECIPES: dict[str, dict] = {
     #                       at tiny scale (3 seeds). Not measured at 124M. --demo keeps its own 120.
     # The warmup is left to the preset (715 steps at 124M, 10 in --demo); the gate found a short one
     # (2% of the steps) slightly better at tiny scale. NONE of this is tuned at 124M scale.
-    "fast": dict(optimizer="muon", schedule="wsd", muon_lr=0.02, muon_momentum=0.95, decay_frac=0.3, max_lr=2.4e-3,
-                 max_steps=8_870),
+    "fast": dict(
+        optimizer="muon",
+        schedule="wsd",
+        muon_lr=0.02,
+        muon_momentum=0.95,
+        decay_frac=0.3,
+        max_lr=2.4e-3,
+        max_steps=8_870,
+    ),
 }
 
 
+@cli.sections(
+    model="model",
+    data_dir="data and outputs",
+    tokens_per_step="batch",
+    max_steps="optimisation",
+    val_every="evaluation, sampling, checkpoints, logging",
+    device="machine and speed levers",
+)
 @dataclass(frozen=True)
 class TrainConfig:
     # model
-    model: str = field("gpt2", "model size (presets carry their context length: tiny is 256)", choices=tuple(MODEL_PRESETS))
-    init_from: str = field("", "start from OpenAI's weights via transformers (gpt2, gpt2-medium, ...) instead of random init")
+    model: str = field(
+        "gpt2",
+        "model size (presets carry their context length: tiny is 256)",
+        choices=tuple(MODEL_PRESETS),
+        groups=(cli.RUN, cli.BENCH_STEP),
+    )
+    init_from: str = field(
+        "",
+        "start from OpenAI's weights via transformers (gpt2, gpt2-medium, ...) instead of random init",
+        groups=(cli.RUN,),
+    )
     # data and outputs
-    data_dir: str = field("edu_fineweb10B", "folder of token shards written by fineweb.py")
-    log_dir: str = field("log", "folder for metrics.jsonl and checkpoints")
-    shuffle: bool = field(True, "shuffle shard and window order each epoch (--no-shuffle: the reference's sequential order)")
+    data_dir: str = field(
+        cli.DEFAULT_DATA_DIR,
+        "folder of token shards written by fineweb.py",
+        groups=(cli.BENCH_STEP,),
+    )
+    log_dir: str = field(cli.DEFAULT_LOG_DIR, "folder for metrics.jsonl and checkpoints")
+    shuffle: bool = field(
+        True,
+        "shuffle shard and window order each epoch (--no-shuffle: the reference's sequential order)",
+        groups=(cli.RUN, cli.RESUME_REFUSED, cli.BENCH_STEP),
+    )
     # batch: sizes in tokens and rows; gradient accumulation is derived, never set
-    tokens_per_step: int = field(524_288, "tokens per optimizer step, all ranks together (2**19, GPT-3 small's 0.5M)")
-    micro_batch_size: int = field(64, "sequences per forward/backward on each rank")
-    seq_len: int = field(1024, "tokens per sequence (default: the model's context, at most 1024)")
+    tokens_per_step: int = field(
+        524_288,
+        "tokens per optimizer step, all ranks together (2**19, GPT-3 small's 0.5M)",
+        groups=(cli.RUN, cli.RESUME_REFUSED, cli.BENCH_STEP),
+        above=0,
+    )
+    micro_batch_size: int = field(64, "sequences per forward/backward on each rank", groups=(cli.BENCH_STEP,), above=0)
+    seq_len: int = field(
+        1024,
+        "tokens per sequence (default: the model's context, at most 1024)",
+        groups=(cli.RUN, cli.RESUME_REFUSED, cli.BENCH_STEP),
+        above=0,
+    )
     # optimisation (GPT-3 paper's small-model settings, as in the reference)
-    max_steps: int = field(19_073, "optimizer steps (19,073 x 524,288 = 10B tokens: one epoch of sample-10BT)")
-    warmup_steps: int = field(715, "linear warmup steps (375M tokens, GPT-3's warmup)")
-    max_lr: float = field(6e-4, "peak learning rate")
-    min_lr_frac: float = field(0.1, "final learning rate as a fraction of max-lr")
-    weight_decay: float = field(0.1, "AdamW weight decay, on tensors of 2+ dims only")
-    beta1: float = field(0.9, "AdamW beta1")
-    beta2: float = field(0.95, "AdamW beta2")
-    eps: float = field(1e-8, "AdamW epsilon")
-    grad_clip: float = field(1.0, "clip the global gradient norm to this (0: off)")
-    schedule: str = field("cosine", "lr schedule: cosine (reference) or wsd (warmup, stable, linear decay)", choices=("cosine", "wsd"))
-    decay_frac: float = field(0.2, "wsd: fraction of the steps spent in the final linear decay to min-lr-frac")
-    optimizer: str = field("adamw", "adamw (reference) or muon (Muon on the blocks' matrices, AdamW at --max-lr on the rest)", choices=("adamw", "muon"))
-    muon_lr: float = field(0.02, "muon: peak learning rate of the Muon matrices (follows the same schedule)")
-    muon_momentum: float = field(0.95, "muon: momentum (Nesterov)")
-    recipe: str = field("", "named recipe setting optimizer, schedule, learning rates and step budget (see RECIPES)", choices=("", *RECIPES))
-    seed: int = field(1337, "seed for init and data order")
+    max_steps: int = field(
+        19_073,
+        "optimizer steps (19,073 x 524,288 = 10B tokens: one epoch of sample-10BT)",
+        groups=(cli.RUN,),
+        above=0,
+    )
+    warmup_steps: int = field(715, "linear warmup steps (375M tokens, GPT-3's warmup)", groups=(cli.RUN,), at_least=0)
+    max_lr: float = field(6e-4, "peak learning rate", groups=(cli.RUN, cli.BENCH_STEP), above=0)
+    min_lr_frac: float = field(
+        0.1,
+        "final learning rate as a fraction of max-lr",
+        groups=(cli.RUN,),
+        at_least=0,
+        at_most=1,
+    )
+    weight_decay: float = field(
+        0.1,
+        "AdamW weight decay, on tensors of 2+ dims only",
+        groups=(cli.RUN, cli.BENCH_STEP),
+        at_least=0,
+    )
+    beta1: float = field(0.9, "AdamW beta1", groups=(cli.RUN, cli.BENCH_STEP), at_least=0, below=1)
+    beta2: float = field(0.95, "AdamW beta2", groups=(cli.RUN, cli.BENCH_STEP), at_least=0, below=1)
+    eps: float = field(1e-8, "AdamW epsilon", groups=(cli.RUN, cli.BENCH_STEP), above=0)
+    grad_clip: float = field(
+        1.0,
+        "clip the global gradient norm to this (0: off)",
+        groups=(cli.RUN, cli.BENCH_STEP),
+        at_least=0,
+    )
+    schedule: str = field(
+        "cosine",
+        "lr schedule: cosine (reference) or wsd (warmup, stable, linear decay)",
+        choices=("cosine", "wsd"),
+        groups=(cli.RUN,),
+    )
+    decay_frac: float = field(
+        0.2,
+        "wsd: fraction of the steps spent in the final linear decay to min-lr-frac",
+        groups=(cli.RUN,),
+        above=0,
+        at_most=1,
+    )
+    optimizer: str = field(
+        "adamw",
+        "adamw (reference) or muon (Muon on the blocks' matrices, AdamW at --max-lr on the rest)",
+        choices=("adamw", "muon"),
+        groups=(cli.RUN, cli.BENCH_STEP),
+    )
+    muon_lr: float = field(
+        0.02,
+        "muon: peak learning rate of the Muon matrices (follows the same schedule)",
+        groups=(cli.RUN, cli.BENCH_STEP),
+        above=0,
+    )
+    muon_momentum: float = field(
+        0.95, "muon: momentum (Nesterov)", groups=(cli.RUN, cli.BENCH_STEP), at_least=0, below=1
+    )
+    recipe: str = field(
+        "",
+        "named recipe setting optimizer, schedule, learning rates and step budget (see RECIPES)",
+        choices=("", *RECIPES),
+        groups=(cli.RUN, cli.BENCH_STEP),
+    )
+    seed: int = field(
+        1337,
+        "seed for init and data order",
+        groups=(cli.RUN, cli.RESUME_REFUSED, cli.BENCH_STEP),
+        at_least=0,
+    )
     # evaluation, sampling, checkpoints, logging
-    val_every: int = field(250, "validate every N steps and at the end (0: off)")
-    val_tokens: int = field(10_485_760, "fixed validation set: the first N tokens of the val shard (= the reference's 8-GPU 20 x 64 x 1024 x 8)")
-    hellaswag_every: int = field(250, "HellaSwag (reference style) every N steps and at the end (0: off)")
-    hellaswag_data: str = field("hellaswag/hellaswag_val.jsonl", "HellaSwag validation file (get it with `uv run hellaswag.py --download-only`)")
-    sample_every: int = field(250, "print samples every N steps (0: off)")
-    sample_prompt: str = field("Hello, I'm a language model,", "prompt of the in-training samples")
-    ckpt_every: int = field(1000, "checkpoint every N steps (and at the end, on SIGTERM/SIGUSR1 and on the first Ctrl-C)")
-    keep_checkpoints: int = field(3, "keep the newest K step checkpoints (model_final.pt is always kept)")
-    spike_guard: float = field(SPIKE_GUARD, "skip the update of a step whose loss is more than N standard deviations above the last --spike-window steps' (0: off)")
-    spike_guard_norm: float = field(0.0, "also skip a step whose grad norm (before clipping) is more than N standard deviations above the window's (0: off)")
-    spike_window: int = field(100, "steps of loss and grad-norm history the spike guard compares with")
-    spike_warmup: int = field(50, "steps of history before the spike guard may skip an update")
-    log_every: int = field(1, "log (and sync with the device) every N steps")
-    tensorboard: bool = field(False, "also write every metrics record to TensorBoard (<log dir>/tensorboard; `uv sync --extra loggers`)")
-    wandb: bool = field(False, "also send every metrics record to Weights & Biases (WANDB_MODE=offline works without an account)")
+    val_every: int = field(
+        250,
+        "validate every N steps and at the end (0: off)",
+        at_least=0,
+    )
+    val_tokens: int = field(
+        10_485_760,
+        "fixed validation set: the first N tokens of the val shard (= the reference's 8-GPU 20 x 64 x 1024 x 8)",
+        above=0,
+    )
+    hellaswag_every: int = field(
+        250,
+        "HellaSwag (reference style) every N steps and at the end (0: off)",
+        at_least=0,
+    )
+    core_every: int = field(
+        0,
+        "CORE (DCLM's 22 in-context tasks, core.py) every N steps and at the end (0: off; nanochat: 2000)",
+        at_least=0,
+    )
+    core_max_per_task: int = field(
+        500,
+        "CORE in training: the first N of each task's shuffled examples (0: all ~90k; 500: nanochat's "
+        "in-training size)",
+        at_least=0,
+    )
+    core_data: str = field(
+        core_eval.DEFAULT_DATA_DIR,
+        "CORE task files (get them with `uv run core.py --download-only`)",
+    )
+    core_verify: bool = field(
+        True,
+        "check each CORE task file's size and hash against the pinned download (--no-core-verify: hand-made files)",
+    )
+    hellaswag_data: str = field(
+        DEFAULT_DATA_PATH,
+        "HellaSwag validation file (get it with `uv run hellaswag.py --download-only`)",
+    )
+    sample_every: int = field(250, "print samples every N steps (0: off)", at_least=0)
+    sample_prompt: str = field(
+        "Hello, I'm a language model,",
+        "prompt of the in-training samples",
+    )
+    ckpt_every: int = field(
+        1000,
+        "checkpoint every N steps (and at the end, on SIGTERM/SIGUSR1 and on the first Ctrl-C)",
+        at_least=0,
+    )
+    keep_checkpoints: int = field(
+        3,
+        "keep the newest K step checkpoints (model_final.pt is always kept)",
+        at_least=1,
+    )
+    spike_guard: float = field(
+        SPIKE_GUARD,
+        "skip the update of a step whose loss is more than N standard deviations above the last "
+        "--spike-window steps' (0: off)",
+        groups=(cli.BENCH_STEP,),
+        at_least=0,
+    )
+    spike_guard_norm: float = field(
+        0.0,
+        "also skip a step whose grad norm (before clipping) is more than N standard deviations above the "
+        "window's (0: off)",
+        at_least=0,
+    )
+    spike_window: int = field(
+        100,
+        "steps of loss and grad-norm history the spike guard compares with",
+    )
+    spike_warmup: int = field(
+        50,
+        "steps of history before the spike guard may skip an update",
+        at_least=2,
+    )
+    log_every: int = field(
+        1,
+        "log (and sync with the device) every N steps",
+        at_least=1,
+    )
+    tensorboard: bool = field(
+        False,
+        "also write every metrics record to TensorBoard (<log dir>/tensorboard; `uv sync --extra loggers`)",
+    )
+    wandb: bool = field(
+        False,
+        "also send every metrics record to Weights & Biases (WANDB_MODE=offline works without an account)",
+    )
     wandb_project: str = field("gpt2-fineweb", "Weights & Biases project")
-    resume: str = field("auto", "auto: continue from the newest valid checkpoint in --log-dir; never: start fresh", choices=("auto", "never"))
-    allow_config_change: bool = field(False, "resume although --tokens-per-step, --seq-len, --seed, --shuffle or the data differ from the checkpoint's (on purpose, e.g. a new data order after a loss spike)")
+    resume: str = field(
+        "auto",
+        "auto: continue from the newest valid checkpoint in --log-dir; never: start fresh",
+        choices=("auto", "never"),
+        groups=(cli.RESUME_FLAG,),
+    )
+    allow_config_change: bool = field(
+        False,
+        "resume although --tokens-per-step, --seq-len, --seed, --shuffle or the data differ from the checkpoint's "
+        "(on purpose, e.g. a new data order after a loss spike)",
+        groups=(cli.RESUME_FLAG,),
+    )
     # machine and speed levers (bench.py measures each; none changes the recipe's math beyond rounding)
-    device: str = field("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    compile: bool = field(True, "torch.compile the model (CUDA; ignored with a warning on CPU unless --compile-on-cpu)")
-    compile_on_cpu: bool = field(False, "torch.compile on CPU too (inductor; slower than eager there: tests of the compiled path)")
-    compile_mode: str = field("default", "torch.compile mode (reduce-overhead and max-autotune use CUDA graphs: one micro-step per rank only)", choices=("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"))
-    precision: str = field("auto", "forward precision: auto (bf16 autocast on CUDA, float32 on CPU), bf16 (autocast on any device: CUDA's policy on a CPU) or fp32", choices=runtime.PRECISIONS)
-    attn_backend: str = field("auto", "scaled-dot-product attention kernel (auto: PyTorch picks)", choices=tuple(ATTENTION_BACKENDS))
-    loss_chunk_rows: int = field(0, "compute lm_head + cross-entropy in chunks of N rows, never building the full logits (0: plain path)")
-    fused_adamw: bool = field(True, "fused AdamW kernel on CUDA")
-    activation_checkpointing: bool = field(False, "recompute each block in backward to save memory (gpt2-large/xl on one GPU)")
-    parallel: str = field("ddp", "how the model is spread over ranks: ddp (whole model on every GPU, the reference) or fsdp (FSDP2: weights, gradients and optimizer state sharded; for gpt2-large/xl)", choices=STRATEGIES)
-    ddp_bucket_mb: int = field(25, "DDP gradient all-reduce bucket size in MB")
-    memory_check: bool = field(True, "refuse at start a run that memory.py's formula says cannot fit in this GPU's (or this machine's) memory")
-    dist_timeout_minutes: int = field(30, "how long a rank waits in a collective before giving up (covers rank 0 writing a gpt2-xl checkpoint, ~19 GB, at >= 11 MB/s)")
-    demo: bool = field(False, "CPU demo: tiny model on the small corpus shipped in assets/demo (minutes)")
+    device: str = field(
+        "auto",
+        "auto, cpu or cuda",
+        choices=cli.DEVICE_CHOICES,
+        groups=(cli.BENCH_STEP,),
+    )
+    compile: bool = field(
+        True,
+        "torch.compile the model (CUDA; ignored with a warning on CPU unless --compile-on-cpu)",
+        groups=(cli.BENCH_STEP,),
+    )
+    compile_on_cpu: bool = field(
+        False,
+        "torch.compile on CPU too (inductor; slower than eager there: tests of the compiled path)",
+        groups=(cli.BENCH_STEP,),
+    )
+    compile_mode: str = field(
+        "default",
+        "torch.compile mode (reduce-overhead and max-autotune use CUDA graphs: one micro-step per rank only)",
+        choices=("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"),
+        groups=(cli.BENCH_STEP,),
+    )
+    precision: str = field(
+        "auto",
+        "forward precision: auto (bf16 autocast on CUDA, float32 on CPU), bf16 (autocast on any device: "
+        "CUDA's policy on a CPU) or fp32",
+        choices=runtime.PRECISIONS,
+        groups=(cli.BENCH_STEP,),
+    )
+    attn_backend: str = field(
+        "auto",
+        "scaled-dot-product attention kernel (auto: PyTorch picks)",
+        choices=tuple(ATTENTION_BACKENDS),
+        groups=(cli.BENCH_STEP,),
+    )
+    loss_chunk_rows: int = field(
+        0,
+        "compute lm_head + cross-entropy in chunks of N rows, never building the full logits (0: plain path)",
+        groups=(cli.BENCH_STEP,),
+        at_least=0,
+    )
+    fused_adamw: bool = field(True, "fused AdamW kernel on CUDA", groups=(cli.BENCH_STEP,))
+    activation_checkpointing: bool = field(
+        False,
+        "recompute each block in backward to save memory (gpt2-large/xl on one GPU)",
+        groups=(cli.BENCH_STEP,),
+    )
+    parallel: str = field(
+        "ddp",
+        "how the model is spread over ranks: ddp (whole model on every GPU, the reference) or fsdp (FSDP2: "
+        "weights, gradients and optimizer state sharded; for gpt2-large/xl)",
+        choices=STRATEGIES,
+        groups=(cli.BENCH_STEP,),
+    )
+    ddp_bucket_mb: int = field(
+        25,
+        "DDP gradient all-reduce bucket size in MB",
+        groups=(cli.BENCH_STEP,),
+        at_least=1,
+    )
+    memory_check: bool = field(
+        True,
+        "refuse at start a run that memory.py's formula says cannot fit in this GPU's (or this machine's) memory",
+    )
+    dist_timeout_minutes: int = field(
+        30,
+        "how long a rank waits in a collective before giving up (covers rank 0 writing a gpt2-xl checkpoint, "
+        "~19 GB, at >= 11 MB/s)",
+        at_least=1,
+    )
+    demo: bool = field(
+        False,
+        "CPU demo: tiny model on the small corpus shipped in assets/demo (minutes)",
+        groups=(cli.RUN,),
+    )
 
     def __post_init__(self):
         """One-line errors for settings that can never work, raised while parsing (before any process
         group, data or folder is touched). What depends on the world size: check_world_size."""
-        positive = ("micro_batch_size", "seq_len", "tokens_per_step", "max_steps", "max_lr", "muon_lr", "eps")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        cli.check_bounds(self)  # each field's own range (its metadata): one line naming the flag
         if self.tokens_per_step % (self.micro_batch_size * self.seq_len):
-            raise ValueError(f"--tokens-per-step {self.tokens_per_step} is not a multiple of micro-batch x seq-len = "
-                             f"{self.micro_batch_size} x {self.seq_len}: change one of them")
+            raise UserError(
+                f"--tokens-per-step {self.tokens_per_step} is not a multiple of micro-batch x seq-len = "
+                f"{self.micro_batch_size} x {self.seq_len}: change one of them"
+            )
         if self.seq_len > self.model_config.block_size:
-            raise ValueError(f"--seq-len {self.seq_len} exceeds the {self.model} model's context of {self.model_config.block_size}")
-        if not 0 <= self.warmup_steps <= self.max_steps:
-            raise ValueError(f"--warmup-steps {self.warmup_steps} must be between 0 and --max-steps {self.max_steps}")
-        for name, low, high in (("min_lr_frac", 0, 1), ("beta1", 0, 0.999999), ("beta2", 0, 0.999999), ("muon_momentum", 0, 0.999999)):
-            if not low <= getattr(self, name) <= high:
-                raise ValueError(f"--{name.replace('_', '-')} must be in [{low}, 1), got {getattr(self, name)}")
-        if self.schedule == "wsd" and not 0 < self.decay_frac <= 1:
-            raise ValueError("--decay-frac must be in (0, 1] with --schedule wsd")
-        if min(self.weight_decay, self.grad_clip, self.seed, self.loss_chunk_rows) < 0 or self.ddp_bucket_mb < 1:
-            raise ValueError("--weight-decay, --grad-clip, --seed and --loss-chunk-rows must be >= 0, --ddp-bucket-mb >= 1")
+            raise UserError(
+                f"--seq-len {self.seq_len} exceeds the {self.model} model's context of {self.model_config.block_size}"
+            )
+        if self.warmup_steps > self.max_steps:
+            raise UserError(f"--warmup-steps {self.warmup_steps} must be between 0 and --max-steps {self.max_steps}")
         if self.attn_backend == "math" and self.compile_mode != "default":
-            raise ValueError(f"--attn-backend math compiles with inductor's pattern matcher off (else it fuses the math "
-                             f"kernel back into PyTorch's fused attention), which torch.compile cannot combine with "
-                             f"--compile-mode {self.compile_mode}: use the default mode, or --no-compile")
-        if self.dist_timeout_minutes < 1:
-            raise ValueError(f"--dist-timeout-minutes must be at least 1, got {self.dist_timeout_minutes}")
+            raise UserError(
+                f"--attn-backend math compiles with inductor's pattern matcher off (else it fuses the math "
+                f"kernel back into PyTorch's fused attention), which torch.compile cannot combine with "
+                f"--compile-mode {self.compile_mode}: use the default mode, or --no-compile"
+            )
         if self.val_every and self.val_tokens < self.seq_len:
-            raise ValueError(f"--val-tokens {self.val_tokens} is shorter than one sequence ({self.seq_len})")
-        if min(self.val_every, self.hellaswag_every, self.sample_every, self.ckpt_every) < 0 or self.log_every < 1:
-            raise ValueError("--*-every flags must be >= 0 (and --log-every >= 1)")
-        if self.keep_checkpoints < 1:
-            raise ValueError("--keep-checkpoints must be at least 1")
-        if min(self.spike_guard, self.spike_guard_norm) < 0 or not 2 <= self.spike_warmup <= self.spike_window:
-            raise ValueError(f"--spike-guard and --spike-guard-norm must be >= 0, and 2 <= --spike-warmup <= --spike-window; "
-                             f"got {self.spike_guard}, {self.spike_guard_norm}, {self.spike_warmup}, {self.spike_window}")
+            raise UserError(f"--val-tokens {self.val_tokens} is shorter than one sequence ({self.seq_len})")
+        if self.spike_warmup > self.spike_window:
+            raise UserError(f"--spike-warmup {self.spike_warmup} must be at most --spike-window {self.spike_window}")
 
     @property
     def model_config(self) -> GPTConfig:
@@ -203,7 +447,7 @@ class TrainConfig:
         group): the step must split evenly, and CUDA graphs need one micro-step per rank."""
         rows = self.micro_batch_size * self.seq_len * world_size
         if self.tokens_per_step % rows:
-            raise ValueError(
+            raise UserError(
                 f"--tokens-per-step {self.tokens_per_step} is not a multiple of micro-batch x seq-len x world size "
                 f"= {self.micro_batch_size} x {self.seq_len} x {world_size} = {rows}: lower --micro-batch-size"
             )
@@ -212,7 +456,7 @@ class TrainConfig:
             # A CUDA graph replays into the same output memory: the gradients of micro-step 1 are
             # overwritten by micro-step 2's before they are summed (torch 2.15 raises; older versions
             # summed silently wrong gradients, pytorch/pytorch#96693).
-            raise ValueError(
+            raise UserError(
                 f"--compile-mode {self.compile_mode} uses CUDA graphs, which cannot accumulate gradients, and this run "
                 f"has {accumulation} micro-steps per rank: use --compile-mode max-autotune-no-cudagraphs (or default), "
                 f"or make --tokens-per-step = --micro-batch-size x --seq-len x {world_size} ranks"
@@ -220,6 +464,13 @@ class TrainConfig:
 
     def grad_accum_steps(self, world_size: int) -> int:
         return self.tokens_per_step // (self.micro_batch_size * self.seq_len * world_size)
+
+
+# The flag rules, derived from each field's metadata (cli.field groups): see TrainConfig.
+RUN_SETTINGS = cli.fields_in(TrainConfig, cli.RUN)  # decide the weights a run ends with
+RESUME_REFUSED = cli.fields_in(TrainConfig, cli.RESUME_REFUSED)  # refused on resume without --allow-config-change
+RESUME_FLAGS = cli.fields_in(TrainConfig, cli.RESUME_FLAG)  # how to resume: never compared
+STEP_FLAGS = cli.fields_in(TrainConfig, cli.BENCH_STEP)  # shape a training step: what bench/throughput.py offers
 
 
 def resolve_flags(flags: dict) -> dict:
@@ -276,19 +527,33 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device):
     Each param group may carry `lr_scale`: set_learning_rates gives it schedule(step) * lr_scale."""
     fused = cfg.fused_adamw and device.type == "cuda"  # one kernel for all parameters on GPU
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2),
-                                 eps=cfg.eps, fused=fused)
-    matrices = {name: p for name, p in model.named_parameters() if name.startswith("transformer.h.") and name.endswith(BLOCK_MATRICES)}
+        return torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused
+        )
+    matrices = {
+        name: p
+        for name, p in model.named_parameters()
+        if name.startswith("transformer.h.") and name.endswith(BLOCK_MATRICES)
+    }
     muon_ids = {id(p) for p in matrices.values()}
     rest = torch.nn.ParameterList([p for p in model.parameters() if id(p) not in muon_ids])
-    adamw = torch.optim.AdamW(param_groups(rest, cfg.weight_decay), lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2),
-                              eps=cfg.eps, fused=fused)
+    adamw = torch.optim.AdamW(
+        param_groups(rest, cfg.weight_decay), lr=cfg.max_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused
+    )
     lr_scale = cfg.muon_lr / cfg.max_lr  # Muon follows the same schedule shape at its own peak
-    muon = Muon([
-        # c_attn is q, k and v stacked (3C, C): three matrices, orthogonalised separately.
-        {"params": [p for n, p in matrices.items() if n.endswith("attn.c_attn.weight")], "split": 3, "lr_scale": lr_scale},
-        {"params": [p for n, p in matrices.items() if not n.endswith("attn.c_attn.weight")], "lr_scale": lr_scale},
-    ], lr=cfg.muon_lr, momentum=cfg.muon_momentum)
+    muon = Muon(
+        [
+            # c_attn is q, k and v stacked (3C, C): three matrices, orthogonalised separately.
+            {
+                "params": [p for n, p in matrices.items() if n.endswith("attn.c_attn.weight")],
+                "split": 3,
+                "lr_scale": lr_scale,
+            },
+            {"params": [p for n, p in matrices.items() if not n.endswith("attn.c_attn.weight")], "lr_scale": lr_scale},
+        ],
+        lr=cfg.muon_lr,
+        momentum=cfg.muon_momentum,
+    )
     return CombinedOptimizer(adamw=adamw, muon=muon)
 
 
@@ -317,6 +582,24 @@ class Run:
     log_dir_lock: fileio.FolderLock | None = None  # the trainer's hold on --log-dir (rank 0)
     micro_steps_done: int = 0  # by this process: what the first step's progress line reports
 
+    @property
+    def compiled(self) -> bool:
+        """Whether torch.compile runs the training step: the whole model, or block by block (FSDP2)."""
+        return any(
+            isinstance(m, torch._dynamo.eval_frame.OptimizedModule) or getattr(m, "_compiled_call_impl", None)
+            for m in self.train_model.modules()
+        )
+
+    @property
+    def fused_adamw(self) -> bool:
+        """Whether AdamW runs as one fused kernel (CUDA only)."""
+        return any(group.get("fused") for group in self.optimizer.param_groups)
+
+    def say(self, text: str) -> None:
+        """A line for the human on stdout, once per job (the main rank)."""
+        if self.dist_info.is_main:
+            print(text)
+
 
 def build_model(cfg: TrainConfig, device: torch.device, is_main: bool) -> GPT:
     """The model, made on `device` (initialised there: no host copy, seconds less for gpt2-xl on a
@@ -342,19 +625,41 @@ def build_run(cfg: TrainConfig, dist_info: runtime.DistInfo, train_loader=None) 
     device = dist_info.device
     runtime.configure_device(device)
     if train_loader is None:
-        train_loader = TrainLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, dist_info.rank, dist_info.world_size,
-                                   seed=cfg.seed, shuffle=cfg.shuffle, pin_memory=device.type == "cuda")
-    val_loader = (ValLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, cfg.val_tokens, dist_info.rank,
-                            dist_info.world_size) if cfg.val_every else None)
+        train_loader = TrainLoader(
+            cfg.data_dir,
+            cfg.micro_batch_size,
+            cfg.seq_len,
+            dist_info.rank,
+            dist_info.world_size,
+            seed=cfg.seed,
+            shuffle=cfg.shuffle,
+            pin_memory=device.type == "cuda",
+        )
+    val_loader = (
+        ValLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, cfg.val_tokens, dist_info.rank, dist_info.world_size)
+        if cfg.val_every
+        else None
+    )
     model = build_model(cfg, device, dist_info.is_main)
     precision = runtime.precision(device, cfg.precision)
     parallel = parallelize(dist_info, cfg.parallel, cfg.ddp_bucket_mb, precision.dtype)
     # Wrapped first: FSDP2 replaces the parameters by their shards, which the optimizer must hold.
     train_model, eval_model = parallel.prepare(model, cfg.compile, cfg.compile_mode, cfg.compile_on_cpu)
     optimizer = make_optimizer(model, cfg, device)
-    return Run(cfg, dist_info, model, optimizer, parallel, train_model, eval_model, train_loader, val_loader,
-               precision.autocast(), cfg.grad_accum_steps(dist_info.world_size),
-               SpikeGuard(cfg.spike_guard, cfg.spike_guard_norm, cfg.spike_window, cfg.spike_warmup))
+    return Run(
+        cfg,
+        dist_info,
+        model,
+        optimizer,
+        parallel,
+        train_model,
+        eval_model,
+        train_loader,
+        val_loader,
+        precision.autocast(),
+        cfg.grad_accum_steps(dist_info.world_size),
+        SpikeGuard(cfg.spike_guard, cfg.spike_guard_norm, cfg.spike_window, cfg.spike_warmup),
+    )
 
 
 class StepResult(NamedTuple):
@@ -389,13 +694,25 @@ def train_step(run: Run, step: int) -> StepResult:
     if run.spike_guard.enabled:
         both = run.parallel.all_reduce(torch.stack([loss_accum, grad_norm.to(loss_accum.dtype)]))
         mean_loss, norm = (both / run.dist_info.world_size).tolist()  # the norm is already global: sum / ranks = it
+        if not (
+            math.isfinite(mean_loss) and math.isfinite(norm)
+        ):  # diverging weights, far more often than one bad batch
+            raise Diverged(
+                f"the loss or gradient norm stopped being finite at step {step} (loss {mean_loss}, norm "
+                f"{norm}): stopping before its update. The last good checkpoint in {run.cfg.log_dir} is "
+                "untouched; lower --max-lr or resume from it"
+            )
         try:
             skipped = run.spike_guard.check(loss=mean_loss, grad_norm=norm)
         except TooManySkips as e:
-            fix = ("the loss stopped being finite: lower --max-lr or resume from it" if e.nonfinite
-                   else "check the data and --max-lr, or raise --spike-guard")
-            raise Diverged(f"{e}; stopping at step {step}. The last good checkpoint in {run.cfg.log_dir} is untouched; "
-                           f"{fix}") from None
+            fix = (
+                "the loss stopped being finite: lower --max-lr or resume from it"
+                if e.nonfinite
+                else "check the data and --max-lr, or raise --spike-guard"
+            )
+            raise Diverged(
+                f"{e}; stopping at step {step}. The last good checkpoint in {run.cfg.log_dir} is untouched; {fix}"
+            ) from None
     if skipped is None:
         set_learning_rates(run.optimizer, lr)
         run.optimizer.step()
@@ -404,27 +721,53 @@ def train_step(run: Run, step: int) -> StepResult:
 
 
 # ---- checkpoints and resume ---------------------------------------------------------------------
-def rng_state(device: torch.device) -> dict:
+# A checkpoint is the run's state as one dict: the weights and optimizer state (written by the
+# parallel seam: one file, or every rank's shards), a header that says which run it belongs to and
+# where it stopped, and one entry per stateful part below. Each part gives its own state
+# (state_dict) and takes it back (load_state_dict); what may resume is decided in ONE place,
+# `resume_problem`. A new piece of run state is one line in `stateful_parts`.
+class RandomState:
     """Every random state a run draws from. The CUDA one only when the run is on a GPU: asking for it
     otherwise creates a CUDA context on GPU 0 for every rank of a --device cpu run on a GPU host."""
-    np_state = np.random.get_state()
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "numpy": {
+                "key": torch.from_numpy(np_state[1].astype(np.int64)),
+                "pos": int(np_state[2]),
+                "has_gauss": int(np_state[3]),
+                "cached_gaussian": float(np_state[4]),
+            },
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+        n = state["numpy"]
+        np.random.set_state(
+            ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+
+
+def stateful_parts(run: Run, log: metrics_log.MetricsLog | None) -> dict:
+    """{checkpoint key: part}: everything besides the weights and the optimizer that a resumed run
+    needs to continue exactly as the uninterrupted one."""
     return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
+        "loader": run.train_loader,  # the data position (rows read, any world size)
+        "rng": RandomState(run.dist_info.device),
+        "spike_guard": run.spike_guard,  # its history decides the next steps' skips
+        "metrics": log,  # the log's length: a resume cuts it back to this
     }
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
 
 
 class Diverged(Exception):
@@ -435,22 +778,21 @@ class CheckpointNotWritten(Exception):
     """A checkpoint could not be written (full disk, quota, permissions): every rank stops."""
 
 
-def save_checkpoint(run: Run, stem: Path, step: int, evals_done: bool, log: metrics_log.MetricsLog,
-                    keep: int | None) -> Path:
-    """Called on every rank; the seam decides who writes what (one model_NNNNN.pt from the main rank,
-    or every rank its shards of a model_NNNNN/ folder). Refuses to save weights that are not finite
-    (a checkpoint is always a point a run can continue from)."""
+def save_checkpoint(
+    run: Run, log: metrics_log.MetricsLog, stem: Path, *, step: int, evals_done: bool, keep: int | None
+) -> Path:
+    """The one writer, called on every rank; the seam decides who writes what (one model_NNNNN.pt
+    from the main rank, or every rank its shards of a model_NNNNN/ folder). Refuses to save weights
+    that are not finite (a checkpoint is always a point a run can continue from)."""
     if run.parallel.count_nonfinite(run.model):
         raise Diverged(f"weights are not finite at step {step}: not saving them")
-    state = {  # besides the weights ("model") and the optimizer state ("optimizer", Muon's momentum too)
+    state = {
+        "format": checkpoint.FORMAT_VERSION,
         "model_config": run.model.model_config_dict(),
-        "step": step,  # optimizer steps completed
-        "loader": run.train_loader.state_dict(),
-        "rng": rng_state(run.dist_info.device),
         "config": asdict(run.cfg),
+        "step": step,  # optimizer steps completed
         "evals_done": evals_done,  # were step's val/HellaSwag/sample logged before this save?
-        "metrics": log.state_dict(),  # the log's length now: a resume cuts it back to this
-        "spike_guard": run.spike_guard.state_dict(),  # its history decides the next steps' skips
+        **{name: part.state_dict() for name, part in stateful_parts(run, log).items()},
     }
     failure, path = None, run.parallel.checkpoint_path(stem)
     try:
@@ -465,51 +807,89 @@ def save_checkpoint(run: Run, stem: Path, step: int, evals_done: bool, log: metr
     return path
 
 
+def load_checkpoint(ckpt: dict, run: Run, log: metrics_log.MetricsLog) -> None:
+    """The one reader, the mirror of save_checkpoint: weights and optimizer (any kind of checkpoint,
+    any world size and strategy), then each stateful part its own state."""
+    checkpoint.load_training_state(ckpt, run.model, run.optimizer)
+    for name, part in stateful_parts(run, log).items():
+        part.load_state_dict(ckpt[name])
+
+
 def checkpoint_failure_message(path: Path, e: OSError | None) -> str:
     if e is None:
         return f"the main rank could not write {path}"
     newest = checkpoint.paths(path.parent)
-    kept = (f"{newest[0][1]} is intact and `--resume auto` continues from it" if newest
-            else "no earlier checkpoint exists, so a rerun starts from step 0")
+    kept = (
+        f"{newest[0][1]} is intact and `--resume auto` continues from it"
+        if newest
+        else "no earlier checkpoint exists, so a rerun starts from step 0"
+    )
     size = f" (a checkpoint takes {checkpoint.size_bytes(newest[0][1]) / 2**20:,.0f} MiB)" if newest else ""
     room = f"free space on that disk{size}, or move the run to a bigger one (--log-dir)"
     if fileio.is_disk_full(e):
-        return f"no room to write {path} ({e.strerror}); nothing else was lost: {kept}. Fix: {room}, then rerun the same command"
-    return f"cannot write {path} ({e.strerror}): {kept}. Fix the folder's permissions or choose another --log-dir, then rerun"
-
-
-# Settings whose change turns a resumed run into another run: refused unless --allow-config-change.
-RESUME_REFUSED = ("tokens_per_step", "seq_len", "seed", "shuffle")
-# The settings that decide the weights a run ends with (the rest: where it runs, how fast, how often
-# it evaluates and logs). A finished run asked for with other values of these did not train.
-RUN_SETTINGS = ("model", "init_from", "shuffle", "tokens_per_step", "seq_len", "max_steps", "warmup_steps", "max_lr",
-                "min_lr_frac", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "schedule", "decay_frac",
-                "optimizer", "muon_lr", "muon_momentum", "recipe", "seed", "demo")
+        return (
+            f"no room to write {path} ({e.strerror}); nothing else was lost: {kept}. Fix: {room}, "
+            "then rerun the same command"
+        )
+    return (
+        f"cannot write {path} ({e.strerror}): {kept}. Fix the folder's permissions or choose another --log-dir, "
+        "then rerun"
+    )
 
 
 def config_changes(saved: dict, cfg: TrainConfig, only: tuple[str, ...] | None = None) -> dict[str, str]:
     """{setting: "--flag old -> new"} for every setting (of `only`, if given) that differs from the
-    checkpoint's config."""
+    checkpoint's config (flags that only say how to resume are not compared)."""
     now = asdict(cfg)
-    return {name: f"--{name.replace('_', '-')} {saved[name]!r} -> {now[name]!r}"
-            for name in (only or now) if name in saved and saved[name] != now[name] and name != "allow_config_change"}
+    return {
+        name: f"--{name.replace('_', '-')} {saved[name]!r} -> {now[name]!r}"
+        for name in (only or now)
+        if name in saved and saved[name] != now[name] and name not in RESUME_FLAGS
+    }
 
 
-def check_resumable(ckpt: dict, cfg: TrainConfig, model: GPT) -> list[str]:
-    """Raise ValueError when `ckpt` cannot continue as this run; return the changes it may continue with."""
-    saved, path = ckpt["config"], ckpt["path"]
-    if ckpt.get("model_config") != model.model_config_dict():
-        raise ValueError(f"{path} holds another model ({saved.get('model')}: {ckpt.get('model_config')}) "
-                         f"than --model {cfg.model}: resume with its --model, or start this run in a new --log-dir")
-    if saved.get("optimizer", "adamw") != cfg.optimizer:
-        raise ValueError(f"{path} was trained with --optimizer {saved.get('optimizer', 'adamw')}: "
-                         f"resume with it, or start --optimizer {cfg.optimizer} in a new --log-dir")
+def resume_problem(ckpt: dict, run: Run) -> tuple[str | None, list[str]]:
+    """THE place that decides whether `ckpt` can continue as this run: (why it cannot, or None; the
+    changes it continues with). Refused even with --allow-config-change when the state cannot be
+    loaded at all (another format, model or optimizer); a changed RESUME_REFUSED setting or changed
+    data only without that flag."""
+    cfg, saved, path = run.cfg, ckpt["config"], ckpt["path"]
+    if ckpt.get("format") != checkpoint.FORMAT_VERSION:
+        return (
+            f"{path} is a checkpoint of format {ckpt.get('format', 'none')}, this train_gpt2.py reads format "
+            f"{checkpoint.FORMAT_VERSION}: resume with the version of the repo that wrote it, or start this run "
+            "in a new --log-dir"
+        ), []
+    missing = [name for name in stateful_parts(run, log=None) if name not in ckpt]
+    if missing:  # a part added since it was written: its state is not there to restore
+        return (
+            f"{path} holds no state for {', '.join(missing)} (written before it was added): resume with the "
+            "version of the repo that wrote it, or start this run in a new --log-dir"
+        ), []
+    if ckpt["model_config"] != run.model.model_config_dict():
+        return (
+            f"{path} holds another model ({saved['model']}: {ckpt['model_config']}) than --model {cfg.model}: "
+            "resume with its --model, or start this run in a new --log-dir"
+        ), []
+    if saved["optimizer"] != cfg.optimizer:
+        return (
+            f"{path} was trained with --optimizer {saved['optimizer']}: resume with it, or start "
+            f"--optimizer {cfg.optimizer} in a new --log-dir"
+        ), []
     changes = config_changes(saved, cfg)
     refused = [text for name, text in changes.items() if name in RESUME_REFUSED]
+    loader = run.train_loader
+    if ckpt["loader"]["num_windows"] != loader.num_windows:
+        refused.append(
+            f"data changed: the checkpoint's train split had {ckpt['loader']['num_windows']} windows, "
+            f"the {len(loader.paths)} shards in {cfg.data_dir} now hold {loader.num_windows}"
+        )
     if refused and not cfg.allow_config_change:
-        raise ValueError(f"{path} was saved with other settings ({'; '.join(refused)}): resuming would not continue "
-                         "that run. Use the checkpoint's settings, a new --log-dir, or --allow-config-change if intended")
-    return list(changes.values())
+        return (
+            f"{path} was saved with other settings ({'; '.join(refused)}): resuming would not continue that "
+            "run. Use the checkpoint's settings and data, a new --log-dir, or --allow-config-change if intended"
+        ), []
+    return None, refused + [text for name, text in changes.items() if name not in RESUME_REFUSED]
 
 
 class RunFinished(Exception):
@@ -520,41 +900,51 @@ class RunFinished(Exception):
         self.code = code
 
 
-def resume(run: Run) -> tuple[int, bool, dict | None]:
+def check_not_finished(ckpt: dict, cfg: TrainConfig) -> None:
+    """A signal during the last step leaves model_{max_steps}.pt, saved before the final evals:
+    resuming it runs them and writes model_final.pt. Only that file (or a checkpoint past
+    --max-steps) means the run is over: RunFinished."""
+    log_dir = Path(cfg.log_dir)
+    if ckpt["step"] < cfg.max_steps or (ckpt["step"] == cfg.max_steps and not checkpoint.is_final(ckpt["path"])):
+        return
+    changes = config_changes(ckpt["config"], cfg, only=RUN_SETTINGS)
+    if changes:
+        raise RunFinished(
+            f"{log_dir} holds a finished run with other settings ({'; '.join(changes.values())}): to train "
+            f"with these settings, give the run its own folder, e.g. --log-dir {log_dir}_2",
+            2,
+        )
+    raise RunFinished(
+        f"training already finished: {ckpt['path']} is at step {ckpt['step']} of {cfg.max_steps}, "
+        f"nothing to do. To train again, pass a new --log-dir (e.g. --log-dir {log_dir}_2) or delete "
+        f"{log_dir}/; to train longer, raise --max-steps",
+        0,
+    )
+
+
+def resume(run: Run, log: metrics_log.MetricsLog) -> tuple[int, bool, str | None]:
     """Continue from the newest checkpoint in --log-dir, whatever world size wrote it: load its state
-    into `run`. Returns (start step, evals of that step already logged, the metrics log's state)."""
-    cfg, is_main, log_dir = run.cfg, run.dist_info.is_main, Path(run.cfg.log_dir)
+    into `run` and `log`. Returns (start step, evals of that step already logged, the checkpoint)."""
+    cfg, log_dir = run.cfg, Path(run.cfg.log_dir)
     if cfg.resume == "never":
         if checkpoint.paths(log_dir):
-            raise ValueError(f"{log_dir} already holds checkpoints of another run: pass a new --log-dir, "
-                             "or delete them, or use --resume auto")
+            raise UserError(
+                f"{log_dir} already holds checkpoints of another run: pass a new --log-dir, "
+                "or delete them, or use --resume auto"
+            )
         return 0, False, None
     ckpt = latest_checkpoint(run)
     if ckpt is None:
         return 0, False, None
-    # A signal during the last step leaves model_{max_steps}.pt, saved before the final evals:
-    # resuming it runs them and writes model_final.pt. Only that file (or a checkpoint past
-    # --max-steps) means the run is over.
-    finished = ckpt["step"] > cfg.max_steps or (ckpt["step"] == cfg.max_steps and checkpoint.is_final(ckpt["path"]))
-    if finished:
-        changes = config_changes(ckpt["config"], cfg, only=RUN_SETTINGS)
-        if changes:
-            raise RunFinished(f"error: {log_dir} holds a finished run with other settings ({'; '.join(changes.values())}): to train "
-                              f"with these settings, give the run its own folder, e.g. --log-dir {log_dir}_2", 2)
-        raise RunFinished(f"training already finished: {ckpt['path']} is at step {ckpt['step']} of {cfg.max_steps}, "
-                          f"nothing to do. To train again, pass a new --log-dir (e.g. --log-dir {log_dir}_2) or delete "
-                          f"{log_dir}/; to train longer, raise --max-steps", 0)
-    changes = check_resumable(ckpt, cfg, run.model)
-    checkpoint.load_training_state(ckpt, run.model, run.optimizer)  # any kind, any world size, any strategy
-    run.train_loader.load_state_dict(ckpt["loader"], strict=not cfg.allow_config_change)
-    set_rng_state(ckpt["rng"], run.dist_info.device)
-    if "spike_guard" in ckpt:  # checkpoints from before the guard start it empty
-        run.spike_guard.load_state_dict(ckpt["spike_guard"])
-    if is_main:
-        print(f"resuming from {ckpt['path']} at step {ckpt['step']}")
-        for change in changes:
-            print(f"  changed since the checkpoint: {change}")
-    return ckpt["step"], ckpt.get("evals_done", False), {"bytes": None, **ckpt.get("metrics", {}), "path": ckpt["path"]}
+    check_not_finished(ckpt, cfg)
+    problem, changes = resume_problem(ckpt, run)
+    if problem:
+        raise UserError(problem)
+    load_checkpoint(ckpt, run, log)
+    run.say(f"resuming from {ckpt['path']} at step {ckpt['step']}")
+    for change in changes:
+        run.say(f"  changed since the checkpoint: {change}")
+    return ckpt["step"], ckpt["evals_done"], ckpt["path"]
 
 
 def latest_checkpoint(run: Run) -> dict | None:
@@ -577,8 +967,11 @@ def latest_checkpoint(run: Run) -> dict | None:
             problem = str(e)
     unreadable = run.parallel.all_reduce(torch.full((), float(problem is not None), device=dist_info.device))
     if unreadable.item():
-        raise ValueError(problem or f"{int(unreadable.item())} other rank(s) cannot read {chosen}, which rank 0 resumes from: "
-                         "the ranks see different files; put --log-dir on a filesystem every node shares")
+        raise UserError(
+            problem
+            or f"{int(unreadable.item())} other rank(s) cannot read {chosen}, which rank 0 resumes from: "
+            "the ranks see different files; put --log-dir on a filesystem every node shares"
+        )
     return ckpt
 
 
@@ -605,15 +998,57 @@ def evaluate_val_loss(run: Run) -> float:
     return (totals[0] / totals[1]).item()
 
 
+def bits_per_byte(val_loss: float, val_loader: ValLoader) -> float:
+    """The validation loss in bits per UTF-8 byte of the text its targets encode (each target counted
+    once; <|endoftext|> predicted like any token but 0 bytes): comparable across tokenizers."""
+    targets = val_loader.targets
+    text_bytes = int(token_byte_lengths()[targets].sum())  # ~10M lookups: tens of ms
+    return val_loss * len(targets) / (math.log(2) * text_bytes)
+
+
 def run_hellaswag(run: Run, examples: list[dict], step: int, log: metrics_log.MetricsLog) -> None:
     """HellaSwag (reference style) on every rank, split across ranks; logged by the main rank with
     the number of examples (a subset file gives a subset's score, and says so)."""
-    result = evaluate_hellaswag(run.eval_model, examples, run.dist_info, autocast=run.autocast,
-                                styles=("reference",))  # the user's metric; hellaswag.py adds the harness style
-    log.write({"type": "hellaswag", "step": step, "tokens": step * run.cfg.tokens_per_step,
-               "hellaswag_acc": result["acc"], "hellaswag_acc_norm": result["acc_norm"], "count": result["count"]})
-    if run.dist_info.is_main:
-        print(f"step {step:6d} | hellaswag acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} ({result['count']} examples)")
+    result = evaluate_hellaswag(
+        run.eval_model, examples, run.dist_info, autocast=run.autocast, styles=("reference",)
+    )  # the user's metric; hellaswag.py adds the harness style
+    log.write(
+        {
+            "type": "hellaswag",
+            "step": step,
+            "tokens": step * run.cfg.tokens_per_step,
+            "hellaswag_acc": result["acc"],
+            "hellaswag_acc_norm": result["acc_norm"],
+            "count": result["count"],
+        }
+    )
+    run.say(
+        f"step {step:6d} | hellaswag acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f} "
+        f"({result['count']} examples)"
+    )
+
+
+def run_core(run: Run, suite: core_eval.Suite, step: int, log: metrics_log.MetricsLog) -> None:
+    """CORE on every rank, split across ranks (the same scorer as HellaSwag and core.py), logged by the
+    main rank with each task's accuracy."""
+    result = core_eval.evaluate_core(run.eval_model, suite, run.dist_info, autocast=run.autocast)
+    log.write(
+        {
+            "type": "core",
+            "step": step,
+            "tokens": step * run.cfg.tokens_per_step,
+            "core": result["core"],
+            "core_partial": result["core_partial"],
+            "count": result["count"],
+            "max_per_task": suite.max_per_task,
+            "tasks": {label: task["accuracy"] for label, task in result["tasks"].items()},
+        }
+    )
+    score = result["core"] if result["core"] is not None else result["core_partial"]
+    name = "core" if result["core"] is not None else "core-partial"
+    run.say(
+        f"step {step:6d} | {name} {score:.4f} ({result['count']:,} examples, {suite.max_per_task or 'all'} per task)"
+    )
 
 
 def sample_texts(run: Run, step: int, num_samples: int = 4, max_new_tokens: int = 32) -> list[str]:
@@ -623,8 +1058,15 @@ def sample_texts(run: Run, step: int, num_samples: int = 4, max_new_tokens: int 
     the same forwards, and none may stop early on its own."""
     enc = get_encoding()
     generator = torch.Generator(device=run.dist_info.device).manual_seed(run.cfg.seed + step)
-    rows = generate(run.eval_model, enc.encode(run.cfg.sample_prompt), max_new_tokens, num_samples=num_samples,
-                    top_k=50, generator=generator, autocast=run.autocast)
+    rows = generate(
+        run.eval_model,
+        enc.encode(run.cfg.sample_prompt),
+        max_new_tokens,
+        num_samples=num_samples,
+        top_k=50,
+        generator=generator,
+        autocast=run.autocast,
+    )
     rows = [row[: row.index(EOT_TOKEN)] if EOT_TOKEN in row else row for row in rows]
     return [run.cfg.sample_prompt + enc.decode(row) for row in rows]
 
@@ -649,8 +1091,11 @@ class StopFlag:
 
     def install(self) -> dict:
         """Handle the stop signals from now on; returns the handlers they had (to restore)."""
-        return {sig: signal.signal(sig, self._handle)
-                for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT) if sig is not None}
+        return {
+            sig: signal.signal(sig, self._handle)
+            for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT)
+            if sig is not None
+        }
 
     def _say(self, text: str) -> None:
         if not self.quiet:
@@ -704,11 +1149,20 @@ class FirstStepNotice:
         run, cfg = self.run, self.run.cfg
         while not self.done.wait(wait):
             done = run.micro_steps_done
-            compiling = done == 0 and runtime.compiles(run.dist_info.device, cfg.compile, cfg.compile_on_cpu, warn=False)
-            doing = ("torch.compile is compiling the model (minutes, the first time)" if compiling else
-                     f"a {cfg.model} step of {cfg.tokens_per_step:,} tokens on {runtime.device_name(run.dist_info.device)}")
-            print(f"step {self.step:6d} | still running after {hms(time.perf_counter() - started)}: {done} of "
-                  f"{run.grad_accum} micro-steps done; {doing}", flush=True)
+            compiling = done == 0 and runtime.compiles(
+                run.dist_info.device, cfg.compile, cfg.compile_on_cpu, warn=False
+            )
+            doing = (
+                "torch.compile is compiling the model (minutes, the first time)"
+                if compiling
+                else f"a {cfg.model} step of {cfg.tokens_per_step:,} tokens on "
+                f"{runtime.device_name(run.dist_info.device)}"
+            )
+            print(
+                f"step {self.step:6d} | still running after {hms(time.perf_counter() - started)}: {done} of "
+                f"{run.grad_accum} micro-steps done; {doing}",
+                flush=True,
+            )
             wait = self.EVERY
 
 
@@ -757,22 +1211,44 @@ def hms(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def format_step_line(step: int, max_steps: int, loss: float, lr: float, grad_norm: float, step_ms: float,
-                     tokens_per_sec: float, mfu: float | None, elapsed: float, eta: float) -> str:
+def format_step_line(
+    step: int,
+    max_steps: int,
+    loss: float,
+    lr: float,
+    grad_norm: float,
+    step_ms: float,
+    tokens_per_sec: float,
+    mfu: float | None,
+    elapsed: float,
+    eta: float,
+) -> str:
     mfu_text = f"{100 * mfu:4.1f}%" if mfu is not None else "  n/a"
-    return (f"step {step:6d}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:6.3f} | "
-            f"{step_ms:7.0f} ms | {tokens_per_sec:11,.0f} tok/s | mfu {mfu_text} | {hms(elapsed)} | eta {hms(eta)}")
+    return (
+        f"step {step:6d}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:6.3f} | "
+        f"{step_ms:7.0f} ms | {tokens_per_sec:11,.0f} tok/s | mfu {mfu_text} | {hms(elapsed)} | eta {hms(eta)}"
+    )
 
 
 def prepare_demo_data(cfg: TrainConfig) -> None:
     """--demo: tokenize the shipped corpus with fineweb.py. Run every time: it resumes an
     interrupted preparation and answers "already complete" in a fraction of a second."""
     print(f"demo: token shards of {DEMO_CORPUS.relative_to(REPO)} in {cfg.data_dir}/ (fineweb.py)")
-    cmd = [sys.executable, str(REPO / "fineweb.py"), "--input", str(DEMO_CORPUS), "--out-dir", cfg.data_dir,
-           "--shard-size", str(DEMO_SHARD_SIZE), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        str(REPO / "fineweb.py"),
+        "--input",
+        str(DEMO_CORPUS),
+        "--out-dir",
+        cfg.data_dir,
+        "--shard-size",
+        str(DEMO_SHARD_SIZE),
+        "--workers",
+        "1",
+    ]
     result = subprocess.run(cmd, stdout=subprocess.DEVNULL)
     if result.returncode != 0:
-        raise ValueError(f"demo data preparation failed (exit {result.returncode}): see the message above")
+        raise UserError(f"demo data preparation failed (exit {result.returncode}): see the message above")
 
 
 def hold_log_dir(cfg: TrainConfig, dist_info: runtime.DistInfo) -> fileio.FolderLock | None:
@@ -795,48 +1271,78 @@ def check_memory(cfg: TrainConfig, dist_info: runtime.DistInfo) -> None:
     if not cfg.memory_check:
         return
     device = dist_info.device
-    needed = memory.memory_bytes(cfg.model, cfg.parallel, cfg.activation_checkpointing, cfg.micro_batch_size,
-                                 cfg.seq_len, dist_info.world_size, cfg.grad_accum_steps(dist_info.world_size),
-                                 "bf16" if runtime.precision(device, cfg.precision).dtype else "fp32",
-                                 cfg.loss_chunk_rows)
+    needed = memory.memory_bytes(
+        cfg.model,
+        cfg.parallel,
+        cfg.activation_checkpointing,
+        cfg.micro_batch_size,
+        cfg.seq_len,
+        dist_info.world_size,
+        cfg.grad_accum_steps(dist_info.world_size),
+        "bf16" if runtime.precision(device, cfg.precision).dtype else "fp32",
+        cfg.loss_chunk_rows,
+    )
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1  # they share RAM
     memory.check_fits(needed, device, processes_here)
 
 
-def prepare_run_dir(cfg: TrainConfig, dist_info: runtime.DistInfo) -> list[dict]:
+class EvalData(NamedTuple):
+    hellaswag: list[dict]  # the HellaSwag examples ([] when off)
+    core: core_eval.Suite | None  # the CORE tasks, cut to --core-max-per-task (None when off)
+
+
+def prepare_run_dir(cfg: TrainConfig, dist_info: runtime.DistInfo) -> EvalData:
     """Before anything is built (the log dir is held): its temp files from a killed save, the demo's
-    data, the HellaSwag examples (a missing or malformed file fails now, not after hours of training)."""
+    data, the evaluations' data (a missing or malformed file fails now, not after hours of training)."""
     if dist_info.is_main:
         fileio.remove_temps(cfg.log_dir, checkpoint.TMP_PREFIX)
         if cfg.demo:
             prepare_demo_data(cfg)
     runtime.barrier()  # the other ranks wait for the demo's data
+    core = None
+    if cfg.core_every:
+        try:
+            core = core_eval.load_suite(cfg.core_data, max_per_task=cfg.core_max_per_task, verify=cfg.core_verify)
+        except UserError as e:
+            raise UserError(f"{e} (or turn CORE off with --core-every 0)") from None
     if not cfg.hellaswag_every:
-        return []
+        return EvalData([], core)
     if not Path(cfg.hellaswag_data).is_file():
-        raise ValueError(
+        raise UserError(
             f"HellaSwag file {cfg.hellaswag_data} not found: run `uv run hellaswag.py --download-only` on a "
             "machine with network (or pass --hellaswag-data PATH), or turn it off with --hellaswag-every 0"
         )
-    return load_examples(cfg.hellaswag_data, verify=False)  # any subset is scored; its count is logged
+    return EvalData(load_examples(cfg.hellaswag_data, verify=False), core)  # any subset is scored; its count is logged
 
 
 def write_config_record(run: Run, log: metrics_log.MetricsLog, start_step: int, resumed_from: str | None) -> None:
     """The first record of each (re)start: the resolved config and where it runs."""
     cfg, device, world = run.cfg, run.dist_info.device, run.dist_info.world_size
-    log.write({
-        "type": "config", "step": start_step, "config": asdict(cfg), "git_sha": runtime.git_sha(),
-        "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "device_name": runtime.device_name(device), "world_size": world, "parallel": run.parallel.name,
-        "resumed_from": resumed_from, "flops_per_token": run.model.flops_per_token(cfg.seq_len),
-        "peak_flops": runtime.peak_flops(device), "grad_accum_steps": run.grad_accum,
-        "num_params": run.model.num_params(), "data_source": describe_source(cfg.data_dir),
-        "hosts": runtime.host_names(),  # rank i ran on hosts[i]
-    })
-    if run.dist_info.is_main:
-        print(f"{cfg.model}: {run.model.num_params():,} parameters | {world} x {runtime.device_name(device)} | "
-              f"{cfg.tokens_per_step:,} tokens/step = {world} ranks x {run.grad_accum} micro-steps x "
-              f"{cfg.micro_batch_size} x {cfg.seq_len}")
+    log.write(
+        {
+            "type": "config",
+            "step": start_step,
+            "config": asdict(cfg),
+            "git_sha": runtime.git_sha(),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "device_name": runtime.device_name(device),
+            "world_size": world,
+            "parallel": run.parallel.name,
+            "resumed_from": resumed_from,
+            "flops_per_token": run.model.flops_per_token(cfg.seq_len),
+            "peak_flops": runtime.peak_flops(device),
+            "grad_accum_steps": run.grad_accum,
+            "num_params": run.model.num_params(),
+            "data_source": describe_source(cfg.data_dir),
+            "hosts": runtime.host_names(),  # rank i ran on hosts[i]
+        }
+    )
+    run.say(
+        f"{cfg.model}: {run.model.num_params():,} parameters | {world} x {runtime.device_name(device)} | "
+        f"{cfg.tokens_per_step:,} tokens/step = {world} ranks x {run.grad_accum} micro-steps x "
+        f"{cfg.micro_batch_size} x {cfg.seq_len}"
+    )
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -845,16 +1351,23 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: StopFlag | None =
     check_memory(cfg, dist_info)
     lock = hold_log_dir(cfg, dist_info)
     try:
-        hellaswag_examples = prepare_run_dir(cfg, dist_info)
+        eval_data = prepare_run_dir(cfg, dist_info)
         run = build_run(cfg, dist_info)
         run.log_dir_lock = lock
-        start_step, evals_done, resumed = resume(run)
-        log = metrics_log.open_log(Path(cfg.log_dir), dist_info.is_main, cfg.tensorboard,
-                                   cfg.wandb_project if cfg.wandb else None, asdict(cfg))
-        log.start(resumed)
-        write_config_record(run, log, start_step, resumed and resumed["path"])
+        log = metrics_log.MetricsLog(Path(cfg.log_dir) / metrics_log.FILE_NAME, dist_info.is_main)
+        start_step, evals_done, resumed_from = resume(run, log)
+        log.start(
+            mirrors=metrics_log.mirrors(
+                Path(cfg.log_dir),
+                dist_info.is_main,
+                cfg.tensorboard,
+                cfg.wandb_project if cfg.wandb else None,
+                asdict(cfg),
+            )
+        )
+        write_config_record(run, log, start_step, resumed_from)
         try:
-            return loop(run, log, stop, start_step, evals_done, hellaswag_examples)
+            return loop(run, log, stop, start_step=start_step, evals_done=evals_done, eval_data=eval_data)
         finally:
             log.close()
     finally:
@@ -862,133 +1375,243 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: StopFlag | None =
             lock.release()
 
 
-def loop(run: Run, log: metrics_log.MetricsLog, stop: StopFlag, start_step: int, evals_done: bool,
-         hellaswag_examples: list[dict]) -> int:
-    """Steps start_step..max_steps in the reference order: eval -> HellaSwag -> sample -> checkpoint,
-    then the training step and its log line. Returns the exit code (130 after a Ctrl-C)."""
-    cfg, dist_info = run.cfg, run.dist_info
-    log_dir, is_main = Path(cfg.log_dir), dist_info.is_main
-    clock = StepClock(dist_info.device)
-    peak, flops_per_token = runtime.peak_flops(dist_info.device), run.model.flops_per_token(cfg.seq_len)
-    bad_steps = torch.zeros((), device=dist_info.device)  # steps with a non-finite loss or norm since the last sync
-    stop_agreed = interrupted = False  # set only from the all-reduced flags, never from a local signal
+class EvalsDue(NamedTuple):
+    val: bool
+    hellaswag: bool
+    core: bool
+    sample: bool
+
+
+def evals_due(cfg: TrainConfig, step: int, *, start_step: int, evals_done: bool) -> EvalsDue:
+    """Which evaluations run before step `step`'s update: each every N steps and at the last step,
+    except on the resumed checkpoint's step when its evals were logged before it was saved."""
+    if step == start_step and evals_done:
+        return EvalsDue(False, False, False, False)
+
+    def due(every: int) -> bool:
+        return bool(every) and (step % every == 0 or step == cfg.max_steps)
+
+    return EvalsDue(
+        due(cfg.val_every), due(cfg.hellaswag_every), due(cfg.core_every), due(cfg.sample_every) and step > 0
+    )
+
+
+def checkpoint_due(cfg: TrainConfig, step: int, *, start_step: int) -> bool:
+    """A periodic checkpoint before step `step`'s update (after its evals); not on the step a run
+    started from (it is the checkpoint it resumed, or step 0)."""
+    return bool(cfg.ckpt_every) and step % cfg.ckpt_every == 0 and step > start_step
+
+
+def sync_due(cfg: TrainConfig, step: int) -> tuple[bool, bool]:
+    """(log this step, sync after it): every --log-every steps, the last step, and the step before a
+    periodic checkpoint (none is saved after a non-finite step nobody looked at)."""
+    log_due = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+    return log_due, log_due or (bool(cfg.ckpt_every) and (step + 1) % cfg.ckpt_every == 0)
+
+
+class Agreed(NamedTuple):
+    loss: float  # the step's mean loss over ranks
+    grad_norm: float  # the global gradient norm (the same on every rank)
+    stop: bool  # some rank got SIGTERM / SIGUSR1 / Ctrl-C: every rank checkpoints and stops
+    interrupted: bool  # ... and one of them was a Ctrl-C (exit 130)
+
+
+def agree(run: Run, stop: StopFlag, result: StepResult, nonfinite_steps: torch.Tensor | None) -> Agreed:
+    """The loop's host-device sync: every rank's loss, norm, health and stop flags, summed in one
+    all-reduce so that every rank takes the same decisions. Raises when another run took --log-dir
+    or (without the spike guard, which decides every step) a step since the last sync was not finite.
+    The flags go in as fill kernels, not host-to-device copies, which would block the host earlier."""
+    device, world = run.dist_info.device, run.dist_info.world_size
+    lock = run.log_dir_lock
+    flags = [
+        nonfinite_steps if nonfinite_steps is not None else 0.0,
+        stop.set,
+        stop.interrupted,
+        lock is not None and lock.lost is not None,
+    ]
+    stats = torch.stack(
+        [
+            result.loss,
+            result.grad_norm.to(result.loss.dtype),
+            *(f if isinstance(f, torch.Tensor) else torch.full((), float(f), device=device) for f in flags),
+        ]
+    )
+    loss_sum, norm_sum, nonfinite, stops, interrupts, lost = run.parallel.all_reduce(stats).tolist()
+    if lost:  # another run writes into --log-dir (fileio.FolderLock): no checkpoint of ours over its
+        raise fileio.FolderInUse(
+            lock.lost if lock and lock.lost else f"another run took over {run.cfg.log_dir}: stopping on every rank"
+        )
+    if nonfinite:
+        raise Diverged(
+            f"the loss or gradient norm stopped being finite (loss now {loss_sum / world}): stopping. The "
+            f"last good checkpoint in {run.cfg.log_dir} is untouched; lower --max-lr or resume from it"
+        )
+    return Agreed(loss_sum / world, norm_sum / world, stops > 0, interrupts > 0)
+
+
+def run_evals(run: Run, log: metrics_log.MetricsLog, step: int, due: EvalsDue, eval_data: EvalData) -> None:
+    """Validation loss, HellaSwag, CORE and samples before step `step`'s update, as due."""
+    cfg = run.cfg
+    if due.val:
+        val_loss = evaluate_val_loss(run)
+        val_bpb = bits_per_byte(val_loss, run.val_loader)
+        log.write(
+            {
+                "type": "val",
+                "step": step,
+                "tokens": step * cfg.tokens_per_step,
+                "val_loss": val_loss,
+                "val_bpb": val_bpb,
+            }
+        )
+        run.say(f"step {step:6d} | val loss {val_loss:.4f} | bpb {val_bpb:.4f}")
+    if due.hellaswag:
+        run_hellaswag(run, eval_data.hellaswag, step, log)
+    if due.core:
+        run_core(run, eval_data.core, step, log)
+    if due.sample:
+        texts = sample_texts(run, step)
+        log.write({"type": "sample", "step": step, "samples": texts})
+        for text in texts:
+            run.say(f"sample: {text!r}")
+
+
+def loop(
+    run: Run, log: metrics_log.MetricsLog, stop: StopFlag, *, start_step: int, evals_done: bool, eval_data: EvalData
+) -> int:
+    """Steps start_step..max_steps in the reference order: evals -> checkpoint -> the training step
+    and its log line. Returns the exit code (130 after a Ctrl-C).
+
+    Where the host waits for the device: the agreed sync (`agree`) on log steps and before each
+    checkpoint, and, with the spike guard on (the default), once per step in train_step (its
+    decision must be known before optimizer.step()). Stop signals act only through the agreed sync,
+    so every rank saves the same step and stops together."""
+    cfg, log_dir = run.cfg, Path(run.cfg.log_dir)
+    clock = StepClock(run.dist_info.device)
+    peak, flops_per_token = runtime.peak_flops(run.dist_info.device), run.model.flops_per_token(cfg.seq_len)
+    # Steps with a non-finite loss or norm since the last sync, counted on the device: only without
+    # the guard (with it, train_step stops at the first one).
+    nonfinite_steps = None if run.spike_guard.enabled else torch.zeros((), device=run.dist_info.device)
+    interrupted = False
 
     for step in range(start_step, cfg.max_steps + 1):
-        last_step = step == cfg.max_steps
-        if stop_agreed:
+        due = evals_due(cfg, step, start_step=start_step, evals_done=evals_done)
+        if any(due):
             clock.pause()
-            save_checkpoint(run, log_dir / f"model_{step:05d}", step, False, log, cfg.keep_checkpoints)
-            if is_main:
-                print(f"{stop.signal_name or 'signal on another rank'}: checkpoint saved at step {step}"
-                      + ("; finishing the final evaluation" if last_step else "; exiting so the job can be requeued"))
-            if not last_step:
-                return 130 if interrupted else 0
-            stop_agreed = False  # training is done: run the final evals and write model_final.pt
-
-        def due(every: int) -> bool:  # the resumed checkpoint's step already logged its evals
-            return bool(every) and (step % every == 0 or last_step) and not (step == start_step and evals_done)
-
-        if due(cfg.val_every):
-            clock.pause()
-            val_loss = evaluate_val_loss(run)
-            log.write({"type": "val", "step": step, "tokens": step * cfg.tokens_per_step, "val_loss": val_loss})
-            if is_main:
-                print(f"step {step:6d} | val loss {val_loss:.4f}")
-        if due(cfg.hellaswag_every):
-            clock.pause()
-            run_hellaswag(run, hellaswag_examples, step, log)
-        if due(cfg.sample_every) and step > 0:
-            clock.pause()
-            texts = sample_texts(run, step)
-            log.write({"type": "sample", "step": step, "samples": texts})
-            if is_main:
-                for text in texts:
-                    print(f"sample: {text!r}")
-        if last_step:
+            run_evals(run, log, step, due, eval_data)
+        if step == cfg.max_steps:
             break
-        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step > start_step:
+        if checkpoint_due(cfg, step, start_step=start_step):
             clock.pause()
-            save_checkpoint(run, log_dir / f"model_{step:05d}", step, True, log, cfg.keep_checkpoints)
+            save_checkpoint(
+                run, log, log_dir / f"model_{step:05d}", step=step, evals_done=True, keep=cfg.keep_checkpoints
+            )
 
         clock.run()
-        with FirstStepNotice(run, step, enabled=is_main and step == start_step):
-            loss, grad_norm, lr, skipped = train_step(run, step)
+        with FirstStepNotice(run, step, enabled=run.dist_info.is_main and step == start_step):
+            result = train_step(run, step)
         clock.step_done()
-        if skipped:  # the guard's decision is a host value, the same on every rank
-            log.write({"type": "skip", "step": step, "tokens": (step + 1) * cfg.tokens_per_step, "reason": skipped})
-            if is_main:
-                print(f"step {step:6d} | update skipped: {skipped}")
-        # A non-finite loss or norm ends the run at the next sync even when the guard kept it out of
-        # the weights: it means diverging weights far more often than one bad batch.
-        bad_steps += (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+        if result.skipped:  # the guard's decision is a host value, the same on every rank
+            log.write(
+                {"type": "skip", "step": step, "tokens": (step + 1) * cfg.tokens_per_step, "reason": result.skipped}
+            )
+            run.say(f"step {step:6d} | update skipped: {result.skipped}")
+        if nonfinite_steps is not None:
+            nonfinite_steps += (~(torch.isfinite(result.loss) & torch.isfinite(result.grad_norm))).float()
 
-        log_due = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
-        saves_next = bool(cfg.ckpt_every) and (step + 1) % cfg.ckpt_every == 0
-        if log_due or saves_next:
-            # The loop's host-device sync (log steps, and before every checkpoint so that none is
-            # saved after a non-finite step): loss, norm, health and stop flags of every rank. (With
-            # the spike guard on, train_step also syncs once per step, for its decision.) The flags
-            # go in as fill kernels, not host-to-device copies, which would block the host earlier.
-            lost_log_dir = run.log_dir_lock is not None and run.log_dir_lock.lost is not None
-            stats = torch.stack([loss, grad_norm.to(loss.dtype), bad_steps,
-                                 torch.full((), float(stop.set), device=dist_info.device),
-                                 torch.full((), float(stop.interrupted), device=dist_info.device),
-                                 torch.full((), float(lost_log_dir), device=dist_info.device)])
-            loss_sum, norm_sum, bad, stops, interrupts, lost = run.parallel.all_reduce(stats).tolist()
-            clock.pause()
-            if lost:  # another run writes into --log-dir (fileio.FolderLock): no checkpoint of ours over its
-                raise fileio.FolderInUse(run.log_dir_lock.lost if run.log_dir_lock else
-                                         f"another run took over {log_dir}: stopping on every rank")
-            if bad:
-                raise Diverged(f"the loss or gradient norm stopped being finite by step {step} (loss now "
-                               f"{loss_sum / dist_info.world_size}): stopping. The last good checkpoint in {log_dir} is "
-                               "untouched; lower --max-lr or resume from it")
-            stop_agreed, interrupted = stops > 0, interrupts > 0  # every rank sees the same sums: all stop together
-            if log_due:
-                log_train_step(run, log, clock, step, loss_sum / dist_info.world_size, norm_sum / dist_info.world_size,
-                               lr, flops_per_token, peak, skipped=bool(skipped))
+        log_due, sync = sync_due(cfg, step)
+        if not sync:
+            continue
+        agreed = agree(run, stop, result, nonfinite_steps)
+        clock.pause()
+        if log_due:
+            log_train_step(
+                run, log, clock, step, agreed, result.lr, flops_per_token, peak, skipped=bool(result.skipped)
+            )
+        if agreed.stop:  # every rank saves step + 1 (its evals not yet run) and stops
+            interrupted = interrupted or agreed.interrupted
+            save_checkpoint(
+                run, log, log_dir / f"model_{step + 1:05d}", step=step + 1, evals_done=False, keep=cfg.keep_checkpoints
+            )
+            last = step + 1 == cfg.max_steps
+            run.say(
+                f"{stop.signal_name or 'signal on another rank'}: checkpoint saved at step {step + 1}"
+                + ("; finishing the final evaluation" if last else "; exiting so the job can be requeued")
+            )
+            if not last:
+                return 130 if interrupted else 0
 
-    final = save_checkpoint(run, log_dir / checkpoint.FINAL_NAME, cfg.max_steps, True, log, keep=None)
-    if is_main:
-        print(f"done: {cfg.max_steps} steps, final checkpoint {final}")
+    final = save_checkpoint(run, log, log_dir / checkpoint.FINAL_NAME, step=cfg.max_steps, evals_done=True, keep=None)
+    run.say(f"done: {cfg.max_steps} steps, final checkpoint {final}")
     return 130 if interrupted else 0
 
 
-def log_train_step(run: Run, log: metrics_log.MetricsLog, clock: StepClock, step: int, loss: float, grad_norm: float,
-                   lr: float, flops_per_token: int, peak: float | None, skipped: bool = False) -> None:
+def log_train_step(
+    run: Run,
+    log: metrics_log.MetricsLog,
+    clock: StepClock,
+    step: int,
+    agreed: Agreed,
+    lr: float,
+    flops_per_token: int,
+    peak: float | None,
+    *,
+    skipped: bool = False,
+) -> None:
     """The train record and the console line of a log step (grad norm: identical on every rank)."""
     seconds, steps = clock.lap()
     tokens_per_sec = steps * run.cfg.tokens_per_step / max(seconds, 1e-9)
     step_ms = 1000 * seconds / max(steps, 1)
     step_mfu = runtime.mfu(flops_per_token, tokens_per_sec, peak, run.dist_info.world_size)
-    log.write({"type": "train", "step": step, "tokens": (step + 1) * run.cfg.tokens_per_step, "train_loss": loss,
-               "lr": lr, "grad_norm": grad_norm, "step_ms": step_ms, "tokens_per_sec": tokens_per_sec, "mfu": step_mfu,
-               **({"skipped": True} if skipped else {})})
-    if run.dist_info.is_main:
-        print(format_step_line(step, run.cfg.max_steps, loss, lr, grad_norm, step_ms, tokens_per_sec, step_mfu,
-                               clock.elapsed(), clock.eta(run.cfg.max_steps - step - 1))
-              + (" | update skipped" if skipped else ""))
+    log.write(
+        {
+            "type": "train",
+            "step": step,
+            "tokens": (step + 1) * run.cfg.tokens_per_step,
+            "train_loss": agreed.loss,
+            "lr": lr,
+            "grad_norm": agreed.grad_norm,
+            "step_ms": step_ms,
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": step_mfu,
+            **({"skipped": True} if skipped else {}),
+        }
+    )
+    run.say(
+        format_step_line(
+            step,
+            run.cfg.max_steps,
+            agreed.loss,
+            lr,
+            agreed.grad_norm,
+            step_ms,
+            tokens_per_sec,
+            step_mfu,
+            clock.elapsed(),
+            clock.eta(run.cfg.max_steps - step - 1),
+        )
+        + (" | update skipped" if skipped else "")
+    )
 
 
 def main(argv=None) -> int:
+    """Train; run under cli.run_main, which prints a UserError or OSError as one line and exits 2.
+    Exit codes: 0 done (or stopped by SIGTERM/SIGUSR1 with a checkpoint), 130 Ctrl-C; 2 a user error,
+    nothing trained: a flag, the data, the folder, a model too big for the memory (change it, rerun);
+    1 a run that trained and then failed (diverged, a checkpoint or the log not written, a lost rank):
+    its newest checkpoint is intact and the same command resumes from it, once the cause is fixed."""
     # Catch SIGTERM / SIGUSR1 / Ctrl-C from the first moment: one sent during start-up must not be lost.
     stop = StopFlag()
     if hasattr(sys.stdout, "reconfigure"):  # `python train_gpt2.py > run.log`: each line at once for tail -f
         sys.stdout.reconfigure(line_buffering=True)
     previous_handlers = stop.install()
-
-    def error(message: str, code: int) -> int:
-        if runtime.env_rank() == 0:  # once per job, not once per rank
-            print(message, file=sys.stderr)
-        return code
-
     try:
         cfg = parse_args(argv)
         cfg.check_world_size(runtime.env_world_size())  # before any process group, data or folder
         dist_info = runtime.setup_distributed(cfg.device, timeout_minutes=cfg.dist_timeout_minutes)
-    except ValueError as e:
+    except BaseException:
         restore_handlers(previous_handlers)
-        return error(f"error: {e}", 2)
+        raise
     clean_exit = False
     try:
         code = train(cfg, dist_info, stop)
@@ -996,28 +1619,39 @@ def main(argv=None) -> int:
         return code
     except RunFinished as e:
         clean_exit = True
-        if dist_info.is_main:
-            print(e, file=sys.stderr if e.code else sys.stdout)
+        if e.code:
+            cli.print_error(str(e))
+        elif dist_info.is_main:
+            print(e)
         return e.code
     except (Diverged, CheckpointNotWritten) as e:
-        return error(f"error: {e}", 1)
+        cli.print_error(str(e))
+        return 1
     except OSError as e:  # e.g. metrics.jsonl on a disk that filled up between checkpoints
         if not fileio.is_disk_full(e):
             raise
-        return error(f"error: disk full writing {e.filename or cfg.log_dir} ({e.strerror}): free space, then rerun the "
-                     "same command: it resumes from the newest checkpoint", 1)
-    except ValueError as e:  # user-fixable problems (data, flags): one line, no traceback
-        return error(f"error: {e}", 2)
-    except torch.cuda.OutOfMemoryError:
-        return error(f"error: out of GPU memory at --micro-batch-size {cfg.micro_batch_size}: halve it (gradient "
-                     "accumulation grows to keep --tokens-per-step, so the run is unchanged), or add "
-                     "--activation-checkpointing / --loss-chunk-rows 8192", 3)
+        cli.print_error(
+            f"disk full writing {e.filename or cfg.log_dir} ({e.strerror}): free space, then rerun the "
+            "same command: it resumes from the newest checkpoint"
+        )
+        return 1
+    except torch.cuda.OutOfMemoryError:  # fixed by a flag, as memory.py's refusal before the start: exit 2
+        cli.print_error(
+            f"out of GPU memory at --micro-batch-size {cfg.micro_batch_size}: halve it (gradient "
+            "accumulation grows to keep --tokens-per-step, so the run is unchanged), or add "
+            "--activation-checkpointing / --loss-chunk-rows 8192"
+        )
+        return 2
     except RuntimeError as e:  # after OutOfMemoryError, one of its kind
         if not runtime.is_peer_failure(e):
             raise
-        # Every rank that sees it says so (the dead one cannot): torchrun restarts the group.
-        print(f"rank {dist_info.rank}: error: lost contact with another rank ({str(e).splitlines()[0][:200]}); under "
-              "train.sh, torchrun restarts every rank from the newest checkpoint", file=sys.stderr)
+        # Exit 1, not a user error: nothing to change, torchrun restarts every rank from the newest
+        # checkpoint. Every rank that sees it says so (the dead one, maybe rank 0, cannot).
+        cli.print_error(
+            f"rank {dist_info.rank} lost contact with another rank ({str(e).splitlines()[0][:200]}); "
+            "under train.sh, torchrun restarts every rank from the newest checkpoint",
+            every_rank=True,
+        )
         return 1
     finally:
         runtime.teardown_distributed(wait_for_peers=clean_exit)
@@ -1033,4 +1667,4 @@ def restore_handlers(previous: dict) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -33,7 +33,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import fineweb  # noqa: E402
+from cli import UserError  # noqa: E402
 from tokenizer import EOT_TOKEN, get_encoding  # noqa: E402
 
 DEMO = ROOT / "assets" / "demo" / "fineweb_demo.parquet"
@@ -79,14 +81,18 @@ def shard_hashes(out_dir: Path) -> list[str]:
     return [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", nargs="+", default=[str(DEMO.relative_to(ROOT))],
-                        help="parquet files with a `text` column (default: the shipped demo corpus)")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        default=[str(DEMO.relative_to(ROOT))],
+        help="parquet files with a `text` column (default: the shipped demo corpus)",
+    )
     parser.add_argument("--min-tokens", type=float, default=20e6, help="repeat the sample to at least this")
     parser.add_argument("--shard-size", type=int, default=10_000_000, help="tokens per shard, both pipelines")
     parser.add_argument("--workers", type=int, default=0, help="fineweb.py workers (0 = all cores)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import datasets
     import pyarrow.parquet as pq
     import torch
@@ -94,7 +100,7 @@ def main() -> None:
     sample = sorted(Path(f).resolve() for f in args.input)
     missing = [str(f) for f in sample if not f.is_file()]
     if missing:
-        raise SystemExit(f"bench: no such input file: {', '.join(missing)}")
+        raise UserError(f"no such input file: {', '.join(missing)}")
     work = Path(tempfile.mkdtemp(prefix="bench_fineweb_"))
     try:
         # ~1,560 tokens per document in this sample: enough copies for min_tokens (checked below).
@@ -111,8 +117,10 @@ def main() -> None:
         ref_ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache)
         datasets.load_dataset("parquet", data_files=files, split="train", columns=["text"], cache_dir=cache)
         print(f"data: {len(files)} parquet files ({copies} copies of the sample), {len(ref_ds):,} documents")
-        print(f"machine: {os.cpu_count()} cores; torch {torch.__version__}, datasets {datasets.__version__}, "
-              f"numpy {np.__version__}, python {sys.version.split()[0]}")
+        print(
+            f"machine: {os.cpu_count()} cores; torch {torch.__version__}, datasets {datasets.__version__}, "
+            f"numpy {np.__version__}, python {sys.version.split()[0]}"
+        )
 
         # The reference iterates whole rows; this sample carries wide annotation columns that real
         # FineWeb-Edu rows do not, so it is also timed on the `text` column alone (the fairer baseline).
@@ -123,31 +131,40 @@ def main() -> None:
             ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache, columns=columns)
             n = reference_run(ds, work / "ref", args.shard_size)
             ref[label] = (n, time.perf_counter() - t)
-            print(f"reference ({label:11s}): {n:,} tokens in {ref[label][1]:6.2f} s = {n / ref[label][1]:,.0f} tok/s, "
-                  f"{cpu_seconds() - cpu:5.2f} CPU-s ({max(1, os.cpu_count() // 2)} workers, imap chunksize 16)")
+            print(
+                f"reference ({label:11s}): {n:,} tokens in {ref[label][1]:6.2f} s = {n / ref[label][1]:,.0f} tok/s, "
+                f"{cpu_seconds() - cpu:5.2f} CPU-s ({max(1, os.cpu_count() // 2)} workers, imap chunksize 16)"
+            )
         ref_tokens, ref_s = ref["text only"]
         ref_rate = ref_tokens / ref_s
 
-        cfg = fineweb.FinewebConfig(input=tuple(files), out_dir=str(work / "ours"), shard_size=args.shard_size,
-                                    workers=args.workers)
+        cfg = fineweb.FinewebConfig(
+            input=tuple(files), out_dir=str(work / "ours"), shard_size=args.shard_size, workers=args.workers
+        )
         t, cpu = time.perf_counter(), cpu_seconds()
         manifest = fineweb.prepare(cfg, cache_dir=cache, progress=False)
         ours_s, ours_cpu = time.perf_counter() - t, cpu_seconds() - cpu
         ours_tokens = manifest["total_tokens"]
         ours_rate = ours_tokens / ours_s
-        print(f"fineweb.py             : {ours_tokens:,} tokens in {ours_s:6.2f} s = {ours_rate:,.0f} tok/s, "
-              f"{ours_cpu:5.2f} CPU-s ({args.workers or fineweb.default_workers()} workers)")
+        print(
+            f"fineweb.py             : {ours_tokens:,} tokens in {ours_s:6.2f} s = {ours_rate:,.0f} tok/s, "
+            f"{ours_cpu:5.2f} CPU-s ({args.workers or fineweb.default_workers()} workers)"
+        )
         all_rate = ref["all columns"][0] / ref["all columns"][1]
-        print(f"speedup                : {ours_rate / ref_rate:.2f}x vs reference on text only, "
-              f"{ours_rate / all_rate:.2f}x vs reference on all columns")
+        print(
+            f"speedup                : {ours_rate / ref_rate:.2f}x vs reference on text only, "
+            f"{ours_rate / all_rate:.2f}x vs reference on all columns"
+        )
         assert ours_tokens >= args.min_tokens, f"only {ours_tokens:,} tokens: raise the copies"
         same = shard_hashes(work / "ref") == [s["sha256"] for s in manifest["shards"]]
         print(f"shards byte-identical to the reference's: {same}")
-        if not same:
-            raise SystemExit("bench: the two pipelines wrote different shards")
+        if not same:  # the benchmark's verdict, exit 1 (2 is for a user error)
+            cli.print_error("the two pipelines wrote different shards")
+            return 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_main(main))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import runtime  # noqa: E402
 from cli import field, parse_config  # noqa: E402
 from hellaswag_eval import evaluate_hellaswag, load_examples  # noqa: E402
@@ -34,10 +35,16 @@ FIXTURE = ROOT / "tests" / "data" / "hellaswag_val_300.jsonl"  # 300 real exampl
 
 @dataclass(frozen=True)
 class BenchConfig:
-    model: str = field("tiny", "model preset (random init: speed does not depend on the weights)", choices=tuple(MODEL_PRESETS))
+    model: str = field(
+        "tiny", "model preset (random init: speed does not depend on the weights)", choices=tuple(MODEL_PRESETS)
+    )
     examples: int = field(300, "the first N validation examples")
-    batch_size: int = field(16, "rows per forward of the batched scorer (on CPU small batches keep the logits in cache)")
-    data: str = field(str(FIXTURE.relative_to(ROOT)), "a hellaswag_val.jsonl (e.g. hellaswag/hellaswag_val.jsonl, the full set)")
+    batch_size: int = field(
+        16, "rows per forward of the batched scorer (on CPU small batches keep the logits in cache)"
+    )
+    data: str = field(
+        str(FIXTURE.relative_to(ROOT)), "a hellaswag_val.jsonl (e.g. hellaswag/hellaswag_val.jsonl, the full set)"
+    )
     device: str = field("cpu", "cpu or cuda", choices=("cpu", "cuda"))
 
 
@@ -60,8 +67,9 @@ def one_at_a_time(model: GPT, examples: list[dict], device: torch.device, autoca
         with autocast:
             logits, _ = model(tokens)
         # position t predicts token t + 1: shift, take every position's loss, keep the ending's
-        losses = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
-                                 reduction="none").view(4, T - 1)
+        losses = F.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1), reduction="none"
+        ).view(4, T - 1)
         shifted_mask = mask[:, 1:]
         sum_loss = (losses * shifted_mask).sum(dim=1)
         mean_loss = sum_loss / shifted_mask.sum(dim=1)
@@ -78,8 +86,10 @@ def main(argv=None) -> int:
     examples = load_examples(cfg.data, limit=cfg.examples, verify=False)
     torch.manual_seed(0)
     model = GPT(GPTConfig(**MODEL_PRESETS[cfg.model])).to(device).eval()
-    print(f"{cfg.model}: {model.num_params():,} parameters | {len(examples)} examples | torch {torch.__version__} | "
-          f"{runtime.device_name(device)}, {torch.get_num_threads()} threads")
+    print(
+        f"{cfg.model}: {model.num_params():,} parameters | {len(examples)} examples | torch {torch.__version__} | "
+        f"{runtime.device_name(device)}, {torch.get_num_threads()} threads"
+    )
 
     def timed(fn):
         if device.type == "cuda":
@@ -91,13 +101,20 @@ def main(argv=None) -> int:
         return out, time.perf_counter() - start, time.process_time() - cpu_start
 
     (loop_acc, loop_norm), loop_s, loop_cpu = timed(lambda: one_at_a_time(model, examples, device, autocast))
-    result, batch_s, batch_cpu = timed(lambda: evaluate_hellaswag(model, examples, dist_info, autocast,
-                                                                  styles=("reference",), batch_size=cfg.batch_size))
+    result, batch_s, batch_cpu = timed(
+        lambda: evaluate_hellaswag(
+            model, examples, dist_info, autocast, styles=("reference",), batch_size=cfg.batch_size
+        )
+    )
     n = len(examples)
-    print(f"one at a time (4 rows/forward): {n / loop_s:8.1f} examples/s  ({loop_s:.1f} s wall, {loop_cpu:.1f} s CPU)"
-          f"  acc {loop_acc:.4f} acc_norm {loop_norm:.4f}")
-    print(f"batched ({cfg.batch_size} rows/forward):      {n / batch_s:8.1f} examples/s  ({batch_s:.1f} s wall, "
-          f"{batch_cpu:.1f} s CPU)  acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f}")
+    print(
+        f"one at a time (4 rows/forward): {n / loop_s:8.1f} examples/s  ({loop_s:.1f} s wall, {loop_cpu:.1f} s CPU)"
+        f"  acc {loop_acc:.4f} acc_norm {loop_norm:.4f}"
+    )
+    print(
+        f"batched ({cfg.batch_size} rows/forward):      {n / batch_s:8.1f} examples/s  ({batch_s:.1f} s wall, "
+        f"{batch_cpu:.1f} s CPU)  acc {result['acc']:.4f} acc_norm {result['acc_norm']:.4f}"
+    )
     print(f"speed-up: {loop_s / batch_s:.2f}x wall, {loop_cpu / batch_cpu:.2f}x CPU time")
     if (loop_acc, loop_norm) != (result["acc"], result["acc_norm"]):
         print("warning: the two methods disagree (a near-tie in float arithmetic?)")
@@ -105,4 +122,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -26,8 +26,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from throughput import SyntheticLoader  # noqa: E402  (bench/throughput.py: bench/ is sys.path[0])
+
+import cli  # noqa: E402
 import runtime  # noqa: E402
-from bench import SyntheticLoader  # noqa: E402
 from cli import field, parse_config  # noqa: E402
 from model import GPT, ChunkedLinearCrossEntropy  # noqa: E402
 from train_gpt2 import TrainConfig, build_run, train_step  # noqa: E402
@@ -54,8 +56,14 @@ class ChunkedWithGrads(GPT):
     """The previous chunked loss: weight and input gradients computed even under torch.no_grad."""
 
     def output(self, x, targets):
-        loss = ChunkedLinearCrossEntropy.apply(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                               self.config.vocab_size, self.loss_chunk_rows, True)
+        loss = ChunkedLinearCrossEntropy.apply(
+            x.reshape(-1, x.size(-1)),
+            self.lm_head.weight,
+            targets.reshape(-1),
+            self.config.vocab_size,
+            self.loss_chunk_rows,
+            True,
+        )
         return None, loss
 
 
@@ -77,8 +85,15 @@ def time_steps(run, steps: int) -> float:
 def main(argv=None) -> int:
     bench = parse_config(LossBenchConfig, argv, description=__doc__)
     torch.set_num_threads(bench.threads)
-    cfg = TrainConfig(model="tiny", seq_len=256, micro_batch_size=4, tokens_per_step=2048, device="cpu", val_every=0,
-                      compile_on_cpu=bench.compile_on_cpu)
+    cfg = TrainConfig(
+        model="tiny",
+        seq_len=256,
+        micro_batch_size=4,
+        tokens_per_step=2048,
+        device="cpu",
+        val_every=0,
+        compile_on_cpu=bench.compile_on_cpu,
+    )
     cpu = runtime.DistInfo(0, 0, 1, torch.device("cpu"), True)
     runs = {}
     for name, cls in (("ours", GPT), ("cut", CutLogits), ("plain", PlainLogits)):
@@ -92,12 +107,17 @@ def main(argv=None) -> int:
         for name, run in runs.items():
             times[name].append(time_steps(run, bench.steps))
     mode = "compiled (inductor)" if bench.compile_on_cpu else "eager"
-    print(f"training step, tiny model, 2 x 4 x 256 tokens, CPU {mode}, {bench.threads} thread(s), torch {torch.__version__}")
+    print(
+        f"training step, tiny model, 2 x 4 x 256 tokens, CPU {mode}, {bench.threads} thread(s), "
+        f"torch {torch.__version__}"
+    )
     ours = statistics.median(times["ours"])
     for name, values in times.items():
         med = statistics.median(values)
-        print(f"  {name:6s} median {1000 * med:7.1f} ms/step  (rounds: {', '.join(f'{1000 * v:.1f}' for v in values)})"
-              f"  {med / ours:.3f}x ours")
+        print(
+            f"  {name:6s} median {1000 * med:7.1f} ms/step  (rounds: {', '.join(f'{1000 * v:.1f}' for v in values)})"
+            f"  {med / ours:.3f}x ours"
+        )
 
     # Validation with --loss-chunk-rows 256: the loss alone vs the loss plus the gradients it did not need.
     val = {}
@@ -123,4 +143,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

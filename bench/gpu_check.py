@@ -9,7 +9,7 @@ Prepare the token shards on a CPU machine first (fineweb.py needs `datasets`), t
 
     uv run fineweb.py --input assets/demo/fineweb_demo.parquet --out-dir gpu_shards --shard-size 200000
 
-It runs the repo's own scripts (train_gpt2.py, hellaswag.py, export_hf.py, bench.py) in
+It runs the repo's own scripts (train_gpt2.py, hellaswag.py, export_hf.py, bench/throughput.py) in
 subprocesses, one after the other, most valuable first, each with a time limit cut to what is left of
 --budget, so a hang cannot eat the rest and nothing is killed by the machine's own limit:
 
@@ -20,12 +20,14 @@ subprocesses, one after the other, most valuable first, each with a time limit c
                   RESUME_TOLERANCE of the first run's (bitwise is not promised on a GPU)
   4 hellaswag     hellaswag.py on the final checkpoint, compiled: the full 10,042 examples when
                   --hellaswag gives the file, else the 300 shipped ones; examples/s
-  5 export        export_hf.py, then transformers' GPT2LMHeadModel on the GPU: logits within 1e-4 (fp32)
-  6 throughput    bench.py at T=1024, 4 micro-steps of 64, one process per row: the reference trainer's
+  5 core          core.py on the final checkpoint: CORE at 500 examples per task with --core-data
+                  (the real task files), else the shipped stand-ins (the path and examples/s only)
+  6 export        export_hf.py, then transformers' GPT2LMHeadModel on the GPU: logits within 1e-4 (fp32)
+  7 throughput    bench/throughput.py at T=1024, 4 micro-steps of 64, one process per row: the reference trainer's
                   settings (compile off, fused AdamW, plain loss), our defaults (compile on), then each
                   lever. Only those two rows are required: a lever that runs out of memory, cannot run
                   these shapes or outruns its time reads "not measured: <why>"
-  7 bigger models gpt2-medium and gpt2-xl under --parallel fsdp: what fits, and at what speed
+  8 bigger models gpt2-medium and gpt2-xl under --parallel fsdp: what fits, and at what speed
 
 Results: <out>/gpu_check.json and <out>/gpu_check.log, <out> being --out, else $OUT, else
 gpu_check_out. The JSON is rewritten (atomically) after every check and every throughput row, with
@@ -35,8 +37,8 @@ checkpoints (~1.5 GB each at 124M), the HF export and the subprocesses' full out
 folder outside it (a fresh temp folder, deleted at the end unless --keep-work), and the log keeps
 each subprocess's first LOG_HEAD_BYTES and last LOG_TAIL_BYTES per stream, LOG_LIMIT_BYTES in all.
 Exit 0 when the run finished and every check that ran passed. --dry-run: the tiny preset, a few
-steps, the CPU, eager: the same checks and JSON (CI runs it, so the script cannot rot between GPU
-sessions).
+steps, the CPU, eager: the same checks and JSON (`uv run pytest --heavy tests/test_gpu_check.py` runs
+it, before every GPU session, so the script cannot rot between them).
 
 Time. The lending tool kills a command at 600 s and counts the machine's start in a session's 15
 minutes, so the run must end in about 8.5 minutes. --budget (480 s) counts from this process's start
@@ -81,10 +83,13 @@ STARTED = time.monotonic()  # the budget counts from here: imports and data prep
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
+import core_eval  # noqa: E402
 import fileio  # noqa: E402
-from cli import field, parse_config  # noqa: E402
+from cli import UserError, field, parse_config  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "data" / "hellaswag_val_300.jsonl"
+CORE_FIXTURES = ROOT / "tests" / "data" / "core"  # one hand-written file per CORE task kind
 RESUME_TOLERANCE = {"cuda": 0.02, "cpu": 0.0}  # |loss difference| per step after a resume
 LOSS_DROP = {"cuda": 3.0, "cpu": 0.5}  # the train loss must fall at least this much (nats) (CPU: 10 tiny steps)
 # The output folder comes back through a tool that returns at most 8 files of 16 MiB each. Per
@@ -102,63 +107,141 @@ class Step(NamedTuple):
 
 # The checks before throughput (see "Time" above for where each number comes from). The export's
 # subprocess also leaves EXPORT_COMPARE_S for loading both models and comparing logits here.
-STEPS = {"train": Step(240, 150), "resume": Step(150, 60), "hellaswag": Step(150, 45), "export": Step(90, 40),
-         "memory formula": Step(60, 10), "bigger models": Step(300, 120)}
+STEPS = {
+    "train": Step(240, 150),
+    "resume": Step(150, 60),
+    "hellaswag": Step(150, 45),
+    "core": Step(120, 40),
+    "export": Step(90, 40),
+    "memory formula": Step(60, 10),
+    "bigger models": Step(300, 120),
+}
 EXPORT_COMPARE_S = 30
 
 
 @dataclass(frozen=True)
 class CheckConfig:
-    data_dir: str = field("", "token shards from fineweb.py (default: made from the demo corpus here, if `datasets` is installed)")
-    hellaswag: str = field("", "the full hellaswag_val.jsonl for the full-set timing (default: the 300 shipped examples)")
+    data_dir: str = field(
+        "", "token shards from fineweb.py (default: made from the demo corpus here, if `datasets` is installed)"
+    )
+    hellaswag: str = field(
+        "", "the full hellaswag_val.jsonl for the full-set timing (default: the 300 shipped examples)"
+    )
+    core_data: str = field(
+        "",
+        "CORE's task files (`uv run core.py --download-only`; a partial set is scored as CORE-PARTIAL) "
+        "for a real CORE at 500 per task (default: stand-ins from the shipped test fixtures: the path and speed only)",
+    )
     out: str = field("", "where gpu_check.json and gpu_check.log go (default: $OUT, else gpu_check_out)")
-    work_dir: str = field("", "checkpoints, exports and full logs, outside --out (default: a fresh temp folder, deleted at the end unless --keep-work; a folder given here is kept)")
+    work_dir: str = field(
+        "",
+        "checkpoints, exports and full logs, outside --out (default: a fresh temp folder, deleted at the end unless "
+        "--keep-work; a folder given here is kept)",
+    )
     keep_work: bool = field(False, "keep the work folder (checkpoints: ~1.5 GB each at 124M)")
     budget: int = field(480, "seconds from the start by which every check has ended (the lending tool kills at 600 s)")
     dry_run: bool = field(False, "the tiny preset on the CPU, a few steps, eager: the same checks, for CI")
 
     def __post_init__(self):
         if self.budget < 1:
-            raise ValueError("--budget must be at least 1 second")
+            raise UserError("--budget must be at least 1 second")
 
 
 # Sizes of each check, GPU vs dry run. The GPU's are the reference model at its context; the dry
 # run's keep every check's code path on a 2-core CPU in about two and a half minutes.
-GPU_RUN = dict(model="gpt2", seq_len=1024, micro_batch_size=64, tokens_per_step=65_536, max_steps=100,
-               warmup_steps=10, max_lr=6e-4, val_every=50, val_tokens=131_072, ckpt_every=50,
-               hellaswag_every=100, sample_every=100, device="cuda")
-DRY_RUN = dict(model="tiny", seq_len=64, micro_batch_size=4, tokens_per_step=512, max_steps=10,
-               warmup_steps=2, max_lr=3e-3, val_every=5, val_tokens=2048, ckpt_every=5,
-               hellaswag_every=10, sample_every=10, device="cpu")
-GPU_BENCH = ["--model", "gpt2", "--seq-len", "1024", "--micro-batch-size", "64", "--tokens-per-step", "262144",
-             "--steps", "6", "--warmup", "2", "--device", "cuda"]
-DRY_BENCH = ["--model", "tiny", "--seq-len", "64", "--micro-batch-size", "2", "--tokens-per-step", "256",
-             "--steps", "1", "--warmup", "0", "--device", "cpu"]
+GPU_RUN = dict(
+    model="gpt2",
+    seq_len=1024,
+    micro_batch_size=64,
+    tokens_per_step=65_536,
+    max_steps=100,
+    warmup_steps=10,
+    max_lr=6e-4,
+    val_every=50,
+    val_tokens=131_072,
+    ckpt_every=50,
+    hellaswag_every=100,
+    sample_every=100,
+    device="cuda",
+)
+DRY_RUN = dict(
+    model="tiny",
+    seq_len=64,
+    micro_batch_size=4,
+    tokens_per_step=512,
+    max_steps=10,
+    warmup_steps=2,
+    max_lr=3e-3,
+    val_every=5,
+    val_tokens=2048,
+    ckpt_every=5,
+    hellaswag_every=10,
+    sample_every=10,
+    device="cpu",
+)
+GPU_BENCH = [
+    "--model",
+    "gpt2",
+    "--seq-len",
+    "1024",
+    "--micro-batch-size",
+    "64",
+    "--tokens-per-step",
+    "262144",
+    "--steps",
+    "6",
+    "--warmup",
+    "2",
+    "--device",
+    "cuda",
+]
+DRY_BENCH = [
+    "--model",
+    "tiny",
+    "--seq-len",
+    "64",
+    "--micro-batch-size",
+    "2",
+    "--tokens-per-step",
+    "256",
+    "--steps",
+    "1",
+    "--warmup",
+    "0",
+    "--device",
+    "cpu",
+]
 
 
 class Setting(NamedTuple):
     name: str
-    flags: list[str]  # bench.py's, after the base sizes
+    flags: list[str]  # bench/throughput.py's, after the base sizes
     step: Step
 
 
 def throughput_settings(dry_run: bool) -> list[Setting]:
-    """The bench.py rows in order of value: the reference trainer's settings, ours, then one lever at
+    """The bench/throughput.py rows in order of value: the reference trainer's settings, ours, then one lever at
     a time, cheapest first where the value is alike (a lever whose graph is the defaults' is found in
     the inductor cache; each new graph is a cold compile, ~60 s). A dry run keeps the rows whose code
-    path differs (a sweep, a second strategy); the other levers are plain bench.py flags, tested in
+    path differs (a sweep, a second strategy); the other levers are plain bench/throughput.py flags, tested in
     tests/test_bench.py, at ~8 s of CI per process."""
     micro_batches = "1,4" if dry_run else "32,128"
     rows = [
         # eager: ~15 s to start, 8 steps of ~0.8 s, one profiled step for the attention kernel
-        Setting("reference settings (compile off, fused AdamW, plain loss)", ["--no-compile", "--spike-guard", "0"],
-                Step(90, 30)),
+        Setting(
+            "reference settings (compile off, fused AdamW, plain loss)",
+            ["--no-compile", "--spike-guard", "0"],
+            Step(90, 30),
+        ),
         Setting("defaults (compile on)", [], Step(150, 45)),  # the train run's shapes: cached, ~70 s if cold
         Setting("lever: --spike-guard 0 (no per-step sync)", ["--spike-guard", "0"], Step(120, 40)),  # the same graph
         Setting("lever: --loss-chunk-rows 8192", ["--loss-chunk-rows", "8192"], Step(150, 75)),  # one new graph
         Setting("lever: attention kernels", ["--sweep", "attn_backend=flash,cudnn,efficient,math"], Step(300, 120)),
-        Setting(f"lever: micro-batch {micro_batches.replace(',', ' / ')}", ["--sweep", f"micro_batch_size={micro_batches}"],
-                Step(240, 100)),  # two new shapes
+        Setting(
+            f"lever: micro-batch {micro_batches.replace(',', ' / ')}",
+            ["--sweep", f"micro_batch_size={micro_batches}"],
+            Step(240, 100),
+        ),  # two new shapes
         Setting("--optimizer muon", ["--optimizer", "muon"], Step(150, 60)),  # the model's graph is cached
         Setting("--parallel ddp vs fsdp (one GPU)", ["--sweep", "parallel=ddp,fsdp"], Step(200, 90)),
     ]
@@ -190,8 +273,11 @@ def read_clipped(path: Path, head: int = LOG_HEAD_BYTES, tail: int = LOG_TAIL_BY
         first = f.read(head)
         f.seek(size - tail)
         last = f.read()
-    return (first.decode("utf-8", errors="replace") + f"\n[... {size - head - tail} bytes cut ...]\n"
-            + last.decode("utf-8", errors="replace"))
+    return (
+        first.decode("utf-8", errors="replace")
+        + f"\n[... {size - head - tail} bytes cut ...]\n"
+        + last.decode("utf-8", errors="replace")
+    )
 
 
 class BoundedLog:
@@ -263,9 +349,16 @@ class Checker:
         start = time.monotonic()
         with open(stdout, "wb") as out_file, open(stderr, "wb") as err_file:
             # Its own process group, so a kill at the limit takes its workers (inductor's compilers) too.
-            proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=out_file, stderr=err_file, start_new_session=True,
-                                    preexec_fn=die_with_parent(os.getpid()))
+            proc = subprocess.Popen(
+                [sys.executable, *args],
+                cwd=ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out_file,
+                stderr=err_file,
+                start_new_session=True,
+                preexec_fn=die_with_parent(os.getpid()),
+            )
             try:
                 code = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -283,8 +376,15 @@ class Checker:
         """Run fn() -> (passed, numbers) if `needs` seconds of the budget are left; never let one check
         stop the rest."""
         if self.left() < needs:
-            self.results.append({"check": name, "verdict": "SKIPPED", "reason": "time budget spent",
-                                 "needs_s": needs, "left_s": round(self.left(), 1)})
+            self.results.append(
+                {
+                    "check": name,
+                    "verdict": "SKIPPED",
+                    "reason": "time budget spent",
+                    "needs_s": needs,
+                    "left_s": round(self.left(), 1),
+                }
+            )
             self.save()
             return
         start = time.monotonic()
@@ -294,13 +394,18 @@ class Checker:
             passed, numbers = fn()
             verdict = "PASS" if passed else "FAIL"
         except Exception as e:  # noqa: BLE001 - a check that breaks is a failed check, and the next one runs
-            verdict, numbers = "FAIL", {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"}
+            verdict, numbers = (
+                "FAIL",
+                {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"},
+            )
         result = {"check": name, "verdict": verdict, "seconds": round(time.monotonic() - start, 1), **numbers}
         self.results.append(result)
         self.running = None
         self.save()
-        print(f"{verdict:7s} {name:12s} {json.dumps({k: v for k, v in result.items() if k not in ('check', 'verdict')})}",
-              flush=True)
+        print(
+            f"{verdict:7s} {name:12s} {json.dumps({k: v for k, v in result.items() if k not in ('check', 'verdict')})}",
+            flush=True,
+        )
 
     def progress(self, numbers: dict) -> None:
         """What the running check has measured so far, saved at once (a throughput row at a time)."""
@@ -310,18 +415,24 @@ class Checker:
 
     def save(self, finished: bool = False) -> dict:
         """Write gpu_check.json as things stand: a temp file renamed over it, never half a file."""
-        summary = {"config": self.config, "device": self.device, "seconds": round(time.monotonic() - self.started, 1),
-                   "finished": finished,
-                   "passed": finished and all(r["verdict"] in ("PASS", "SKIPPED") for r in self.results),
-                   "checks": self.results + ([self.running] if self.running else [])}
+        summary = {
+            "config": self.config,
+            "device": self.device,
+            "seconds": round(time.monotonic() - self.started, 1),
+            "finished": finished,
+            "passed": finished and all(r["verdict"] in ("PASS", "SKIPPED") for r in self.results),
+            "checks": self.results + ([self.running] if self.running else []),
+        }
         fileio.atomic_write_json(self.out / "gpu_check.json", summary)
         return summary
 
     def finish(self) -> int:
         self.log.close()
         summary = self.save(finished=True)
-        print(f"{'PASS' if summary['passed'] else 'FAIL'}: {sum(r['verdict'] == 'PASS' for r in self.results)} of "
-              f"{len(self.results)} checks passed in {summary['seconds']:.0f} s; {self.out / 'gpu_check.json'}")
+        print(
+            f"{'PASS' if summary['passed'] else 'FAIL'}: {sum(r['verdict'] == 'PASS' for r in self.results)} of "
+            f"{len(self.results)} checks passed in {summary['seconds']:.0f} s; {self.out / 'gpu_check.json'}"
+        )
         return 0 if summary["passed"] else 1
 
 
@@ -339,7 +450,12 @@ def inductor_cache() -> dict:
 def environment(dry_run: bool) -> tuple[bool, dict]:
     import torch
 
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0], **inductor_cache()}
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        **inductor_cache(),
+    }
     if dry_run:
         return True, {**info, "device": "cpu"}
     if not torch.cuda.is_available():
@@ -348,11 +464,12 @@ def environment(dry_run: bool) -> tuple[bool, dict]:
     info.update(device=props.name, memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count)
     smi = shutil.which("nvidia-smi")
     if smi:
-        out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(
+            [smi, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
         info["driver"] = out.stdout.strip()
     # The kernel PyTorch's SDPA picks for GPT-2 124M's attention (B 8, 12 heads, T 1024, head 64, bf16, causal).
-    from bench import detect_attention_kernel
+    from throughput import detect_attention_kernel  # bench/throughput.py: bench/ is sys.path[0]
 
     q = torch.randn(8, 12, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
@@ -370,7 +487,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def json_rows(stdout: str) -> list[dict]:
-    """The JSON rows bench.py --json prints among its human lines (one object per line; a line the
+    """The JSON rows bench/throughput.py --json prints among its human lines (one object per line; a line the
     log's clipping cut in two is not a row)."""
     rows = []
     for line in stdout.splitlines():
@@ -399,26 +516,51 @@ def train(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
     hellaswag = ck.work / "hellaswag_train.jsonl"
     lines = FIXTURE.read_text(encoding="utf-8").splitlines(keepends=True)
     hellaswag.write_text("".join(lines[:20] if ck.cfg.dry_run else lines), encoding="utf-8")
-    ran = ck.run("train", ["train_gpt2.py", *train_flags(sizes), "--data-dir", str(data_dir), "--log-dir",
-                           str(log_dir), "--hellaswag-data", str(hellaswag)], STEPS["train"])
+    ran = ck.run(
+        "train",
+        [
+            "train_gpt2.py",
+            *train_flags(sizes),
+            "--data-dir",
+            str(data_dir),
+            "--log-dir",
+            str(log_dir),
+            "--hellaswag-data",
+            str(hellaswag),
+        ],
+        STEPS["train"],
+    )
     records = metrics_of(log_dir)
     losses = [r["train_loss"] for r in records if r["type"] == "train"]
     val = [r["val_loss"] for r in records if r["type"] == "val"]
     hs = [r for r in records if r["type"] == "hellaswag"]
     rates = [r["tokens_per_sec"] for r in records if r["type"] == "train"][1:]  # the first window holds the compile
     mfus = [r["mfu"] for r in records if r["type"] == "train" and r.get("mfu") is not None][1:]
-    numbers = {"exit": ran.code, "steps": len(losses), "first_loss": losses[0] if losses else None,
-               "last_loss": losses[-1] if losses else None, "val_losses": val,
-               "hellaswag_acc_norm": hs[-1]["hellaswag_acc_norm"] if hs else None,
-               "hellaswag_count": hs[-1]["count"] if hs else None,
-               "samples": sum(r["type"] == "sample" for r in records),
-               "tokens_per_sec": round(sum(rates) / len(rates)) if rates else None,
-               "mfu": round(sum(mfus) / len(mfus), 4) if mfus else None,
-               "checkpoints": sorted(p.name for p in log_dir.glob("model_*.pt"))}
+    numbers = {
+        "exit": ran.code,
+        "steps": len(losses),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "val_losses": val,
+        "hellaswag_acc_norm": hs[-1]["hellaswag_acc_norm"] if hs else None,
+        "hellaswag_count": hs[-1]["count"] if hs else None,
+        "samples": sum(r["type"] == "sample" for r in records),
+        "tokens_per_sec": round(sum(rates) / len(rates)) if rates else None,
+        "mfu": round(sum(mfus) / len(mfus), 4) if mfus else None,
+        "checkpoints": sorted(p.name for p in log_dir.glob("model_*.pt")),
+    }
     drop = LOSS_DROP[ck.device]
     numbers["loss_drop_required"] = drop
-    passed = (ran.code == 0 and len(losses) >= 2 and losses[0] - min(losses[-3:]) >= drop and len(val) >= 2
-              and val[-1] < val[0] and bool(hs) and numbers["samples"] >= 1 and "model_final.pt" in numbers["checkpoints"])
+    passed = (
+        ran.code == 0
+        and len(losses) >= 2
+        and losses[0] - min(losses[-3:]) >= drop
+        and len(val) >= 2
+        and val[-1] < val[0]
+        and bool(hs)
+        and numbers["samples"] >= 1
+        and "model_final.pt" in numbers["checkpoints"]
+    )
     return passed, numbers
 
 
@@ -429,15 +571,36 @@ def resume(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
     shutil.rmtree(again, ignore_errors=True)
     again.mkdir(parents=True)
     shutil.copy(first / f"model_{middle:05d}.pt", again / f"model_{middle:05d}.pt")
-    ran = ck.run("resume", ["train_gpt2.py", *train_flags({**sizes, "hellaswag_every": 0, "sample_every": 0}),
-                            "--data-dir", str(data_dir), "--log-dir", str(again)], STEPS["resume"])
+    ran = ck.run(
+        "resume",
+        [
+            "train_gpt2.py",
+            *train_flags({**sizes, "hellaswag_every": 0, "sample_every": 0}),
+            "--data-dir",
+            str(data_dir),
+            "--log-dir",
+            str(again),
+        ],
+        STEPS["resume"],
+    )
     before = {r["step"]: r["train_loss"] for r in metrics_of(first) if r["type"] == "train" and r["step"] >= middle}
     after = {r["step"]: r["train_loss"] for r in metrics_of(again) if r["type"] == "train"}
     common = sorted(set(before) & set(after))
     worst = max((abs(before[s] - after[s]) for s in common), default=None)
     tolerance = RESUME_TOLERANCE[ck.device]
-    passed = ran.code == 0 and "resuming from" in ran.output and len(common) >= 2 and worst is not None and worst <= tolerance
-    return passed, {"exit": ran.code, "steps_compared": len(common), "max_loss_difference": worst, "tolerance": tolerance}
+    passed = (
+        ran.code == 0
+        and "resuming from" in ran.output
+        and len(common) >= 2
+        and worst is not None
+        and worst <= tolerance
+    )
+    return passed, {
+        "exit": ran.code,
+        "steps_compared": len(common),
+        "max_loss_difference": worst,
+        "tolerance": tolerance,
+    }
 
 
 def hellaswag_eval(ck: Checker, hellaswag: Path, full: bool) -> tuple[bool, dict]:
@@ -446,20 +609,73 @@ def hellaswag_eval(ck: Checker, hellaswag: Path, full: bool) -> tuple[bool, dict
         extra += ["--limit", "20", "--device", "cpu"]
     else:
         extra += ["--compile"]
-    ran = ck.run("hellaswag", ["hellaswag.py", "--checkpoint", str(ck.work / "run" / "model_final.pt"),
-                               "--data", str(hellaswag), "--log-dir", str(ck.work / "hs"), *extra], STEPS["hellaswag"])
+    ran = ck.run(
+        "hellaswag",
+        [
+            "hellaswag.py",
+            "--checkpoint",
+            str(ck.work / "run" / "model_final.pt"),
+            "--data",
+            str(hellaswag),
+            "--log-dir",
+            str(ck.work / "hs"),
+            *extra,
+        ],
+        STEPS["hellaswag"],
+    )
     results = read_jsonl(ck.work / "hs" / "hellaswag_results.jsonl")
     if ran.code != 0 or not results:
         return False, {"exit": ran.code}
     r = results[-1]
-    return True, {"count": r["count"], "eval_seconds": r["seconds"], "examples_per_sec": round(r["count"] / r["seconds"], 1),
-                  "acc_norm": r["acc_norm"], "harness_acc_norm": r["harness_acc_norm"], "full_set": full}
+    return True, {
+        "count": r["count"],
+        "eval_seconds": r["seconds"],
+        "examples_per_sec": round(r["count"] / r["seconds"], 1),
+        "acc_norm": r["acc_norm"],
+        "harness_acc_norm": r["harness_acc_norm"],
+        "full_set": full,
+    }
+
+
+def core(ck: Checker, core_data: str) -> tuple[bool, dict]:
+    """core.py on the final checkpoint, eager (compiled, its many prompt lengths would be as many
+    graphs). With --core-data: 500 examples per task, CORE (or CORE-PARTIAL) and examples/s; without:
+    the shipped fixtures under every task's name, which checks the path and the speed, not the score."""
+    if core_data:
+        data, extra = core_data, ["--max-per-task", "500", "--allow-missing"]
+    else:
+        data, extra = str(core_eval.stand_in_data_dir(ck.work / "core_data", CORE_FIXTURES)), ["--no-verify"]
+    if ck.cfg.dry_run:
+        extra += ["--device", "cpu"]
+    final = str(ck.work / "run" / "model_final.pt")
+    ran = ck.run(
+        "core",
+        ["core.py", "--checkpoint", final, "--data-dir", data, "--log-dir", str(ck.work / "core"), *extra],
+        STEPS["core"],
+    )
+    results = read_jsonl(ck.work / "core" / "core_results.jsonl")
+    if ran.code != 0 or not results:
+        return False, {"exit": ran.code}
+    r = results[-1]
+    return True, {
+        "core": r["core"],
+        "core_partial": r["core_partial"],
+        "missing": r["missing"],
+        "count": r["count"],
+        "eval_seconds": r["seconds"],
+        "examples_per_sec": round(r["count"] / r["seconds"], 1),
+        "real_data": bool(core_data),
+    }
 
 
 def export(ck: Checker) -> tuple[bool, dict]:
     out_dir = ck.work / "hf"
-    ran = ck.run("export", ["export_hf.py", "--checkpoint", str(ck.work / "run" / "model_final.pt"),
-                            "--out-dir", str(out_dir)], STEPS["export"], reserve=EXPORT_COMPARE_S)
+    ran = ck.run(
+        "export",
+        ["export_hf.py", "--checkpoint", str(ck.work / "run" / "model_final.pt"), "--out-dir", str(out_dir)],
+        STEPS["export"],
+        reserve=EXPORT_COMPARE_S,
+    )
     if ran.code != 0:
         return False, {"exit": ran.code}
     import torch
@@ -480,12 +696,23 @@ def export(ck: Checker) -> tuple[bool, dict]:
     return diff < 1e-4, {"max_logit_difference": diff, "tolerance": 1e-4}
 
 
-ROW_KEYS = ("model", "attn_backend", "micro_batch_size", "parallel", "tokens_per_sec", "mfu", "step_ms",
-            "peak_memory_gb", "attention", "compile", "error")
+ROW_KEYS = (
+    "model",
+    "attn_backend",
+    "micro_batch_size",
+    "parallel",
+    "tokens_per_sec",
+    "mfu",
+    "step_ms",
+    "peak_memory_gb",
+    "attention",
+    "compile",
+    "error",
+)
 
 
 def classify_bench(setting: str, code: int, output: str, timeout: float) -> list[dict]:
-    """bench.py's rows for one setting, each measured (its numbers), "not measured: <why>" in "result"
+    """bench/throughput.py's rows for one setting, each measured (its numbers), "not measured: <why>" in "result"
     (out of memory: a measurement of what fits; an attention kernel that cannot run these shapes;
     killed at its time limit, after the rows it printed), or an "error" (a crash: a bug)."""
     rows = []
@@ -502,7 +729,7 @@ def classify_bench(setting: str, code: int, output: str, timeout: float) -> list
             rows.append({**row, "error": error})
     if code == 124:
         rows.append({"setting": setting, "result": NOT_MEASURED + f"killed at its time limit ({timeout:.0f} s)"})
-    elif code not in (0, 2, 3) or not rows:  # 2 / 3: bench.py's own exits after an error / out-of-memory row
+    elif code not in (0, 2, 3) or not rows:  # 2 / 3: bench/throughput.py's own exits after an error / out-of-memory row
         last = next((line for line in reversed(output.splitlines()) if line.strip()), "no output")
         rows.append({"setting": setting, "error": f"exit {code}: {last.strip()[:300]}"})
     return rows
@@ -516,12 +743,13 @@ def throughput_passed(rows: list[dict]) -> bool:
     """The reference and defaults rows measured, and no row an error: a lever not measured (out of
     memory, no such kernel here, no time left) is an answer, not a failure."""
     required = ("reference", "defaults")
-    return (all(any(r["setting"].startswith(name) and measured(r) for r in rows) for name in required)
-            and not any("error" in r for r in rows))
+    return all(any(r["setting"].startswith(name) and measured(r) for r in rows) for name in required) and not any(
+        "error" in r for r in rows
+    )
 
 
 def throughput(ck: Checker) -> tuple[bool, dict]:
-    """Each setting in its own bench.py process (a hang or a crash costs that setting only), in
+    """Each setting in its own bench/throughput.py process (a hang or a crash costs that setting only), in
     order of value; a setting that does not have its `needs` left of the budget is not started."""
     rows = []
     base = DRY_BENCH if ck.cfg.dry_run else GPU_BENCH
@@ -530,7 +758,9 @@ def throughput(ck: Checker) -> tuple[bool, dict]:
             rows.append({"setting": setting.name, "result": NOT_MEASURED + "time budget spent"})
             continue
         start = time.monotonic()
-        ran = ck.run(f"throughput: {setting.name}", ["bench.py", *base, *setting.flags, "--json"], setting.step)
+        ran = ck.run(
+            f"throughput: {setting.name}", ["bench/throughput.py", *base, *setting.flags, "--json"], setting.step
+        )
         new = classify_bench(setting.name, ran.code, ran.output, ran.timeout)
         for row in new:
             row["process_seconds"] = round(time.monotonic() - start, 1)
@@ -543,24 +773,61 @@ def throughput(ck: Checker) -> tuple[bool, dict]:
 
 
 def bigger_models(ck: Checker) -> tuple[bool, dict]:
-    """gpt2-medium and gpt2-xl steps under --parallel fsdp (tiny in a dry run), one bench.py process;
+    """gpt2-medium and gpt2-xl steps under --parallel fsdp (tiny in a dry run), one bench/throughput.py process;
     each row's peak memory with the formula's prediction (on the CPU the peak is the whole process's).
     A model that runs out of memory or out of time is "not measured": that is what fits, not a bug."""
     sizes = BIGGER_DRY if ck.cfg.dry_run else BIGGER_GPU
     mbs, seq_len = sizes["micro_batch_size"], sizes["seq_len"]
     base = DRY_BENCH if ck.cfg.dry_run else GPU_BENCH
     predictions = ck.work / "memory_table.jsonl"
-    formula = ck.run("bigger models: the formula", [
-        "bench/memory_table.py", "--models", *sizes["models"], "--gpus", "1", "--micro-batch-sizes", str(mbs),
-        "--seq-len", str(seq_len), "--precision", sizes["precision"], "--json-out", str(predictions)],
-        STEPS["memory formula"])
-    predicted = {r["model"]: r["total"] for r in read_jsonl(predictions)
-                 if r["parallel"] == "fsdp" and not r["activation_checkpointing"]}
+    formula = ck.run(
+        "bigger models: the formula",
+        [
+            "bench/memory_table.py",
+            "--models",
+            *sizes["models"],
+            "--gpus",
+            "1",
+            "--micro-batch-sizes",
+            str(mbs),
+            "--seq-len",
+            str(seq_len),
+            "--precision",
+            sizes["precision"],
+            "--json-out",
+            str(predictions),
+        ],
+        STEPS["memory formula"],
+    )
+    predicted = {
+        r["model"]: r["total"]
+        for r in read_jsonl(predictions)
+        if r["parallel"] == "fsdp" and not r["activation_checkpointing"]
+    }
     name = "bigger models: --parallel fsdp"
-    ran = ck.run(name, ["bench.py", *base, "--parallel", "fsdp", "--micro-batch-size", str(mbs), "--seq-len", str(seq_len),
-                        "--tokens-per-step", str(mbs * seq_len), "--sweep", "model=" + ",".join(sizes["models"]), "--json"],
-                 STEPS["bigger models"])
-    rows = [{k: v for k, v in row.items() if k != "setting"} for row in classify_bench(name, ran.code, ran.output, ran.timeout)]
+    ran = ck.run(
+        name,
+        [
+            "bench/throughput.py",
+            *base,
+            "--parallel",
+            "fsdp",
+            "--micro-batch-size",
+            str(mbs),
+            "--seq-len",
+            str(seq_len),
+            "--tokens-per-step",
+            str(mbs * seq_len),
+            "--sweep",
+            "model=" + ",".join(sizes["models"]),
+            "--json",
+        ],
+        STEPS["bigger models"],
+    )
+    rows = [
+        {k: v for k, v in row.items() if k != "setting"}
+        for row in classify_bench(name, ran.code, ran.output, ran.timeout)
+    ]
     # A row for no model in particular (killed at the limit, a crash) stands for each model without a row.
     missing = [m for m in sizes["models"] if m not in {r.get("model") for r in rows}]
     loose = [r for r in rows if "model" not in r]
@@ -576,20 +843,38 @@ def bigger_models(ck: Checker) -> tuple[bool, dict]:
 def prepare_data(cfg: CheckConfig, work: Path) -> Path:
     if cfg.data_dir:
         if not Path(cfg.data_dir).is_dir():
-            raise SystemExit(f"gpu_check: --data-dir {cfg.data_dir} does not exist: prepare it on a CPU machine with "
-                             "`uv run fineweb.py --input assets/demo/fineweb_demo.parquet --out-dir gpu_shards "
-                             "--shard-size 200000` and carry it here")
+            raise UserError(
+                f"--data-dir {cfg.data_dir} does not exist: prepare it on a CPU machine with "
+                "`uv run fineweb.py --input assets/demo/fineweb_demo.parquet --out-dir gpu_shards "
+                "--shard-size 200000` and carry it here"
+            )
         return Path(cfg.data_dir)
     try:
         import datasets  # noqa: F401
     except ImportError:
-        raise SystemExit("gpu_check: no --data-dir, and `datasets` is not installed here to make shards: prepare them on a "
-                         "CPU machine (`uv run fineweb.py --input assets/demo/fineweb_demo.parquet --out-dir gpu_shards "
-                         "--shard-size 200000`) and pass --data-dir gpu_shards") from None
+        raise UserError(
+            "no --data-dir, and `datasets` is not installed here to make shards: prepare them on a "
+            "CPU machine (`uv run fineweb.py --input assets/demo/fineweb_demo.parquet --out-dir gpu_shards "
+            "--shard-size 200000`) and pass --data-dir gpu_shards"
+        ) from None
     out = work / "shards"
-    subprocess.run([sys.executable, str(ROOT / "fineweb.py"), "--input", str(ROOT / "assets/demo/fineweb_demo.parquet"),
-                    "--out-dir", str(out), "--shard-size", "200000", "--workers", "1"], check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "fineweb.py"),
+            "--input",
+            str(ROOT / "assets/demo/fineweb_demo.parquet"),
+            "--out-dir",
+            str(out),
+            "--shard-size",
+            "200000",
+            "--workers",
+            "1",
+        ],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     return out
 
 
@@ -600,7 +885,7 @@ def work_folder(cfg: CheckConfig, out: Path) -> Path:
         return Path(tempfile.mkdtemp(prefix="gpu_check_work_"))
     work = Path(cfg.work_dir).resolve()
     if work == out.resolve() or out.resolve() in work.parents:
-        raise ValueError(f"--work-dir {cfg.work_dir} is inside the output folder {out}: give one outside it")
+        raise UserError(f"--work-dir {cfg.work_dir} is inside the output folder {out}: give one outside it")
     work.mkdir(parents=True, exist_ok=True)
     return work
 
@@ -612,27 +897,28 @@ def run_checks(ck: Checker, cfg: CheckConfig, data_dir: Path, sizes: dict) -> No
     ck.check("train", lambda: train(ck, data_dir, sizes), STEPS["train"].needs)
     ck.check("resume", lambda: resume(ck, data_dir, sizes), STEPS["resume"].needs)
     ck.check("hellaswag", lambda: hellaswag_eval(ck, hellaswag, full=bool(cfg.hellaswag)), STEPS["hellaswag"].needs)
+    ck.check("core", lambda: core(ck, cfg.core_data), STEPS["core"].needs)
     ck.check("export", lambda: export(ck), STEPS["export"].needs)
     ck.check("throughput", lambda: throughput(ck), throughput_settings(cfg.dry_run)[0].step.needs)
     ck.check("bigger models", lambda: bigger_models(ck), STEPS["bigger models"].needs)
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = parse_config(CheckConfig, argv, description=__doc__)
-        out = Path(cfg.out or os.environ.get("OUT") or "gpu_check_out")
-        out.mkdir(parents=True, exist_ok=True)
-        work = work_folder(cfg, out)
-    except ValueError as e:
-        print(f"gpu_check: error: {e}", file=sys.stderr)
-        return 2
+    """Exit 0 when every check passed, 1 when one failed (the verdict), 2 for a user error."""
+    cfg = parse_config(CheckConfig, argv, description=__doc__)
+    out = Path(cfg.out or os.environ.get("OUT") or "gpu_check_out")
+    out.mkdir(parents=True, exist_ok=True)
+    work = work_folder(cfg, out)
     remove_work = not cfg.work_dir and not cfg.keep_work
     try:
         data_dir = prepare_data(cfg, work)
         sizes = DRY_RUN if cfg.dry_run else GPU_RUN
         ck = Checker(cfg, out, work, {**asdict(cfg), "data_dir": str(data_dir), "work_dir": str(work), "sizes": sizes})
-        print(f"gpu_check: {'dry run on the CPU' if cfg.dry_run else 'GPU'}, data {data_dir}, HellaSwag "
-              f"{cfg.hellaswag or FIXTURE}, budget {cfg.budget} s, results in {out}, work in {work}", flush=True)
+        print(
+            f"gpu_check: {'dry run on the CPU' if cfg.dry_run else 'GPU'}, data {data_dir}, HellaSwag "
+            f"{cfg.hellaswag or FIXTURE}, budget {cfg.budget} s, results in {out}, work in {work}",
+            flush=True,
+        )
         run_checks(ck, cfg, data_dir, sizes)
         return ck.finish()
     finally:
@@ -643,4 +929,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

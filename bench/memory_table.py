@@ -22,11 +22,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 from cli import field, parse_config  # noqa: E402
 from memory import GiB, memory_bytes  # noqa: E402
 from model import MODEL_PRESETS, GPTConfig  # noqa: E402
@@ -44,8 +43,14 @@ class MemoryConfig:
     grad_accum: int = field(1, "micro-steps per optimizer step (> 1 adds FSDP's unsharded gradients)")
     loss_chunk_rows: int = field(0, "the trainer's --loss-chunk-rows (0: full logits)")
     gpu_gib: float = field(80.0, "GPU memory to compare with (H100 80 GB)")
-    precision: str = field("bf16", "bf16 (CUDA autocast, fused AdamW) or fp32 (CPU, foreach AdamW)", choices=("bf16", "fp32"))
-    measure: str = field("", "also run one real CPU training step of this model and print its peak memory next to the formula's", choices=("", *MODEL_PRESETS))
+    precision: str = field(
+        "bf16", "bf16 (CUDA autocast, fused AdamW) or fp32 (CPU, foreach AdamW)", choices=("bf16", "fp32")
+    )
+    measure: str = field(
+        "",
+        "also run one real CPU training step of this model and print its peak memory next to the formula's",
+        choices=("", *MODEL_PRESETS),
+    )
     parallel: str = field("ddp", "--measure: ddp (one process, no wrapper) or fsdp", choices=STRATEGIES)
     ranks: int = field(1, "--measure: processes (gloo) for --parallel fsdp")
     micro_batch_size: int = field(1, "--measure: rows per micro-step")
@@ -59,45 +64,80 @@ def table(cfg: MemoryConfig) -> list[dict]:
         for parallel in STRATEGIES:
             for ac in (False, True):
                 for mbs in cfg.micro_batch_sizes:
-                    parts = memory_bytes(model_name, parallel, ac, mbs, cfg.seq_len, cfg.gpus, cfg.grad_accum,
-                                         cfg.precision, cfg.loss_chunk_rows)
-                    rows.append({"model": model_name, "parallel": parallel, "activation_checkpointing": ac,
-                                 "micro_batch_size": mbs, **{k: v / GiB for k, v in parts.items()}})
+                    parts = memory_bytes(
+                        model_name,
+                        parallel,
+                        ac,
+                        mbs,
+                        cfg.seq_len,
+                        cfg.gpus,
+                        cfg.grad_accum,
+                        cfg.precision,
+                        cfg.loss_chunk_rows,
+                    )
+                    rows.append(
+                        {
+                            "model": model_name,
+                            "parallel": parallel,
+                            "activation_checkpointing": ac,
+                            "micro_batch_size": mbs,
+                            **{k: v / GiB for k, v in parts.items()},
+                        }
+                    )
     return rows
 
 
 def print_table(rows: list[dict], cfg: MemoryConfig) -> None:
     precision = "bf16 autocast, fused AdamW" if cfg.precision == "bf16" else "fp32, foreach AdamW"
-    print(f"GiB per GPU, {cfg.gpus} GPUs, seq-len {cfg.seq_len}, {precision}, grad accumulation "
-          f"{cfg.grad_accum}{f', --loss-chunk-rows {cfg.loss_chunk_rows}' if cfg.loss_chunk_rows else ''} "
-          f"(fits: total <= {cfg.gpu_gib:.0f} GB minus ~2 GiB of CUDA context)")
-    print("| model | parallel | AC | micro-batch | weights+grads+optimizer | other model state | activations | logits | total | fits |")
+    print(
+        f"GiB per GPU, {cfg.gpus} GPUs, seq-len {cfg.seq_len}, {precision}, grad accumulation "
+        f"{cfg.grad_accum}{f', --loss-chunk-rows {cfg.loss_chunk_rows}' if cfg.loss_chunk_rows else ''} "
+        f"(fits: total <= {cfg.gpu_gib:.0f} GB minus ~2 GiB of CUDA context)"
+    )
+    print(
+        "| model | parallel | AC | micro-batch | weights+grads+optimizer | other model state | activations | logits | "
+        "total | fits |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     budget = cfg.gpu_gib * 1e9 / GiB - 2
     for r in rows:
         state = r["weights"] + r["gradients"] + r["optimizer"]
         other = r["ddp_buckets"] + r["compute_copies"] + r.get("accumulation", 0)
-        print(f"| {r['model']} | {r['parallel']} | {'on' if r['activation_checkpointing'] else 'off'} | "
-              f"{r['micro_batch_size']} | {state:.1f} | {other:.1f} | {r['activations']:.1f} | {r['logits']:.1f} | "
-              f"{r['total']:.1f} | {'yes' if r['total'] <= budget else 'no'} |")
+        print(
+            f"| {r['model']} | {r['parallel']} | {'on' if r['activation_checkpointing'] else 'off'} | "
+            f"{r['micro_batch_size']} | {state:.1f} | {other:.1f} | {r['activations']:.1f} | {r['logits']:.1f} | "
+            f"{r['total']:.1f} | {'yes' if r['total'] <= budget else 'no'} |"
+        )
 
 
 # ---- one real CPU step ------------------------------------------------------------------------------
 def measure_step(cfg: MemoryConfig) -> dict:
     """Peak memory (max RSS of each rank) of two real training steps on the CPU (the second has the
     AdamW state), minus the process's RSS before the model was built; with the formula for fp32."""
-    from train_gpt2 import TrainConfig, build_run, train_step  # noqa: PLC0415 - heavy imports only here
+    from throughput import SyntheticLoader  # noqa: PLC0415  (bench/throughput.py: bench/ is sys.path[0])
+
     import runtime  # noqa: PLC0415
-    from bench import SyntheticLoader  # noqa: PLC0415
+    from train_gpt2 import TrainConfig, build_run, train_step  # noqa: PLC0415 - heavy imports only here
 
     dist_info = runtime.setup_distributed("cpu")
     seq_len = min(cfg.seq_len, GPTConfig(**MODEL_PRESETS[cfg.measure]).block_size)
     rows_per_step = cfg.micro_batch_size * seq_len * dist_info.world_size
-    train_cfg = TrainConfig(model=cfg.measure, seq_len=seq_len, micro_batch_size=cfg.micro_batch_size,
-                            tokens_per_step=rows_per_step * cfg.grad_accum, device="cpu", compile=False,
-                            val_every=0, hellaswag_every=0, sample_every=0, parallel=cfg.parallel,
-                            activation_checkpointing=cfg.activation_checkpointing, loss_chunk_rows=cfg.loss_chunk_rows,
-                            spike_guard=0, warmup_steps=0)
+    train_cfg = TrainConfig(
+        model=cfg.measure,
+        seq_len=seq_len,
+        micro_batch_size=cfg.micro_batch_size,
+        tokens_per_step=rows_per_step * cfg.grad_accum,
+        device="cpu",
+        compile=False,
+        val_every=0,
+        hellaswag_every=0,
+        sample_every=0,
+        parallel=cfg.parallel,
+        activation_checkpointing=cfg.activation_checkpointing,
+        loss_chunk_rows=cfg.loss_chunk_rows,
+        spike_guard=0,
+        warmup_steps=0,
+    )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     started = time.perf_counter()
     loader = SyntheticLoader(cfg.micro_batch_size, seq_len, 50257, pin_memory=False, seed=dist_info.rank)
@@ -105,13 +145,30 @@ def measure_step(cfg: MemoryConfig) -> dict:
     for step in range(2):
         train_step(run, step)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    predicted = memory_bytes(cfg.measure, cfg.parallel, cfg.activation_checkpointing, cfg.micro_batch_size, seq_len,
-                             dist_info.world_size, cfg.grad_accum, precision="fp32", loss_chunk_rows=cfg.loss_chunk_rows)
-    result = {"model": cfg.measure, "parallel": cfg.parallel, "ranks": dist_info.world_size,
-              "activation_checkpointing": cfg.activation_checkpointing, "micro_batch_size": cfg.micro_batch_size,
-              "seq_len": seq_len, "rank": dist_info.rank, "measured_gib": (peak - before) / GiB,
-              "predicted_gib": predicted["total"] / GiB, "seconds": time.perf_counter() - started,
-              "predicted_parts_gib": {k: round(v / GiB, 3) for k, v in predicted.items()}}
+    predicted = memory_bytes(
+        cfg.measure,
+        cfg.parallel,
+        cfg.activation_checkpointing,
+        cfg.micro_batch_size,
+        seq_len,
+        dist_info.world_size,
+        cfg.grad_accum,
+        precision="fp32",
+        loss_chunk_rows=cfg.loss_chunk_rows,
+    )
+    result = {
+        "model": cfg.measure,
+        "parallel": cfg.parallel,
+        "ranks": dist_info.world_size,
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "micro_batch_size": cfg.micro_batch_size,
+        "seq_len": seq_len,
+        "rank": dist_info.rank,
+        "measured_gib": (peak - before) / GiB,
+        "predicted_gib": predicted["total"] / GiB,
+        "seconds": time.perf_counter() - started,
+        "predicted_parts_gib": {k: round(v / GiB, 3) for k, v in predicted.items()},
+    }
     runtime.teardown_distributed()
     return result
 
@@ -119,8 +176,15 @@ def measure_step(cfg: MemoryConfig) -> dict:
 def main(argv=None) -> int:
     cfg = parse_config(MemoryConfig, argv, __doc__)
     if cfg.measure and cfg.ranks > 1 and "RANK" not in os.environ:  # start the ranks, as torchrun would
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.ranks}",
-               __file__, *(argv if argv is not None else sys.argv[1:])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={cfg.ranks}",
+            __file__,
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
         return subprocess.run(cmd).returncode
     if cfg.measure:
         result = measure_step(cfg)
@@ -137,4 +201,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -21,7 +21,8 @@ resumes (exactly) instead of starting over. On the quiet 2-core machine here a r
 bench/results/recipe_gate.json and its table is in BENCHMARKS.md.
 
     uv run bench/recipe_gate.py --sample 'fineweb_sample/*.parquet'
-    uv run bench/recipe_gate.py --sample 'fineweb_sample/*.parquet' --tokens 307200 --seed 1 --fast-override muon_lr=0.04
+    uv run bench/recipe_gate.py --sample 'fineweb_sample/*.parquet' --tokens 307200 --seed 1 \\
+        --fast-override muon_lr=0.04
 
 (The recorded gate ran on 2,800 unchanged FineWeb `sample-10BT` documents, 28 parquet files, ~4.4M
 GPT-2 tokens; the 348-document demo corpus in assets/demo is too small for its 1M training tokens
@@ -45,8 +46,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import fileio  # noqa: E402
-from cli import field, parse_config, parse_value  # noqa: E402
+from cli import UserError, field, parse_config, parse_value  # noqa: E402
 from train_gpt2 import RECIPES, TrainConfig  # noqa: E402
 
 TOKENS_PER_STEP = 2048  # 8 sequences x 256 tokens
@@ -56,8 +58,12 @@ SEQ_LEN = 256
 @dataclass(frozen=True)
 class GateConfig:
     sample: str = field("", "FineWeb parquet files, a glob (column `text`, and `id` for the split); required")
-    work_dir: str = field("log/recipe_gate", "folder for the split, token shards, runs and results (finished runs are reused)")
-    seeds: tuple[int, ...] = field((1, 2, 3), "paired seeds: each fixes init and data order of both recipes", flag="--seed")
+    work_dir: str = field(
+        "log/recipe_gate", "folder for the split, token shards, runs and results (finished runs are reused)"
+    )
+    seeds: tuple[int, ...] = field(
+        (1, 2, 3), "paired seeds: each fixes init and data order of both recipes", flag="--seed"
+    )
     tokens: int = field(1_048_576, "the baseline's training tokens (512 steps of 2,048: the issue's 1M)")
     ratio: float = field(1.3, "the fast recipe trains on tokens / ratio (rounded down to whole steps)")
     holdout_frac: float = field(0.1, "fraction of documents held out for validation")
@@ -67,7 +73,9 @@ class GateConfig:
     warmup_frac: float = field(0.05, "baseline warmup as a fraction of its steps (the issue's 5%)")
     fast_warmup_frac: float = field(0.02, "fast recipe warmup as a fraction of its steps at this scale")
     fast_max_lr: float = field(6e-3, "fast recipe: AdamW peak lr of embeddings, LayerNorms and biases at this scale")
-    fast_override: tuple[str, ...] = field((), "extra NAME=VALUE train settings for the fast runs (tuning pilots), repeatable")
+    fast_override: tuple[str, ...] = field(
+        (), "extra NAME=VALUE train settings for the fast runs (tuning pilots), repeatable"
+    )
     recipes: tuple[str, ...] = field(("baseline", "fast"), "which recipes to run", flag="--recipe")
     threads: int = field(1, "OMP/MKL threads per training process")
     parallel: int = field(2, "training processes at once")
@@ -94,8 +102,10 @@ def prepare_data(cfg: GateConfig, work: Path) -> Path:
         return data
     files = sorted(glob.glob(cfg.sample))
     if not files:
-        raise SystemExit(f"no parquet files match --sample {cfg.sample!r}: pass a glob of FineWeb parquet files, "
-                         "e.g. --sample 'fineweb_sample/*.parquet'")
+        raise UserError(
+            f"no parquet files match --sample {cfg.sample!r}: pass a glob of FineWeb parquet files, "
+            "e.g. --sample 'fineweb_sample/*.parquet'"
+        )
     table = pa.concat_tables([pq.read_table(f, columns=["id", "text"]) for f in files])
     ids, texts = table.column("id").to_pylist(), table.column("text").to_pylist()
     held = held_out_ids(ids, cfg.holdout_frac)
@@ -117,18 +127,31 @@ def prepare_data(cfg: GateConfig, work: Path) -> Path:
         out = work / f"tokens_{name}"
         # fineweb.prepare, not the command: the command refuses a run that leaves no train shard,
         # and a single shard is exactly what each split wants here.
-        code = ("import sys, fineweb; fineweb.prepare(fineweb.FinewebConfig(input=(sys.argv[1],), out_dir=sys.argv[2], "
-                "shard_size=10**9, workers=1), progress=False)")
-        subprocess.run([sys.executable, "-c", code, str(split_dir / f"{name}.parquet"), str(out)], check=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL)
+        code = (
+            "import sys, fineweb; fineweb.prepare(fineweb.FinewebConfig(input=(sys.argv[1],), out_dir=sys.argv[2], "
+            "shard_size=10**9, workers=1), progress=False)"
+        )
+        subprocess.run(
+            [sys.executable, "-c", code, str(split_dir / f"{name}.parquet"), str(out)],
+            check=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.DEVNULL,
+        )
         shard[name] = out / "edufineweb_val_000000.npy"
     os.link(shard["heldout"], staging / "edufineweb_val_000000.npy")
     os.link(shard["heldin"], staging / "edufineweb_train_000001.npy")
     import numpy as np
 
     sizes = {k: int(np.load(v, mmap_mode="r").shape[0]) for k, v in shard.items()}
-    summary = {"documents": len(ids), "held_out_documents": sum(mask), "held_out_tokens": sizes["heldout"],
-               "train_tokens": sizes["heldin"], "sample": cfg.sample, "holdout_frac": cfg.holdout_frac}
+    summary = {
+        "documents": len(ids),
+        "held_out_documents": sum(mask),
+        "held_out_tokens": sizes["heldout"],
+        "train_tokens": sizes["heldin"],
+        "sample": cfg.sample,
+        "holdout_frac": cfg.holdout_frac,
+    }
     (staging / "split.json").write_text(json.dumps(summary, indent=1) + "\n")
     shutil.rmtree(data, ignore_errors=True)
     staging.rename(data)
@@ -141,16 +164,52 @@ CHECKPOINT_FLAGS = ("--ckpt-every", "--keep-checkpoints")  # each takes one valu
 
 def run_flags(cfg: GateConfig, recipe: str, seed: int) -> list[str]:
     """train_gpt2.py flags of one run (without --data-dir / --log-dir)."""
-    steps = cfg.tokens // TOKENS_PER_STEP if recipe == "baseline" else math.floor(cfg.tokens / cfg.ratio / TOKENS_PER_STEP)
-    flags = ["--model", "tiny", "--micro-batch-size", "8", "--seq-len", str(SEQ_LEN), "--tokens-per-step", str(TOKENS_PER_STEP),
-             "--max-steps", str(steps),
-             "--val-every", str(cfg.val_every), "--val-tokens", str(cfg.val_tokens), "--hellaswag-every", "0",
-             "--sample-every", "0", "--ckpt-every", "100", "--keep-checkpoints", "1", "--seed", str(seed), "--device", "cpu", "--no-compile",
-             "--loss-chunk-rows", str(cfg.loss_chunk_rows), "--log-every", "25"]
+    steps = (
+        cfg.tokens // TOKENS_PER_STEP if recipe == "baseline" else math.floor(cfg.tokens / cfg.ratio / TOKENS_PER_STEP)
+    )
+    flags = [
+        "--model",
+        "tiny",
+        "--micro-batch-size",
+        "8",
+        "--seq-len",
+        str(SEQ_LEN),
+        "--tokens-per-step",
+        str(TOKENS_PER_STEP),
+        "--max-steps",
+        str(steps),
+        "--val-every",
+        str(cfg.val_every),
+        "--val-tokens",
+        str(cfg.val_tokens),
+        "--hellaswag-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--ckpt-every",
+        "100",
+        "--keep-checkpoints",
+        "1",
+        "--seed",
+        str(seed),
+        "--device",
+        "cpu",
+        "--no-compile",
+        "--loss-chunk-rows",
+        str(cfg.loss_chunk_rows),
+        "--log-every",
+        "25",
+    ]
     if recipe == "baseline":  # AdamW + cosine to 10%: train_gpt2's defaults
         return flags + ["--warmup-steps", str(max(1, round(cfg.warmup_frac * steps))), "--max-lr", str(cfg.baseline_lr)]
-    flags += ["--recipe", "fast", "--warmup-steps", str(max(1, round(cfg.fast_warmup_frac * steps))),
-              "--max-lr", str(cfg.fast_max_lr)]
+    flags += [
+        "--recipe",
+        "fast",
+        "--warmup-steps",
+        str(max(1, round(cfg.fast_warmup_frac * steps))),
+        "--max-lr",
+        str(cfg.fast_max_lr),
+    ]
     for item in cfg.fast_override:
         name, _, value = item.partition("=")
         parse_value(TrainConfig, name, value)  # a one-line error for a typo before any run starts
@@ -161,7 +220,9 @@ def run_flags(cfg: GateConfig, recipe: str, seed: int) -> list[str]:
 def run_dir(work: Path, recipe: str, seed: int, flags: list[str]) -> Path:
     """Named by a hash of the run's flags (and of the recipe they name): changed settings, new run.
     The checkpoint flags are left out: they change no number, and a killed run resumes from them."""
-    kept = [f for k, f in enumerate(flags) if f not in CHECKPOINT_FLAGS and (k == 0 or flags[k - 1] not in CHECKPOINT_FLAGS)]
+    kept = [
+        f for k, f in enumerate(flags) if f not in CHECKPOINT_FLAGS and (k == 0 or flags[k - 1] not in CHECKPOINT_FLAGS)
+    ]
     what = " ".join(kept) + (json.dumps(RECIPES["fast"], sort_keys=True) if recipe == "fast" else "")
     digest = hashlib.sha256(what.encode()).hexdigest()[:10]
     return work / "runs" / f"{recipe}_s{seed}_{digest}"
@@ -192,6 +253,10 @@ def train_seconds(log_dir: Path) -> float:
     return total
 
 
+class RunFailed(Exception):
+    """A training run of the gate exited non-zero: its train.out says why."""
+
+
 def run_one(cfg: GateConfig, data: Path, work: Path, recipe: str, seed: int) -> dict:
     flags = run_flags(cfg, recipe, seed)
     log_dir = run_dir(work, recipe, seed, flags)
@@ -200,20 +265,35 @@ def run_one(cfg: GateConfig, data: Path, work: Path, recipe: str, seed: int) -> 
     done = (log_dir / "model_final.pt").exists() and curve and curve[-1][0] == steps * TOKENS_PER_STEP
     if not done:
         log_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(cfg.threads),
+            "MKL_NUM_THREADS": str(cfg.threads),
+            "PYTHONUNBUFFERED": "1",
+        }
         cmd = [sys.executable, str(ROOT / "train_gpt2.py"), *flags, "--data-dir", str(data), "--log-dir", str(log_dir)]
         (log_dir / "command.txt").write_text(" ".join(cmd) + "\n")
         start = time.perf_counter()
         with open(log_dir / "train.out", "a") as out:  # a resumed run appends
             code = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT).returncode
         if code != 0:
-            raise SystemExit(f"{recipe} seed {seed} failed (exit {code}): see {log_dir / 'train.out'}")
+            raise RunFailed(f"{recipe} seed {seed} failed (exit {code}): see {log_dir / 'train.out'}")
         curve = val_curve(log_dir)
-        print(f"  {recipe:8s} seed {seed}: {time.perf_counter() - start:6.0f} s wall, final val loss "
-              f"{curve[-1][1]:.4f}", flush=True)
-    return {"recipe": recipe, "seed": seed, "steps": steps, "tokens": steps * TOKENS_PER_STEP, "log_dir": str(log_dir),
-            "curve": curve, "final": curve[-1][1], "train_seconds": train_seconds(log_dir),
-            "flags": flags}
+        print(
+            f"  {recipe:8s} seed {seed}: {time.perf_counter() - start:6.0f} s wall, final val loss {curve[-1][1]:.4f}",
+            flush=True,
+        )
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "steps": steps,
+        "tokens": steps * TOKENS_PER_STEP,
+        "log_dir": str(log_dir),
+        "curve": curve,
+        "final": curve[-1][1],
+        "train_seconds": train_seconds(log_dir),
+        "flags": flags,
+    }
 
 
 # ---- statistics -------------------------------------------------------------------------------------
@@ -267,20 +347,32 @@ def fmt_tokens(t: float | None) -> str:
 
 def markdown_table(cfg: GateConfig, results: dict[str, list[dict]], summary: dict) -> str:
     seeds = [r["seed"] for r in next(iter(results.values()))]
-    head = ["recipe", "train tokens", *[f"seed {s}" for s in seeds], "mean", "std err", "tokens to baseline's final loss"]
+    head = [
+        "recipe",
+        "train tokens",
+        *[f"seed {s}" for s in seeds],
+        "mean",
+        "std err",
+        "tokens to baseline's final loss",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for recipe, runs in results.items():
         s = summary[recipe]
         per_seed = [f"{r['final']:.4f}" for r in runs]
         reach = s.get("tokens_to_target")
-        lines.append(f"| {recipe} | {s['tokens']:,} | " + " | ".join(per_seed) + f" | {s['mean']:.4f} | {s['stderr']:.4f} | "
-                     f"{fmt_tokens(reach)} |")
+        lines.append(
+            f"| {recipe} | {s['tokens']:,} | " + " | ".join(per_seed) + f" | {s['mean']:.4f} | {s['stderr']:.4f} | "
+            f"{fmt_tokens(reach)} |"
+        )
     if "passed" in summary:
         saving = summary["token_saving"]
         lines.append("")
-        lines.append(f"Gate: every fast run <= baseline mean - 2 std err = {summary['threshold']:.4f}: "
-                     f"**{'PASS' if summary['passed'] else 'FAIL'}**. Tokens to reach the baseline's final loss "
-                     f"{summary['target']:.4f} (seed-mean curves): {'n/a' if saving is None else f'{saving:.2f}x fewer'} with fast.")
+        lines.append(
+            f"Gate: every fast run <= baseline mean - 2 std err = {summary['threshold']:.4f}: "
+            f"**{'PASS' if summary['passed'] else 'FAIL'}**. Tokens to reach the baseline's final loss "
+            f"{summary['target']:.4f} (seed-mean curves): "
+            f"{'n/a' if saving is None else f'{saving:.2f}x fewer'} with fast."
+        )
     return "\n".join(lines)
 
 
@@ -288,22 +380,31 @@ def main(argv=None) -> int:
     cfg = parse_config(GateConfig, argv, description=__doc__)
     unknown = set(cfg.recipes) - {"baseline", "fast"}
     if unknown or not cfg.seeds or cfg.threads < 1 or cfg.parallel < 1 or cfg.ratio <= 0:
-        raise SystemExit("--recipe takes baseline or fast; give at least one --seed; --threads, --parallel, --ratio must be positive")
+        raise UserError(
+            "--recipe takes baseline or fast; give at least one --seed; --threads, --parallel, --ratio must be positive"
+        )
     for recipe in cfg.recipes:
         run_flags(cfg, recipe, cfg.seeds[0])  # validates --fast-override before any work
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     import torch
 
-    print(f"recipe gate | torch {torch.__version__} | {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} | "
-          f"{cfg.parallel} process(es) x {cfg.threads} thread(s) | fast recipe {RECIPES['fast']}", flush=True)
+    print(
+        f"recipe gate | torch {torch.__version__} | {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} | "
+        f"{cfg.parallel} process(es) x {cfg.threads} thread(s) | fast recipe {RECIPES['fast']}",
+        flush=True,
+    )
     data = prepare_data(cfg, work)
     print(f"data: {json.loads((data / 'split.json').read_text())}", flush=True)
 
     jobs = [(recipe, seed) for seed in cfg.seeds for recipe in cfg.recipes]
     start = time.perf_counter()
-    with ThreadPoolExecutor(cfg.parallel) as pool:  # threads only wait on the training subprocesses
-        done = list(pool.map(lambda job: run_one(cfg, data, work, *job), jobs))
+    try:
+        with ThreadPoolExecutor(cfg.parallel) as pool:  # threads only wait on the training subprocesses
+            done = list(pool.map(lambda job: run_one(cfg, data, work, *job), jobs))
+    except RunFailed as e:  # exit 1 as a failed gate: the input was fine, a run was not
+        cli.print_error(str(e))
+        return 1
     wall = time.perf_counter() - start
     results = {recipe: [r for r in done if r["recipe"] == recipe] for recipe in cfg.recipes}
     summary = summarise(cfg, results)
@@ -311,16 +412,26 @@ def main(argv=None) -> int:
     print(f"\n{len(jobs)} runs in {wall:.0f} s wall; load average now {os.getloadavg()[0]:.2f}")
     for recipe, runs in results.items():
         for r in runs:
-            print(f"{recipe:8s} seed {r['seed']}: {r['tokens']:>9,} tokens | final val loss {r['final']:.4f} | "
-                  f"reaches baseline final at {fmt_tokens(r.get('tokens_to_target'))} tokens | train {r['train_seconds']:.0f} s")
+            print(
+                f"{recipe:8s} seed {r['seed']}: {r['tokens']:>9,} tokens | final val loss {r['final']:.4f} | "
+                f"reaches baseline final at {fmt_tokens(r.get('tokens_to_target'))} tokens | "
+                f"train {r['train_seconds']:.0f} s"
+            )
     table = markdown_table(cfg, results, summary)
     print("\n" + table)
-    out = {"config": asdict(cfg), "torch": torch.__version__, "wall_seconds": wall, "summary": summary, "runs": done,
-           "fast_recipe": RECIPES["fast"], "markdown": table}
+    out = {
+        "config": asdict(cfg),
+        "torch": torch.__version__,
+        "wall_seconds": wall,
+        "summary": summary,
+        "runs": done,
+        "fast_recipe": RECIPES["fast"],
+        "markdown": table,
+    }
     fileio.atomic_write_json(work / "results.json", out)
     print(f"\nresults: {work / 'results.json'}")
     return 0 if summary.get("passed", True) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cli import field, parse_config  # noqa: E402
+import cli  # noqa: E402
+from cli import UserError, field, parse_config  # noqa: E402
 from spike_guard import SpikeGuard  # noqa: E402
 
 
@@ -58,13 +59,16 @@ def scores(series: list[tuple[int, float, float]], window: int, warmup: int) -> 
 def main(argv=None) -> int:
     cfg = parse_config(StatsConfig, argv, description=__doc__)
     if not cfg.metrics:
-        print("spike_stats: error: give the runs' files: --metrics log/metrics.jsonl ...", file=sys.stderr)
-        return 2
+        raise UserError("give the runs' files: --metrics log/metrics.jsonl ...")
     thresholds = [float(t) for t in cfg.thresholds.split(",")]
-    print(f"window {cfg.window}, warm-up {cfg.warmup}: largest scores (standard deviations above the window's mean, "
-          "@ step), and the updates each threshold would skip, on the loss / on the grad norm")
-    print(f"{'run':40s} {'steps':>6s} {'judged':>6s} {'max z loss':>10s} {'max z norm':>10s}  "
-          + "  ".join(f"skip@{t:g}" for t in thresholds))
+    print(
+        f"window {cfg.window}, warm-up {cfg.warmup}: largest scores (standard deviations above the window's mean, "
+        "@ step), and the updates each threshold would skip, on the loss / on the grad norm"
+    )
+    print(
+        f"{'run':40s} {'steps':>6s} {'judged':>6s} {'max z loss':>10s} {'max z norm':>10s}  "
+        + "  ".join(f"skip@{t:g}" for t in thresholds)
+    )
     for path in map(Path, cfg.metrics):
         series = train_series(path)
         judged = scores(series, cfg.window, cfg.warmup)
@@ -74,10 +78,12 @@ def main(argv=None) -> int:
         worst_loss = max(judged, key=lambda r: r[1])
         worst_norm = max(judged, key=lambda r: r[2])
         skips = [f"{sum(r[1] > t for r in judged)}/{sum(r[2] > t for r in judged)}" for t in thresholds]
-        print(f"{str(path)[-40:]:40s} {len(series):6d} {len(judged):6d} {worst_loss[1]:7.2f}@{worst_loss[0]:<5d}"
-              f"{worst_norm[2]:6.2f}@{worst_norm[0]:<5d} " + "  ".join(f"{s:>7s}" for s in skips))
+        print(
+            f"{str(path)[-40:]:40s} {len(series):6d} {len(judged):6d} {worst_loss[1]:7.2f}@{worst_loss[0]:<5d}"
+            f"{worst_norm[2]:6.2f}@{worst_norm[0]:<5d} " + "  ".join(f"{s:>7s}" for s in skips)
+        )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

@@ -60,6 +60,17 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """In-process compute on one thread: two threads on a busy 2-core machine spin and run ~5x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def limit_file_size(max_bytes: int):
     """preexec_fn: files may grow to `max_bytes`; a write past that fails with EFBIG (SIGXFSZ, which
     would kill the process instead, is ignored; an ignored signal stays ignored across exec)."""
@@ -74,8 +85,33 @@ def limit_file_size(max_bytes: int):
 # The longest serial stretches first. pytest-xdist runs a group (the SLURM tests share one cluster)
 # on one worker in collection order; collected last, as test_train_sh.py is alphabetically, it ran
 # alone at the end while the other worker idled. The sort is stable: the rest keep their order.
-LONG_FIRST = ("tests/test_train_sh.py", "tests/test_gpu_check.py", "tests/test_spike_guard.py")
+LONG_FIRST = (
+    "tests/test_train_sh.py",
+    "tests/test_fsdp.py",
+    "tests/test_recipe.py",
+    "tests/test_spike_guard.py",
+    "tests/test_restarts.py",
+    "tests/test_disk_full.py",
+    "tests/test_core.py",
+    "tests/test_gpu_check.py",
+)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--heavy",
+        action="store_true",
+        help="also run the tests marked heavy (the GPU check's dry run, FSDP twins of DDP scenarios)",
+    )
 
 
 def pytest_collection_modifyitems(session, config, items):
-    items.sort(key=lambda item: next((i for i, p in enumerate(LONG_FIRST) if item.nodeid.startswith(p)), len(LONG_FIRST)))
+    # CI's 2 cores run the suite in ~11 minutes; the heavy tests add ~5 more (README, "Tests").
+    if not config.getoption("--heavy"):
+        skip = pytest.mark.skip(reason="heavy: run with `uv run pytest --heavy` (before a GPU session, before landing)")
+        for item in items:
+            if "heavy" in item.keywords:
+                item.add_marker(skip)
+    items.sort(
+        key=lambda item: next((i for i, p in enumerate(LONG_FIRST) if item.nodeid.startswith(p)), len(LONG_FIRST))
+    )

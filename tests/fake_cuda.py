@@ -24,9 +24,9 @@ What is real and what is stood in for:
   is placed by the forward's devices, which the forward under fake CUDA has checked.
 
 Needs the torch of uv.lock (2.15): before ~2.13 making a fake CUDA tensor still asked for a driver
-(pytorch/pytorch#122109). Not covered here (see their own tests): numbers (the CPU tests), compiled graphs (CPU inductor,
-tests/test_compile.py), collectives (gloo, tests/test_fsdp.py), and what no CPU can tell: kernels,
-memory, speed (bench/gpu_check.sh on a GPU).
+(pytorch/pytorch#122109). Not covered here (see their own tests): numbers (the CPU tests), compiled
+graphs (CPU inductor, tests/test_compile.py), collectives (gloo, tests/test_fsdp.py), and what no CPU
+can tell: kernels, memory, speed (bench/gpu_check.sh on a GPU).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""bench.py: the real training step timed, one row per configuration, honest MFU."""
+"""bench/throughput.py: the real training step timed, one row per configuration, honest MFU."""
 
 import json
 import subprocess
@@ -10,19 +10,36 @@ import pytest
 import torch
 
 import runtime
-from bench import SyntheticLoader, release_row_memory, sweep_grid
+from bench.throughput import SyntheticLoader, release_row_memory, sweep_grid
 from train_gpt2 import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--model", "tiny", "--micro-batch-size", "2", "--seq-len", "64", "--tokens-per-step", "256",
-        "--steps", "3", "--warmup", "1", "--device", "cpu"]
+TINY = [
+    "--model",
+    "tiny",
+    "--micro-batch-size",
+    "2",
+    "--seq-len",
+    "64",
+    "--tokens-per-step",
+    "256",
+    "--steps",
+    "3",
+    "--warmup",
+    "1",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.mark.slow
 def test_bench_prints_a_json_row_per_sweep_point():
     result = subprocess.run(
-        [sys.executable, "bench.py", *TINY, "--sweep", "loss_chunk_rows=0,48", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [sys.executable, "bench/throughput.py", *TINY, "--sweep", "loss_chunk_rows=0,48", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -38,8 +55,10 @@ def test_bench_prints_a_json_row_per_sweep_point():
 def test_sweep_grid_is_the_cartesian_product():
     grid = sweep_grid(TrainConfig(), ("micro_batch_size=16,32", "compile=false,true"))
     assert [o for o, _ in grid] == [
-        {"micro_batch_size": 16, "compile": False}, {"micro_batch_size": 16, "compile": True},
-        {"micro_batch_size": 32, "compile": False}, {"micro_batch_size": 32, "compile": True},
+        {"micro_batch_size": 16, "compile": False},
+        {"micro_batch_size": 16, "compile": True},
+        {"micro_batch_size": 32, "compile": False},
+        {"micro_batch_size": 32, "compile": True},
     ]
     assert grid[3][1].micro_batch_size == 32 and grid[3][1].compile is True
     with pytest.raises(ValueError, match="NAME=V1,V2"):
@@ -83,33 +102,57 @@ def test_mfu_is_a_fraction_never_above_one():
 
 
 def test_help_offers_only_the_flags_that_shape_a_step_in_two_groups():
-    text = subprocess.run([sys.executable, "bench.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60).stdout
+    text = subprocess.run(
+        [sys.executable, "bench/throughput.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    ).stdout
     assert "benchmark:" in text and "the training step (train_gpt2.py's flags, same meaning):" in text
     for flag in ("--steps", "--sweep", "--micro-batch-size", "--loss-chunk-rows", "--attn-backend", "--optimizer"):
         assert flag in text, flag
-    for flag in ("--demo", "--resume", "--wandb", "--tensorboard", "--log-dir", "--val-every", "--hellaswag-every",
-                 "--ckpt-every", "--sample-prompt"):
+    for flag in (
+        "--demo",
+        "--resume",
+        "--wandb",
+        "--tensorboard",
+        "--log-dir",
+        "--val-every",
+        "--hellaswag-every",
+        "--ckpt-every",
+        "--sample-prompt",
+    ):
         assert flag not in text, flag
 
 
 def test_cpu_run_says_what_it_times_at_once_shows_each_step_and_prints_a_row():
-    result = subprocess.run([sys.executable, "bench.py", *TINY], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "bench/throughput.py", *TINY], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert "tok/s" in result.stdout and "mfu" in result.stdout and "ms/step" in result.stdout
     lines = result.stderr.splitlines()
     first = next(line for line in lines if line.startswith("bench:"))
     assert "timing tiny at 2 x 64 x 2 micro-steps on the CPU" in first and "--model tiny" not in first
-    assert [line.split(":")[0].strip() for line in lines if line.strip().startswith("step ")] == \
-        ["step 1/4 (warm-up)", "step 2/4 (timed)", "step 3/4 (timed)", "step 4/4 (timed)"]
+    assert [line.split(":")[0].strip() for line in lines if line.strip().startswith("step ")] == [
+        "step 1/4 (warm-up)",
+        "step 2/4 (timed)",
+        "step 3/4 (timed)",
+        "step 4/4 (timed)",
+    ]
     # the reference configuration on a CPU: told at once, with the command for a CPU-sized run
-    proc = subprocess.Popen([sys.executable, "bench.py", "--device", "cpu"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "bench/throughput.py", "--device", "cpu"], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
     try:
         first = proc.stderr.readline()
     finally:
         proc.kill()
         proc.wait()
     assert first.startswith("bench: timing gpt2 at 64 x 1024 x 8 micro-steps on the CPU") and "--model tiny" in first
-    bad = subprocess.run([sys.executable, "bench.py", *TINY, "--sweep", "no_such_knob=1"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "unknown setting" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, "bench/throughput.py", *TINY, "--sweep", "no_such_knob=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.startswith("throughput.py: error: unknown setting")

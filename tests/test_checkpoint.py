@@ -57,8 +57,10 @@ def malformed_files(tmp_path: Path, good: Path) -> dict[str, Path]:
     files["a dict without weights"] = tmp_path / "nokeys.pt"
     torch.save({"step": 3}, files["a dict without weights"])
     files["weights of another shape"] = tmp_path / "wrong.pt"
-    torch.save({"model": GPT(SMALL).state_dict(), "model_config": {**SMALL.__dict__, "n_embd": 64}, "step": 1},
-               files["weights of another shape"])
+    torch.save(
+        {"model": GPT(SMALL).state_dict(), "model_config": {**SMALL.__dict__, "n_embd": 64}, "step": 1},
+        files["weights of another shape"],
+    )
     return files
 
 
@@ -78,13 +80,31 @@ def test_every_malformed_file_is_a_one_line_value_error(tmp_path):
 def test_scripts_refuse_a_text_file_renamed_pt_in_one_line(tmp_path, script):
     bad = tmp_path / "model_final.pt"
     bad.write_text("hello\n")
-    extra = {"export_hf.py": ["--out-dir", str(tmp_path / "hf")],
-             "hellaswag.py": ["--data", "tests/data/hellaswag_val_300.jsonl", "--no-verify", "--limit", "4",
-                              "--device", "cpu", "--log-dir", str(tmp_path / "log")]}.get(script, ["--device", "cpu"])
-    result = subprocess.run([sys.executable, script, "--checkpoint", str(bad), *extra], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    extra = {
+        "export_hf.py": ["--out-dir", str(tmp_path / "hf")],
+        "hellaswag.py": [
+            "--data",
+            "tests/data/hellaswag_val_300.jsonl",
+            "--no-verify",
+            "--limit",
+            "4",
+            "--device",
+            "cpu",
+            "--log-dir",
+            str(tmp_path / "log"),
+        ],
+    }.get(script, ["--device", "cpu"])
+    result = subprocess.run(
+        [sys.executable, script, "--checkpoint", str(bad), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.strip().startswith(f"{script}: error:") and len(result.stderr.strip().splitlines()) == 1, (
+        result.stderr
+    )
     assert "not a checkpoint of this repo" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_final.pt"]  # no --log-dir / --out-dir made
 
@@ -95,8 +115,10 @@ def test_a_log_dir_passed_as_checkpoint_names_its_newest_checkpoint(tmp_path):
     (tmp_path / "model_00010").mkdir()  # a sharded checkpoint's folder (--parallel fsdp), newer
     with pytest.raises(ValueError) as err:
         checkpoint.load_model(tmp_path)
-    assert str(err.value) == (f"{tmp_path} is a log dir, not a checkpoint: pass one of its checkpoints, e.g. the "
-                              f"newest, {tmp_path / 'model_00010'}")
+    assert str(err.value) == (
+        f"{tmp_path} is a log dir, not a checkpoint: pass one of its checkpoints, e.g. the "
+        f"newest, {tmp_path / 'model_00010'}"
+    )
     save_small(tmp_path / "model_final.pt")
     with pytest.raises(ValueError, match=f"e.g. the newest, {tmp_path / 'model_final.pt'}$"):
         checkpoint.read_step(tmp_path)

@@ -9,20 +9,21 @@ its frame counter, so a failure says which guard failed.
 
 from __future__ import annotations
 
-from pathlib import Path
 import logging
+from pathlib import Path
 
 import pytest
 import torch
 import torch._dynamo
+from conftest import HELLASWAG_FIXTURE
+from test_train_gpt2 import CPU
 from torch._dynamo.utils import counters
 
+import cli
 import runtime
 import train_gpt2
-from conftest import HELLASWAG_FIXTURE
 from hellaswag_eval import load_examples
 from metrics import MetricsLog
-from test_train_gpt2 import CPU, one_thread  # noqa: F401  (fixture)
 from train_gpt2 import TrainConfig, build_run, evaluate_val_loss, run_hellaswag, sample_texts, train_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -30,8 +31,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 def tiny_config(data_dir, **overrides) -> TrainConfig:
     """The tiny preset at 2 x 32 tokens per micro-batch, 2 micro-steps per step (accumulation runs)."""
-    return TrainConfig(model="tiny", data_dir=str(data_dir), micro_batch_size=2, seq_len=32, tokens_per_step=128,
-                       val_tokens=256, device="cpu", seed=1337, **overrides)
+    return TrainConfig(
+        model="tiny",
+        data_dir=str(data_dir),
+        micro_batch_size=2,
+        seq_len=32,
+        tokens_per_step=128,
+        val_tokens=256,
+        device="cpu",
+        seed=1337,
+        **overrides,
+    )
 
 
 class Recompiles(logging.Handler):
@@ -170,10 +180,12 @@ def test_cuda_graph_compile_modes_are_refused_with_gradient_accumulation(capsys)
         with pytest.raises(ValueError, match="CUDA graphs.*2 micro-steps"):
             cfg.check_world_size(1)
         cfg.check_world_size(2)  # 2 ranks x 1 micro-step: nothing to accumulate
-        assert train_gpt2.main([*flags, "--tokens-per-step", "128", "--compile-mode", mode]) == 2
+        assert cli.run_main(train_gpt2.main, [*flags, "--tokens-per-step", "128", "--compile-mode", mode]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "max-autotune-no-cudagraphs" in err
-    train_gpt2.parse_args([*flags, "--tokens-per-step", "128", "--compile-mode", "max-autotune-no-cudagraphs"]).check_world_size(1)
+    train_gpt2.parse_args(
+        [*flags, "--tokens-per-step", "128", "--compile-mode", "max-autotune-no-cudagraphs"]
+    ).check_world_size(1)
 
 
 def fsdp_sampling_worker(data_dir: str) -> None:
@@ -210,8 +222,9 @@ def test_fsdp_compiled_blocks_sample_without_a_recompile_per_layer(data_dir, tmp
 
     code = f"import test_compile as t; t.fsdp_sampling_worker({str(data_dir)!r})"
     env = {**run_env(), "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), str(Path(__file__).parent)])}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     first, second = counts["rounds"]

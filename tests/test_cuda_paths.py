@@ -13,19 +13,19 @@ import json
 import os
 import subprocess
 import sys
-from unittest import mock
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
+from conftest import HELLASWAG_FIXTURE
+from fake_cuda import DeviceMismatch, fake_cuda, is_fake
 
 import checkpoint
 import hellaswag
 import runtime
 import sample
 import train_gpt2
-from conftest import HELLASWAG_FIXTURE
-from fake_cuda import DeviceMismatch, fake_cuda, is_fake
 from hellaswag_eval import evaluate_hellaswag, load_examples
 from metrics import MetricsLog
 from model import GPT, GPTConfig, generate
@@ -39,9 +39,19 @@ TINY = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)
 
 def tiny_config(data_dir, **overrides) -> TrainConfig:
     """The trainer's tiny preset at 2 x 32 tokens, 2 micro-steps per step, as a GPU run would set it."""
-    return TrainConfig(**{"model": "tiny", "data_dir": str(data_dir), "micro_batch_size": 2, "seq_len": 32,
-                          "tokens_per_step": 128, "val_tokens": 256, "device": "cuda", "compile": False,
-                          **overrides})
+    return TrainConfig(
+        **{
+            "model": "tiny",
+            "data_dir": str(data_dir),
+            "micro_batch_size": 2,
+            "seq_len": 32,
+            "tokens_per_step": 128,
+            "val_tokens": 256,
+            "device": "cuda",
+            "compile": False,
+            **overrides,
+        }
+    )
 
 
 def on_cuda(tensor: torch.Tensor) -> bool:
@@ -53,8 +63,12 @@ def test_the_kit_fails_where_a_cpu_tensor_meets_a_cuda_one():
     real_cpu = torch.ones(3)  # made outside: a loader's batch, a checkpoint's weights
     with fake_cuda():
         x = torch.ones(3, device="cuda")
-        for mixed in (lambda: x + real_cpu, lambda: x + torch.ones(3), lambda: torch.cat([x, torch.ones(3)]),
-                      lambda: torch.nn.functional.embedding(torch.zeros(2, dtype=torch.long), x.view(3, 1))):
+        for mixed in (
+            lambda: x + real_cpu,
+            lambda: x + torch.ones(3),
+            lambda: torch.cat([x, torch.ones(3)]),
+            lambda: torch.nn.functional.embedding(torch.zeros(2, dtype=torch.long), x.view(3, 1)),
+        ):
             with pytest.raises(DeviceMismatch):
                 mixed()
         assert on_cuda(x + torch.tensor(2.0))  # a CPU scalar may mix, as on a real GPU
@@ -113,8 +127,11 @@ def test_generate_on_cuda(use_kv_cache):
         with torch.device("cuda"):
             model = GPT(TINY)
         autocast = runtime.autocast(torch.device("cuda"))
-        for kwargs in ({"temperature": 0}, {"top_k": 5, "generator": torch.Generator(device="cuda")},
-                       {"top_k": None, "stop_token": 50256, "generator": torch.Generator(device="cuda")}):
+        for kwargs in (
+            {"temperature": 0},
+            {"top_k": 5, "generator": torch.Generator(device="cuda")},
+            {"top_k": None, "stop_token": 50256, "generator": torch.Generator(device="cuda")},
+        ):
             rows = generate(model, [1, 2, 3], 4, num_samples=2, use_kv_cache=use_kv_cache, autocast=autocast, **kwargs)
             assert len(rows) == 2
 
@@ -131,16 +148,30 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 def test_sample_py_on_cuda(tiny_checkpoint, capsys):
     with fake_cuda():
-        code = sample.main(["--checkpoint", str(tiny_checkpoint), "--device", "cuda", "--num-samples", "2",
-                            "--max-new-tokens", "4"])
+        code = sample.main(
+            ["--checkpoint", str(tiny_checkpoint), "--device", "cuda", "--num-samples", "2", "--max-new-tokens", "4"]
+        )
     assert code == 0, capsys.readouterr().err
     assert capsys.readouterr().out.count("--- sample") == 2
 
 
 def test_hellaswag_py_on_cuda(tiny_checkpoint, tmp_path, capsys):
     with fake_cuda():
-        code = hellaswag.main(["--checkpoint", str(tiny_checkpoint), "--device", "cuda", "--data",
-                               str(HELLASWAG_FIXTURE), "--no-verify", "--limit", "5", "--log-dir", str(tmp_path)])
+        code = hellaswag.main(
+            [
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--device",
+                "cuda",
+                "--data",
+                str(HELLASWAG_FIXTURE),
+                "--no-verify",
+                "--limit",
+                "5",
+                "--log-dir",
+                str(tmp_path),
+            ]
+        )
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "hellaswag_results.jsonl").read_text())["count"] == 5
 
@@ -185,8 +216,11 @@ def precision_worker(out_path: str, data_dir: str) -> None:
     import parallel
 
     result = {}
-    for name, make in (("single", lambda: parallel.Parallel(CPU)), ("ddp", lambda: parallel.DDPParallel(CPU)),
-                       ("fsdp", lambda: parallel.FSDPParallel(CPU, torch.bfloat16))):
+    for name, make in (
+        ("single", lambda: parallel.Parallel(CPU)),
+        ("ddp", lambda: parallel.DDPParallel(CPU)),
+        ("fsdp", lambda: parallel.FSDPParallel(CPU, torch.bfloat16)),
+    ):
         cfg = tiny_config(data_dir, device="cpu", precision="bf16", val_every=0, parallel="ddp")
         model = train_gpt2.build_model(cfg, CPU.device, True)
         train_model, _ = make().prepare(model)
@@ -205,8 +239,9 @@ def test_residual_stream_has_the_same_dtype_under_single_ddp_and_fsdp(data_dir, 
     out = tmp_path / "dtypes.json"
     code = f"import test_cuda_paths as t; t.precision_worker({str(out)!r}, {str(data_dir)!r})"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     dtypes = json.loads(out.read_text())
     assert dtypes == {"single": ["torch.float32"], "ddp": ["torch.float32"], "fsdp": ["torch.float32"]}
@@ -215,9 +250,12 @@ def test_residual_stream_has_the_same_dtype_under_single_ddp_and_fsdp(data_dir, 
 def test_rng_state_of_a_cpu_run_never_touches_cuda():
     """--device cpu on a GPU host: asking for the CUDA RNG state created a CUDA context on GPU 0 for
     every rank. Only a CUDA run's checkpoint holds (and restores) it."""
-    with mock.patch("torch.cuda.is_available", return_value=True), \
-            mock.patch("torch.cuda.get_rng_state", side_effect=AssertionError("touched CUDA")), \
-            mock.patch("torch.cuda.set_rng_state", side_effect=AssertionError("touched CUDA")):
-        state = train_gpt2.rng_state(torch.device("cpu"))
+    with (
+        mock.patch("torch.cuda.is_available", return_value=True),
+        mock.patch("torch.cuda.get_rng_state", side_effect=AssertionError("touched CUDA")),
+        mock.patch("torch.cuda.set_rng_state", side_effect=AssertionError("touched CUDA")),
+    ):
+        rng = train_gpt2.RandomState(torch.device("cpu"))
+        state = rng.state_dict()
         assert state["cuda"] is None
-        train_gpt2.set_rng_state({**state, "cuda": torch.zeros(16, dtype=torch.uint8)}, torch.device("cpu"))
+        rng.load_state_dict({**state, "cuda": torch.zeros(16, dtype=torch.uint8)})

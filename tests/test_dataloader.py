@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import cli
+import runtime
+import train_gpt2
 from dataloader import DataError, TrainLoader, ValLoader, list_shards, load_shard, main
+from metrics import MetricsLog
+from train_gpt2 import TrainConfig
+
+CPU = runtime.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
 
 T = 8  # tokens per window in these tests
 TRAIN_LENGTHS = (50, 33, 70, 9, 41)  # (L-1)//T windows: 6, 4, 8, 1, 5 -> N = 24 (not a multiple of B)
@@ -203,25 +211,58 @@ def test_state_saved_at_world_4_resumes_at_smaller_worlds(data, resume_world, re
         np.testing.assert_array_equal(step_rows(resumed, resume_accum), step_rows(straight, 4))
 
 
+TINY = dict(
+    model="tiny",
+    micro_batch_size=4,
+    seq_len=T,
+    tokens_per_step=4 * T,
+    device="cpu",
+    compile=False,
+    val_every=0,
+    hellaswag_every=0,
+)
+
+
+def _saved_run(data_dir, tmp_path, **flags):
+    """A real checkpoint of a tiny run on `data_dir` (windows of T tokens), as the trainer reads it back."""
+    cfg = TrainConfig(**{**TINY, "data_dir": str(data_dir), **flags})
+    run = train_gpt2.build_run(cfg, CPU)
+    path = train_gpt2.save_checkpoint(
+        run, MetricsLog(tmp_path / "m.jsonl", False), tmp_path / "model_00005", step=5, evals_done=True, keep=None
+    )
+    return {**checkpoint.load_file(path, required=checkpoint.TRAINING_KEYS), "path": str(path)}
+
+
+def _resume_problem(ckpt, data_dir, **flags):
+    cfg = TrainConfig(**{**TINY, "data_dir": str(data_dir), **flags})
+    return train_gpt2.resume_problem(ckpt, train_gpt2.build_run(cfg, CPU))
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"seed": 1}, "seed=1337 but this run has seed=1"), ({"shuffle": False}, "shuffle"), ({}, "seq_len")],
+    [
+        ({"seed": 1}, "--seed 1337 -> 1"),
+        ({"shuffle": False}, "--shuffle True -> False"),
+        ({"seq_len": 2 * T, "tokens_per_step": 8 * T}, f"--seq-len {T} -> {2 * T}"),
+    ],
 )
-def test_load_state_dict_rejects_a_different_run(data, kwargs, match):
+def test_the_trainer_refuses_a_loader_state_of_a_different_run(data, tmp_path, kwargs, match):
+    """Whether a loader state continues this run is decided in the trainer's one place
+    (train_gpt2.resume_problem); the loader itself takes any state."""
     data_dir, _ = data
-    state = TrainLoader(data_dir, 4, T).state_dict()
-    if not kwargs:
-        state["seq_len"] = 2 * T
-    with pytest.raises(DataError, match=match):
-        TrainLoader(data_dir, 4, T, **kwargs).load_state_dict(state)
+    ckpt = _saved_run(data_dir, tmp_path)
+    problem, _ = _resume_problem(ckpt, data_dir, **kwargs)
+    assert match in problem and "--allow-config-change" in problem
+    problem, changes = _resume_problem(ckpt, data_dir, allow_config_change=True, **kwargs)
+    assert problem is None and any(match in change for change in changes)
 
 
-def test_load_state_dict_rejects_changed_data(tmp_path):
+def test_the_trainer_refuses_changed_data(tmp_path):
     write_shards(tmp_path / "a")
-    state = TrainLoader(tmp_path / "a", 4, T).state_dict()
+    ckpt = _saved_run(tmp_path / "a", tmp_path)
     write_shards(tmp_path / "b", train_lengths=(50, 33))
-    with pytest.raises(DataError, match="data changed.*24 windows"):
-        TrainLoader(tmp_path / "b", 4, T).load_state_dict(state)
+    problem, _ = _resume_problem(ckpt, tmp_path / "b")
+    assert "data changed" in problem and "24 windows" in problem
 
 
 # ------------------------------------------------------------------------------ validation set
@@ -265,7 +306,7 @@ def test_val_uses_the_first_val_shard(tmp_path):
 def test_missing_data_dir(tmp_path):
     with pytest.raises(DataError, match=r"does not exist: run `uv run fineweb.py` first or pass --data-dir"):
         TrainLoader(tmp_path / "nope", 4, T)
-    assert issubclass(DataError, ValueError)
+    assert issubclass(DataError, cli.UserError)
 
 
 def test_empty_data_dir(tmp_path):
@@ -335,8 +376,9 @@ def test_cli_summary_and_one_line_error(data, capsys):
     main(["--data-dir", str(data_dir), "--micro-batch-size", "4", "--seq-len", "8", "--val-tokens", "64"])
     out = capsys.readouterr().out
     assert "5 shards, 203 tokens, 24 windows" in out and "val:   8 windows" in out
-    with pytest.raises(SystemExit, match="error: data dir .* does not exist"):
-        main(["--data-dir", str(data_dir / "missing")])
+    assert cli.run_main(main, ["--data-dir", str(data_dir / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{cli.script_name()}: error: data dir ") and "does not exist" in err and err.count("\n") == 1
 
 
 def test_token_ids_out_of_range_name_the_shard_when_read(data):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import checkpoint
 from conftest import limit_file_size
 from test_train_gpt2 import ROOT, run_env, trainer_cmd
+
+import checkpoint
 
 TIMEOUT = 300
 
@@ -29,8 +29,14 @@ TIMEOUT = 300
 def checkpoint_bytes(data_dir: Path, tmp_path: Path) -> int:
     """Size of one checkpoint of the test run (a 1-step run's final one)."""
     log_dir = tmp_path / "probe"
-    result = subprocess.run(trainer_cmd(data_dir, log_dir, "--max-steps", "1", "--warmup-steps", "0", "--val-every", "0"), cwd=ROOT,
-                            env=run_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        trainer_cmd(data_dir, log_dir, "--max-steps", "1", "--warmup-steps", "0", "--val-every", "0"),
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return (log_dir / checkpoint.FINAL).stat().st_size
 
@@ -43,8 +49,9 @@ def small_disk(tmp_path):
     def mount(size_bytes: int) -> Path:
         point = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
         point.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(point)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(point)], capture_output=True, text=True
+        )
         if result.returncode != 0:
             pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}): the file-size-limit test covers this")
         mounts.append(point)
@@ -70,15 +77,26 @@ def test_disk_fills_at_the_second_checkpoint_on_two_ranks(data_dir, tmp_path, sm
     size = checkpoint_bytes(data_dir, tmp_path)
     disk = small_disk(int(size * 1.6))  # room for one checkpoint and the metrics, not for a second one
     log_dir = disk / "log"
-    result = subprocess.run(trainer_cmd(data_dir, log_dir, nproc=2), cwd=ROOT, env=run_env(), capture_output=True,
-                            text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        trainer_cmd(data_dir, log_dir, nproc=2),
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
-    assert not [line for line in result.stderr.splitlines() if line.startswith("[rank") and "Traceback" in line], \
-        result.stderr[-3000:]  # no rank's traceback (torchrun prints its own ChildFailedError report)
+    assert not [line for line in result.stderr.splitlines() if line.startswith("[rank") and "Traceback" in line], (
+        result.stderr[-3000:]
+    )  # no rank's traceback (torchrun prints its own ChildFailedError report)
     message = next(line for line in errors if "no room to write" in line)
     assert f"{log_dir}/model_00010.pt" in message and "No space left on device" in message
-    assert f"{log_dir}/model_00005.pt is intact" in message and "free space" in message and "rerun the same command" in message
+    assert (
+        f"{log_dir}/model_00005.pt is intact" in message
+        and "free space" in message
+        and "rerun the same command" in message
+    )
     assert "lost contact" not in result.stderr  # the other rank stopped with it, not of a vanished peer
     assert_no_partial_files(log_dir)
     assert [path.name for _, path in checkpoint.paths(log_dir)] == ["model_00005.pt"]
@@ -90,18 +108,28 @@ def test_disk_fills_at_the_second_checkpoint_on_two_ranks(data_dir, tmp_path, sm
     # After space is freed (here: the run moved to a real disk), the same command resumes at step 5.
     moved = tmp_path / "moved"
     subprocess.run(["cp", "-a", str(log_dir), str(moved)], check=True)
-    result = subprocess.run(trainer_cmd(data_dir, moved), cwd=ROOT, env=run_env(), capture_output=True, text=True,
-                            timeout=TIMEOUT)
-    assert result.returncode == 0 and "resuming from" in result.stdout and "at step 5" in result.stdout, result.stderr[-2000:]
+    result = subprocess.run(
+        trainer_cmd(data_dir, moved), cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert result.returncode == 0 and "resuming from" in result.stdout and "at step 5" in result.stdout, result.stderr[
+        -2000:
+    ]
 
 
 def test_file_size_limit_stops_the_first_checkpoint_in_one_line(data_dir, tmp_path):
     log_dir = tmp_path / "log"
-    result = subprocess.run(trainer_cmd(data_dir, log_dir), cwd=ROOT, env={**run_env(), "PYTHONDONTWRITEBYTECODE": "1"},
-                            capture_output=True, text=True, timeout=TIMEOUT, preexec_fn=limit_file_size(1 << 20))
+    result = subprocess.run(
+        trainer_cmd(data_dir, log_dir),
+        cwd=ROOT,
+        env={**run_env(), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        preexec_fn=limit_file_size(1 << 20),
+    )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith("error: no room to write") and "model_00005.pt" in message
+    assert message.startswith("train_gpt2.py: error: no room to write") and "model_00005.pt" in message
     assert "no earlier checkpoint exists, so a rerun starts from step 0" in message
     assert not checkpoint.paths(log_dir)
     assert_no_partial_files(log_dir)

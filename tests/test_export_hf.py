@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import limit_file_size
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
-from conftest import limit_file_size
+import cli
 from export_hf import ExportConfig
 from model import GPT, GPTConfig
 from tokenizer import get_encoding
@@ -25,7 +26,7 @@ def save_random_checkpoint(path: Path, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128))
     with torch.no_grad():  # non-trivial biases and LayerNorms, so a wrong map cannot hide
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     torch.save({"model": model.state_dict(), "model_config": model.model_config_dict(), "step": 7}, path)
@@ -37,7 +38,10 @@ def test_export_loads_in_transformers_with_same_logits_and_tokens(tmp_path):
     out_dir = tmp_path / "hf"
     result = subprocess.run(
         [sys.executable, "export_hf.py", "--checkpoint", str(tmp_path / "model_final.pt"), "--out-dir", str(out_dir)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert (out_dir / "model.safetensors").is_file() and not list(out_dir.glob("*.bin"))
@@ -56,11 +60,21 @@ def test_export_loads_in_transformers_with_same_logits_and_tokens(tmp_path):
 
 def test_export_errors_are_one_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "export_hf.py", "--checkpoint", str(tmp_path / "missing.pt"), "--out-dir", str(tmp_path / "o")],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "export_hf.py",
+            "--checkpoint",
+            str(tmp_path / "missing.pt"),
+            "--out-dir",
+            str(tmp_path / "o"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
-    assert result.stderr.startswith("error:") and "Traceback" not in result.stderr
+    assert result.stderr.startswith("export_hf.py: error:") and "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -70,13 +84,23 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_no_folder(tmp_p
     weights are written: one line, and neither the export nor the folders made for it are left."""
     save_random_checkpoint(tmp_path / "model_final.pt")
     result = subprocess.run(
-        [sys.executable, "export_hf.py", "--checkpoint", str(tmp_path / "model_final.pt"),
-         "--out-dir", str(tmp_path / "new" / "deeper" / "hf")],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, preexec_fn=limit_file_size(1 << 20),
+        [
+            sys.executable,
+            "export_hf.py",
+            "--checkpoint",
+            str(tmp_path / "model_final.pt"),
+            "--out-dir",
+            str(tmp_path / "new" / "deeper" / "hf"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=limit_file_size(1 << 20),
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith(f"error: cannot write {tmp_path / 'new' / 'deeper' / 'hf'} (")
+    assert message.startswith(f"export_hf.py: error: cannot write {tmp_path / 'new' / 'deeper' / 'hf'} (")
     assert "File too large" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model_final.pt"]
 
@@ -96,14 +120,39 @@ def test_the_export_folders_the_readme_and_the_default_use_are_git_ignored():
 @pytest.mark.slow
 def test_hellaswag_on_the_export_equals_hellaswag_on_the_checkpoint(tmp_path, hellaswag_val_path):
     save_random_checkpoint(tmp_path / "model_final.pt", seed=3)
-    subprocess.run([sys.executable, "export_hf.py", "--checkpoint", str(tmp_path / "model_final.pt"),
-                    "--out-dir", str(tmp_path / "hf")], cwd=ROOT, check=True, capture_output=True, timeout=120)
-    common = ["--data", str(hellaswag_val_path), "--no-verify", "--limit", "20", "--device", "cpu", "--log-dir", str(tmp_path / "log")]
+    subprocess.run(
+        [
+            sys.executable,
+            "export_hf.py",
+            "--checkpoint",
+            str(tmp_path / "model_final.pt"),
+            "--out-dir",
+            str(tmp_path / "hf"),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    common = [
+        "--data",
+        str(hellaswag_val_path),
+        "--no-verify",
+        "--limit",
+        "20",
+        "--device",
+        "cpu",
+        "--log-dir",
+        str(tmp_path / "log"),
+    ]
     for source in (["--checkpoint", str(tmp_path / "model_final.pt")], ["--hf", str(tmp_path / "hf")]):
-        result = subprocess.run([sys.executable, "hellaswag.py", *source, *common], cwd=ROOT,
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, "hellaswag.py", *source, *common], cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
         assert result.returncode == 0, result.stderr
-    ours, theirs = [json.loads(line) for line in (tmp_path / "log" / "hellaswag_results.jsonl").read_text().splitlines()]
+    ours, theirs = [
+        json.loads(line) for line in (tmp_path / "log" / "hellaswag_results.jsonl").read_text().splitlines()
+    ]
     assert ours["checkpoint"] and theirs["model"] and ours["count"] == theirs["count"] == 20
     for key in ("acc", "acc_norm", "harness_acc", "harness_acc_norm"):
         assert ours[key] == theirs[key], key
@@ -127,12 +176,14 @@ def test_out_dir_is_never_emptied_unless_it_holds_a_previous_export(tmp_path, ca
     (cwd / "notes.txt").write_text("keep me")
 
     def export(out_dir: str) -> tuple[int, str]:
-        code = export_hf.main(["--checkpoint", str(ckpt), "--out-dir", out_dir])
+        code = cli.run_main(export_hf.main, ["--checkpoint", str(ckpt), "--out-dir", out_dir])
         return code, capsys.readouterr().err
 
-    for out_dir, phrase in ((str(mine), "holds other files: choose an empty or new folder"),
-                            (str(log_dir), "holds the checkpoint being exported"),
-                            (".", "--out-dir . holds other files")):
+    for out_dir, phrase in (
+        (str(mine), "holds other files: choose an empty or new folder"),
+        (str(log_dir), "holds the checkpoint being exported"),
+        (".", "--out-dir . holds other files"),
+    ):
         monkeypatch.chdir(cwd if out_dir == "." else ROOT)
         code, err = export(out_dir)
         lines = err.strip().splitlines()

@@ -1,8 +1,9 @@
 """fineweb.py: token stream, determinism, resume after SIGKILL, --verify, bad input, offline Hub.
 
 Everything is real: tiktoken, Hugging Face `datasets` reading local files, worker processes, files on
-disk, a real SIGKILL, a real "no room" write error (EFBIG under a file-size limit, `ulimit -f`). The oracle for the token stream is computed here
-independently: pyarrow reads the parquet, tiktoken's encode_ordinary encodes each document.
+disk, a real SIGKILL, a real "no room" write error (EFBIG under a file-size limit, `ulimit -f`). The
+oracle for the token stream is computed here independently: pyarrow reads the parquet, tiktoken's
+encode_ordinary encodes each document.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-import fineweb
 from conftest import limit_file_size
+
+import cli
+import fineweb
 from fineweb import FinewebConfig, PrepError, prepare
 from tokenizer import EOT_TOKEN, get_encoding
 
@@ -133,7 +135,9 @@ def test_one_worker_streaming_and_spawned_workers_write_identical_shards(subset,
     # spawn = the start method of Windows and macOS: the workers must get everything by pickling
     spawned = prepare(
         FinewebConfig(input=tuple(subset), out_dir=str(tmp_path / "spawn"), shard_size=SHARD, workers=2),
-        cache_dir=cache, mp_context="spawn", progress=False,
+        cache_dir=cache,
+        mp_context="spawn",
+        progress=False,
     )
     assert ref["shards"] == one["shards"] == streamed["shards"] == spawned["shards"]
 
@@ -152,7 +156,7 @@ def test_resume_after_a_crash_mid_document_is_byte_identical(subset, cache, refe
     (out / "manifest.json").write_text(json.dumps(crashed))
     (out / ref["shards"][k + 2]["file"]).unlink()  # a later shard missing; k+1 unrecorded but present
     (out / ref["shards"][k + 1]["file"]).write_bytes(b"stale")
-    # temp files of writes the crash interrupted (random suffixes: fileio.atomic_path uses mkstemp)
+    # temp files of writes the crash interrupted (random suffixes: fileio.atomic_path's temp names)
     stale_temps = [out / f".shard-{k + 1:06d}.k2x9_q.tmp", out / ".manifest.json.a8f3z1.tmp"]
     for p in stale_temps:
         p.write_bytes(b"half-written")
@@ -182,8 +186,9 @@ def test_a_moved_input_file_still_matches_its_manifest(subset, cache, tmp_path, 
     shutil.copy(subset[0], first)
     out = tmp_path / "out"
     made = run([first], out, cache, shard_size=SHARD, workers=1)
-    assert made["settings"]["source"]["files"] == [{"name": "part-0.parquet", "bytes": first.stat().st_size,
-                                                    "path": str(first)}]
+    assert made["settings"]["source"]["files"] == [
+        {"name": "part-0.parquet", "bytes": first.stat().st_size, "path": str(first)}
+    ]
     moved = tmp_path / "renamed-checkout" / "part-0.parquet"
     moved.parent.mkdir()
     first.rename(moved)
@@ -209,11 +214,22 @@ def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(demo_parquet, cach
     shard = fineweb.MIN_SHARD_SIZE  # ~140 shards: a wide window to kill in
     expected = run(files, tmp_path / "straight", cache, shard_size=shard, workers=1)
     out = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "fineweb.py"), "--input", *files, "--out-dir", str(out),
-           "--shard-size", str(shard), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "fineweb.py"),
+        "--input",
+        *files,
+        "--out-dir",
+        str(out),
+        "--shard-size",
+        str(shard),
+        "--workers",
+        "1",
+    ]
     env = env_for_cli(tmp_path)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -242,8 +258,14 @@ def test_sigkill_mid_run_then_rerun_matches_uninterrupted_run(demo_parquet, cach
     final = json.loads((out / "manifest.json").read_text())
     assert final["complete"] and sha_list(final) == sha_list(expected)
     assert [hashlib.sha256((out / s["file"]).read_bytes()).hexdigest() for s in final["shards"]] == sha_list(expected)
-    check = subprocess.run([sys.executable, str(ROOT / "fineweb.py"), "--out-dir", str(out), "--verify"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    check = subprocess.run(
+        [sys.executable, str(ROOT / "fineweb.py"), "--out-dir", str(out), "--verify"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert check.returncode == 0 and "all match" in check.stdout, check.stdout + check.stderr
 
 
@@ -255,7 +277,7 @@ def test_verify_names_each_bad_shard(reference, tmp_path, capsys):
     ref_dir, ref = reference
     out = tmp_path / "out"
     shutil.copytree(ref_dir, out)
-    fineweb.main(["--out-dir", str(out), "--verify"])
+    assert fineweb.main(["--out-dir", str(out), "--verify"]) == 0
     assert "all match" in capsys.readouterr().out
     names = [s["file"] for s in ref["shards"]]
     with open(out / names[1], "r+b") as f:  # truncated
@@ -271,14 +293,18 @@ def test_verify_names_each_bad_shard(reference, tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["shards"][3]["sha256"] = hashlib.sha256((out / names[3]).read_bytes()).hexdigest()
     (out / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SystemExit) as err:
-        fineweb.main(["--out-dir", str(out), "--verify"])
-    printed = capsys.readouterr().out
+    assert fineweb.main(["--out-dir", str(out), "--verify"]) == 1  # the verdict, as cmp's
+    printed, err = capsys.readouterr()
     assert f"BAD {names[1]}: " in printed and "truncated" in printed
     assert f"BAD {names[2]}: sha256" in printed
     assert f"BAD {names[3]}: token id 60000 at position 777" in printed
     assert all(n not in printed for n in names[:1] + names[4:])
-    assert names[1] in str(err.value) and names[3] in str(err.value)
+    message = err.strip().splitlines()[-1]  # after the progress bar
+    assert (
+        message.startswith(f"{cli.script_name()}: error: --verify found")
+        and names[1] in message
+        and names[3] in message
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,10 +312,10 @@ def test_verify_names_each_bad_shard(reference, tmp_path, capsys):
 
 
 def cli_error(capsys, *argv) -> str:
-    with pytest.raises(SystemExit) as err:
-        fineweb.main(list(argv))
-    message = str(err.value)
-    assert message.startswith("fineweb.py: error: ") and "\n" not in message
+    assert cli.run_main(fineweb.main, list(argv)) == 2
+    lines = capsys.readouterr().err.strip().splitlines()  # the error comes after any progress output
+    message = lines[-1]  # the whole message: the line that starts with the prefix is the last one
+    assert message.startswith(f"{cli.script_name()}: error: ") and sum(": error: " in line for line in lines) == 1
     return message
 
 
@@ -297,7 +323,7 @@ def test_refused_flag_values_are_one_line_errors_before_anything_runs(tmp_path, 
     out = tmp_path / "o"
     assert "--shard-size must be a positive" in cli_error(capsys, "--shard-size", "0", "--out-dir", str(out))
     assert "--workers must be >= 0" in cli_error(capsys, "--workers", "-1", "--out-dir", str(out))
-    assert "--max-tokens must be >= 0" in cli_error(capsys, "--max-tokens", "-1e3", "--out-dir", str(out))
+    assert "--max-tokens must be >= 0" in cli_error(capsys, "--max-tokens=-1e3", "--out-dir", str(out))
     assert "--out-dir must not be empty" in cli_error(capsys, "--out-dir", "")
     # thousands of shards too small to hold a training window: refused before anything is read
     small = cli_error(capsys, "--shard-size", "10", "--input", str(ROOT / "README.md"), "--out-dir", str(out))
@@ -390,12 +416,30 @@ def test_full_disk_is_a_one_line_error_and_leaves_no_shard(subset, tmp_path):
     # file-size limit, the first shard (SHARD tokens = 100 KB) does not, so its write fails with EFBIG.
     assert 2 * SHARD > 64 * 1024
     # --streaming: local files are read in place, nothing goes to the user's datasets cache
-    cmd = [sys.executable, str(ROOT / "fineweb.py"), "--input", *subset, "--out-dir", str(out),
-           "--shard-size", str(SHARD), "--streaming", "--workers", "1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "fineweb.py"),
+        "--input",
+        *subset,
+        "--out-dir",
+        str(out),
+        "--shard-size",
+        str(SHARD),
+        "--streaming",
+        "--workers",
+        "1",
+    ]
     out.mkdir()  # a folder that was there before is kept (one the run created goes: see above)
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env_for_cli(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"},
-                          capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size(64 * 1024))
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**env_for_cli(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit_file_size(64 * 1024),
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("fineweb.py: error: "), proc.stderr[-2000:]
     assert "disk full" in message and "rerun the same command" in message
@@ -433,9 +477,15 @@ def test_txt_files_are_one_document_each(cache, tmp_path):
 def test_hub_without_network_fails_fast_with_one_line(tmp_path, monkeypatch):
     env = {**env_for_cli(tmp_path), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     t = time.time()
-    proc = subprocess.run([sys.executable, str(ROOT / "fineweb.py"), "--out-dir", str(tmp_path / "o")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and time.time() - t < 60
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "fineweb.py"), "--out-dir", str(tmp_path / "o")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and time.time() - t < 60
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("fineweb.py: error: cannot load HuggingFaceFW/fineweb-edu (sample-10BT)"), proc.stderr
@@ -449,8 +499,9 @@ def test_hub_without_network_fails_fast_with_one_line(tmp_path, monkeypatch):
 
 def test_importing_does_nothing(tmp_path):
     code = "import sys, fineweb; assert 'datasets' not in sys.modules; print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env_for_cli(tmp_path),
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env_for_cli(tmp_path), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0 and proc.stdout == "ok\n" and proc.stderr == "", proc.stderr
 
 
@@ -464,5 +515,6 @@ def test_shards_and_manifest_follow_the_umask(cache, tmp_path):
     finally:
         os.umask(old)
     files = list((tmp_path / "out").iterdir())
-    assert len(files) >= 3 and all(p.stat().st_mode & 0o777 == 0o640 for p in files), \
-        {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+    assert len(files) >= 3 and all(p.stat().st_mode & 0o777 == 0o640 for p in files), {
+        p.name: oct(p.stat().st_mode & 0o777) for p in files
+    }

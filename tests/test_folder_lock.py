@@ -24,13 +24,21 @@ import fileio
 from fileio import LOCK_FILE, FolderInUse, FolderLock
 
 ROOT = Path(__file__).resolve().parent.parent
-HOLD = "import fileio, sys, time; fileio.FolderLock(sys.argv[1], ['holder']).acquire(); print('held', flush=True); time.sleep(60)"
+HOLD = (
+    "import fileio, sys, time; fileio.FolderLock(sys.argv[1], ['holder']).acquire(); print('held', flush=True); "
+    "time.sleep(60)"
+)
 
 
 def holder(folder: Path) -> subprocess.Popen:
     """Another process holding `folder` (until killed)."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(folder)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.stdout.readline().strip() == "held"
     return proc
 
@@ -38,6 +46,7 @@ def holder(folder: Path) -> subprocess.Popen:
 @pytest.fixture
 def no_flock(monkeypatch):
     """flock failing as on a filesystem without locks; heartbeats every 0.1 s instead of 30."""
+
     def refuse(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
@@ -47,8 +56,16 @@ def no_flock(monkeypatch):
 
 def write_record(folder: Path, **fields) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    record = {"host": socket.gethostname(), "pid": 1, "started": time.time() - 60, "token": "someone-else",
-              "command": "train_gpt2.py --other", "heartbeat": time.time(), "released": False, **fields}
+    record = {
+        "host": socket.gethostname(),
+        "pid": 1,
+        "started": time.time() - 60,
+        "token": "someone-else",
+        "command": "train_gpt2.py --other",
+        "heartbeat": time.time(),
+        "released": False,
+        **fields,
+    }
     (folder / LOCK_FILE).write_text(json.dumps(record))
 
 
@@ -60,11 +77,14 @@ def assert_lost(lock: FolderLock, reason: str) -> None:
     with pytest.raises(FolderInUse, match=reason):
         lock.check()
 
+
 def test_a_held_folder_is_refused_naming_its_holder_and_free_again_after_release(tmp_path):
     (tmp_path / "log").mkdir()
     first = FolderLock(tmp_path / "log", ["train_gpt2.py", "--log-dir", "log"]).acquire()
     assert first.flock and not first.created
-    with pytest.raises(FolderInUse, match=rf"in use by another run \(pid {os.getpid()} on .*train_gpt2.py --log-dir log\)"):
+    with pytest.raises(
+        FolderInUse, match=rf"in use by another run \(pid {os.getpid()} on .*train_gpt2.py --log-dir log\)"
+    ):
         FolderLock(tmp_path / "log").acquire()
     first.release()
     assert json.loads((tmp_path / "log" / LOCK_FILE).read_text())["released"]

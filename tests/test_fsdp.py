@@ -34,9 +34,10 @@ for path in (str(ROOT), str(TESTS)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+import test_train_gpt2 as core  # noqa: E402  (helpers and pinned environment of the trainer tests)
+
 import checkpoint  # noqa: E402
 import fileio  # noqa: E402
-import test_train_gpt2 as core  # noqa: E402  (helpers and pinned environment of the trainer tests)
 
 pytestmark = pytest.mark.xdist_group("fsdp_runs")  # one worker builds the module's runs once
 
@@ -83,8 +84,9 @@ def one_process(data_dir, hellaswag_subset, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def fsdp_two(data_dir, hellaswag_subset, tmp_path_factory) -> dict:
     """2 ranks of `--parallel fsdp` (one micro-step each), val + HellaSwag + samples on."""
-    return _run(data_dir, tmp_path_factory.mktemp("fsdp2"), *EVALS, "--hellaswag-data", str(hellaswag_subset), *FSDP,
-                nproc=2)
+    return _run(
+        data_dir, tmp_path_factory.mktemp("fsdp2"), *EVALS, "--hellaswag-data", str(hellaswag_subset), *FSDP, nproc=2
+    )
 
 
 def children(pid: int) -> list[int]:
@@ -110,23 +112,40 @@ def test_two_fsdp_ranks_train_evaluate_and_sample_like_one_process(one_process, 
     val = [[r["val_loss"] for r in of_type(run["metrics"], "val")] for run in (one_process, fsdp_two)]
     assert len(val[1]) == 3 and val[1] == pytest.approx(val[0], abs=1e-6)
     # every rank ran the same HellaSwag forwards (a padding one where a rank had a batch fewer) and samples
-    assert of_type(fsdp_two["metrics"], "hellaswag", drop=("time",)) == of_type(one_process["metrics"], "hellaswag", drop=("time",))
+    assert of_type(fsdp_two["metrics"], "hellaswag", drop=("time",)) == of_type(
+        one_process["metrics"], "hellaswag", drop=("time",)
+    )
     assert of_type(fsdp_two["metrics"], "hellaswag")[0]["count"] == HELLASWAG_EXAMPLES
     samples = of_type(fsdp_two["metrics"], "sample")
     assert [r["step"] for r in samples] == [10, 20]
-    assert of_type(fsdp_two["metrics"], "sample", drop=("time",)) == of_type(one_process["metrics"], "sample", drop=("time",))
+    assert of_type(fsdp_two["metrics"], "sample", drop=("time",)) == of_type(
+        one_process["metrics"], "sample", drop=("time",)
+    )
 
     # Sharded checkpoints: one folder per step, each rank's shard file, the index, the train state;
     # no temp folder left; the newest 3 step checkpoints kept.
     log_dir = fsdp_two["log_dir"]
-    assert [p.name for _, p in checkpoint.paths(log_dir)] == ["model_final", "model_00015", "model_00010", "model_00005"]
+    assert [p.name for _, p in checkpoint.paths(log_dir)] == [
+        "model_final",
+        "model_00015",
+        "model_00010",
+        "model_00005",
+    ]
     for _, folder in checkpoint.paths(log_dir):
-        assert {p.name for p in folder.iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp", checkpoint.STATE_FILE}
+        assert {p.name for p in folder.iterdir()} == {
+            ".metadata",
+            "__0_0.distcp",
+            "__1_0.distcp",
+            checkpoint.STATE_FILE,
+        }
     assert not list(log_dir.glob(".model_*"))
     state = checkpoint.load_file(log_dir / "model_final", required=checkpoint.TRAINING_KEYS)
     assert state["sharded"] and state["step"] == core.MAX_STEPS and state["config"]["parallel"] == "fsdp"
     # The same weights as one process, read from the shards (tied head stored once, still tied).
-    assert max_difference(weights_of(log_dir / "model_final"), weights_of(one_process["log_dir"] / "model_final.pt")) < 1e-6
+    assert (
+        max_difference(weights_of(log_dir / "model_final"), weights_of(one_process["log_dir"] / "model_final.pt"))
+        < 1e-6
+    )
     model = checkpoint.load_model(log_dir / "model_final")
     assert model.lm_head.weight is model.transformer.wte.weight
 
@@ -170,11 +189,20 @@ def test_sigkill_between_sharded_checkpoints_then_rerun_gives_the_same_weights(f
     final weights of the uninterrupted 2-rank run, bit for bit, and each train step logged once."""
     log_dir = tmp_path / "log"
     cmd = core.trainer_cmd(data_dir, log_dir, *NO_CLIP, *FSDP, "--ckpt-every", "3", nproc=2)
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=core.run_env(), stdout=open(tmp_path / "killed.out", "w"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=core.run_env(),
+        stdout=open(tmp_path / "killed.out", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        core.wait_for(proc, lambda: (log_dir / "model_00003").is_dir() and core.last_train_step(log_dir) >= 4,
-                      "the step-3 checkpoint and two more steps")
+        core.wait_for(
+            proc,
+            lambda: (log_dir / "model_00003").is_dir() and core.last_train_step(log_dir) >= 4,
+            "the step-3 checkpoint and two more steps",
+        )
     finally:
         ranks = children(proc.pid)  # torchrun starts its ranks in sessions of their own
         for pid in [*ranks, proc.pid]:  # the ranks and torchrun, as a node failure would
@@ -223,7 +251,8 @@ def test_a_sharded_checkpoint_of_another_model_fails_in_one_line(fsdp_two, data_
     state["model_config"] = {**state["model_config"], "n_layer": 2}
     torch.save(state, state_file)
     code, err = core._main_in_process(
-        [*core.BASE_FLAGS, *NO_CLIP, "--data-dir", str(data_dir), "--log-dir", str(log_dir)], capsys)
+        [*core.BASE_FLAGS, *NO_CLIP, "--data-dir", str(data_dir), "--log-dir", str(log_dir)], capsys
+    )
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert "model_00010 holds another model" in lines[0] and "'n_layer': 2" in lines[0] and "--model tiny" in lines[0]
@@ -237,16 +266,38 @@ def test_every_script_takes_a_sharded_checkpoint(fsdp_two, tmp_path):
 
     folder = fsdp_two["log_dir"] / "model_final"
     out_dir = tmp_path / "hf"
-    export = subprocess.run([sys.executable, "export_hf.py", "--checkpoint", str(folder), "--out-dir", str(out_dir)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=core.run_env())
+    export = subprocess.run(
+        [sys.executable, "export_hf.py", "--checkpoint", str(folder), "--out-dir", str(out_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=core.run_env(),
+    )
     assert export.returncode == 0, export.stderr
     ours, hf = checkpoint.load_model(folder), GPT2LMHeadModel.from_pretrained(out_dir).eval()
     idx = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (hf(idx).logits - ours(idx)[0]).abs().max().item() < 1e-4
-    sample = subprocess.run([sys.executable, "sample.py", "--checkpoint", str(folder), "--max-new-tokens", "8",
-                             "--num-samples", "1", "--device", "cpu"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=core.run_env())
+    sample = subprocess.run(
+        [
+            sys.executable,
+            "sample.py",
+            "--checkpoint",
+            str(folder),
+            "--max-new-tokens",
+            "8",
+            "--num-samples",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=core.run_env(),
+    )
     assert sample.returncode == 0 and sample.stdout.strip(), sample.stderr
     read = checkpoint.read_step(folder)
     assert read == core.MAX_STEPS
@@ -259,11 +310,13 @@ def test_memory_formula_counts_the_model_built_on_the_meta_device():
     optimizer step's temporary on the CPU. (Its predictions against real CPU steps are in
     BENCHMARKS.md: within 10%.)"""
     import memory as memory_table
-    from model import MODEL_PRESETS, GPT, GPTConfig
+    from model import GPT, MODEL_PRESETS, GPTConfig
 
     counts = memory_table.parameter_counts("tiny")
     real = GPT(GPTConfig(**MODEL_PRESETS["tiny"]))
-    assert counts["total"] == real.num_params() and counts["block"] == sum(p.numel() for p in real.transformer.h[0].parameters())
+    assert counts["total"] == real.num_params() and counts["block"] == sum(
+        p.numel() for p in real.transformer.h[0].parameters()
+    )
     assert memory_table.parameter_counts("gpt2")["total"] == 124_475_904  # GPT-2 124M with the vocab padded to 50,304
     ddp = memory_table.memory_bytes("gpt2-xl", "ddp", False, 8, 1024, gpus=8)
     fsdp = memory_table.memory_bytes("gpt2-xl", "fsdp", False, 8, 1024, gpus=8)

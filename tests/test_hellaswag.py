@@ -26,6 +26,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import cli
 import hellaswag
 import runtime
 from hellaswag_eval import (
@@ -82,11 +83,11 @@ def clean(text: str) -> str:
 @torch.no_grad()
 def loop_loglik(model: GPT, tokens: list[int], n_ending: int) -> float:
     """One sequence, one forward: sum of log p over its last n_ending tokens (left-truncated to fit)."""
-    tokens = tokens[-(model.config.block_size + 1):]
+    tokens = tokens[-(model.config.block_size + 1) :]
     logits, _ = model(torch.tensor(tokens[:-1])[None])  # (1, T, vocab): position t predicts token t + 1
     first = len(tokens) - 1 - n_ending  # the position that predicts the ending's first token
     logprobs = F.log_softmax(logits[0, first:].float(), dim=-1)
-    return sum(logprobs[i, token].item() for i, token in enumerate(tokens[first + 1:]))
+    return sum(logprobs[i, token].item() for i, token in enumerate(tokens[first + 1 :]))
 
 
 def loop_example(model: GPT, example: dict, style: str) -> tuple[list[float], list[int]]:
@@ -100,7 +101,7 @@ def loop_example(model: GPT, example: dict, style: str) -> tuple[list[float], li
     for ending in example["endings"]:
         choice = clean(ending)
         context = enc.encode(query)
-        continuation = enc.encode(query + " " + choice)[len(context):]
+        continuation = enc.encode(query + " " + choice)[len(context) :]
         lls.append(loop_loglik(model, context + continuation, len(continuation)))
         chars.append(len(choice))
     return lls, chars
@@ -122,10 +123,15 @@ def test_batched_scores_equal_a_plain_per_example_loop_in_both_styles(model, exa
         else:
             acc_norm = np.mean((loglik / norm).argmax(axis=1) == labels)
         assert accuracies(batched[style]["loglik"], batched[style]["norm"], batched[style]["label"]) == (
-            np.mean(loglik.argmax(axis=1) == labels), acc_norm)
+            np.mean(loglik.argmax(axis=1) == labels),
+            acc_norm,
+        )
     enc = get_encoding()
-    longer = sum(len(enc.encode(ex["ctx"] + " " + ending)) > SMALL["block_size"] + 1
-                 for ex in examples for ending in ex["endings"])
+    longer = sum(
+        len(enc.encode(ex["ctx"] + " " + ending)) > SMALL["block_size"] + 1
+        for ex in examples
+        for ending in ex["endings"]
+    )
     assert longer > 0  # some sequences exceed the context: the left-truncation path ran
 
 
@@ -156,11 +162,14 @@ def test_works_on_a_torch_compiled_model(model, examples, batched):
 
 # ---- 2 gloo processes == 1 ----------------------------------------------------------------------
 def _rank_worker(rank: int, world_size: int, port: int, data_path: str, out_dir: str, limit: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
     torch.set_num_threads(1)
     dist_info = runtime.setup_distributed("cpu")
-    scores = score_examples(small_model(), load_examples(data_path, limit=limit, verify=False), dist_info, batch_size=16)
+    scores = score_examples(
+        small_model(), load_examples(data_path, limit=limit, verify=False), dist_info, batch_size=16
+    )
     np.savez(Path(out_dir) / f"rank{rank}.npz", **{style: s["loglik"] for style, s in scores.items()})
     runtime.teardown_distributed()  # barrier, then destroy
 
@@ -173,8 +182,13 @@ def free_port() -> int:
 
 def test_two_gloo_processes_give_the_same_numbers_as_one(tmp_path, hellaswag_val_path):
     limit = 30  # 2 styles x 30 x 4 = 240 rows in batches of 16: 15 batches, unequal shares
-    context = mp.start_processes(_rank_worker, args=(2, free_port(), str(hellaswag_val_path), str(tmp_path), limit),
-                                 nprocs=2, join=False, start_method="spawn")
+    context = mp.start_processes(
+        _rank_worker,
+        args=(2, free_port(), str(hellaswag_val_path), str(tmp_path), limit),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
     deadline = time.monotonic() + 120
     try:
         while not context.join(timeout=max(1.0, deadline - time.monotonic())):
@@ -184,7 +198,9 @@ def test_two_gloo_processes_give_the_same_numbers_as_one(tmp_path, hellaswag_val
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    single = score_examples(small_model(), load_examples(hellaswag_val_path, limit=limit, verify=False), CPU, batch_size=16)
+    single = score_examples(
+        small_model(), load_examples(hellaswag_val_path, limit=limit, verify=False), CPU, batch_size=16
+    )
     for rank in range(2):
         saved = np.load(tmp_path / f"rank{rank}.npz")
         for style, s in single.items():
@@ -196,19 +212,29 @@ def test_two_gloo_processes_give_the_same_numbers_as_one(tmp_path, hellaswag_val
 
 # ---- harness prompt construction on concrete strings ---------------------------------------------
 def test_harness_preprocess_turns_title_into_a_sentence_break_and_drops_tags():
-    assert harness_preprocess("  Clean the sink [title] Rinse it. [step] Dry it.  ") == "Clean the sink. Rinse it. Dry it."
+    assert (
+        harness_preprocess("  Clean the sink [title] Rinse it. [step] Dry it.  ") == "Clean the sink. Rinse it. Dry it."
+    )
     assert harness_preprocess("[header] How to bake [substeps] a cake") == " How to bake a cake"
     # one replace pass: three spaces become two, not one
     assert harness_preprocess("a   b") == "a  b"
 
 
 def test_harness_query_uses_activity_label_and_capitalises_ctx_b():
-    example = {"activity_label": "Making a cake", "ctx_a": "A woman mixes flour.", "ctx_b": "the Woman",
-               "endings": ["x"] * 4}
+    example = {
+        "activity_label": "Making a cake",
+        "ctx_a": "A woman mixes flour.",
+        "ctx_b": "the Woman",
+        "endings": ["x"] * 4,
+    }
     # str.capitalize: first letter up, the rest down, as the harness does
     assert harness_query(example) == "Making a cake: A woman mixes flour. The woman"
-    wikihow = {"activity_label": "Home and Garden", "ctx_a": "[header] How to fix a tap [title] Turn off the water.",
-               "ctx_b": "", "endings": ["x"] * 4}
+    wikihow = {
+        "activity_label": "Home and Garden",
+        "ctx_a": "[header] How to fix a tap [title] Turn off the water.",
+        "ctx_b": "",
+        "endings": ["x"] * 4,
+    }
     assert harness_query(wikihow) == "Home and Garden: How to fix a tap. Turn off the water."
 
 
@@ -216,7 +242,7 @@ def test_harness_encode_pair_moves_trailing_spaces_to_the_continuation():
     enc = get_encoding()
     context, continuation = harness_encode_pair(enc, "The cat ", "sat.")
     assert context == enc.encode("The cat")
-    assert continuation == enc.encode("The cat sat.")[len(context):] == enc.encode(" sat.")
+    assert continuation == enc.encode("The cat sat.")[len(context) :] == enc.encode(" sat.")
 
 
 # ---- data: download, verification, clear errors ---------------------------------------------------
@@ -291,7 +317,9 @@ def test_bad_data_files_give_one_line_errors(tmp_path, hellaswag_val_path):
 
 
 # ---- the CLI --------------------------------------------------------------------------------------
-def save_tiny_checkpoint(path: Path, step: int = 7, config: dict | None = None, weights_from: dict | None = None) -> None:
+def save_tiny_checkpoint(
+    path: Path, step: int = 7, config: dict | None = None, weights_from: dict | None = None
+) -> None:
     model = small_model()
     if weights_from is not None:
         torch.manual_seed(0)
@@ -302,8 +330,21 @@ def save_tiny_checkpoint(path: Path, step: int = 7, config: dict | None = None, 
 def test_cli_appends_one_result_line_per_run(tmp_path, hellaswag_val_path, model):
     ckpt = tmp_path / "model_final.pt"
     save_tiny_checkpoint(ckpt, step=7)
-    cmd = [sys.executable, str(ROOT / "hellaswag.py"), "--checkpoint", str(ckpt), "--data", str(hellaswag_val_path),
-           "--no-verify", "--limit", "20", "--log-dir", str(tmp_path / "log"), "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "hellaswag.py"),
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(hellaswag_val_path),
+        "--no-verify",
+        "--limit",
+        "20",
+        "--log-dir",
+        str(tmp_path / "log"),
+        "--device",
+        "cpu",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
     assert out.returncode == 0, out.stderr
     summary = out.stdout.strip().splitlines()
@@ -317,8 +358,18 @@ def test_cli_appends_one_result_line_per_run(tmp_path, hellaswag_val_path, model
     records = [json.loads(line) for line in (tmp_path / "log" / "hellaswag_results.jsonl").read_text().splitlines()]
     assert len(records) == 2
     for record in records:
-        assert set(record) == {"checkpoint", "model", "step", "acc", "acc_norm", "harness_acc", "harness_acc_norm",
-                               "count", "seconds", "time"}
+        assert set(record) == {
+            "checkpoint",
+            "model",
+            "step",
+            "acc",
+            "acc_norm",
+            "harness_acc",
+            "harness_acc_norm",
+            "count",
+            "seconds",
+            "time",
+        }
         assert record["checkpoint"] == str(ckpt) and record["model"] is None and record["step"] == 7
         assert record["count"] == 20 and record["seconds"] > 0
         for key in ("acc", "acc_norm", "harness_acc", "harness_acc_norm"):
@@ -336,8 +387,10 @@ def test_a_checkpoints_score_is_filed_in_its_own_run_folder(tmp_path, hellaswag_
     assert capsys.readouterr().out.strip().endswith(str(run_dir / "hellaswag_results.jsonl"))
     (record,) = [json.loads(line) for line in (run_dir / "hellaswag_results.jsonl").read_text().splitlines()]
     assert record["checkpoint"] == str(run_dir / "model_final.pt") and record["step"] == 5
-    assert hellaswag.main(["--checkpoint", str(run_dir / "model_final.pt"), *data,
-                           "--log-dir", str(tmp_path / "chosen")]) == 0
+    assert (
+        hellaswag.main(["--checkpoint", str(run_dir / "model_final.pt"), *data, "--log-dir", str(tmp_path / "chosen")])
+        == 0
+    )
     assert (tmp_path / "chosen" / "hellaswag_results.jsonl").is_file()
     assert len((run_dir / "hellaswag_results.jsonl").read_text().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chosen", "log_fast"]  # no log/ made on the side
@@ -346,16 +399,25 @@ def test_a_checkpoints_score_is_filed_in_its_own_run_folder(tmp_path, hellaswag_
 
 
 def test_cli_errors_are_one_line(tmp_path, hellaswag_val_path, capsys):
-    data = ["--data", str(hellaswag_val_path), "--no-verify", "--limit", "4", "--device", "cpu",
-            "--log-dir", str(tmp_path / "log")]
+    data = [
+        "--data",
+        str(hellaswag_val_path),
+        "--no-verify",
+        "--limit",
+        "4",
+        "--device",
+        "cpu",
+        "--log-dir",
+        str(tmp_path / "log"),
+    ]
 
     wrong_shape = tmp_path / "wrong_shape.pt"
     save_tiny_checkpoint(wrong_shape, config={**SMALL, "n_embd": 32}, weights_from=SMALL)
-    assert hellaswag.main(["--checkpoint", str(wrong_shape), *data]) == 2
+    assert cli.run_main(hellaswag.main, ["--checkpoint", str(wrong_shape), *data]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "do not fit" in err and len(err.splitlines()) == 1
+    assert err.startswith(f"{cli.script_name()}: error:") and "do not fit" in err and len(err.splitlines()) == 1
 
-    assert hellaswag.main(["--checkpoint", str(tmp_path / "nope.pt"), *data]) == 2
+    assert cli.run_main(hellaswag.main, ["--checkpoint", str(tmp_path / "nope.pt"), *data]) == 2
     assert "not found" in capsys.readouterr().err
 
     subset = tmp_path / "subset.jsonl"
@@ -363,12 +425,17 @@ def test_cli_errors_are_one_line(tmp_path, hellaswag_val_path, capsys):
     good = tmp_path / "good.pt"
     save_tiny_checkpoint(good)
     args = ["--checkpoint", str(good), "--data", str(subset), "--device", "cpu", "--log-dir", str(tmp_path / "log")]
-    assert hellaswag.main(args) == 2
+    assert cli.run_main(hellaswag.main, args) == 2
     assert "sha256" in capsys.readouterr().err
     assert hellaswag.main([*args, "--no-verify"]) == 0
     assert "4 examples" in capsys.readouterr().out
 
-    assert hellaswag.main(["--checkpoint", str(good), "--data", str(tmp_path / "missing.jsonl"), "--device", "cpu"]) == 2
+    assert (
+        cli.run_main(
+            hellaswag.main, ["--checkpoint", str(good), "--data", str(tmp_path / "missing.jsonl"), "--device", "cpu"]
+        )
+        == 2
+    )
     assert "--download-only" in capsys.readouterr().err
     # only the one run that succeeded wrote a result
     assert len((tmp_path / "log" / "hellaswag_results.jsonl").read_text().splitlines()) == 1

@@ -6,7 +6,6 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import runtime
 from model import (
     GPT,
     MODEL_PRESETS,
@@ -21,8 +20,14 @@ from model import (
 def tiny_hf_model(seed=0):
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=50257, n_positions=64, n_embd=64, n_layer=2, n_head=4,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        vocab_size=50257,
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     model = GPT2LMHeadModel(config).eval()
     # A freshly initialised HF GPT-2 has zero biases and unit LayerNorms: randomise them so a
@@ -110,8 +115,9 @@ def test_kv_cache_sampling_equals_full_recompute():
     greedy_full = generate(model, prompt, 20, num_samples=2, temperature=0, use_kv_cache=False)
     assert greedy_cached == greedy_full and len(greedy_cached[0]) == 20
     sampled = [
-        generate(model, prompt, 20, num_samples=3, top_k=50, use_kv_cache=cache,
-                 generator=torch.Generator().manual_seed(7))
+        generate(
+            model, prompt, 20, num_samples=3, top_k=50, use_kv_cache=cache, generator=torch.Generator().manual_seed(7)
+        )
         for cache in (True, False)
     ]
     assert sampled[0] == sampled[1]
@@ -177,8 +183,11 @@ def test_speed_levers_that_run_on_cpu_give_the_plain_gradients():
     model.activation_checkpointing = True
     checkpointed = _gradients(model, idx)
     model.activation_checkpointing = False
-    for name, grads in (("activation checkpointing", checkpointed), ("flash", _gradients(model, idx, "flash")),
-                        ("auto", _gradients(model, idx, "auto"))):
+    for name, grads in (
+        ("activation checkpointing", checkpointed),
+        ("flash", _gradients(model, idx, "flash")),
+        ("auto", _gradients(model, idx, "auto")),
+    ):
         worst = max((grads[n] - plain[n]).abs().max().item() for n in plain)
         assert worst < 1e-5, f"{name}: gradients differ by {worst:.3g}"
     for backend in ("efficient", "cudnn"):  # GPU-only kernels: a clear error, never a silent fallback

@@ -1,4 +1,5 @@
-"""plot.py: real metrics.jsonl / hellaswag_results.jsonl files in temp dirs, real matplotlib figures.
+"""plot.py: real metrics.jsonl / hellaswag_results.jsonl / core_results.jsonl files in temp dirs, real
+matplotlib figures.
 
 The logs are written the way train_gpt2.py and hellaswag.py write them (schema in the team contract):
 a decaying loss curve, a run that crashed and resumed from an earlier checkpoint (second config record,
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import cli
 import plot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,10 +29,20 @@ DEMO = "fineweb_demo.parquet"  # the CPU demo corpus: FineWeb, not FineWeb-Edu
 
 
 def _config(step, time, resumed_from=None):
-    return {"type": "config", "step": step, "time": time,
-            "config": {"tokens_per_step": TPS, "max_steps": 200, "log_dir": "log"},
-            "git_sha": "abc123", "torch": "2.11.0", "cuda": None, "device_name": "cpu", "world_size": 1,
-            "resumed_from": resumed_from, "flops_per_token": 850_000_000, "peak_flops": 989e12}
+    return {
+        "type": "config",
+        "step": step,
+        "time": time,
+        "config": {"tokens_per_step": TPS, "max_steps": 200, "log_dir": "log"},
+        "git_sha": "abc123",
+        "torch": "2.11.0",
+        "cuda": None,
+        "device_name": "cpu",
+        "world_size": 1,
+        "resumed_from": resumed_from,
+        "flops_per_token": 850_000_000,
+        "peak_flops": 989e12,
+    }
 
 
 def _segment(start, stop, time, seed, *, val_every=25, hs_every=50, mfu=True, val=True, hs=True):
@@ -41,25 +53,51 @@ def _segment(start, stop, time, seed, *, val_every=25, hs_every=50, mfu=True, va
     for i in range(start, stop):
         s = i  # steps completed before step i; evaluations run first, as in the loop
         if val and s % val_every == 0:
-            recs.append({"type": "val", "step": s, "tokens": s * TPS,
-                         "val_loss": 3.1 + 8.0 * math.exp(-s / 40) + rng.gauss(0, 0.01), "time": time})
+            recs.append(
+                {
+                    "type": "val",
+                    "step": s,
+                    "tokens": s * TPS,
+                    "val_loss": 3.1 + 8.0 * math.exp(-s / 40) + rng.gauss(0, 0.01),
+                    "time": time,
+                }
+            )
         if hs and s % hs_every == 0 and s > 0:
             acc_norm = 0.25 + 0.05 * (1 - math.exp(-s / 80)) + rng.gauss(0, 0.002)
-            recs.append({"type": "hellaswag", "step": s, "tokens": s * TPS, "hellaswag_acc": acc_norm - 0.01,
-                         "hellaswag_acc_norm": acc_norm, "count": 10042, "time": time})
+            recs.append(
+                {
+                    "type": "hellaswag",
+                    "step": s,
+                    "tokens": s * TPS,
+                    "hellaswag_acc": acc_norm - 0.01,
+                    "hellaswag_acc_norm": acc_norm,
+                    "count": 10042,
+                    "time": time,
+                }
+            )
         warm = i - start < WARMUP
         step_ms = 4000.0 if warm else 500.0 + rng.uniform(-20, 20)
         time += step_ms / 1000
         lr = 6e-4 * min(1.0, (i + 1) / 20) * (0.55 + 0.45 * math.cos(math.pi * i / 200))
-        recs.append({"type": "train", "step": i, "tokens": (i + 1) * TPS,
-                     "train_loss": 3.0 + 8.0 * math.exp(-i / 40) + rng.gauss(0, 0.05), "lr": lr,
-                     "grad_norm": 0.5 + rng.random(), "step_ms": step_ms, "tokens_per_sec": TPS / (step_ms / 1000),
-                     "mfu": (0.4 + rng.uniform(-0.01, 0.01)) * (0.1 if warm else 1.0) if mfu else None,
-                     "time": time})
+        recs.append(
+            {
+                "type": "train",
+                "step": i,
+                "tokens": (i + 1) * TPS,
+                "train_loss": 3.0 + 8.0 * math.exp(-i / 40) + rng.gauss(0, 0.05),
+                "lr": lr,
+                "grad_norm": 0.5 + rng.random(),
+                "step_ms": step_ms,
+                "tokens_per_sec": TPS / (step_ms / 1000),
+                "mfu": (0.4 + rng.uniform(-0.01, 0.01)) * (0.1 if warm else 1.0) if mfu else None,
+                "time": time,
+            }
+        )
     s = stop  # the last step evaluates too
     if val:
-        recs.append({"type": "val", "step": s, "tokens": s * TPS, "val_loss": 3.1 + 8.0 * math.exp(-s / 40),
-                     "time": time + 5})
+        recs.append(
+            {"type": "val", "step": s, "tokens": s * TPS, "val_loss": 3.1 + 8.0 * math.exp(-s / 40), "time": time + 5}
+        )
     return recs
 
 
@@ -93,12 +131,42 @@ def resumed_run(tmp_path):
     records = first + second
     _write(log / "metrics.jsonl", records)
     results = [
-        {"checkpoint": "resumed/model_00100.pt", "model": None, "step": 100, "acc": 0.27, "acc_norm": 0.281,
-         "harness_acc": 0.275, "harness_acc_norm": 0.290, "count": 10042, "seconds": 60.0, "time": T0 + 20_000},
-        {"checkpoint": "resumed/model_00200.pt", "model": None, "step": 200, "acc": 0.28, "acc_norm": 0.297,
-         "harness_acc": 0.285, "harness_acc_norm": 0.305, "count": 10042, "seconds": 60.0, "time": T0 + 20_100},
-        {"checkpoint": None, "model": "gpt2", "step": None, "acc": 0.2859, "acc_norm": 0.2955,
-         "harness_acc": 0.2892, "harness_acc_norm": 0.3114, "count": 10042, "seconds": 60.0, "time": T0 + 20_200},
+        {
+            "checkpoint": "resumed/model_00100.pt",
+            "model": None,
+            "step": 100,
+            "acc": 0.27,
+            "acc_norm": 0.281,
+            "harness_acc": 0.275,
+            "harness_acc_norm": 0.290,
+            "count": 10042,
+            "seconds": 60.0,
+            "time": T0 + 20_000,
+        },
+        {
+            "checkpoint": "resumed/model_00200.pt",
+            "model": None,
+            "step": 200,
+            "acc": 0.28,
+            "acc_norm": 0.297,
+            "harness_acc": 0.285,
+            "harness_acc_norm": 0.305,
+            "count": 10042,
+            "seconds": 60.0,
+            "time": T0 + 20_100,
+        },
+        {
+            "checkpoint": None,
+            "model": "gpt2",
+            "step": None,
+            "acc": 0.2859,
+            "acc_norm": 0.2955,
+            "harness_acc": 0.2892,
+            "harness_acc_norm": 0.3114,
+            "count": 10042,
+            "seconds": 60.0,
+            "time": T0 + 20_200,
+        },
     ]
     _write(log / "hellaswag_results.jsonl", results)
     return log, records, results
@@ -141,50 +209,47 @@ def test_bad_lines_and_partial_last_line_are_skipped_with_line_numbers(tmp_path,
     records = _segment(0, 60, T0, seed=3)[:-1]
     lines = [json.dumps(r) for r in records]
     lines.insert(10, "{not json")  # line 11
-    lines.insert(20, json.dumps({"type": "train", "step": 5, "train_loss": "high"}))  # line 21
-    lines.insert(30, json.dumps([1, 2]))  # line 31
     # A run still writing: the last line is cut mid-record, with no newline yet.
     text = "\n".join(lines) + "\n" + json.dumps({"type": "train", "step": 60, "train_loss": 4.0})[:25]
     (log / "metrics.jsonl").write_text(text)
 
     run = plot.load_run(log)
     assert run.train["step"] == list(range(60))
-    assert [s.split(":")[1] for s in run.skipped] == ["11", "21", "31", str(len(lines) + 1)]
+    assert [s.split(":")[1] for s in run.skipped] == ["11", str(len(lines) + 1)]
     assert "still be writing" in run.skipped[-1]
 
     plot.main(["--log-dir", str(log)])
     err = capsys.readouterr().err
-    assert "skipped 4 bad line(s)" in err and "metrics.jsonl:11: not valid JSON" in err
+    assert "skipped 2 bad line(s)" in err and "metrics.jsonl:11: not valid JSON" in err
     assert (log / "overview.png").is_file()
 
 
-def test_empty_or_missing_log_exits_with_one_line_message(tmp_path):
-    with pytest.raises(SystemExit) as missing:
-        plot.main(["--log-dir", str(tmp_path / "nope")])
-    assert "does not exist" in str(missing.value.code) and "--log-dir" in str(missing.value.code)
+def test_empty_or_missing_log_exits_with_one_line_message(tmp_path, capsys):
+    def error(*argv: str) -> str:
+        assert cli.run_main(plot.main, list(argv)) == 2
+        return capsys.readouterr().err
+
+    missing = error("--log-dir", str(tmp_path / "nope"))
+    assert "does not exist" in missing and "--log-dir" in missing
 
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit) as no_file:
-        plot.main(["--log-dir", str(tmp_path / "empty")])
-    assert "metrics.jsonl not found" in str(no_file.value.code)
+    assert "metrics.jsonl not found" in error("--log-dir", str(tmp_path / "empty"))
 
     (tmp_path / "empty" / "metrics.jsonl").write_text("\n\n")
-    with pytest.raises(SystemExit) as empty:
-        plot.main(["--log-dir", str(tmp_path / "empty")])
-    assert "has no records" in str(empty.value.code)
-    assert "\n" not in str(empty.value.code)
+    empty = error("--log-dir", str(tmp_path / "empty"))
+    assert "has no records" in empty
+    assert empty.startswith(f"{cli.script_name()}: error: ") and empty.count("\n") == 1
     assert list((tmp_path / "empty").glob("*.png")) == []
 
-    with pytest.raises(SystemExit) as bad_flag:
-        plot.main(["--log-dir", str(tmp_path / "empty"), "--smoothing", "1.5"])
-    assert "--smoothing" in str(bad_flag.value.code)
+    assert "--smoothing" in error("--log-dir", str(tmp_path / "empty"), "--smoothing", "1.5")
 
 
 def test_flags_are_generated_from_config_fields():
     assert plot.parse_config([]) == plot.PlotConfig()
     assert plot.PlotConfig().log_dirs == ("log",)
-    cfg = plot.parse_config(["--log-dir", "a", "--log-dir", "b", "--out-dir", "o", "--summary",
-                             "--smoothing", "0.5", "--warmup-steps", "3"])
+    cfg = plot.parse_config(
+        ["--log-dir", "a", "--log-dir", "b", "--out-dir", "o", "--summary", "--smoothing", "0.5", "--warmup-steps", "3"]
+    )
     assert cfg == plot.PlotConfig(log_dirs=("a", "b"), out_dir="o", summary=True, smoothing=0.5, warmup_steps=3)
 
 
@@ -194,7 +259,15 @@ def test_flags_are_generated_from_config_fields():
 def test_figures_are_written_as_pngs_into_the_log_dir(resumed_run):
     log, _, _ = resumed_run
     paths = plot.make_figures([plot.load_run(log)], log)
-    expected = {"training_loss", "validation_loss", "learning_rate", "throughput", "hellaswag_accuracy", "overview"}
+    expected = {
+        "training_loss",
+        "validation_loss",
+        "learning_rate",
+        "throughput",
+        "hellaswag_accuracy",
+        "core",
+        "overview",
+    }
     assert set(paths) == expected
     for name, path in paths.items():
         assert path == log / f"{name}.png"
@@ -204,8 +277,9 @@ def test_figures_are_written_as_pngs_into_the_log_dir(resumed_run):
     assert not [p for p in log.iterdir() if p.name.endswith(".tmp")]  # atomic writes leave no temp file
 
 
-@pytest.mark.parametrize("umask, mode", [(0o027, 0o640), (0o022, 0o644), (0o077, 0o600)],
-                         ids=["umask027", "umask022", "umask077"])
+@pytest.mark.parametrize(
+    "umask, mode", [(0o027, 0o640), (0o022, 0o644), (0o077, 0o600)], ids=["umask027", "umask022", "umask077"]
+)
 def test_figures_and_summary_follow_the_umask(resumed_run, tmp_path, umask, mode):
     out = tmp_path / "out"
     expected = sorted([f"{n}.png" for n in (*plot.PANELS, "overview")] + ["summary.md"])
@@ -262,6 +336,7 @@ def test_smoothed_train_loss_is_a_debiased_ema_of_the_raw_curve(resumed_run):
     smooth = list(_line(fig, f"{run.name}/train_loss_ema").get_ydata())
     assert smooth[0] == pytest.approx(raw[0])  # debiased: no pull towards 0 at the start
     assert smooth[1] == pytest.approx((0.7 * 0.3 * raw[0] + 0.3 * raw[1]) / (1 - 0.7**2))
+
     def noise(ys):
         return sum((b - a) ** 2 for a, b in itertools.pairwise(ys[150:]))
 
@@ -300,15 +375,18 @@ def _baseline_values(ax):
     return {ln.get_ydata()[0] for ln in ax.get_lines() if str(ln.get_gid()).startswith("baseline/")}
 
 
-@pytest.mark.parametrize("source, title, baseline", [
-    (DEMO, "Validation loss (val shard of fineweb_demo.parquet)", False),
-    (EDU, "Validation loss\n(val shard of HuggingFaceFW/fineweb-edu (sample-10BT))", True),
-    ("my-mirror/FineWeb-Edu", "Validation loss (val shard of my-mirror/FineWeb-Edu)", True),
-    (None, "Validation loss (val shard)", True),  # shards without a manifest
-    ("missing", "Validation loss (val shard)", True),  # a log from before the field
-], ids=["demo", "fineweb-edu", "fineweb-edu-mirror", "null", "absent"])
-def test_val_panel_names_the_data_source_and_draws_gpt2_baseline_only_on_fineweb_edu(tmp_path, source, title,
-                                                                                      baseline):
+@pytest.mark.parametrize(
+    "source, title, baseline",
+    [
+        (DEMO, "Validation loss (val shard of fineweb_demo.parquet)", False),
+        (EDU, "Validation loss\n(val shard of HuggingFaceFW/fineweb-edu (sample-10BT))", True),
+        ("my-mirror/FineWeb-Edu", "Validation loss (val shard of my-mirror/FineWeb-Edu)", True),
+        (None, "Validation loss (val shard)", True),  # shards without a manifest
+        ("missing", "Validation loss (val shard)", True),  # a log from before the field
+    ],
+    ids=["demo", "fineweb-edu", "fineweb-edu-mirror", "null", "absent"],
+)
+def test_val_panel_names_the_data_source_and_draws_gpt2_baseline_only_on_fineweb_edu(tmp_path, source, title, baseline):
     log = tmp_path / "run"
     log.mkdir()
     records = _segment(0, 200, T0, seed=7)
@@ -382,7 +460,7 @@ def test_run_with_only_a_config_record_plots_empty_panels(tmp_path):
     log.mkdir()
     _write(log / "metrics.jsonl", [_config(0, T0)])
     paths = plot.make_figures([plot.load_run(log)], log)
-    assert len(paths) == 6 and all(p.is_file() for p in paths.values())
+    assert len(paths) == 7 and all(p.is_file() for p in paths.values())
 
 
 def test_several_runs_in_one_figure_labelled_by_dir(resumed_run, tmp_path):
@@ -461,7 +539,7 @@ def test_summary_numbers_are_computed_from_the_logged_values(resumed_run):
     spans = []
     for lo, hi in ((0, 1), (1, 2)):
         idx = [i for i, r in enumerate(records) if r["type"] == "config"] + [len(records)]
-        seg = records[idx[lo]:idx[hi]]
+        seg = records[idx[lo] : idx[hi]]
         spans.append(max(r["time"] for r in seg) - min(r["time"] for r in seg))
     assert stats["wall_seconds"] == pytest.approx(sum(spans))
     assert stats["wall_seconds"] < 10_000
@@ -490,10 +568,30 @@ def test_summary_shows_how_many_examples_each_hellaswag_score_used(tmp_path):
     records = [{**r, "count": 200} if r["type"] == "hellaswag" else r for r in _segment(0, 120, T0, seed=9)]
     _write(log / "metrics.jsonl", _with_source(records, DEMO))
     results = [
-        {"checkpoint": "demo/model_00100.pt", "model": None, "step": 100, "acc": 0.30, "acc_norm": 0.310,
-         "harness_acc": 0.29, "harness_acc_norm": 0.300, "count": 200, "seconds": 2.0, "time": T0 + 20_000},
-        {"checkpoint": "demo/model_00120.pt", "model": None, "step": 120, "acc": 0.28, "acc_norm": 0.290,
-         "harness_acc": 0.30, "harness_acc_norm": 0.320, "count": 10042, "seconds": 60.0, "time": T0 + 20_100},
+        {
+            "checkpoint": "demo/model_00100.pt",
+            "model": None,
+            "step": 100,
+            "acc": 0.30,
+            "acc_norm": 0.310,
+            "harness_acc": 0.29,
+            "harness_acc_norm": 0.300,
+            "count": 200,
+            "seconds": 2.0,
+            "time": T0 + 20_000,
+        },
+        {
+            "checkpoint": "demo/model_00120.pt",
+            "model": None,
+            "step": 120,
+            "acc": 0.28,
+            "acc_norm": 0.290,
+            "harness_acc": 0.30,
+            "harness_acc_norm": 0.320,
+            "count": 10042,
+            "seconds": 60.0,
+            "time": T0 + 20_100,
+        },
     ]
     _write(log / "hellaswag_results.jsonl", results)
     # A log from before HellaSwag records had a count: the value alone, no made-up count.
@@ -504,7 +602,9 @@ def test_summary_shows_how_many_examples_each_hellaswag_score_used(tmp_path):
     runs = plot.load_runs([log, old])
     stats = plot.run_stats(runs[0])
     assert (stats["hellaswag_train"], stats["hellaswag_train_count"]) == (
-        max(r["hellaswag_acc_norm"] for r in records if r["type"] == "hellaswag"), 200)
+        max(r["hellaswag_acc_norm"] for r in records if r["type"] == "hellaswag"),
+        200,
+    )
     assert (stats["hellaswag_ref"], stats["hellaswag_ref_count"]) == (0.310, 200)
     assert (stats["hellaswag_harness"], stats["hellaswag_harness_count"]) == (0.320, 10042)
     table = plot.summarize(runs)
@@ -519,9 +619,18 @@ def test_summary_shows_how_many_examples_each_hellaswag_score_used(tmp_path):
 
 
 def _result(checkpoint, acc_norm, step=200):
-    return {"checkpoint": checkpoint, "model": None, "step": step, "acc": acc_norm - 0.01, "acc_norm": acc_norm,
-            "harness_acc": acc_norm, "harness_acc_norm": acc_norm + 0.01, "count": 300, "seconds": 3.0,
-            "time": T0 + 30_000}
+    return {
+        "checkpoint": checkpoint,
+        "model": None,
+        "step": step,
+        "acc": acc_norm - 0.01,
+        "acc_norm": acc_norm,
+        "harness_acc": acc_norm,
+        "harness_acc_norm": acc_norm + 0.01,
+        "count": 300,
+        "seconds": 3.0,
+        "time": T0 + 30_000,
+    }
 
 
 def test_each_hellaswag_score_shows_in_the_row_of_the_run_its_checkpoint_is_in(tmp_path, capsys, monkeypatch):
@@ -532,13 +641,17 @@ def test_each_hellaswag_score_shows_in_the_row_of_the_run_its_checkpoint_is_in(t
     for name in ("log", "log_fast"):
         Path(name).mkdir()
         _write(Path(name) / "metrics.jsonl", _segment(0, 60, T0, seed=11))
-    _write(Path("log") / "hellaswag_results.jsonl",
-           [_result("log/model_final.pt", 0.2600), _result("log_fast/model_final.pt", 0.2900)])
+    _write(
+        Path("log") / "hellaswag_results.jsonl",
+        [_result("log/model_final.pt", 0.2600), _result("log_fast/model_final.pt", 0.2900)],
+    )
     alone = plot.summarize(plot.load_runs(["log"]))
     (row,) = _parse_table(alone)
     assert row["HellaSwag (hellaswag.py)"] == "0.2600 (300 ex)"  # log's own score, not log_fast's 0.29
-    assert "Not in log's row: log/hellaswag_results.jsonl also holds hellaswag.py scores of checkpoints in " \
-           "other folders (log_fast/model_final.pt); add --log-dir log_fast" in alone
+    assert (
+        "Not in log's row: log/hellaswag_results.jsonl also holds hellaswag.py scores of checkpoints in "
+        "other folders (log_fast/model_final.pt); add --log-dir log_fast" in alone
+    )
     plot.main(["--log-dir", "log"])
     assert "plot.py: warning: Not in log's row" in capsys.readouterr().err
 
@@ -552,37 +665,239 @@ def test_each_hellaswag_score_shows_in_the_row_of_the_run_its_checkpoint_is_in(t
     assert list(_line(fig, "log/results_acc_norm").get_ydata()) == [0.26]
 
 
+# ---------------------------------------------------------------- CORE
+
+
+def _core_record(step, core, partial=None, max_per_task=500):
+    """An in-training CORE record as train_gpt2.py logs it: core is None, core_partial set, when tasks were missing."""
+    return {
+        "type": "core",
+        "step": step,
+        "tokens": step * TPS,
+        "core": core,
+        "core_partial": partial,
+        "count": 22 * max_per_task,
+        "max_per_task": max_per_task,
+        "tasks": {"arc_easy": 0.3 + step / 1000, "piqa": 0.55},
+        "time": T0 + 30 + step,
+    }
+
+
+def _core_result(checkpoint, step, core, partial=None, max_per_task=0, model=None):
+    """A core.py row of core_results.jsonl."""
+    task = {"accuracy": 0.4, "centered": 0.2, "count": 2376, "shots": 10, "kind": "multiple_choice"}
+    return {
+        "checkpoint": checkpoint,
+        "model": model,
+        "step": step,
+        "core": core,
+        "core_partial": partial,
+        "missing": [] if partial is None else ["bigbench_cs_algorithms"],
+        "max_per_task": max_per_task,
+        "count": 2376,
+        "tasks": {"arc_easy": task},
+        "seconds": 60.0,
+        "device": "cpu",
+        "world_size": 1,
+        "time": T0 + 40_000,
+    }
+
+
+@pytest.fixture
+def core_run(tmp_path):
+    """A 120-step run with CORE on 500 examples per task at steps 40 and 80 and CORE-PARTIAL (a task file
+    missing) at step 120; core.py scored its step-100 checkpoint in full, its final one partially, and HF gpt2."""
+    log = tmp_path / "corerun"
+    log.mkdir()
+    rng = random.Random(12)
+    full = {s: 0.02 + 0.0005 * s + rng.gauss(0, 0.002) for s in (40, 80)}
+    partial = 0.5  # far above every CORE value: would stand out in the CORE curve or column
+    records = _segment(0, 120, T0, seed=12) + [_core_record(s, v) for s, v in full.items()]
+    records.append(_core_record(120, None, partial))
+    _write(log / "metrics.jsonl", records)
+    results = [
+        _core_result("corerun/model_00100.pt", 100, 0.071),
+        _core_result("corerun/model_00120.pt", 120, None, partial=0.6),
+        _core_result(None, None, 0.1139 + rng.gauss(0, 0.001), model="gpt2"),
+    ]
+    _write(log / "core_results.jsonl", results)
+    return log, full, results
+
+
+def _legend(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_core_panel_draws_the_training_loop_curve_and_core_py_points(core_run):
+    log, full, results = core_run
+    run = plot.load_run(log)
+    figs = plot.build_figures([run])
+    for fig_name in ("core", "overview"):
+        curve = _line(figs[fig_name], "corerun/core")
+        assert list(curve.get_xdata()) == list(full) and list(curve.get_ydata()) == list(full.values())
+        assert curve.get_label() == "CORE, training loop (500/task)"  # a subset says so
+        point = _line(figs[fig_name], "corerun/results_core")
+        assert (list(point.get_xdata()), list(point.get_ydata())) == ([100], [0.071])
+        assert point.get_label() == "CORE, core.py" and point.get_linestyle() == "None"
+        # HF gpt2 has no step: a level at its CORE.
+        assert set(_line(figs[fig_name], "core_results/gpt2").get_ydata()) == {results[2]["core"]}
+        assert not [t for t in _axes_with(figs[fig_name], "corerun/core").texts if t.get_gid() == "no-data"]
+    assert plot._per_task(iter([500, 0, 500])) == " (500/task, all)"  # points of both kinds: both named
+    ax = figs["core"].axes[0]
+    assert ax.get_title().startswith("CORE")
+    # The x-axis spans the steps of the other panels, so CORE lines up with HellaSwag and the losses.
+    assert ax.get_xlim() == figs["training_loss"].axes[0].get_xlim()
+
+
+def test_core_panel_draws_the_gpt2_leaderboard_references_and_says_no_data_without_core(resumed_run, core_run):
+    references = {0.1139: "GPT-2 124M", 0.1849: "GPT-2 355M", 0.2146: "GPT-2 774M", 0.2565: "GPT-2 1.5B"}
+    for run in (plot.load_run(resumed_run[0]), plot.load_run(core_run[0])):
+        ax = plot.build_figures([run])["core"].axes[0]
+        base = {ln.get_ydata()[0]: ln.get_label() for ln in ax.get_lines() if str(ln.get_gid()).startswith("baseline/")}
+        assert base == {v: f"{name} {v} (leaderboard, not measured here)" for v, name in references.items()}
+        lo, hi = ax.get_ylim()
+        assert all(lo < v < hi for v in base)
+        assert set(base.values()) <= set(_legend(ax))
+        no_data = [t.get_text() for t in ax.texts if t.get_gid() == "no-data"]
+        assert no_data == (["no data: no CORE evaluations yet"] if run.name == "resumed" else [])
+    assert plot.load_run(resumed_run[0]).core["step"] == []
+
+
+def test_partial_core_is_never_drawn_or_summarised_as_core(core_run, tmp_path):
+    log, full, _ = core_run
+    run = plot.load_run(log)
+    ax = plot.build_figures([run])["core"].axes[0]
+    core_values = [
+        y
+        for ln in ax.get_lines()
+        if str(ln.get_gid()).startswith("corerun/") and "partial" not in ln.get_gid()
+        for y in ln.get_ydata()
+    ]
+    assert sorted(core_values) == sorted([*full.values(), 0.071])  # neither 0.5 nor 0.6
+    loop, script = (_line(ax.figure, f"corerun/{k}") for k in ("core_partial", "results_core_partial"))
+    assert (list(loop.get_xdata()), list(loop.get_ydata())) == ([120], [0.5])
+    assert (list(script.get_xdata()), list(script.get_ydata())) == ([120], [0.6])
+    assert all(ln.get_label().startswith("CORE-PARTIAL") for ln in (loop, script))
+    stats = plot.run_stats(run)
+    assert (stats["core"], stats["core_max_per_task"], stats["core_partial"]) == (
+        max(*full.values(), 0.071),
+        None,
+        False,
+    )
+    # A run with only partial scores: its best partial, marked so, in the CORE column; no CORE curve.
+    only = tmp_path / "partial"
+    only.mkdir()
+    _write(
+        only / "metrics.jsonl",
+        _segment(0, 60, T0, seed=13) + [_core_record(30, None, 0.03), _core_record(60, None, 0.04)],
+    )
+    partial_run = plot.load_run(only)
+    (row,) = _parse_table(plot.summarize([partial_run]))
+    assert row["CORE"] == "0.0400 (partial, 500/task)"
+    fig = plot.build_figures([partial_run])["core"]
+    assert not [ln for ln in fig.axes[0].get_lines() if ln.get_gid() == "partial/core"]
+    assert list(_line(fig, "partial/core_partial").get_ydata()) == [0.03, 0.04]
+
+
+def _with_bpb(records):
+    """Val records with val_bpb, as train_gpt2.py now logs them (nats/token -> bits/byte, ~4.3 bytes/token)."""
+    return [{**r, "val_bpb": r["val_loss"] / math.log(2) / 4.3} if r["type"] == "val" else r for r in records]
+
+
+def test_summary_shows_core_and_val_bpb_and_a_dash_where_missing(core_run, tmp_path):
+    log, full, _ = core_run
+    records = _with_bpb([json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines()])
+    _write(log / "metrics.jsonl", records)
+    old = tmp_path / "old"  # before val_bpb and CORE
+    old.mkdir()
+    _write(old / "metrics.jsonl", _segment(0, 60, T0, seed=14))
+    table = plot.summarize(plot.load_runs([log, old]))
+    new_row, old_row = _parse_table(table)
+    final = [r for r in records if r["type"] == "val"][-1]
+    assert new_row["final val bpb"] == f"{final['val_bpb']:.4f}" and final["step"] == 120
+    assert max(full.values()) < 0.071 and new_row["CORE"] == "0.0710"  # core.py's full-set score is the best
+    assert old_row["final val bpb"] == old_row["CORE"] == "–"
+    (log / "core_results.jsonl").unlink()  # then the training loop's best, on 500 examples per task, says so
+    (row,) = _parse_table(plot.summarize([plot.load_run(log)]))
+    assert row["CORE"] == f"{max(full.values()):.4f} (500/task)"
+    assert plot.run_stats(plot.load_run(old))["final_val_bpb"] is None
+    note = table.split("\n\n")[1]
+    assert "CORE-PARTIAL" in note and "124M 0.1139" in note and "leaderboard, not measured here" in note
+
+
+def test_core_score_of_another_runs_checkpoint_shows_in_that_runs_row(tmp_path, monkeypatch):
+    """core.py filed log_fast's score in log/core_results.jsonl: left out of log's row and the figure
+    (the summary says so), and shown as log_fast's when both runs are plotted."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("log", "log_fast"):
+        Path(name).mkdir()
+        _write(Path(name) / "metrics.jsonl", _segment(0, 60, T0, seed=15))
+    _write(
+        Path("log") / "core_results.jsonl",
+        [_core_result("log/model_00060.pt", 60, 0.051), _core_result("log_fast/model_00060.pt", 60, 0.083)],
+    )
+    alone = plot.load_runs(["log"])
+    (row,) = _parse_table(plot.summarize(alone))
+    assert row["CORE"] == "0.0510"
+    assert (
+        "log/core_results.jsonl also holds core.py scores of checkpoints in other folders "
+        "(log_fast/model_00060.pt); add --log-dir log_fast" in plot.summarize(alone)
+    )
+    assert list(_line(plot.build_figures(alone)["core"], "log/results_core").get_ydata()) == [0.051]
+
+    both = plot.load_runs(["log", "log_fast"])
+    log_row, fast_row = _parse_table(plot.summarize(both))
+    assert (log_row["CORE"], fast_row["CORE"]) == ("0.0510", "0.0830")
+    assert "Not in" not in plot.summarize(both)
+    fig = plot.build_figures(both)["core"]
+    assert list(_line(fig, "log_fast/results_core").get_ydata()) == [0.083]
+    assert _line(fig, "log_fast/results_core").get_label() == "log_fast: CORE, core.py"
+
+
 def test_cli_subprocess_writes_figures_and_summary(resumed_run, tmp_path):
     log = resumed_run[0]
-    out = subprocess.run([sys.executable, str(ROOT / "plot.py"), "--log-dir", str(log), "--summary"],
-                         cwd=tmp_path, capture_output=True, text=True, check=False, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "plot.py"), "--log-dir", str(log), "--summary"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "| run | steps | tokens |" in out.stdout and "| resumed | 200 / 200 |" in out.stdout
     assert (log / "summary.md").read_text() in out.stdout
     assert (log / "overview.png").stat().st_size > 50_000
 
-    # Default --log-dir is ./log: none here, so a one-line message and exit code 1, no traceback.
-    missing = subprocess.run([sys.executable, str(ROOT / "plot.py")], cwd=tmp_path, capture_output=True,
-                             text=True, check=False, timeout=120)
-    assert missing.returncode == 1
+    # Default --log-dir is ./log: none here, so a one-line message and exit code 2, no traceback.
+    missing = subprocess.run(
+        [sys.executable, str(ROOT / "plot.py")], cwd=tmp_path, capture_output=True, text=True, check=False, timeout=120
+    )
+    assert missing.returncode == 2 and missing.stderr.startswith("plot.py: error: ")
     assert missing.stderr.strip().count("\n") == 0 and "log" in missing.stderr
     assert "Traceback" not in missing.stderr
 
 
 def test_without_matplotlib_plot_says_to_run_it_with_uv(tmp_path):
     """`python plot.py` with a Python that lacks matplotlib (the system one, outside the venv)."""
-    code = ("import sys, runpy; sys.modules['matplotlib'] = None; sys.argv = ['plot.py']; "
-            "runpy.run_path('plot.py', run_name='__main__')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
-                         timeout=60)
-    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.strip() == (f"plot.py: matplotlib is not installed for {sys.executable}: run `uv run plot.py`, "
-                                  "or activate the repo's venv first (source .venv/bin/activate)")
+    code = (
+        "import sys, runpy; sys.modules['matplotlib'] = None; sys.argv = ['plot.py']; "
+        "runpy.run_path('plot.py', run_name='__main__')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == (
+        f"plot.py: error: matplotlib is not installed for {sys.executable}: run `uv run plot.py`, "
+        "or activate the repo's venv first (source .venv/bin/activate)"
+    )
 
 
 def test_importing_plot_has_no_side_effects():
     code = "import sys, plot; print('matplotlib.pyplot' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == "False\n" and out.stderr == ""

@@ -8,7 +8,8 @@ Runs reuse tests/test_train_gpt2.py's tiny setup (the demo corpus's shards, `BAS
 
     uv run pytest tests/test_recipe.py -q
 
-(This file is also the DDP worker: `python tests/test_recipe.py grad-worker OUT CONFIG_JSON` under torchrun's variables.)
+(This file is also the DDP worker: `python tests/test_recipe.py grad-worker OUT CONFIG_JSON` under
+torchrun's variables.)
 """
 
 from __future__ import annotations
@@ -28,16 +29,21 @@ for path in (str(ROOT), str(TESTS)):  # also run as a script (the DDP worker bel
     if path not in sys.path:
         sys.path.insert(0, path)
 
+import test_train_gpt2 as core  # noqa: E402  (helpers and pinned environment of the trainer tests)
+
 import checkpoint  # noqa: E402
 import runtime  # noqa: E402
-import test_train_gpt2 as core  # noqa: E402  (helpers and pinned environment of the trainer tests)
-from test_train_gpt2 import one_thread  # noqa: E402, F401  (fixture: 1 thread)
 import train_gpt2  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from metrics import MetricsLog  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from train_gpt2 import (  # noqa: E402
-    DEMO_PRESET, RECIPES, TrainConfig, learning_rate, make_optimizer, parse_args,
+    DEMO_PRESET,
+    RECIPES,
+    TrainConfig,
+    learning_rate,
+    make_optimizer,
+    parse_args,
 )
 
 FAST = ["--recipe", "fast"]
@@ -79,8 +85,16 @@ def test_wsd_schedule_at_its_corners():
 
 def test_muon_groups_follow_the_schedule_at_their_own_peak():
     """train_step sets every group's lr to schedule(step) x lr_scale: Muon at --muon-lr, AdamW at --max-lr."""
-    cfg = TrainConfig(model="tiny", seq_len=256, optimizer="muon", schedule="wsd", max_lr=3e-3, muon_lr=0.04, warmup_steps=2,
-                      max_steps=10)
+    cfg = TrainConfig(
+        model="tiny",
+        seq_len=256,
+        optimizer="muon",
+        schedule="wsd",
+        max_lr=3e-3,
+        muon_lr=0.04,
+        warmup_steps=2,
+        max_steps=10,
+    )
     model = GPT(cfg.model_config)
     opt = make_optimizer(model, cfg, torch.device("cpu"))
     names = {id(p): n for n, p in model.named_parameters()}
@@ -108,7 +122,9 @@ def test_recipe_fast_resolves_to_muon_wsd_and_explicit_flags_win():
     assert fast.model == "gpt2" and fast.tokens_per_step == 524_288  # the model and batch stay the reference's
     fast.check_world_size(8)
 
-    mine = parse_args([*FAST, "--muon-lr", "0.05", "--decay-frac", "0.5", "--max-steps", "1234", "--schedule", "cosine"])
+    mine = parse_args(
+        [*FAST, "--muon-lr", "0.05", "--decay-frac", "0.5", "--max-steps", "1234", "--schedule", "cosine"]
+    )
     assert (mine.muon_lr, mine.decay_frac, mine.max_steps, mine.schedule) == (0.05, 0.5, 1234, "cosine")
     assert mine.optimizer == "muon"  # what was not given still comes from the recipe
     assert parse_args([*FAST, "--optimizer", "adamw"]).optimizer == "adamw"
@@ -116,7 +132,11 @@ def test_recipe_fast_resolves_to_muon_wsd_and_explicit_flags_win():
     demo = parse_args(["--demo", *FAST])
     assert (demo.optimizer, demo.schedule, demo.muon_lr) == ("muon", "wsd", recipe["muon_lr"])
     assert demo.max_steps == DEMO_PRESET["max_steps"]  # the demo's step budget, not the 124M one
-    assert (demo.model, demo.data_dir, demo.tokens_per_step) == ("tiny", DEMO_PRESET["data_dir"], DEMO_PRESET["tokens_per_step"])
+    assert (demo.model, demo.data_dir, demo.tokens_per_step) == (
+        "tiny",
+        DEMO_PRESET["data_dir"],
+        DEMO_PRESET["tokens_per_step"],
+    )
     assert parse_args(["--demo", *FAST, "--max-steps", "50"]).max_steps == 50
     assert parse_args([]).optimizer == "adamw" and parse_args([]).schedule == "cosine"  # the reference is untouched
 
@@ -153,8 +173,14 @@ def test_resuming_a_muon_checkpoint_with_adamw_is_a_one_line_error(data_dir, tmp
     log_dir = tmp_path / "log"
     log_dir.mkdir()
     muon = parse_args([*core.BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), *FAST])
-    train_gpt2.save_checkpoint(train_gpt2.build_run(muon, core.CPU), log_dir / "model_00010", 10, True,
-                               MetricsLog(tmp_path / "m.jsonl", False), keep=None)  # a Muon run's checkpoint
+    train_gpt2.save_checkpoint(
+        train_gpt2.build_run(muon, core.CPU),
+        MetricsLog(tmp_path / "m.jsonl", False),
+        log_dir / "model_00010",
+        step=10,
+        evals_done=True,
+        keep=None,
+    )  # a Muon run's checkpoint
     argv = [*core.BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), *FAST, "--optimizer", "adamw"]
     code, err = core._main_in_process(argv, capsys)
     assert code == 2
@@ -190,9 +216,21 @@ def test_muon_run_exports_to_transformers_with_the_same_logits(muon_run, tmp_pat
     from transformers import GPT2LMHeadModel
 
     out_dir = tmp_path / "hf"
-    result = subprocess.run([sys.executable, "export_hf.py", "--checkpoint", str(muon_run["log_dir"] / "model_final.pt"),
-                             "--out-dir", str(out_dir)], cwd=ROOT, env=core.run_env(), capture_output=True, text=True,
-                            timeout=150)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "export_hf.py",
+            "--checkpoint",
+            str(muon_run["log_dir"] / "model_final.pt"),
+            "--out-dir",
+            str(out_dir),
+        ],
+        cwd=ROOT,
+        env=core.run_env(),
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     assert result.returncode == 0, result.stderr
     ours = load_model(muon_run["log_dir"] / "model_final.pt")
     hf = GPT2LMHeadModel.from_pretrained(out_dir).eval()
@@ -270,9 +308,22 @@ def test_ddp_with_muon_gives_the_gradients_of_one_process_with_twice_the_accumul
     sum the micro-batch gradients in a different order (~1e-8 apart), and Muon's bf16 Newton-Schulz
     turns that into different bf16 roundings of the update (measured: 1.8e-4 apart in the next
     gradients), an honest rounding difference that a free-running comparison cannot tell from a bug."""
-    cfg = TrainConfig(model="tiny", data_dir=str(data_dir), micro_batch_size=2, seq_len=32, tokens_per_step=256,
-                      device="cpu", compile=False, optimizer="muon", schedule="wsd", warmup_steps=1, max_steps=DDP_STEPS,
-                      max_lr=3e-3, muon_lr=RECIPES["fast"]["muon_lr"], val_every=0)
+    cfg = TrainConfig(
+        model="tiny",
+        data_dir=str(data_dir),
+        micro_batch_size=2,
+        seq_len=32,
+        tokens_per_step=256,
+        device="cpu",
+        compile=False,
+        optimizer="muon",
+        schedule="wsd",
+        warmup_steps=1,
+        max_steps=DDP_STEPS,
+        max_lr=3e-3,
+        muon_lr=RECIPES["fast"]["muon_lr"],
+        val_every=0,
+    )
     assert (cfg.grad_accum_steps(1), cfg.grad_accum_steps(2)) == (4, 2)
     out = tmp_path / "ddp_muon.pt"
     core.run_gloo_pair(Path(__file__), out, cfg, tmp_path)
@@ -309,6 +360,7 @@ def test_ddp_torchrun_muon_run_matches_single_process_loss_curve(muon_run, data_
 
 @pytest.mark.xdist_group("muon_run")
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.timeout(400)
 def test_fsdp_torchrun_muon_run_matches_single_process_loss_curve(muon_run, data_dir, tmp_path):
     """The fast recipe under 2-rank `--parallel fsdp`: Muon all-gathers each matrix's update, every
@@ -333,6 +385,7 @@ def test_fsdp_torchrun_muon_run_matches_single_process_loss_curve(muon_run, data
     result = core.run_ok(core.trainer_cmd(data_dir, resumed, *FAST, "--parallel", "fsdp", nproc=2), tmp_path)
     assert f"resuming from {resumed / 'model_00015'} at step 15" in result.stdout
     assert core.train_losses(resumed) == losses
+
 
 if __name__ == "__main__":
     core.grad_worker_main(muon_steps)

@@ -23,8 +23,10 @@ def gate():
 
 
 def runs(recipe, finals, tokens, curves):
-    return [{"recipe": recipe, "seed": i + 1, "final": f, "tokens": tokens, "curve": c}
-            for i, (f, c) in enumerate(zip(finals, curves))]
+    return [
+        {"recipe": recipe, "seed": i + 1, "final": f, "tokens": tokens, "curve": c}
+        for i, (f, c) in enumerate(zip(finals, curves))
+    ]
 
 
 def test_mean_and_standard_error_match_the_statistics_module(gate):
@@ -56,7 +58,9 @@ def test_gate_passes_only_when_every_fast_seed_is_below_mean_minus_two_stderr(ga
     assert summary["token_saving"] == pytest.approx(1000 / 400)
 
     # one seed between the threshold and the baseline mean fails the whole gate
-    one_bad = runs("fast", [6.5, threshold + 0.001, 6.6], 769, [[(0, 10.0), (769, f)] for f in (6.5, threshold + 0.001, 6.6)])
+    one_bad = runs(
+        "fast", [6.5, threshold + 0.001, 6.6], 769, [[(0, 10.0), (769, f)] for f in (6.5, threshold + 0.001, 6.6)]
+    )
     assert gate.summarise(None, {"baseline": baseline, "fast": one_bad})["passed"] is False
 
 
@@ -73,6 +77,8 @@ def test_run_folder_ignores_checkpoint_flags_but_not_settings(gate, tmp_path):
     i = same.index("--ckpt-every")
     same[i + 1] = "7"  # how often a run checkpoints changes no number: a killed run is resumed, not redone
     assert gate.run_dir(tmp_path, "baseline", 1, flags) == gate.run_dir(tmp_path, "baseline", 1, same)
-    assert gate.run_dir(tmp_path, "baseline", 1, flags) != gate.run_dir(tmp_path, "baseline", 2, gate.run_flags(cfg, "baseline", 2))
+    assert gate.run_dir(tmp_path, "baseline", 1, flags) != gate.run_dir(
+        tmp_path, "baseline", 2, gate.run_flags(cfg, "baseline", 2)
+    )
     other_lr = gate.run_flags(gate.GateConfig(baseline_lr=3e-3), "baseline", 1)
     assert gate.run_dir(tmp_path, "baseline", 1, flags) != gate.run_dir(tmp_path, "baseline", 1, other_lr)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import sample
 from model import GPT, GPTConfig
 
@@ -51,11 +52,19 @@ def test_a_log_dir_or_a_prompt_longer_than_the_context_is_named_in_one_line(tmp_
     for name in ("model_00010.pt", "model_final.pt"):
         torch.save({"model": model.state_dict(), "model_config": model.model_config_dict(), "step": 10}, log / name)
     (log / "metrics.jsonl").write_text("")
-    assert sample.main(["--checkpoint", str(log), "--device", "cpu"]) == 2
+    assert cli.run_main(sample.main, ["--checkpoint", str(log), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: {log} is a log dir, not a checkpoint: pass one of its checkpoints, e.g. the newest, " \
-                  f"{log / 'model_final.pt'}"
+    assert (
+        err == f"{cli.script_name()}: error: {log} is a log dir, not a checkpoint: pass one of its checkpoints, "
+        f"e.g. the newest, {log / 'model_final.pt'}"
+    )
     prompt = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen"
-    assert sample.main(["--checkpoint", str(log / "model_final.pt"), "--prompt", prompt, "--device", "cpu"]) == 2
+    assert (
+        cli.run_main(sample.main, ["--checkpoint", str(log / "model_final.pt"), "--prompt", prompt, "--device", "cpu"])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --prompt is too long: 16 tokens for a context of 16") and "\n" not in err
+    assert (
+        err.startswith(f"{cli.script_name()}: error: --prompt is too long: 16 tokens for a context of 16")
+        and "\n" not in err
+    )

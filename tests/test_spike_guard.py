@@ -56,10 +56,28 @@ def garbage_data(data_dir, tmp_path_factory) -> Path:
 
 
 def config(data: Path, **overrides) -> TrainConfig:
-    return TrainConfig(**{**dict(
-        model="tiny", data_dir=str(data), micro_batch_size=2, seq_len=SEQ_LEN, tokens_per_step=TOKENS_PER_STEP,
-        max_steps=STEPS, warmup_steps=5, max_lr=3e-3, shuffle=False, val_every=0, hellaswag_every=0,
-        sample_every=0, device="cpu", compile=False, seed=1337), **overrides})
+    return TrainConfig(
+        **{
+            **dict(
+                model="tiny",
+                data_dir=str(data),
+                micro_batch_size=2,
+                seq_len=SEQ_LEN,
+                tokens_per_step=TOKENS_PER_STEP,
+                max_steps=STEPS,
+                warmup_steps=5,
+                max_lr=3e-3,
+                shuffle=False,
+                val_every=0,
+                hellaswag_every=0,
+                sample_every=0,
+                device="cpu",
+                compile=False,
+                seed=1337,
+            ),
+            **overrides,
+        }
+    )
 
 
 def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -101,7 +119,10 @@ def test_the_garbage_step_is_skipped_and_leaves_weights_and_optimizer_untouched(
     guarded = runs["guarded"]
     assert list(guarded["skipped"]) == [SPIKE_STEP]  # that step, and no other
     print(f"step {SPIKE_STEP}: {guarded['skipped'][SPIKE_STEP]}")
-    assert guarded["skipped"][SPIKE_STEP].startswith("loss ") and "standard deviations above the mean" in guarded["skipped"][SPIKE_STEP]
+    assert (
+        guarded["skipped"][SPIKE_STEP].startswith("loss ")
+        and "standard deviations above the mean" in guarded["skipped"][SPIKE_STEP]
+    )
     assert all(torch.equal(guarded["before"][k], guarded["after"][k]) for k in guarded["before"])
     assert all(torch.equal(a, b) for a, b in zip(guarded["adam_before"], guarded["adam_after"]))
     clean_loss, spike_loss = runs["clean"]["losses"][SPIKE_STEP], guarded["losses"][SPIKE_STEP]
@@ -117,9 +138,11 @@ def test_the_guard_never_fires_on_clean_data_and_the_guarded_run_ends_near_the_c
     after = slice(SPIKE_STEP + 1, STEPS)
     gap_guarded = abs(np.mean(guarded[after]) - np.mean(clean[after]))
     gap_unguarded = abs(np.mean(unguarded[after]) - np.mean(clean[after]))
-    print(f"mean loss after the spike: clean {np.mean(clean[after]):.4f}, guarded {np.mean(guarded[after]):.4f}, "
-          f"unguarded {np.mean(unguarded[after]):.4f}; next step: {clean[SPIKE_STEP + 1]:.4f} / "
-          f"{guarded[SPIKE_STEP + 1]:.4f} / {unguarded[SPIKE_STEP + 1]:.4f}")
+    print(
+        f"mean loss after the spike: clean {np.mean(clean[after]):.4f}, guarded {np.mean(guarded[after]):.4f}, "
+        f"unguarded {np.mean(unguarded[after]):.4f}; next step: {clean[SPIKE_STEP + 1]:.4f} / "
+        f"{guarded[SPIKE_STEP + 1]:.4f} / {unguarded[SPIKE_STEP + 1]:.4f}"
+    )
     # Measured here: clean 7.467, guarded 7.502 (0.035 off), unguarded 7.593 (0.126 off). The very next
     # step alone is noise (the guarded run also missed one step of learning), so the mean is compared.
     assert gap_unguarded > 2 * gap_guarded
@@ -130,7 +153,7 @@ def test_without_the_guard_the_spike_goes_through(runs):
     unguarded = runs["unguarded"]
     assert unguarded["skipped"] == {}
     assert any(not torch.equal(unguarded["before"][k], unguarded["after"][k]) for k in unguarded["before"])
-    assert unguarded["losses"][:SPIKE_STEP + 1] == runs["guarded"]["losses"][:SPIKE_STEP + 1]  # same run until then
+    assert unguarded["losses"][: SPIKE_STEP + 1] == runs["guarded"]["losses"][: SPIKE_STEP + 1]  # same run until then
 
 
 @pytest.mark.slow
@@ -138,18 +161,57 @@ def test_the_trainer_logs_the_skip_and_a_resume_decides_the_same(garbage_data, t
     """End to end: the step line and metrics.jsonl say which step was skipped and why; a run resumed
     from a checkpoint taken after the guard's warm-up (its history in the checkpoint) skips the same
     step and ends with the same weights, bitwise."""
-    flags = ["--model", "tiny", "--micro-batch-size", "2", "--seq-len", str(SEQ_LEN), "--tokens-per-step",
-             str(TOKENS_PER_STEP), "--max-steps", "34", "--warmup-steps", "5", "--max-lr", "3e-3", "--no-shuffle",
-             "--val-every", "0", "--hellaswag-every", "0", "--sample-every", "0", "--ckpt-every", "20",
-             "--device", "cpu", "--no-compile", "--spike-guard", "6", "--spike-window", "20", "--spike-warmup", "10",
-             "--data-dir", str(garbage_data)]
+    flags = [
+        "--model",
+        "tiny",
+        "--micro-batch-size",
+        "2",
+        "--seq-len",
+        str(SEQ_LEN),
+        "--tokens-per-step",
+        str(TOKENS_PER_STEP),
+        "--max-steps",
+        "34",
+        "--warmup-steps",
+        "5",
+        "--max-lr",
+        "3e-3",
+        "--no-shuffle",
+        "--val-every",
+        "0",
+        "--hellaswag-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--ckpt-every",
+        "20",
+        "--device",
+        "cpu",
+        "--no-compile",
+        "--spike-guard",
+        "6",
+        "--spike-window",
+        "20",
+        "--spike-warmup",
+        "10",
+        "--data-dir",
+        str(garbage_data),
+    ]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONUNBUFFERED": "1"}
     first = tmp_path / "first"
-    result = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), *flags, "--log-dir", str(first)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train_gpt2.py"), *flags, "--log-dir", str(first)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if f"step {SPIKE_STEP:6d}" in line]
-    assert any("update skipped: loss" in line for line in lines) and any(line.endswith("| update skipped") for line in lines)
+    assert any("update skipped: loss" in line for line in lines) and any(
+        line.endswith("| update skipped") for line in lines
+    )
     records = [json.loads(line) for line in (first / "metrics.jsonl").read_text().splitlines()]
     skips = [r for r in records if r["type"] == "skip"]
     assert [r["step"] for r in skips] == [SPIKE_STEP] and "standard deviations" in skips[0]["reason"]
@@ -160,8 +222,14 @@ def test_the_trainer_logs_the_skip_and_a_resume_decides_the_same(garbage_data, t
     again = tmp_path / "again"
     again.mkdir()
     shutil.copy(first / "model_00020.pt", again / "model_00020.pt")
-    result = subprocess.run([sys.executable, str(ROOT / "train_gpt2.py"), *flags, "--log-dir", str(again)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train_gpt2.py"), *flags, "--log-dir", str(again)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "resuming from" in result.stdout and f"step {SPIKE_STEP:6d} | update skipped" in result.stdout
     a = torch.load(first / "model_final.pt", map_location="cpu", weights_only=True)["model"]
@@ -186,7 +254,9 @@ def test_guard_refuses_outliers_and_non_finite_values_and_learns_only_from_accep
     with_norm = SpikeGuard(threshold=4, norm_threshold=4, window=10, warmup=5)
     for v in normal:
         with_norm.check(loss=v, grad_norm=v / 6)
-    assert "grad_norm 50 is" in with_norm.check(loss=3.0, grad_norm=50.0) and "--spike-guard-norm 4" in with_norm.check(loss=3.0, grad_norm=50.0)
+    assert "grad_norm 50 is" in with_norm.check(loss=3.0, grad_norm=50.0) and "--spike-guard-norm 4" in with_norm.check(
+        loss=3.0, grad_norm=50.0
+    )
 
 
 def test_guard_state_round_trips_and_too_many_skips_in_a_row_stop_the_run():
@@ -220,11 +290,28 @@ def test_spike_stats_replays_a_run_and_counts_what_each_threshold_would_skip(tmp
     lines = [json.dumps({"type": "config", "step": 0})]
     for step in range(80):
         loss = 4.0 - step / 100 + rng.normal(0, 0.02) + (3.0 if step == 60 else 0.0)
-        lines.append(json.dumps({"type": "train", "step": step, "train_loss": loss, "grad_norm": 1.0 + rng.normal(0, 0.05)}))
+        lines.append(
+            json.dumps({"type": "train", "step": step, "train_loss": loss, "grad_norm": 1.0 + rng.normal(0, 0.05)})
+        )
     path.write_text("\n".join(lines) + "\n")
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "spike_stats.py"), "--metrics", str(path),
-                             "--window", "20", "--warmup", "10", "--thresholds", "6,1000"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "spike_stats.py"),
+            "--metrics",
+            str(path),
+            "--window",
+            "20",
+            "--warmup",
+            "10",
+            "--thresholds",
+            "6,1000",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     row = result.stdout.strip().splitlines()[-1].split()
     assert row[1:3] == ["80", "70"]  # steps, steps judged after the warm-up

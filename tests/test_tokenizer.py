@@ -33,9 +33,7 @@ def test_loads_with_no_network_and_a_foreign_cache_dir(tmp_path):
         "HTTP_PROXY": "http://127.0.0.1:9",
         "TIKTOKEN_CACHE_DIR": str(tmp_path),
     }
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[15496, 995]"
     assert list(tmp_path.iterdir()) == []  # nothing written to the user's cache

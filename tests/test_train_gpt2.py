@@ -2,7 +2,8 @@
 SIGKILL), SIGTERM/SIGUSR1, corrupt checkpoints, one-line errors, MFU, metrics.jsonl, golden losses.
 
 Real parts only: shards of real GPT-2 tokens (the FineWeb demo corpus shipped in assets/demo, np.save'd
-uint16 like fineweb.py writes them; the `data_dir` fixture of conftest.py), the real trainer CLI in fresh processes, real torchrun + gloo for DDP, real signals.
+uint16 like fineweb.py writes them; the `data_dir` fixture of conftest.py), the real trainer CLI in
+fresh processes, real torchrun + gloo for DDP, real signals.
 
 Every trainer run here uses one small config (`BASE_FLAGS`: the tiny preset, 2 x 32 tokens per
 micro-batch, 128 tokens per step = 2 micro-steps on 1 process, 20 steps) and one pinned numeric
@@ -39,10 +40,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # also run as a script (the DDP worker below)
     sys.path.insert(0, str(ROOT))
 
+from conftest import VAL_TOKENS, demo_token_stream  # noqa: E402
+
+import cli  # noqa: E402
 import fileio  # noqa: E402
 import runtime  # noqa: E402
 import train_gpt2  # noqa: E402
-from conftest import VAL_TOKENS, demo_token_stream  # noqa: E402
 from metrics import MetricsLog  # noqa: E402
 from model import GPT, MODEL_PRESETS, GPTConfig  # noqa: E402
 from train_gpt2 import TrainConfig, learning_rate, make_optimizer, param_groups  # noqa: E402
@@ -53,9 +56,33 @@ RUN_TIMEOUT = 240  # seconds for one trainer process (a 20-step run takes ~15 s 
 # The run every CLI test uses (data and log dirs are added per test). 128 tokens per step = 2
 # micro-steps of 2 x 32 on one process, 1 micro-step on each of 2 DDP ranks.
 BASE_FLAGS = [
-    "--model", "tiny", "--micro-batch-size", "2", "--seq-len", "32", "--tokens-per-step", "128",
-    "--max-steps", "20", "--warmup-steps", "5", "--max-lr", "3e-3", "--val-every", "10", "--val-tokens", "256",
-    "--ckpt-every", "5", "--sample-every", "0", "--hellaswag-every", "0", "--device", "cpu", "--no-compile",
+    "--model",
+    "tiny",
+    "--micro-batch-size",
+    "2",
+    "--seq-len",
+    "32",
+    "--tokens-per-step",
+    "128",
+    "--max-steps",
+    "20",
+    "--warmup-steps",
+    "5",
+    "--max-lr",
+    "3e-3",
+    "--val-every",
+    "10",
+    "--val-tokens",
+    "256",
+    "--ckpt-every",
+    "5",
+    "--sample-every",
+    "0",
+    "--hellaswag-every",
+    "0",
+    "--device",
+    "cpu",
+    "--no-compile",
 ]
 MAX_STEPS, TOKENS_PER_STEP = 20, 128
 CPU = runtime.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), is_main=True)
@@ -66,11 +93,23 @@ CPU = runtime.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("
 # to AVX2 sends the Muon tests' bf16 matmuls (Newton-Schulz) to its reference kernel, 4x slower per
 # step on an AVX-512 CPU; each machine still gives the same bf16 numbers in every run.
 TRAIN_ENV = {
-    "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "MKL_CBWR": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
     "PYTHONUNBUFFERED": "1",
 }
-TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                 "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+TORCHRUN_VARS = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -96,7 +135,9 @@ def run(cmd: list[str], cwd: Path, timeout: int = RUN_TIMEOUT) -> subprocess.Com
 
 def run_ok(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     result = run(cmd, cwd)
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+    )
     return result
 
 
@@ -165,15 +206,6 @@ def start(cmd: list[str], cwd: Path, out_path: Path) -> subprocess.Popen:
 # ---------------------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture
-def one_thread():
-    """In-process compute on one thread: two threads on a busy 2-core machine spin and run ~5x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def straight_run(data_dir, tmp_path_factory):
     """The uninterrupted reference run: BASE_FLAGS for 20 steps, plus samples every 10 steps (the one
@@ -182,8 +214,12 @@ def straight_run(data_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("straight")
     log_dir = work / "log"
     result = run_ok(trainer_cmd(data_dir, log_dir, "--sample-every", "10"), work)
-    return {"log_dir": log_dir, "stdout": result.stdout, "weights": final_weights(log_dir),
-            "losses": train_losses(log_dir)}
+    return {
+        "log_dir": log_dir,
+        "stdout": result.stdout,
+        "weights": final_weights(log_dir),
+        "losses": train_losses(log_dir),
+    }
 
 
 # ---------------------------------------------------------------------------------------- schedule, optimizer
@@ -192,7 +228,12 @@ def straight_run(data_dir, tmp_path_factory):
 def test_learning_rate_schedule_of_the_reference_run():
     cfg = TrainConfig()  # 6e-4, 715 warmup steps, cosine to 10% at 19,073
     max_lr, min_lr, warmup, total = 6e-4, 6e-5, 715, 19_073
-    assert (cfg.max_lr, cfg.max_lr * cfg.min_lr_frac, cfg.warmup_steps, cfg.max_steps) == (max_lr, pytest.approx(min_lr), warmup, total)
+    assert (cfg.max_lr, cfg.max_lr * cfg.min_lr_frac, cfg.warmup_steps, cfg.max_steps) == (
+        max_lr,
+        pytest.approx(min_lr),
+        warmup,
+        total,
+    )
 
     def cosine(step):
         return min_lr + 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) * (max_lr - min_lr)
@@ -269,10 +310,16 @@ def test_mfu_formula_for_gpt2_124m_on_h100():
     assert 0.84e9 < expected_flops < 0.88e9  # the well-known ~0.86 GFLOP/token of GPT-2 small at T=1024
 
     h100_sxm = 989.4e12
-    assert runtime.mfu(expected_flops, 300_000, h100_sxm) == pytest.approx(expected_flops * 300_000 / h100_sxm, rel=1e-12)
-    assert runtime.mfu(expected_flops, 300_000, h100_sxm) == pytest.approx(0.2594, abs=1e-4)  # 855.4 MFLOP x 300K / 989.4T
+    assert runtime.mfu(expected_flops, 300_000, h100_sxm) == pytest.approx(
+        expected_flops * 300_000 / h100_sxm, rel=1e-12
+    )
+    assert runtime.mfu(expected_flops, 300_000, h100_sxm) == pytest.approx(
+        0.2594, abs=1e-4
+    )  # 855.4 MFLOP x 300K / 989.4T
     # 8 GPUs at 8x the tokens: the same utilisation
-    assert runtime.mfu(expected_flops, 8 * 300_000, h100_sxm, world_size=8) == pytest.approx(runtime.mfu(expected_flops, 300_000, h100_sxm))
+    assert runtime.mfu(expected_flops, 8 * 300_000, h100_sxm, world_size=8) == pytest.approx(
+        runtime.mfu(expected_flops, 300_000, h100_sxm)
+    )
     assert runtime.mfu(expected_flops, 300_000, None) is None  # unknown GPU
     assert runtime.mfu(expected_flops, 0.0, h100_sxm) is None
     assert runtime.mfu(expected_flops, 10**7, h100_sxm) == 1.0  # impossible numbers never exceed 100%
@@ -286,7 +333,7 @@ def test_mfu_formula_for_gpt2_124m_on_h100():
 def _run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     """Run train_gpt2.main like the CLI does; return (exit code, stdout, stderr)."""
     try:
-        code = train_gpt2.main(argv)
+        code = cli.run_main(train_gpt2.main, argv)
         out, err = capsys.readouterr()
     except SystemExit as e:  # raise SystemExit("message"): Python prints the message and exits 1
         out, err = capsys.readouterr()
@@ -307,9 +354,19 @@ BAD_INPUTS = {
     "no val shard": ([], lambda tmp, data: _train_shards_only(tmp, data), "no val shard"),
     "tokens per step not divisible": (["--tokens-per-step", "100"], lambda tmp, data: data, "not a multiple"),
     "seq len above block size": (["--seq-len", "512", "--tokens-per-step", "1024"], lambda tmp, data: data, "exceeds"),
-    "missing hellaswag file": (["--hellaswag-every", "5", "--hellaswag-data", "no/such.jsonl"], lambda tmp, data: data, "hellaswag"),
-    "resume never over checkpoints": (["--resume", "never"], lambda tmp, data: _log_dir_with_checkpoint(tmp, data), "--resume"),
+    "missing hellaswag file": (
+        ["--hellaswag-every", "5", "--hellaswag-data", "no/such.jsonl"],
+        lambda tmp, data: data,
+        "hellaswag",
+    ),
+    "resume never over checkpoints": (
+        ["--resume", "never"],
+        lambda tmp, data: _log_dir_with_checkpoint(tmp, data),
+        "--resume",
+    ),
     "resume another model's checkpoint": ([], lambda tmp, data: _log_dir_of_another_model(tmp, data), "another model"),
+    "resume another format": ([], lambda tmp, data: _edited_checkpoint(tmp, data, format=0), "format 0"),
+    "resume without a part": ([], lambda tmp, data: _edited_checkpoint(tmp, data, drop="spike_guard"), "spike_guard"),
 }
 
 
@@ -329,12 +386,39 @@ def _log_dir_with_checkpoint(tmp: Path, data: Path) -> Path:
 
 def _log_dir_of_another_model(tmp: Path, data: Path) -> Path:
     """A real checkpoint whose model differs from --model tiny's (another preset, or a preset edited since)."""
-    cfg = TrainConfig(model="tiny", data_dir=str(data), micro_batch_size=2, seq_len=32, tokens_per_step=128,
-                      device="cpu", val_every=0)
+    cfg = TrainConfig(
+        model="tiny", data_dir=str(data), micro_batch_size=2, seq_len=32, tokens_per_step=128, device="cpu", val_every=0
+    )
     run = train_gpt2.build_run(cfg, CPU)
     run.model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
     (tmp / "log").mkdir()
-    train_gpt2.save_checkpoint(run, tmp / "log" / "model_00005", 5, True, MetricsLog(tmp / "m.jsonl", False), keep=None)
+    train_gpt2.save_checkpoint(
+        run, MetricsLog(tmp / "m.jsonl", False), tmp / "log" / "model_00005", step=5, evals_done=True, keep=None
+    )
+    return data
+
+
+def _edited_checkpoint(tmp: Path, data: Path, drop: str | None = None, **values) -> Path:
+    """A real checkpoint of this run's settings, then edited: a key dropped or a value replaced (an
+    older or newer writer)."""
+    cfg = TrainConfig(
+        **{
+            **train_gpt2.resolve_flags(train_gpt2.parse_flags(train_gpt2.build_parser(TrainConfig), BASE_FLAGS)),
+            "data_dir": str(data),
+        }
+    )
+    (tmp / "log").mkdir()
+    path = train_gpt2.save_checkpoint(
+        train_gpt2.build_run(cfg, CPU),
+        MetricsLog(tmp / "m.jsonl", False),
+        tmp / "log" / "model_00005",
+        step=5,
+        evals_done=True,
+        keep=None,
+    )
+    state = torch.load(path, weights_only=True)
+    state.pop(drop, None)
+    torch.save({**state, **values}, path)
     return data
 
 
@@ -354,20 +438,24 @@ def test_bad_input_gives_one_line_error(case, data_dir, tmp_path, capsys):
 
 @pytest.mark.timeout(120)
 def test_bad_input_cli_exits_nonzero_without_traceback(data_dir, tmp_path):
-    """The two ways errors leave the CLI (ValueError -> exit 2, SystemExit -> exit 1), in real processes."""
+    """A bad flag (UserError) and a missing file (OSError) leave the CLI alike: exit 2, one line, in real processes."""
     cmds = {
         "flags": trainer_cmd(data_dir, tmp_path / "log1", "--tokens-per-step", "100"),
-        "files": trainer_cmd(data_dir, tmp_path / "log2", "--hellaswag-every", "5", "--hellaswag-data", "no/such.jsonl"),
+        "files": trainer_cmd(
+            data_dir, tmp_path / "log2", "--hellaswag-every", "5", "--hellaswag-data", "no/such.jsonl"
+        ),
     }
-    procs = {k: subprocess.Popen(c, cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in cmds.items()}
+    procs = {
+        k: subprocess.Popen(c, cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for k, c in cmds.items()
+    }
     try:
         results = {name: proc.communicate(timeout=100) for name, proc in procs.items()}
     finally:
         for proc in procs.values():
             proc.kill()
-    for name, (out, err) in results.items():
-        assert procs[name].returncode != 0, name
+    for name, (_, err) in results.items():
+        assert procs[name].returncode == 2, name
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, f"{name}:\n{err}"
 
 
@@ -378,7 +466,9 @@ def test_bad_input_cli_exits_nonzero_without_traceback(data_dir, tmp_path):
 def test_metrics_jsonl_records_config_train_val_and_samples(straight_run, data_dir):
     log_dir = straight_run["log_dir"]
     rows = read_metrics(log_dir)
-    cfg = train_gpt2.parse_args([*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--sample-every", "10"])
+    cfg = train_gpt2.parse_args(
+        [*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--sample-every", "10"]
+    )
 
     config = rows[0]
     assert config["type"] == "config" and config["step"] == 0
@@ -430,6 +520,19 @@ def cpu_vendor() -> str:
 GOLDEN_TOLERANCE = 1e-4  # on a CPU maker without a golden of its own: far below any real change of the math
 
 
+def test_val_records_give_bits_per_byte_of_the_val_text(straight_run):
+    """val_bpb = the val loss in bits over the UTF-8 bytes of the text its 256 target tokens decode to
+    (<|endoftext|> counted as a prediction, not as text), the bytes counted here by decoding them."""
+    from tokenizer import EOT_TOKEN, get_encoding
+
+    targets = demo_token_stream()[1 : 256 + 1]  # --val-tokens 256: the val shard's first 256 targets
+    text_bytes = len(get_encoding().decode_bytes([int(t) for t in targets if t != EOT_TOKEN]))
+    vals = records(straight_run["log_dir"], "val")
+    assert len(vals) == 3
+    for r in vals:
+        assert r["val_bpb"] == pytest.approx(r["val_loss"] * 256 / (math.log(2) * text_bytes), rel=1e-12)
+
+
 @pytest.mark.timeout(300)
 def test_golden_losses_of_the_tiny_preset(straight_run):
     """The tiny preset's first 20 train losses under BASE_FLAGS and TRAIN_ENV, exactly, on a CPU
@@ -441,14 +544,15 @@ def test_golden_losses_of_the_tiny_preset(straight_run):
     golden = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {"losses": {}}
     if os.environ.get("REGENERATE_GOLDEN") == "1":
         golden = {
-            "what": "train_loss of steps 0..19 from metrics.jsonl (tests/test_train_gpt2.py::test_golden_losses_of_the_tiny_preset)",
+            "what": "train_loss of steps 0..19 from metrics.jsonl "
+            "(tests/test_train_gpt2.py::test_golden_losses_of_the_tiny_preset)",
             "command": "train_gpt2.py " + " ".join(BASE_FLAGS) + " --sample-every 10 --data-dir SHARDS --log-dir LOG",
             "data": f"SHARDS = assets/demo/fineweb_demo.parquet as GPT-2 tokens ([50256] + encode_ordinary(text) per "
-                    f"document): val = the first {VAL_TOKENS:,} tokens, then 3 train shards of np.array_split(the rest, 3) "
-                    "(the data_dir fixture of tests/conftest.py)",
+            f"document): val = the first {VAL_TOKENS:,} tokens, then 3 train shards of np.array_split(the rest, 3) "
+            "(the data_dir fixture of tests/conftest.py)",
             "env": TRAIN_ENV,
             "regenerate": "REGENERATE_GOLDEN=1 uv run pytest tests/test_train_gpt2.py -k golden (adds or replaces this "
-                          "machine's entry; only after a change MEANT to alter the computation)",
+            "machine's entry; only after a change MEANT to alter the computation)",
             "losses": {**golden.get("losses", {}), key: losses},  # per "<CPU vendor> torch <version>"
         }
         fileio.atomic_write_json(GOLDEN, golden)
@@ -458,7 +562,8 @@ def test_golden_losses_of_the_tiny_preset(straight_run):
     if exact is not None:
         mismatch = [(i, a, b) for i, (a, b) in enumerate(zip(losses, exact)) if a != b]
         assert len(exact) == MAX_STEPS and not mismatch, (
-            f"losses differ from {GOLDEN.name} ({vendor}) at (step, now, golden): {mismatch[:5]}")
+            f"losses differ from {GOLDEN.name} ({vendor}) at (step, now, golden): {mismatch[:5]}"
+        )
     else:
         reference = next(iter(entries.values()))
         worst = max(abs(a - b) for a, b in zip(losses, reference))
@@ -499,8 +604,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(straight_run, data_dir, 
     proc = start(cmd, tmp_path, tmp_path / "killed.out")
     try:
         # past the step-3 checkpoint by two logged steps, before the step-6 one
-        wait_for(proc, lambda: (log_dir / "model_00003.pt").exists() and last_train_step(log_dir) >= 4,
-                 "the step-3 checkpoint and two more steps")
+        wait_for(
+            proc,
+            lambda: (log_dir / "model_00003.pt").exists() and last_train_step(log_dir) >= 4,
+            "the step-3 checkpoint and two more steps",
+        )
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
@@ -517,16 +625,35 @@ def test_resume_after_sigkill_matches_uninterrupted_run(straight_run, data_dir, 
     assert_train_steps_once(log_dir)
     assert train_losses(log_dir) == straight_run["losses"]
     assert [r["step"] for r in records(log_dir, "val")] == [0, 10, 20]
-    assert sorted(p.name for p in log_dir.glob("model_0*.pt")) == ["model_00012.pt", "model_00015.pt", "model_00018.pt"]  # newest 3 kept
+    assert sorted(p.name for p in log_dir.glob("model_0*.pt")) == [
+        "model_00012.pt",
+        "model_00015.pt",
+        "model_00018.pt",
+    ]  # newest 3 kept
 
 
-def _run_until_signal(cmd, cwd: Path, log_dir: Path, after_step: int, sig: signal.Signals, name: str,
-                      expect_code: int = 0, group: bool = False) -> str:
+def _run_until_signal(
+    cmd,
+    cwd: Path,
+    log_dir: Path,
+    after_step: int,
+    sig: signal.Signals,
+    name: str,
+    expect_code: int = 0,
+    group: bool = False,
+) -> str:
     """Start the trainer, send `sig` once train step `after_step` is logged, wait; return its output.
     group: start it in its own session and signal the whole process group, as a terminal's Ctrl-C does."""
     out_path = cwd / f"{name}.out"
-    proc = subprocess.Popen(cmd, cwd=cwd, env=run_env(), stdout=open(out_path, "w"), stderr=subprocess.STDOUT,
-                            text=True, start_new_session=group)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=run_env(),
+        stdout=open(out_path, "w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=group,
+    )
     try:
         wait_for(proc, lambda: last_train_step(log_dir) >= after_step, f"train step {after_step}")
         if group:
@@ -600,10 +727,18 @@ def run_gloo_pair(test_file: Path, out: Path, cfg: TrainConfig, cwd: Path) -> No
         port = sock.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = {**run_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        env = {
+            **run_env(),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
         cmd = [sys.executable, str(test_file.resolve()), "grad-worker", str(out), json.dumps(dataclasses.asdict(cfg))]
-        procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(
+            subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     try:
         outputs = [proc.communicate(timeout=150)[0] for proc in procs]
     finally:
@@ -644,8 +779,16 @@ def grad_worker_main(compute) -> None:
 @pytest.mark.timeout(200)
 def test_ddp_two_ranks_give_the_gradients_of_one_process_with_twice_the_accumulation(data_dir, tmp_path, one_thread):
     # 256 tokens per step: 4 micro-steps of 2 x 32 on 1 process, 2 per rank on 2 (so no_sync is used)
-    cfg = TrainConfig(model="tiny", data_dir=str(data_dir), micro_batch_size=2, seq_len=32, tokens_per_step=256,
-                      device="cpu", compile=False, val_every=0)
+    cfg = TrainConfig(
+        model="tiny",
+        data_dir=str(data_dir),
+        micro_batch_size=2,
+        seq_len=32,
+        tokens_per_step=256,
+        device="cpu",
+        compile=False,
+        val_every=0,
+    )
     assert (cfg.grad_accum_steps(1), cfg.grad_accum_steps(2)) == (4, 2)
     out = tmp_path / "ddp_grads.pt"
     # two ranks as plain processes with torchrun's environment (the launcher itself is tested below)
@@ -695,8 +838,20 @@ def test_tensorboard_and_wandb_mirror_every_metrics_record(data_dir, tmp_path, m
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     log_dir = tmp_path / "log"
-    cmd = trainer_cmd(data_dir, log_dir, "--max-steps", "6", "--warmup-steps", "2", "--val-every", "3",
-                      "--tensorboard", "--wandb", "--wandb-project", "test")
+    cmd = trainer_cmd(
+        data_dir,
+        log_dir,
+        "--max-steps",
+        "6",
+        "--warmup-steps",
+        "2",
+        "--val-every",
+        "3",
+        "--tensorboard",
+        "--wandb",
+        "--wandb-project",
+        "test",
+    )
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_ok(cmd, tmp_path)
@@ -722,8 +877,14 @@ def test_logging_mirror_without_its_package_is_a_one_line_error(data_dir, tmp_pa
     (blocker / "tensorboard" / "__init__.py").write_text("raise ImportError('not installed')\n")
     env = run_env()
     env["PYTHONPATH"] = os.pathsep.join([str(blocker), env["PYTHONPATH"]])
-    result = subprocess.run(trainer_cmd(data_dir, tmp_path / "log", "--tensorboard"), cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    result = subprocess.run(
+        trainer_cmd(data_dir, tmp_path / "log", "--tensorboard"),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "uv sync --extra loggers" in result.stderr
 
@@ -733,11 +894,17 @@ def test_init_from_openai_weights_offline_fails_at_once_in_one_line(data_dir, tm
     closed local port as the endpoint, the same on any machine): one line saying which, decided
     before transformers is asked to download (which alone retries for ~30 s before giving up)."""
     env = {**run_env(), "HF_HOME": str(tmp_path / "empty_hf_home"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(trainer_cmd(data_dir, tmp_path / "log", "--init-from", "gpt2"), cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    result = subprocess.run(
+        trainer_cmd(data_dir, tmp_path / "log", "--init-from", "gpt2"),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --init-from gpt2: not in the local")
+    assert len(lines) == 1 and lines[0].startswith("train_gpt2.py: error: --init-from gpt2: not in the local")
     assert "HF_HUB_OFFLINE is set" in lines[0]
 
     from huggingface_hub import constants  # the same loader in-process, the Hub unreachable instead
@@ -750,7 +917,9 @@ def test_init_from_openai_weights_offline_fails_at_once_in_one_line(data_dir, tm
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", closed)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    with pytest.raises(ValueError, match=f"not in the local Hugging Face cache, and the Hub \\({closed}\\) is not reachable"):
+    with pytest.raises(
+        ValueError, match=f"not in the local Hugging Face cache, and the Hub \\({closed}\\) is not reachable"
+    ):
         checkpoint.load_hf_model("gpt2", flag="--init-from")
 
 
@@ -773,8 +942,11 @@ def finished_copy(straight_run, tmp_path: Path, stop_after: int | None = None) -
 def test_resume_lists_changed_settings_and_refuses_those_that_change_the_run(straight_run, data_dir, tmp_path, capsys):
     log_dir = finished_copy(straight_run, tmp_path, stop_after=15)
     base = [*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir)]
-    for flags, listed in ((["--tokens-per-step", "256"], "--tokens-per-step 128 -> 256"),
-                          (["--seed", "7"], "--seed 1337 -> 7"), (["--no-shuffle"], "--shuffle True -> False")):
+    for flags, listed in (
+        (["--tokens-per-step", "256"], "--tokens-per-step 128 -> 256"),
+        (["--seed", "7"], "--seed 1337 -> 7"),
+        (["--no-shuffle"], "--shuffle True -> False"),
+    ):
         code, err = _main_in_process([*base, *flags], capsys)
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and listed in lines[0] and "--allow-config-change" in lines[0], err
@@ -787,8 +959,19 @@ def test_resume_lists_changed_settings_and_refuses_those_that_change_the_run(str
     assert "changed since the checkpoint: --max-steps 20 -> 18" in out
     # an intended change of the batch: continues from the same token position
     log_dir2 = finished_copy(straight_run, tmp_path / "b", stop_after=15)
-    code, out, _ = _run_main([*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir2),
-                              "--tokens-per-step", "256", "--allow-config-change"], capsys)
+    code, out, _ = _run_main(
+        [
+            *BASE_FLAGS,
+            "--data-dir",
+            str(data_dir),
+            "--log-dir",
+            str(log_dir2),
+            "--tokens-per-step",
+            "256",
+            "--allow-config-change",
+        ],
+        capsys,
+    )
     assert code == 0 and "--tokens-per-step 128 -> 256" in out
     assert torch.load(log_dir2 / "model_final.pt", weights_only=True)["loader"]["rows_consumed"] == 15 * 4 + 5 * 8
 
@@ -836,35 +1019,66 @@ def test_diverged_run_never_saves_a_checkpoint(data_dir, tmp_path, capsys):
     """A loss that turns NaN between log steps (--log-every 10) before a checkpoint step
     (--ckpt-every 5): the run stops before saving non-finite weights, with one line."""
     log_dir = tmp_path / "log"
-    argv = [*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--log-every", "10",
-            "--max-lr", "1e30", "--warmup-steps", "0", "--grad-clip", "0", "--val-every", "0"]
+    argv = [
+        *BASE_FLAGS,
+        "--data-dir",
+        str(data_dir),
+        "--log-dir",
+        str(log_dir),
+        "--log-every",
+        "10",
+        "--max-lr",
+        "1e30",
+        "--warmup-steps",
+        "0",
+        "--grad-clip",
+        "0",
+        "--val-every",
+        "0",
+    ]
     code, err = _main_in_process(argv, capsys)
     lines = err.strip().splitlines()
     assert code == 1 and len(lines) == 1 and "finite" in lines[0] and "lower --max-lr" in lines[0], err
     assert not list(log_dir.glob("model_*.pt")) and not list(log_dir.glob(".model_*"))
     # and save_checkpoint itself refuses non-finite weights
-    cfg = TrainConfig(model="tiny", data_dir=str(data_dir), micro_batch_size=2, seq_len=32, tokens_per_step=128,
-                      device="cpu", val_every=0)
+    cfg = TrainConfig(
+        model="tiny",
+        data_dir=str(data_dir),
+        micro_batch_size=2,
+        seq_len=32,
+        tokens_per_step=128,
+        device="cpu",
+        val_every=0,
+    )
     run = train_gpt2.build_run(cfg, CPU)
     with torch.no_grad():
         run.model.lm_head.weight[0, 0] = float("nan")
     with pytest.raises(train_gpt2.Diverged):
-        train_gpt2.save_checkpoint(run, tmp_path / "model_00001", 1, True, MetricsLog(tmp_path / "m", False), keep=None)
+        train_gpt2.save_checkpoint(
+            run, MetricsLog(tmp_path / "m", False), tmp_path / "model_00001", step=1, evals_done=True, keep=None
+        )
     assert not (tmp_path / "model_00001.pt").exists()
 
 
 def test_negative_numbers_parse_and_bad_values_fail_before_anything_is_made(data_dir, tmp_path, capsys):
     log_dir = tmp_path / "log"
-    code, err = _main_in_process([*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir),
-                                  "--max-lr", "-1e-3"], capsys)
-    assert code == 2 and err.strip() == "error: --max-lr must be positive, got -0.001"
+    code, err = _main_in_process(
+        [*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--max-lr=-1e-3"], capsys
+    )
+    assert code == 2 and err.strip() == f"{cli.script_name()}: error: --max-lr must be positive, got -0.001"
     assert not log_dir.exists()  # refused while parsing: no folder left behind
 
 
 def test_help_lists_choices_and_a_model_preset_brings_its_context():
     text = train_gpt2.build_parser(TrainConfig).format_help()
-    for choices in ("{gpt2,gpt2-medium,gpt2-large,gpt2-xl,tiny}", "{auto,cpu,cuda}", "{cosine,wsd}",
-                    "{auto,flash,cudnn,efficient,math}", "{adamw,muon}", "{,fast}"):
+    for choices in (
+        "{gpt2,gpt2-medium,gpt2-large,gpt2-xl,tiny}",
+        "{auto,cpu,cuda}",
+        "{cosine,wsd}",
+        "{auto,flash,cudnn,efficient,math}",
+        "{adamw,muon}",
+        "{,fast}",
+    ):
         assert choices in text, choices
     assert "(default: gpt2)" in text and "(default: on)" in text  # --compile
     tiny = train_gpt2.parse_args(["--model", "tiny"])
@@ -881,8 +1095,9 @@ def test_token_id_out_of_range_names_the_shard_and_the_verify_command(data_dir, 
     tokens = np.load(shard)
     tokens[:] = np.random.default_rng(0).integers(0, 2**16, size=tokens.size, dtype=np.uint16)  # random bytes
     np.save(shard, tokens)
-    code, err = _main_in_process([*BASE_FLAGS, "--data-dir", str(bad), "--log-dir", str(tmp_path / "log"),
-                                  "--no-shuffle"], capsys)
+    code, err = _main_in_process(
+        [*BASE_FLAGS, "--data-dir", str(bad), "--log-dir", str(tmp_path / "log"), "--no-shuffle"], capsys
+    )
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
     assert str(shard) in lines[0] and "fineweb.py" in lines[0] and "--verify" in lines[0]
@@ -898,8 +1113,15 @@ def test_step_line_shows_elapsed_time_and_eta(straight_run):
 def test_checkpoints_and_metrics_follow_the_umask(data_dir, tmp_path):
     log_dir = tmp_path / "log"
     cmd = trainer_cmd(data_dir, log_dir, "--max-steps", "2", "--warmup-steps", "1", "--val-every", "0")
-    result = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT,
-                            preexec_fn=lambda: os.umask(0o022))
+    result = subprocess.run(
+        cmd,
+        cwd=tmp_path,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        preexec_fn=lambda: os.umask(0o022),
+    )
     assert result.returncode == 0, result.stderr
     for name in ("model_final.pt", "metrics.jsonl"):
         assert (log_dir / name).stat().st_mode & 0o777 == 0o644, name
@@ -932,10 +1154,23 @@ def test_second_ctrl_c_or_sigterm_stops_at_once_without_a_checkpoint(data_dir, t
     twice), 2 s after the first, ends the process during the step, before the checkpoint the first
     one asked for."""
     log_dir = tmp_path / "log"
-    cmd = trainer_cmd(data_dir, log_dir, "--micro-batch-size", "8", "--seq-len", "256", "--tokens-per-step", "8192",
-                      "--val-every", "0", "--ckpt-every", "0")
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=run_env(), stdout=open(tmp_path / "out", "w"),
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = trainer_cmd(
+        data_dir,
+        log_dir,
+        "--micro-batch-size",
+        "8",
+        "--seq-len",
+        "256",
+        "--tokens-per-step",
+        "8192",
+        "--val-every",
+        "0",
+        "--ckpt-every",
+        "0",
+    )
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=run_env(), stdout=open(tmp_path / "out", "w"), stderr=subprocess.STDOUT, text=True
+    )
     try:
         wait_for(proc, lambda: last_train_step(log_dir) >= 0, "train step 0")
         proc.send_signal(sig)
@@ -982,7 +1217,10 @@ def test_a_second_run_into_a_held_log_dir_is_refused_and_the_first_goes_on_untou
 def test_log_dir_that_cannot_be_used_is_one_line_and_a_failed_start_leaves_no_folder(data_dir, tmp_path, capsys):
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
-    for log_dir, expected in ((a_file, "is a file, not a folder"), (Path("/proc/self/no/log"), "cannot write in --log-dir")):
+    for log_dir, expected in (
+        (a_file, "is a file, not a folder"),
+        (Path("/proc/self/no/log"), "cannot write in --log-dir"),
+    ):
         code, err = _main_in_process([*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir)], capsys)
         assert code == 2 and expected in err and err.count("\n") == 1, err
     new = tmp_path / "new" / "log"
@@ -996,8 +1234,21 @@ def test_a_run_that_cannot_fit_is_refused_before_it_starts(data_dir, tmp_path, c
     fixes, before any folder or model exists (it used to start, grow past 10 GB and never finish a
     step)."""
     log_dir = tmp_path / "log"
-    code, err = _main_in_process(["--model", "gpt2-xl", "--device", "cpu", "--data-dir", str(data_dir),
-                                  "--log-dir", str(log_dir), "--micro-batch-size", "1"], capsys)
+    code, err = _main_in_process(
+        [
+            "--model",
+            "gpt2-xl",
+            "--device",
+            "cpu",
+            "--data-dir",
+            str(data_dir),
+            "--log-dir",
+            str(log_dir),
+            "--micro-batch-size",
+            "1",
+        ],
+        capsys,
+    )
     assert code == 2 and err.count("\n") == 1, err
     assert "needs about" in err and "GiB per process" in err and "--parallel fsdp" in err and "--no-memory-check" in err
     assert not log_dir.exists()
@@ -1022,3 +1273,40 @@ def test_ctrl_c_under_torchrun_every_rank_stops_at_the_same_step(straight_run, d
     assert_train_steps_once(log_dir)
     diffs = [abs(a - b) for a, b in zip(train_losses(log_dir), straight_run["losses"])]
     assert max(diffs) < 1e-5, f"loss curves differ by up to {max(diffs):.3g}"
+
+
+@pytest.mark.timeout(300)
+def test_core_in_training_is_logged_and_equals_core_py_on_the_final_weights(data_dir, tmp_path):
+    """--core-every: CORE at steps 0 and 10 with every task's accuracy; the last one is what
+    core_eval gives the saved final weights (the same scorer core.py uses). The task files are the
+    hand-written fixtures of tests/data/core/ under every real task's name (--no-core-verify)."""
+    import checkpoint
+    import core_eval
+
+    core_data = core_eval.stand_in_data_dir(tmp_path / "core_data", Path(__file__).parent / "data" / "core")
+    log_dir = tmp_path / "log"
+    run_ok(
+        trainer_cmd(
+            data_dir,
+            log_dir,
+            "--core-every",
+            "10",
+            "--core-data",
+            str(core_data),
+            "--no-core-verify",
+            "--core-max-per-task",
+            "0",
+            "--max-steps",
+            "10",
+            "--val-every",
+            "0",
+        ),
+        tmp_path,
+    )
+    cores = records(log_dir, "core")
+    assert [r["step"] for r in cores] == [0, 10]
+    assert all(len(r["tasks"]) == len(core_eval.TASKS) and r["core_partial"] is None for r in cores)
+    suite = core_eval.load_suite(core_data, verify=False)
+    expected = core_eval.evaluate_core(checkpoint.load_model(log_dir / "model_final.pt"), suite, CPU)
+    assert cores[-1]["core"] == expected["core"]
+    assert cores[-1]["tasks"] == {label: t["accuracy"] for label, t in expected["tasks"].items()}

@@ -37,12 +37,35 @@ TRAIN_SH = ROOT / "train.sh"
 MAX_STEPS = 20
 # Tiny and short: the 50304-wide output layer dominates a step on CPU (~0.4 s here).
 TINY_FLAGS = [
-    "--model", "tiny", "--device", "cpu", "--micro-batch-size", "2", "--seq-len", "64",
-    "--tokens-per-step", "256", "--max-steps", str(MAX_STEPS), "--warmup-steps", "2", "--val-every", "4",
-    "--val-tokens", "1024", "--hellaswag-every", "0", "--sample-every", "0", "--ckpt-every", "1000",
+    "--model",
+    "tiny",
+    "--device",
+    "cpu",
+    "--micro-batch-size",
+    "2",
+    "--seq-len",
+    "64",
+    "--tokens-per-step",
+    "256",
+    "--max-steps",
+    str(MAX_STEPS),
+    "--warmup-steps",
+    "2",
+    "--val-every",
+    "4",
+    "--val-tokens",
+    "1024",
+    "--hellaswag-every",
+    "0",
+    "--sample-every",
+    "0",
+    "--ckpt-every",
+    "1000",
 ]
 SBATCH_OVERRIDES = ["--gpus-per-node=0", "--cpus-per-task=2"]  # the test node has 2 CPUs and no GPU
-FINAL_LINE = re.compile(r"^train\.sh: (training finished|training failed|training exited 0|stopped after)", re.MULTILINE)
+FINAL_LINE = re.compile(
+    r"^train\.sh: (training finished|training failed|training exited 0|stopped after)", re.MULTILINE
+)
 END_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
@@ -70,8 +93,15 @@ def free_port() -> int:
 
 
 def dry_run(args=(), **env: str) -> list[str]:
-    out = subprocess.run(["bash", str(TRAIN_SH), *args], check=False, env=clean_env(DRY_RUN="1", **env), cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        ["bash", str(TRAIN_SH), *args],
+        check=False,
+        env=clean_env(DRY_RUN="1", **env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return shlex.split(out.stdout)
 
@@ -113,9 +143,15 @@ def shards(data_dir) -> Path:
 def uninterrupted_run(tmp_path_factory, shards) -> Path:
     """The tiny run straight through `bash train.sh` without SLURM (torchrun --standalone, CPU)."""
     log_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = subprocess.run(["bash", str(TRAIN_SH), *TINY_FLAGS], check=False,
-                            env=clean_env(LOG_DIR=str(log_dir), DATA_DIR=str(shards), CUDA_VISIBLE_DEVICES=""),
-                            cwd=ROOT, capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        ["bash", str(TRAIN_SH), *TINY_FLAGS],
+        check=False,
+        env=clean_env(LOG_DIR=str(log_dir), DATA_DIR=str(shards), CUDA_VISIBLE_DEVICES=""),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return log_dir
 
@@ -172,14 +208,27 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 
     def start(self) -> None:
         r = self.root
-        self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={r}/munge/munge.sock",
-                               f"--key-file={r}/munge/munge.key", f"--pid-file={r}/munge/munged.pid",
-                               f"--seed-file={r}/munge/munged.seed", f"--log-file={r}/log/munged.log"])
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={r}/munge/munge.sock",
+                f"--key-file={r}/munge/munge.key",
+                f"--pid-file={r}/munge/munged.pid",
+                f"--seed-file={r}/munge/munged.seed",
+                f"--log-file={r}/log/munged.log",
+            ],
+        )
         self._wait(lambda: (r / "munge" / "munge.sock").exists(), 10, "munged did not create its socket")
         self._spawn("slurmctld", ["slurmctld", "-D", "-i"])
         self._spawn("slurmd", ["slurmd", "-D", "-N", "localhost"])
-        self._wait(lambda: self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle", 60,
-                   "the node never became idle")
+        self._wait(
+            lambda: self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle",
+            60,
+            "the node never became idle",
+        )
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         exe = shutil.which(cmd[0], path=self.env["PATH"] + ":/usr/sbin:/sbin")
@@ -199,7 +248,9 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((self.root / "log").iterdir()))
 
     def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        result = subprocess.run(cmd, check=False, env=kw.pop("env", self.env), capture_output=True, text=True, timeout=60, **kw)
+        result = subprocess.run(
+            cmd, check=False, env=kw.pop("env", self.env), capture_output=True, text=True, timeout=60, **kw
+        )
         if check and result.returncode != 0:
             pytest.fail(f"{shlex.join(cmd)} failed: {result.stderr}\n{self.logs()}")
         return result
@@ -263,11 +314,21 @@ class TwoNodeCluster(Cluster):
         conf = re.sub(r"^SlurmdSpoolDir=.*$", f"SlurmdSpoolDir={root}/spool/%n", conf, flags=re.M)
         conf = re.sub(r"^SlurmdPidFile=.*$", f"SlurmdPidFile={root}/slurmd.%n.pid", conf, flags=re.M)
         conf = re.sub(r"^SlurmdLogFile=.*$", f"SlurmdLogFile={root}/log/slurmd.%n.log", conf, flags=re.M)
-        conf = re.sub(r"^NodeName=.*$", "\n".join(
-            f"NodeName={name} NodeAddr={addr} CPUs=2 RealMemory={mem_mb // 4} State=UNKNOWN"
-            for name, addr in self.NODES.items()), conf, flags=re.M)
-        conf = re.sub(r"^PartitionName=.*$", "PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP",
-                      conf, flags=re.M)
+        conf = re.sub(
+            r"^NodeName=.*$",
+            "\n".join(
+                f"NodeName={name} NodeAddr={addr} CPUs=2 RealMemory={mem_mb // 4} State=UNKNOWN"
+                for name, addr in self.NODES.items()
+            ),
+            conf,
+            flags=re.M,
+        )
+        conf = re.sub(
+            r"^PartitionName=.*$",
+            "PartitionName=debug Nodes=node1,node2 Default=YES MaxTime=INFINITE State=UP",
+            conf,
+            flags=re.M,
+        )
         (root / "slurm.conf").write_text(conf)
         for name in self.NODES:
             (root / "spool" / name).mkdir()
@@ -278,8 +339,9 @@ class TwoNodeCluster(Cluster):
             raise RuntimeError(f"ip {' '.join(args)}: {result.stderr.strip()}")
 
     def start(self) -> None:
-        (self.root / "hosts").write_text("127.0.0.1 localhost\n" + "".join(
-            f"{addr} {name}\n" for name, addr in self.NODES.items()))
+        (self.root / "hosts").write_text(
+            "127.0.0.1 localhost\n" + "".join(f"{addr} {name}\n" for name, addr in self.NODES.items())
+        )
         a, b = self.netns["node1"], self.netns["node2"]
         try:
             for ns in (a, b):
@@ -295,24 +357,50 @@ class TwoNodeCluster(Cluster):
         except (RuntimeError, OSError) as e:
             pytest.skip(f"cannot make network namespaces here ({e}): the two-node test needs root with CAP_NET_ADMIN")
         r = self.root
-        self._spawn("munged", ["munged", "--foreground", "--force", f"--socket={r}/munge/munge.sock",
-                               f"--key-file={r}/munge/munge.key", f"--pid-file={r}/munge/munged.pid",
-                               f"--seed-file={r}/munge/munged.seed", f"--log-file={r}/log/munged.log"])
+        self._spawn(
+            "munged",
+            [
+                "munged",
+                "--foreground",
+                "--force",
+                f"--socket={r}/munge/munge.sock",
+                f"--key-file={r}/munge/munge.key",
+                f"--pid-file={r}/munge/munged.pid",
+                f"--seed-file={r}/munge/munged.seed",
+                f"--log-file={r}/log/munged.log",
+            ],
+        )
         self._wait(lambda: (r / "munge" / "munge.sock").exists(), 10, "munged did not create its socket")
         self._spawn_on("node1", "slurmctld", ["slurmctld", "-D", "-i"])
         for name in self.NODES:
             self._spawn_on(name, f"slurmd-{name}", ["slurmd", "-D", "-N", name])
-        self._wait(lambda: self.run("sinfo", "-h", "-o", "%T %D", check=False).stdout.split() == ["idle", "2"], 60,
-                   "the two nodes never became idle")
+        self._wait(
+            lambda: self.run("sinfo", "-h", "-o", "%T %D", check=False).stdout.split() == ["idle", "2"],
+            60,
+            "the two nodes never became idle",
+        )
 
     def _spawn_on(self, node: str, name: str, cmd: list[str]) -> None:
         """Start a daemon on `node`: in its network namespace, with new UTS and mount namespaces (its
         hostname, the nodes' /etc/hosts). nsenter, not `ip netns exec`: that remounts /sys, and
         slurmd then finds no /sys/fs/cgroup (measured: "slurmd initialization failed")."""
         exe = shutil.which(cmd[0], path=self.env["PATH"] + ":/usr/sbin:/sbin")
-        self._spawn(name, ["nsenter", f"--net=/run/netns/{self.netns[node]}", "unshare", "--uts", "--mount", "--",
-                           "sh", "-c", f'mount --bind {self.root}/hosts /etc/hosts && hostname {node} && exec "$0" "$@"',
-                           exe, *cmd[1:]])
+        self._spawn(
+            name,
+            [
+                "nsenter",
+                f"--net=/run/netns/{self.netns[node]}",
+                "unshare",
+                "--uts",
+                "--mount",
+                "--",
+                "sh",
+                "-c",
+                f'mount --bind {self.root}/hosts /etc/hosts && hostname {node} && exec "$0" "$@"',
+                exe,
+                *cmd[1:],
+            ],
+        )
 
     def run(self, *cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
         """Client commands (sbatch, scontrol, ...) reach slurmctld from node1's network namespace."""
@@ -323,7 +411,9 @@ class TwoNodeCluster(Cluster):
             super().stop()
         finally:
             for ns in self.created:
-                subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)  # the veth pair goes with it
+                subprocess.run(
+                    ["ip", "netns", "del", ns], capture_output=True, timeout=30
+                )  # the veth pair goes with it
 
 
 def slurm_conf_only() -> Cluster:
@@ -402,48 +492,83 @@ def test_sbatch_header_asks_for_the_signal_requeue_and_appended_output():
 
 
 def test_one_node_runs_one_process_per_gpu_with_rendezvous_on_the_node(slurm_conf):
-    cmd = dry_run(["--max-steps", "100"], SLURM_CONF=slurm_conf, SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES="1",
-                  SLURM_JOB_NODELIST="gpu07", SLURM_GPUS_ON_NODE="4", SLURM_CPUS_PER_TASK="16")
+    cmd = dry_run(
+        ["--max-steps", "100"],
+        SLURM_CONF=slurm_conf,
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_JOB_NODELIST="gpu07",
+        SLURM_GPUS_ON_NODE="4",
+        SLURM_CPUS_PER_TASK="16",
+    )
     assert cmd[0] == "srun"
-    assert flag(cmd, "--nodes") == "1" and flag(cmd, "--ntasks-per-node") == "1" and flag(cmd, "--cpus-per-task") == "16"
+    assert (
+        flag(cmd, "--nodes") == "1" and flag(cmd, "--ntasks-per-node") == "1" and flag(cmd, "--cpus-per-task") == "16"
+    )
     assert cmd[cmd.index("-m") + 1] == "torch.distributed.run"
     assert Path(cmd[cmd.index("-m") - 1]) == ROOT / ".venv" / "bin" / "python"
     assert flag(cmd, "--nnodes") == "1" and flag(cmd, "--nproc-per-node") == "4"
     assert flag(cmd, "--rdzv-backend") == "c10d" and flag(cmd, "--rdzv-id") == "4242"
     assert re.fullmatch(r"gpu07:\d+", flag(cmd, "--rdzv-endpoint"))
     script = cmd.index("train_gpt2.py")
-    assert cmd[script + 1:] == ["--log-dir", "log", "--max-steps", "100"]
+    assert cmd[script + 1 :] == ["--log-dir", "log", "--max-steps", "100"]
 
 
 def test_four_nodes_run_one_launcher_per_node_with_rendezvous_on_the_first(slurm_conf):
-    cmd = dry_run(["--log-dir", "runs/b", "--seed", "7"], SLURM_CONF=slurm_conf, SLURM_JOB_ID="99",
-                  SLURM_JOB_NUM_NODES="4", SLURM_JOB_NODELIST="node[12-13,20],other5", SLURM_GPUS_ON_NODE="8",
-                  MASTER_PORT="29123", LOG_DIR="runs/a", DATA_DIR="/scratch/shards")
+    cmd = dry_run(
+        ["--log-dir", "runs/b", "--seed", "7"],
+        SLURM_CONF=slurm_conf,
+        SLURM_JOB_ID="99",
+        SLURM_JOB_NUM_NODES="4",
+        SLURM_JOB_NODELIST="node[12-13,20],other5",
+        SLURM_GPUS_ON_NODE="8",
+        MASTER_PORT="29123",
+        LOG_DIR="runs/a",
+        DATA_DIR="/scratch/shards",
+    )
     assert flag(cmd, "--nodes") == "4" and flag(cmd, "--ntasks") == "4" and flag(cmd, "--ntasks-per-node") == "1"
     assert flag(cmd, "--nnodes") == "4" and flag(cmd, "--nproc-per-node") == "8"
     assert flag(cmd, "--rdzv-endpoint") == "node12:29123" and flag(cmd, "--rdzv-id") == "99"
     # the torchrun launcher on each node starts with USR1 ignored, so the signal reaches only training
     launcher = cmd.index("bash")
-    assert cmd[launcher:launcher + 3] == ["bash", "-c", 'trap "" USR1; exec "$@"']
+    assert cmd[launcher : launcher + 3] == ["bash", "-c", 'trap "" USR1; exec "$@"']
     script = cmd.index("train_gpt2.py")
-    assert cmd[script + 1:] == ["--log-dir", "runs/a", "--data-dir", "/scratch/shards", "--log-dir", "runs/b", "--seed", "7"]
+    assert cmd[script + 1 :] == [
+        "--log-dir",
+        "runs/a",
+        "--data-dir",
+        "/scratch/shards",
+        "--log-dir",
+        "runs/b",
+        "--seed",
+        "7",
+    ]
 
 
 def test_without_slurm_it_runs_standalone_torchrun_on_the_visible_gpus():
     cmd = dry_run(["--demo"], CUDA_VISIBLE_DEVICES="0,1,3")
     assert "srun" not in cmd and "--standalone" in cmd
     assert flag(cmd, "--nproc-per-node") == "3"
-    assert cmd[cmd.index("train_gpt2.py") + 1:] == ["--log-dir", "log", "--demo"]
+    assert cmd[cmd.index("train_gpt2.py") + 1 :] == ["--log-dir", "log", "--demo"]
     cmd = dry_run([], CUDA_VISIBLE_DEVICES="")  # no GPU: one process on CPU
     assert flag(cmd, "--nproc-per-node") == "1"
 
 
 def test_missing_venv_is_a_one_line_error():
-    result = subprocess.run(["bash", str(TRAIN_SH)], check=False, env=clean_env(PYTHON="/nonexistent/python"), cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(TRAIN_SH)],
+        check=False,
+        env=clean_env(PYTHON="/nonexistent/python"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == "train.sh: error: no Python at /nonexistent/python: run 'uv sync' in " \
+    assert (
+        result.stderr.strip() == "train.sh: error: no Python at /nonexistent/python: run 'uv sync' in "
         f"{ROOT} first (or set PYTHON)"
+    )
 
 
 @pytest.mark.slow
@@ -458,8 +583,9 @@ def test_local_run_without_slurm_trains_to_the_end(uninterrupted_run):
 # ---- a real SLURM --------------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_time_limit_signal_checkpoints_requeues_resumes_and_matches_uninterrupted_run(uninterrupted_run, slurm, shards,
-                                                                                       tmp_path):
+def test_time_limit_signal_checkpoints_requeues_resumes_and_matches_uninterrupted_run(
+    uninterrupted_run, slurm, shards, tmp_path
+):
     log_dir, out = tmp_path / "log", tmp_path / "slurm.out"
     job = slurm.sbatch(out, TINY_FLAGS, LOG_DIR=str(log_dir), DATA_DIR=str(shards), MAX_REQUEUES="3")
 
@@ -503,7 +629,11 @@ def test_finished_crashed_or_capped_job_is_not_requeued_even_when_signalled(unin
     empty.mkdir()
     cases = {
         "finished": {"LOG_DIR": str(uninterrupted_run), "DATA_DIR": str(shards)},
-        "crashed": {"LOG_DIR": str(tmp_path / "crash_log"), "DATA_DIR": str(empty), "MAX_RESTARTS": "0"},  # restarts: test_restarts.py
+        "crashed": {
+            "LOG_DIR": str(tmp_path / "crash_log"),
+            "DATA_DIR": str(empty),
+            "MAX_RESTARTS": "0",
+        },  # restarts: test_restarts.py
         "capped": {"LOG_DIR": str(tmp_path / "capped_log"), "DATA_DIR": str(shards), "MAX_REQUEUES": "0"},
     }
     for name, env in cases.items():
@@ -532,8 +662,9 @@ def test_finished_crashed_or_capped_job_is_not_requeued_even_when_signalled(unin
 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
-def test_two_nodes_meet_stop_on_the_time_limit_signal_requeue_and_match_one_process(uninterrupted_run, slurm_two_nodes,
-                                                                                     shards, tmp_path):
+def test_two_nodes_meet_stop_on_the_time_limit_signal_requeue_and_match_one_process(
+    uninterrupted_run, slurm_two_nodes, shards, tmp_path
+):
     """`sbatch --nodes=2 train.sh --parallel fsdp`: one torchrun per node, one training process each,
     meeting in the c10d rendezvous on node1 over the veth link, the model sharded over the two
     nodes (FSDP2); USR1 mid-run, each node writes its shard of the DCP checkpoint into the shared log
@@ -543,15 +674,31 @@ def test_two_nodes_meet_stop_on_the_time_limit_signal_requeue_and_match_one_proc
     1e-4 of the one-process run's."""
     cluster = slurm_two_nodes
     log_dir, out = tmp_path / "log", tmp_path / "slurm.out"
-    cmd = ["sbatch", "--parsable", "--nodes=2", *SBATCH_OVERRIDES, f"--output={out}", str(TRAIN_SH), *TINY_FLAGS,
-           "--parallel", "fsdp"]
-    job = cluster.run(*cmd, env={**cluster.env, "LOG_DIR": str(log_dir), "DATA_DIR": str(shards), "MAX_REQUEUES": "3"},
-                      cwd=ROOT).stdout.strip().split(";")[0]
+    cmd = [
+        "sbatch",
+        "--parsable",
+        "--nodes=2",
+        *SBATCH_OVERRIDES,
+        f"--output={out}",
+        str(TRAIN_SH),
+        *TINY_FLAGS,
+        "--parallel",
+        "fsdp",
+    ]
+    job = (
+        cluster.run(
+            *cmd, env={**cluster.env, "LOG_DIR": str(log_dir), "DATA_DIR": str(shards), "MAX_REQUEUES": "3"}, cwd=ROOT
+        )
+        .stdout.strip()
+        .split(";")[0]
+    )
     cluster.jobs.append(job)
 
     deadline = time.monotonic() + 200
     while not started(str(log_dir), trained=True):
-        assert time.monotonic() < deadline, f"no training steps logged\n{out.read_text() if out.exists() else ''}\n{cluster.logs()}"
+        assert time.monotonic() < deadline, (
+            f"no training steps logged\n{out.read_text() if out.exists() else ''}\n{cluster.logs()}"
+        )
         assert cluster.job(job)["JobState"] in ("PENDING", "RUNNING"), out.read_text() + cluster.logs()
         time.sleep(0.05)
     cluster.run("scancel", "--signal=USR1", "--batch", job)

@@ -14,4 +14,5 @@ def test_xdist_group_marks_keep_a_group_on_one_worker(request):
     assert request.config.getvalue("loadgroup"), "pyproject.toml's addopts should hold --dist loadgroup"
     assert request.node.nodeid.endswith("@probe"), (
         f"{request.node.nodeid}: pytest-xdist ignored the xdist_group mark; pin a pytest it works with "
-        "(pyproject.toml's dev group)")
+        "(pyproject.toml's dev group)"
+    )

@@ -1,9 +1,9 @@
 """Benchmark the real training step (forward, backward, clip, AdamW, gradient accumulation as
 configured): tokens/s, MFU, ms/step, peak memory, one table row per configuration.
 
-    uv run bench.py --model tiny --micro-batch-size 2 --seq-len 64 --tokens-per-step 256 --steps 3 --warmup 1
-    uv run bench.py                                            # GPT-2 124M, reference batch, on a GPU
-    uv run bench.py --sweep micro_batch_size=16,32,64 --sweep loss_chunk_rows=0,8192 --json
+    uv run bench/throughput.py --model tiny --micro-batch-size 2 --seq-len 64 --tokens-per-step 256 --steps 3 --warmup 1
+    uv run bench/throughput.py                        # GPT-2 124M, reference batch, on a GPU
+    uv run bench/throughput.py --sweep micro_batch_size=16,32,64 --sweep loss_chunk_rows=0,8192 --json
 
 The flags of train_gpt2.py that shape the step (model, batch, optimizer, speed levers) are accepted
 and mean the same; --help lists them apart from the benchmark's own. The step is built by the
@@ -25,19 +25,21 @@ import resource
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-import runtime
-from cli import add_config_flags, field, parse_flags, parse_value
-from train_gpt2 import TrainConfig, build_run, resolve_flags, train_step
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-# The train_gpt2.py settings that shape a training step; the others (evals, checkpoints, logging,
-# the schedule's length) mean nothing to a benchmark and are not offered.
-STEP_FLAGS = ("model", "data_dir", "shuffle", "tokens_per_step", "micro_batch_size", "seq_len", "optimizer", "recipe",
-              "max_lr", "muon_lr", "muon_momentum", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "seed",
-              "device", "compile", "compile_on_cpu", "compile_mode", "precision", "attn_backend", "loss_chunk_rows", "fused_adamw",
-              "activation_checkpointing", "parallel", "ddp_bucket_mb", "spike_guard")
+import cli  # noqa: E402
+import runtime  # noqa: E402
+from cli import UserError, add_config_flags, field, parse_flags, parse_value  # noqa: E402
+from train_gpt2 import STEP_FLAGS, TrainConfig, build_run, resolve_flags, train_step  # noqa: E402
+
+# Offered: the train_gpt2.py settings that shape a training step (TrainConfig fields in the
+# cli.BENCH_STEP group); the others (evals, checkpoints, logging, the schedule's length) mean nothing
+# to a benchmark.
 CPU_SIZED = "--model tiny --micro-batch-size 2 --seq-len 64 --tokens-per-step 256 --steps 3 --warmup 1"
 
 
@@ -52,7 +54,7 @@ class BenchConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.warmup < 0:
-            raise ValueError("--steps must be >= 1 and --warmup >= 0")
+            raise UserError("--steps must be >= 1 and --warmup >= 0")
 
 
 class SyntheticLoader:
@@ -79,7 +81,9 @@ def sweep_grid(cfg: TrainConfig, sweeps: tuple[str, ...]) -> list[tuple[dict, Tr
     for spec in sweeps:
         name, sep, values = spec.partition("=")
         if not sep or not values:
-            raise ValueError(f"--sweep {spec!r}: write NAME=V1,V2 with a train_gpt2 setting name, e.g. micro_batch_size=16,32")
+            raise UserError(
+                f"--sweep {spec!r}: write NAME=V1,V2 with a train_gpt2 setting name, e.g. micro_batch_size=16,32"
+            )
         name = name.replace("-", "_")
         axes.append([(name, parse_value(TrainConfig, name, v)) for v in values.split(",")])
     grid = []
@@ -121,8 +125,13 @@ def bench_one(cfg: TrainConfig, bench: BenchConfig, dist_info: runtime.DistInfo,
     device = dist_info.device
     loader = None
     if synthetic:
-        loader = SyntheticLoader(cfg.micro_batch_size, cfg.seq_len, cfg.model_config.vocab_size, device.type == "cuda",
-                                 seed=cfg.seed + dist_info.rank)
+        loader = SyntheticLoader(
+            cfg.micro_batch_size,
+            cfg.seq_len,
+            cfg.model_config.vocab_size,
+            device.type == "cuda",
+            seed=cfg.seed + dist_info.rank,
+        )
     run = build_run(dataclasses.replace(cfg, val_every=0), dist_info, train_loader=loader)
     step = iter(range(10**9))
     total = bench.warmup + bench.steps
@@ -165,16 +174,28 @@ def bench_one(cfg: TrainConfig, bench: BenchConfig, dist_info: runtime.DistInfo,
     tokens_per_sec = bench.steps * cfg.tokens_per_step / seconds
     flops_per_token = run.model.flops_per_token(cfg.seq_len)
     row = {
-        "model": cfg.model, "micro_batch_size": cfg.micro_batch_size, "seq_len": cfg.seq_len,
-        "tokens_per_step": cfg.tokens_per_step, "grad_accum": run.grad_accum, "world_size": dist_info.world_size,
-        "parallel": run.parallel.name, "compile": cfg.compile and (device.type == "cuda" or cfg.compile_on_cpu), "compile_mode": cfg.compile_mode,
+        "model": cfg.model,
+        "micro_batch_size": cfg.micro_batch_size,
+        "seq_len": cfg.seq_len,
+        "tokens_per_step": cfg.tokens_per_step,
+        "grad_accum": run.grad_accum,
+        "world_size": dist_info.world_size,
+        "parallel": run.parallel.name,
+        "compile": run.compiled,
+        "compile_mode": cfg.compile_mode,
         "attention": kernel,
-        "loss_chunk_rows": cfg.loss_chunk_rows, "fused_adamw": cfg.fused_adamw and device.type == "cuda",
-        "activation_checkpointing": cfg.activation_checkpointing, "spike_guard": cfg.spike_guard,
-        "tokens_per_sec": tokens_per_sec, "step_ms": 1000 * seconds / bench.steps,
+        "loss_chunk_rows": cfg.loss_chunk_rows,
+        "fused_adamw": run.fused_adamw,
+        "activation_checkpointing": cfg.activation_checkpointing,
+        "spike_guard": cfg.spike_guard,
+        "tokens_per_sec": tokens_per_sec,
+        "step_ms": 1000 * seconds / bench.steps,
         "mfu": runtime.mfu(flops_per_token, tokens_per_sec, runtime.peak_flops(device), dist_info.world_size),
-        "peak_memory_gb": peak_memory_gb(device), "final_loss": losses[-1].item(),
-        "device": runtime.device_name(device), "torch": torch.__version__, "synthetic": synthetic,
+        "peak_memory_gb": peak_memory_gb(device),
+        "final_loss": losses[-1].item(),
+        "device": runtime.device_name(device),
+        "torch": torch.__version__,
+        "synthetic": synthetic,
     }
     return row
 
@@ -199,38 +220,50 @@ def format_row(row: dict, overrides: dict) -> str:
     if "error" in row:
         return f"{setting:40s} | {row['error']}"
     mfu = f"{100 * row['mfu']:5.1f}%" if row["mfu"] is not None else "  n/a "
-    return (f"{setting:40s} | {row['tokens_per_sec']:11,.0f} tok/s | mfu {mfu} | {row['step_ms']:9.1f} ms/step | "
-            f"{row['peak_memory_gb']:6.2f} GiB | B={row['micro_batch_size']} x{row['grad_accum']} | attn {row['attention']} | "
-            f"loss {row['final_loss']:.4f} | {row['device']} | torch {row['torch']}")
+    return (
+        f"{setting:40s} | {row['tokens_per_sec']:11,.0f} tok/s | mfu {mfu} | {row['step_ms']:9.1f} ms/step | "
+        f"{row['peak_memory_gb']:6.2f} GiB | B={row['micro_batch_size']} x{row['grad_accum']} | "
+        f"attn {row['attention']} | "
+        f"loss {row['final_loss']:.4f} | {row['device']} | torch {row['torch']}"
+    )
 
 
 def parse(argv=None) -> tuple[BenchConfig, dict]:
     """(the benchmark's settings, the train_gpt2 flags given), from a parser that groups the two."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_flags(parser.add_argument_group("benchmark"), BenchConfig)
-    add_config_flags(parser.add_argument_group("the training step (train_gpt2.py's flags, same meaning)"),
-                     TrainConfig, only=STEP_FLAGS)
+    add_config_flags(
+        parser.add_argument_group("the training step (train_gpt2.py's flags, same meaning)"),
+        TrainConfig,
+        only=STEP_FLAGS,
+    )
     flags = parse_flags(parser, argv)
     bench_fields = {f.name for f in dataclasses.fields(BenchConfig)}
-    return BenchConfig(**{k: v for k, v in flags.items() if k in bench_fields}), \
-        {k: v for k, v in flags.items() if k not in bench_fields}
+    return BenchConfig(**{k: v for k, v in flags.items() if k in bench_fields}), {
+        k: v for k, v in flags.items() if k not in bench_fields
+    }
 
 
 def main(argv=None) -> int:
-    try:
-        bench, train_flags = parse(argv)
-        cfg = TrainConfig(**resolve_flags(train_flags))
-        grid = sweep_grid(cfg, bench.sweep)
-        dist_info = runtime.setup_distributed(cfg.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """Exit 0, or for a sweep whose rows could not all be measured (each row says why): 2 when a row
+    failed, 3 when one ran out of memory (bench/gpu_check.py tells these from crashes)."""
+    bench, train_flags = parse(argv)
+    cfg = TrainConfig(**resolve_flags(train_flags))
+    grid = sweep_grid(cfg, bench.sweep)
+    dist_info = runtime.setup_distributed(cfg.device)
     synthetic = "data_dir" not in train_flags
     if dist_info.device.type == "cpu" and dist_info.is_main:
-        print(f"bench: timing {cfg.model} at {cfg.micro_batch_size} x {cfg.seq_len} x {cfg.grad_accum_steps(1)} micro-steps "
-              f"on the CPU ({bench.warmup} warm-up + {bench.steps} timed steps, each printed as it ends)"
-              + (f"; the reference configuration takes minutes per step here: for a CPU-sized run use {CPU_SIZED}"
-                 if "model" not in train_flags else ""), file=sys.stderr, flush=True)
+        print(
+            f"bench: timing {cfg.model} at {cfg.micro_batch_size} x {cfg.seq_len} x {cfg.grad_accum_steps(1)} "
+            f"micro-steps on the CPU ({bench.warmup} warm-up + {bench.steps} timed steps, each printed as it ends)"
+            + (
+                f"; the reference configuration takes minutes per step here: for a CPU-sized run use {CPU_SIZED}"
+                if "model" not in train_flags
+                else ""
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
     status = 0
     try:
         for overrides, run_cfg in grid:
@@ -243,13 +276,10 @@ def main(argv=None) -> int:
             if dist_info.is_main:
                 print(json.dumps({**overrides, **row}) if bench.json else format_row(row, overrides), flush=True)
             release_row_memory(dist_info.device)
-    except KeyboardInterrupt:
-        print("\nbench: interrupted", file=sys.stderr)
-        return 130
     finally:
         runtime.teardown_distributed()
     return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run_main(main))

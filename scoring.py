@@ -1,0 +1,214 @@
+"""The one batched scorer behind HellaSwag and CORE: how likely a model finds the end of each sequence.
+
+Every multiple-choice, schema and language-modeling evaluation in this repo reduces to the same
+question about a token sequence whose last n tokens are the "continuation": the summed log p of those
+n tokens given everything before them, and whether each of them is the model's greedy (argmax) pick.
+`score_all` answers it for many sequences at once, across ranks; hellaswag_eval.py and core_eval.py
+only build the sequences and turn the answers into accuracies.
+
+    uv run python -c "import scoring, model, runtime, torch; \\
+        m = model.GPT(model.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16)); \\
+        d = runtime.DistInfo(0, 0, 1, torch.device('cpu'), True); \\
+        print(scoring.score_all(m, [[1, 2, 3], [4, 5]], [2, 1], d))"
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import runtime
+from cli import UserError
+from tokenizer import EOT_TOKEN
+
+# Rows (sequences) per forward when not given. A GPU wants big batches; on a CPU the (rows, T, 50257)
+# float32 logits of more than ~16 HellaSwag rows (T ~ 100) fall out of cache and it gets slower.
+DEFAULT_BATCH_ROWS = {"cuda": 128, "cpu": 16}
+# Fixed shapes (a compiled model) round a batch's length up to a multiple of this: few distinct shapes.
+LENGTH_MULTIPLE = 32
+
+
+class Scores(NamedTuple):
+    """Per sequence, every rank the same: `logprob` (N,) float64, the summed log p of its scored tokens;
+    `greedy` (N,) bool, whether every scored token was the argmax of the model's prediction there."""
+
+    logprob: np.ndarray
+    greedy: np.ndarray
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPT inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    while isinstance(model, torch.nn.Module):
+        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            return True
+        model = getattr(model, "module", None)
+    return False
+
+
+def score_all(
+    model,
+    sequences: list[list[int]],
+    n_scored: list[int],
+    dist_info: runtime.DistInfo,
+    autocast=None,
+    batch_size: int | None = None,
+    fixed_shapes: bool | None = None,
+    max_tokens: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Scores:
+    """`score_sequences` on this rank's share of the batches, all-reduced: every rank returns all
+    scores, identical (bit for bit) to one process scoring them alone."""
+    scores = score_sequences(
+        model,
+        sequences,
+        n_scored,
+        dist_info.device,
+        autocast,
+        batch_size,
+        fixed_shapes,
+        dist_info.rank,
+        dist_info.world_size,
+        progress,
+        max_tokens,
+    )
+    if dist_info.distributed:
+        dist.all_reduce(scores)  # each row is nonzero on exactly one rank: the sum is that row
+    scores = np.asarray(scores.tolist(), dtype=np.float64).reshape(len(sequences), 2)
+    return Scores(scores[:, 0], scores[:, 1] == np.asarray(n_scored, dtype=np.float64))
+
+
+def plan_batches(
+    lengths: list[int], batch_size: int, max_tokens: int | None, fixed_shapes: bool, block_size: int
+) -> list[tuple[list[int], int, int]]:
+    """(row indices, rows R, input length T) of each forward. Rows sorted by length, longest first (an
+    out-of-memory shows at once); a batch takes up to `batch_size` rows and, with `max_tokens`, no more
+    than max_tokens // T of them (the (R, T, vocab) logits are what fills memory). Depends on the
+    lengths only: the same batches on every rank and for every world size."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches, start = [], 0
+    while start < len(order):
+        T = lengths[order[start]] - 1  # the input is all but the last token
+        if fixed_shapes:
+            T = min(-(-T // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, block_size)
+        R = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // T))
+        rows = order[start : start + R]
+        batches.append((rows, R if fixed_shapes else len(rows), T))
+        start += len(rows)
+    return batches
+
+
+@torch.no_grad()
+def score_sequences(
+    model,
+    sequences: list[list[int]],
+    n_scored: list[int],
+    device: torch.device,
+    autocast=None,
+    batch_size: int | None = None,
+    fixed_shapes: bool | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: Callable[[int], None] | None = None,
+    max_tokens: int | None = None,
+) -> torch.Tensor:
+    """For the last n_scored[i] tokens of each sequence, given the tokens before them: (N, 2) float32 on
+    `device`, column 0 the summed log p, column 1 how many were the argmax prediction.
+
+    Sequences longer than the model's context keep their last block_size + 1 tokens (the context is
+    cut from the left; callers with another rule crop before). Batches (`plan_batches`) are padded on
+    the right; batch j runs on rank j % world_size, so a row is computed in exactly the same batch
+    whatever the world size. Rows of other ranks stay 0; a rank with a batch fewer than the others
+    runs one forward of padding (as ValLoader pads validation). fixed_shapes (default: on for a
+    torch.compile'd model) pads each batch to its full row count and its length to a multiple of 32,
+    so a compiled model sees a handful of shapes, not hundreds. `progress(rows)` is called after
+    each of this rank's batches."""
+    autocast = autocast if autocast is not None else nullcontext()
+    batch_size = batch_size or DEFAULT_BATCH_ROWS.get(device.type, DEFAULT_BATCH_ROWS["cuda"])
+    fixed_shapes = is_compiled(model) if fixed_shapes is None else fixed_shapes
+    block_size = unwrap(model).config.block_size
+    seqs = []
+    for tokens, n in zip(sequences, n_scored, strict=True):
+        if not 0 <= n <= block_size or n >= len(tokens):  # 0: nothing to score (log p 0, greedy)
+            raise UserError(
+                f"a continuation of {n} tokens does not fit the model's context of {block_size} "
+                "tokens after at least one token of context"
+            )
+        seqs.append(tokens[-(block_size + 1) :])
+    scores = torch.zeros(len(seqs), 2, dtype=torch.float32, device=device)
+    batches = plan_batches([len(s) for s in seqs], batch_size, max_tokens, fixed_shapes, block_size)
+    for rows, R, T in batches[rank::world_size]:
+        _score_batch(model, seqs, n_scored, rows, R, T, scores, autocast, fixed_shapes)
+        if progress is not None:
+            progress(len(rows))
+    # Every rank runs the same number of forwards (a sharded model all-gathers its weights in each):
+    # a rank with one batch fewer runs one of padding, whose logits nobody reads.
+    if len(batches[rank::world_size]) < -(-len(batches) // world_size):
+        _, R, T = batches[-1] if fixed_shapes else ([], 1, 1)  # a shape a compiled model has seen
+        with autocast:
+            model(torch.full((R, T), EOT_TOKEN, dtype=torch.long, device=device))
+    return scores
+
+
+def _score_batch(
+    model,
+    seqs: list[list[int]],
+    n_scored: list[int],
+    rows: list[int],
+    R: int,
+    T: int,
+    scores: torch.Tensor,
+    autocast,
+    fixed_shapes: bool = False,
+) -> None:
+    """One forward over `rows` right-padded to (R, T); writes their [summed log p, argmax hits] into
+    those rows of `scores` (N, 2). Eager, the model runs its output layer only at the scored positions
+    (6x faster for the tiny model on CPU); with fixed_shapes (compiled) it gives every position's
+    logits, so that the number of scored tokens is not one more shape to compile for."""
+    device = scores.device
+    inputs = np.full((R, T), EOT_TOKEN, dtype=np.int64)  # padding: never scored
+    positions, targets, row_ids = [], [], []
+    for r, i in enumerate(rows):
+        seq, n = seqs[i], n_scored[i]
+        L = len(seq) - 1
+        inputs[r, :L] = seq[:-1]
+        positions.extend(range(r * T + L - n, r * T + L))  # logits at these (row, t) predict...
+        targets.extend(seq[L + 1 - n :])  # ...these tokens: the continuation's
+        row_ids.extend([r] * n)
+    inputs, positions, targets, row_ids, row_index = _to_device(device, inputs, positions, targets, row_ids, rows)
+    with autocast:
+        if fixed_shapes:  # (R, T, vocab), then the continuation positions' rows
+            # (Advanced indexing, not index_select: on CPU the latter is ~10x slower on this strided view.)
+            picked = model(inputs)[0].flatten(0, 1)[positions]
+        else:
+            picked = model(inputs, positions=positions)[0]  # (N, vocab)
+    picked = picked.float()  # upcast for the log-softmax
+    logprobs = picked.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
+    hits = (picked.argmax(dim=-1) == targets).float()  # (N,): the greedy pick is the true token
+    sums = torch.zeros(R, 2, dtype=torch.float32, device=device)
+    sums.index_add_(0, row_ids, torch.stack([logprobs, hits], dim=1))
+    scores[row_index] = sums[: len(rows)]
+
+
+def _to_device(device: torch.device, *parts) -> list[torch.Tensor]:
+    """Integer arrays / lists -> int64 tensors on `device` (each part keeps its shape), in ONE copy
+    from pinned memory that does not make the host wait (one copy per part from pageable memory would,
+    once per batch on a GPU)."""
+    arrays = [np.asarray(part, dtype=np.int64) for part in parts]
+    packed = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]))
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
+    return [chunk.view(a.shape) for chunk, a in zip(packed.split([a.size for a in arrays]), arrays)]
