@@ -1,4 +1,5 @@
-"""The run's metrics log, `<log dir>/metrics.jsonl`, and its optional TensorBoard / W&B mirrors.
+"""The run's metrics log, `<log dir>/metrics.jsonl`, its optional TensorBoard / W&B mirrors, and the
+training clock and step line the console shows (StepClock, format_step_line).
 
 One JSON object per line, appended and flushed as it happens (`tail -f` and plot.py read it mid-run).
 It is the source of truth; the mirrors get the same records. Only the main rank writes.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import secrets
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import fileio
@@ -153,3 +155,68 @@ def mirrors(
     if enabled and wandb_project:
         out.append(WandbMirror(log_dir, wandb_project, config or {}))
     return out
+
+
+class StepClock:
+    """Training time only: paused (after a device sync) around evaluations and checkpoints, so the
+    step time, tokens/s and the ETA measure training alone. Elapsed time is the wall clock."""
+
+    def __init__(self, sync: Callable[[], None] | None = None):
+        # sync: waits for the device's queued work (runtime.device_sync), so a pause counts it
+        self.sync, self.started = sync, time.perf_counter()
+        self.window_seconds, self.window_steps = 0.0, 0  # since the last logged step
+        self.total_seconds, self.total_steps = 0.0, 0  # since this process started training
+        self._since: float | None = None
+
+    def run(self) -> None:
+        if self._since is None:
+            self._since = time.perf_counter()
+
+    def pause(self) -> None:
+        if self._since is not None:
+            if self.sync is not None:
+                self.sync()
+            seconds = time.perf_counter() - self._since
+            self.window_seconds += seconds
+            self.total_seconds += seconds
+            self._since = None
+
+    def step_done(self) -> None:
+        self.window_steps += 1
+        self.total_steps += 1
+
+    def lap(self) -> tuple[float, int]:
+        """(training seconds, steps) since the last lap."""
+        lap = (self.window_seconds, self.window_steps)
+        self.window_seconds, self.window_steps = 0.0, 0
+        return lap
+
+    def eta(self, steps_left: int) -> float:
+        return steps_left * self.total_seconds / max(self.total_steps, 1)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def format_step_line(
+    step: int,
+    max_steps: int,
+    loss: float,
+    lr: float,
+    grad_norm: float,
+    step_ms: float,
+    tokens_per_sec: float,
+    mfu: float | None,
+    elapsed: float,
+    eta: float,
+) -> str:
+    mfu_text = f"{100 * mfu:4.1f}%" if mfu is not None else "  n/a"
+    return (
+        f"step {step:6d}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:6.3f} | "
+        f"{step_ms:7.0f} ms | {tokens_per_sec:11,.0f} tok/s | mfu {mfu_text} | {hms(elapsed)} | eta {hms(eta)}"
+    )

@@ -1,8 +1,9 @@
-"""Where a run executes: distributed setup, the device and its precision policy, its peak FLOPs (for MFU).
+"""Where a run executes: distributed setup, the device and its precision policy, its peak FLOPs (for MFU),
+and the stop signals a process gets (StopFlag: SIGTERM / SIGUSR1 / Ctrl-C at a step boundary).
 
 Everything that reads torchrun's environment lives here; the rest of the code takes the
 `DistInfo` record it returns. The precision policy (bf16 autocast and TF32 on CUDA, float32 on CPU,
-torch.compile on CUDA only) is decided here once, for the trainer, hellaswag.py, sample.py and bench.py.
+torch.compile on CUDA only) is decided here once, for the trainer, the evaluations, sample.py and the benchmarks.
 
     uv run python -c "import runtime; print(runtime.setup_distributed('cpu'))"
 """
@@ -17,7 +18,9 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -335,3 +338,62 @@ def git_sha() -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         return None
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit) and the first Ctrl-C (SIGINT) ask for
+    a checkpoint at the next step boundary; a second Ctrl-C or a second SIGTERM, more than a second
+    after the first, aborts at once (exit 130 / 143, no checkpoint). (Within a second it is the same
+    request delivered twice: by the terminal, or a `kill` of the process group, and by a launcher that
+    forwards it.) SIGUSR1 then SIGTERM is SLURM's time limit arriving during the checkpoint USR1 asked
+    for: the checkpoint goes on (SLURM's SIGKILL follows after its KillWait)."""
+
+    SAME_PRESS_SECONDS = 1.0
+    ABORTS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self.interrupted_at: float | None = None
+        self.first_at: dict[int, float] = {}  # signal -> when it first came
+        self.quiet = env_rank() != 0  # one message per job, not one per rank
+
+    def install(self) -> dict:
+        """Handle the stop signals from now on; returns the handlers they had (to restore)."""
+        return {
+            sig: signal.signal(sig, self._handle)
+            for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT)
+            if sig is not None
+        }
+
+    def _say(self, text: str) -> None:
+        if not self.quiet:
+            os.write(2, text.encode())  # a signal handler must not use print (it may interrupt one)
+
+    def _handle(self, signum, frame) -> None:
+        now = time.monotonic()
+        if signum in self.first_at:
+            if signum in self.ABORTS and now - self.first_at[signum] > self.SAME_PRESS_SECONDS:
+                name, code = self.ABORTS[signum]
+                self._say(f"\nsecond {name}: stopping now, without a checkpoint\n")
+                os._exit(code)
+            return
+        self.first_at[signum] = now
+        if signum == signal.SIGINT:
+            self.interrupted_at = now
+            self._say("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)\n")
+        elif signum == signal.SIGTERM:
+            self._say("\nSIGTERM: finishing this step and saving a checkpoint (SIGTERM again to stop at once)\n")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    @property
+    def set(self) -> bool:
+        return self.signal_name is not None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.interrupted_at is not None
+
+
+def device_sync(device: torch.device) -> Callable[[], None] | None:
+    """What waits for `device`'s queued work (None on a CPU: nothing is queued)."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None

@@ -1072,60 +1072,6 @@ def sample_texts(run: Run, step: int, num_samples: int = 4, max_new_tokens: int 
 
 
 # ---- the loop's helpers --------------------------------------------------------------------------
-class StopFlag:
-    """SIGTERM / SIGUSR1 (what SLURM sends before a time limit) and the first Ctrl-C (SIGINT) ask for
-    a checkpoint at the next step boundary; a second Ctrl-C or a second SIGTERM, more than a second
-    after the first, aborts at once (exit 130 / 143, no checkpoint). (Within a second it is the same
-    request delivered twice: by the terminal, or a `kill` of the process group, and by a launcher that
-    forwards it.) SIGUSR1 then SIGTERM is SLURM's time limit arriving during the checkpoint USR1 asked
-    for: the checkpoint goes on (SLURM's SIGKILL follows after its KillWait)."""
-
-    SAME_PRESS_SECONDS = 1.0
-    ABORTS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self.interrupted_at: float | None = None
-        self.first_at: dict[int, float] = {}  # signal -> when it first came
-        self.quiet = runtime.env_rank() != 0  # one message per job, not one per rank
-
-    def install(self) -> dict:
-        """Handle the stop signals from now on; returns the handlers they had (to restore)."""
-        return {
-            sig: signal.signal(sig, self._handle)
-            for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT)
-            if sig is not None
-        }
-
-    def _say(self, text: str) -> None:
-        if not self.quiet:
-            os.write(2, text.encode())  # a signal handler must not use print (it may interrupt one)
-
-    def _handle(self, signum, frame) -> None:
-        now = time.monotonic()
-        if signum in self.first_at:
-            if signum in self.ABORTS and now - self.first_at[signum] > self.SAME_PRESS_SECONDS:
-                name, code = self.ABORTS[signum]
-                self._say(f"\nsecond {name}: stopping now, without a checkpoint\n")
-                os._exit(code)
-            return
-        self.first_at[signum] = now
-        if signum == signal.SIGINT:
-            self.interrupted_at = now
-            self._say("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)\n")
-        elif signum == signal.SIGTERM:
-            self._say("\nSIGTERM: finishing this step and saving a checkpoint (SIGTERM again to stop at once)\n")
-        self.signal_name = self.signal_name or signal.Signals(signum).name
-
-    @property
-    def set(self) -> bool:
-        return self.signal_name is not None
-
-    @property
-    def interrupted(self) -> bool:
-        return self.interrupted_at is not None
-
-
 class FirstStepNotice:
     """A line every so often while this process's first step runs (compiling, a big model on a slow
     device): what it is doing and how many micro-steps are done, instead of minutes of silence."""
@@ -1158,76 +1104,13 @@ class FirstStepNotice:
                 else f"a {cfg.model} step of {cfg.tokens_per_step:,} tokens on "
                 f"{runtime.device_name(run.dist_info.device)}"
             )
+            running = metrics_log.hms(time.perf_counter() - started)
             print(
-                f"step {self.step:6d} | still running after {hms(time.perf_counter() - started)}: {done} of "
+                f"step {self.step:6d} | still running after {running}: {done} of "
                 f"{run.grad_accum} micro-steps done; {doing}",
                 flush=True,
             )
             wait = self.EVERY
-
-
-class StepClock:
-    """Training time only: paused (after a device sync) around evaluations and checkpoints, so the
-    step time, tokens/s and the ETA measure training alone. Elapsed time is the wall clock."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.started = device, time.perf_counter()
-        self.window_seconds, self.window_steps = 0.0, 0  # since the last logged step
-        self.total_seconds, self.total_steps = 0.0, 0  # since this process started training
-        self._since: float | None = None
-
-    def run(self) -> None:
-        if self._since is None:
-            self._since = time.perf_counter()
-
-    def pause(self) -> None:
-        if self._since is not None:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            seconds = time.perf_counter() - self._since
-            self.window_seconds += seconds
-            self.total_seconds += seconds
-            self._since = None
-
-    def step_done(self) -> None:
-        self.window_steps += 1
-        self.total_steps += 1
-
-    def lap(self) -> tuple[float, int]:
-        """(training seconds, steps) since the last lap."""
-        lap = (self.window_seconds, self.window_steps)
-        self.window_seconds, self.window_steps = 0.0, 0
-        return lap
-
-    def eta(self, steps_left: int) -> float:
-        return steps_left * self.total_seconds / max(self.total_steps, 1)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-
-def hms(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def format_step_line(
-    step: int,
-    max_steps: int,
-    loss: float,
-    lr: float,
-    grad_norm: float,
-    step_ms: float,
-    tokens_per_sec: float,
-    mfu: float | None,
-    elapsed: float,
-    eta: float,
-) -> str:
-    mfu_text = f"{100 * mfu:4.1f}%" if mfu is not None else "  n/a"
-    return (
-        f"step {step:6d}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:6.3f} | "
-        f"{step_ms:7.0f} ms | {tokens_per_sec:11,.0f} tok/s | mfu {mfu_text} | {hms(elapsed)} | eta {hms(eta)}"
-    )
 
 
 def prepare_demo_data(cfg: TrainConfig) -> None:
@@ -1346,8 +1229,8 @@ def write_config_record(run: Run, log: metrics_log.MetricsLog, start_step: int, 
 
 
 # ---- the run ------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: StopFlag | None = None) -> int:
-    stop = stop or StopFlag()
+def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: runtime.StopFlag | None = None) -> int:
+    stop = stop or runtime.StopFlag()
     check_memory(cfg, dist_info)
     lock = hold_log_dir(cfg, dist_info)
     try:
@@ -1416,7 +1299,7 @@ class Agreed(NamedTuple):
     interrupted: bool  # ... and one of them was a Ctrl-C (exit 130)
 
 
-def agree(run: Run, stop: StopFlag, result: StepResult, nonfinite_steps: torch.Tensor | None) -> Agreed:
+def agree(run: Run, stop: runtime.StopFlag, result: StepResult, nonfinite_steps: torch.Tensor | None) -> Agreed:
     """The loop's host-device sync: every rank's loss, norm, health and stop flags, summed in one
     all-reduce so that every rank takes the same decisions. Raises when another run took --log-dir
     or (without the spike guard, which decides every step) a step since the last sync was not finite.
@@ -1477,7 +1360,13 @@ def run_evals(run: Run, log: metrics_log.MetricsLog, step: int, due: EvalsDue, e
 
 
 def loop(
-    run: Run, log: metrics_log.MetricsLog, stop: StopFlag, *, start_step: int, evals_done: bool, eval_data: EvalData
+    run: Run,
+    log: metrics_log.MetricsLog,
+    stop: runtime.StopFlag,
+    *,
+    start_step: int,
+    evals_done: bool,
+    eval_data: EvalData,
 ) -> int:
     """Steps start_step..max_steps in the reference order: evals -> checkpoint -> the training step
     and its log line. Returns the exit code (130 after a Ctrl-C).
@@ -1487,7 +1376,7 @@ def loop(
     decision must be known before optimizer.step()). Stop signals act only through the agreed sync,
     so every rank saves the same step and stops together."""
     cfg, log_dir = run.cfg, Path(run.cfg.log_dir)
-    clock = StepClock(run.dist_info.device)
+    clock = metrics_log.StepClock(runtime.device_sync(run.dist_info.device))
     peak, flops_per_token = runtime.peak_flops(run.dist_info.device), run.model.flops_per_token(cfg.seq_len)
     # Steps with a non-finite loss or norm since the last sync, counted on the device: only without
     # the guard (with it, train_step stops at the first one).
@@ -1549,7 +1438,7 @@ def loop(
 def log_train_step(
     run: Run,
     log: metrics_log.MetricsLog,
-    clock: StepClock,
+    clock: metrics_log.StepClock,
     step: int,
     agreed: Agreed,
     lr: float,
@@ -1578,7 +1467,7 @@ def log_train_step(
         }
     )
     run.say(
-        format_step_line(
+        metrics_log.format_step_line(
             step,
             run.cfg.max_steps,
             agreed.loss,
@@ -1601,7 +1490,7 @@ def main(argv=None) -> int:
     1 a run that trained and then failed (diverged, a checkpoint or the log not written, a lost rank):
     its newest checkpoint is intact and the same command resumes from it, once the cause is fixed."""
     # Catch SIGTERM / SIGUSR1 / Ctrl-C from the first moment: one sent during start-up must not be lost.
-    stop = StopFlag()
+    stop = runtime.StopFlag()
     if hasattr(sys.stdout, "reconfigure"):  # `python train_gpt2.py > run.log`: each line at once for tail -f
         sys.stdout.reconfigure(line_buffering=True)
     previous_handlers = stop.install()
