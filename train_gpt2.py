@@ -335,7 +335,7 @@ class TrainConfig:
         "(on purpose, e.g. a new data order after a loss spike)",
         groups=(cli.RESUME_FLAG,),
     )
-    # machine and speed levers (bench.py measures each; none changes the recipe's math beyond rounding)
+    # machine and speed levers (bench/throughput.py measures each; none changes the recipe's math beyond rounding)
     device: str = field(
         "auto",
         "auto, cpu or cuda",
@@ -565,7 +565,7 @@ def set_learning_rates(optimizer, lr: float) -> None:
 # ---- everything a run needs, and one optimizer step ---------------------------------------------
 @dataclass
 class Run:
-    """What one training run holds, built once by `build_run` (the trainer, bench.py and the tests)."""
+    """What one training run holds, built once by `build_run` (the trainer, bench/throughput.py and the tests)."""
 
     cfg: TrainConfig
     dist_info: runtime.DistInfo
@@ -620,7 +620,7 @@ def build_model(cfg: TrainConfig, device: torch.device, is_main: bool) -> GPT:
 
 def build_run(cfg: TrainConfig, dist_info: runtime.DistInfo, train_loader=None) -> Run:
     """Model, optimizer, the ranks' wrapping, loaders and precision for `cfg` on this process.
-    `train_loader`: anything with next_batch() (bench.py's synthetic tokens); default: the shards."""
+    `train_loader`: anything with next_batch() (bench/throughput.py's synthetic tokens); default: the shards."""
     cfg.check_world_size(dist_info.world_size)
     device = dist_info.device
     runtime.configure_device(device)
@@ -675,7 +675,7 @@ def train_step(run: Run, step: int) -> StepResult:
     refuses the update. Without the guard nothing waits for the device (no host sync); with it, one
     small all-reduce of the loss and a host sync decide, the same on every rank: the decision must be
     known before optimizer.step(), so the host waits for the backward (the one sync of a step that
-    is not a log step; `--spike-guard 0` removes it, bench.py measures the difference)."""
+    is not a log step; `--spike-guard 0` removes it, bench/throughput.py measures the difference)."""
     device = run.dist_info.device
     loss_accum = torch.zeros((), device=device)
     for micro_step in range(run.grad_accum):
