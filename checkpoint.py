@@ -49,6 +49,10 @@ TRAINING_KEYS = ("model", "model_config", "optimizer", "step", "config")  # what
 # own version (train_gpt2.resume_problem says so in one line); the weights' layout has not changed
 # since the first version, so load_model reads any.
 FORMAT_VERSION = 1
+# Parameter-group entries that say how THIS run computes, not where training stands: kept from the
+# optimizer the run built when a checkpoint is loaded. lr_scale follows the flags (--muon-lr); the
+# kernel choices follow the device (fused AdamW on CUDA, foreach on CPU).
+RUN_GROUP_SETTINGS = ("lr_scale", "fused", "foreach", "capturable", "differentiable")
 
 
 def load_file(path: str | Path, map_location="cpu", required: tuple[str, ...] = MODEL_KEYS) -> dict:
@@ -267,9 +271,17 @@ def save_sharded(model: torch.nn.Module, optimizer, state: dict, path: Path, kee
     from torch.distributed.checkpoint.api import CheckpointException
 
     tmp = path.with_name(f".{path.name}.sharded.tmp")
+    cleared = [None]
     if is_main:
-        fileio.remove(tmp)  # a previous save of this step that was cut short
-    dist.barrier()
+        try:
+            fileio.remove(tmp)  # a previous save of this step that was cut short
+        except OSError as e:
+            cleared = [e]
+    # Every rank waits for the main rank here and learns whether it could clear the way: a failure
+    # that skipped this collective on one rank would leave the others in it (NCCL: until the timeout).
+    dist.broadcast_object_list(cleared, src=0)
+    if cleared[0] is not None:
+        raise cleared[0]
     try:
         dcp.save(_sharded_tensors(model, optimizer), storage_writer=dcp.FileSystemWriter(str(tmp), sync_files=True))
     except CheckpointException as e:  # raised on every rank, with every rank's failure
@@ -290,13 +302,18 @@ def save_sharded(model: torch.nn.Module, optimizer, state: dict, path: Path, kee
 def load_training_state(ckpt: dict, model: torch.nn.Module, optimizer) -> None:
     """Load a checkpoint of either kind (saved at any world size, by any strategy) into `model` and
     `optimizer` as this run holds them (plain, DDP's module, or sharded by FSDP2). The parameter
-    groups' `lr_scale` stay this run's: learning rates follow the flags on resume, and torch's
-    load_state_dict would silently bring back the saved ones (a changed --muon-lr ignored)."""
+    groups' settings in RUN_GROUP_SETTINGS stay this run's: torch's load_state_dict would silently
+    bring back the saved ones (a changed --muon-lr ignored; a CPU-written checkpoint resumed on a GPU
+    stepping without fused AdamW)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     parts = optimizer_parts(optimizer)
-    scales = [group.get("lr_scale") for opt in parts.values() for group in opt.param_groups]
+    ours = [
+        {key: group[key] for key in RUN_GROUP_SETTINGS if key in group}
+        for opt in parts.values()
+        for group in opt.param_groups
+    ]
     if ckpt.get("sharded"):
         tensors = _sharded_tensors(model, optimizer)
         dcp.load(tensors, checkpoint_id=ckpt["path"])  # each rank reads the pieces of its shards
@@ -317,9 +334,8 @@ def load_training_state(ckpt: dict, model: torch.nn.Module, optimizer) -> None:
             for name, opt in parts.items():
                 opt.load_state_dict(saved[name])
     groups = [group for opt in parts.values() for group in opt.param_groups]
-    for group, scale in zip(groups, scales):
-        if scale is not None:
-            group["lr_scale"] = scale
+    for group, settings in zip(groups, ours):
+        group.update(settings)
 
 
 def _by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> dict:

@@ -21,16 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
-
-import checkpoint
 import cli
 import core_eval
-import fileio
-import runtime
-import scoring
 from cli import DEFAULT_CHECKPOINT, DEFAULT_LOG_DIR, DEVICE_CHOICES, UserError, field, parse_config
 
 RESULTS_FILE = "core_results.jsonl"
@@ -88,6 +80,23 @@ class CoreConfig:
         return tuple(label.strip() for label in self.tasks.split(",") if label.strip())
 
 
+def parse_args(argv=None) -> CoreConfig:
+    return parse_config(CoreConfig, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    cli.parse_first(parse_args)  # --help and a bad flag are answered before torch loads
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import checkpoint
+import fileio
+import runtime
+import scoring
+
+
 def fetch_data(cfg: CoreConfig, dist_info: runtime.DistInfo | None) -> dict[str, str]:
     """Rank 0 downloads the chosen tasks' missing files; every rank learns whether it could.
     Returns {file: why} for files it could not get (an error unless --allow-missing)."""
@@ -107,10 +116,15 @@ def fetch_data(cfg: CoreConfig, dist_info: runtime.DistInfo | None) -> dict[str,
         raise error
     if failed and not cfg.allow_missing:
         name, why = next(iter(failed.items()))
+        if cfg.download_only:  # this IS the download: the fix is another machine or a mirror
+            raise UserError(
+                f"{why} ({len(failed)} file(s) not downloaded): no network here? Run this command on a machine "
+                f"with network and copy {cfg.data_dir} here, or pass --data-url to a mirror"
+            )
         raise UserError(
-            f"{why}: no network here? Run `uv run core.py --download-only` on a machine with network and copy "
-            f"--data-dir {cfg.data_dir} here, pass --data-url to a mirror, or --allow-missing for CORE-PARTIAL "
-            f"without the {len(failed)} missing file(s)"
+            f"{why}: no network here? Run `uv run core.py --download-only --data-dir {cfg.data_dir}` on a machine "
+            f"with network and copy {cfg.data_dir} here, pass --data-url to a mirror, or --allow-missing for "
+            f"CORE-PARTIAL without the {len(failed)} missing file(s)"
         )
     return failed
 
@@ -196,7 +210,7 @@ def evaluate(cfg: CoreConfig, dist_info: runtime.DistInfo) -> dict:
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(CoreConfig, argv, description=__doc__)
+    cfg = parse_args(argv)
     try:
         if cfg.download_only:  # no model, no process group: a login node only needs the network
             failed = fetch_data(cfg, None)

@@ -41,8 +41,11 @@ How the reference differs from DCLM's own evaluation (llm-foundry's ICL code, wh
 - baselines: both the v1 values above (DCLM's later eval_meta_data.csv has commonsense_qa 40.3,
   agi_eval_lsat_ar 25, bigbench_language_identification 25).
 Where this code can differ from the reference: batched, right-padded forwards and float32 sums in
-another order move losses by ~1e-6, which can flip an exact tie; tiktoken vs Hugging Face tokenizers
-(the same GPT-2 BPE) and argmax ties on GPU are the other places.
+another order move losses by ~1e-6, which can flip an exact tie; the output layer at the scored tokens
+runs in float32 (the reference's logits are bf16 on a GPU: ~1e-2 in a log-probability); tiktoken vs
+Hugging Face tokenizers (the same GPT-2 BPE) and argmax ties are the other places. On a GPU the blocks
+still run under bf16 autocast (8 bits of mantissa), so a checkpoint's scores there differ from a CPU's
+by far more than 1e-6 (scoring.py); on one device, reruns and any world size give the same bits.
 """
 
 from __future__ import annotations
@@ -57,14 +60,17 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+import cli
 import fileio
-import runtime
 from cli import UserError
-from scoring import score_all, unwrap
-from tokenizer import EOT_TOKEN, get_encoding
+from tokenizer import EOT_TOKEN, get_encoding, usable_cores
+
+if TYPE_CHECKING:
+    import runtime
 
 MULTIPLE_CHOICE, SCHEMA, LANGUAGE_MODELING = "multiple_choice", "schema", "language_modeling"
 ANSWER = "\nAnswer: "  # the delimiter DCLM's yaml gives the question-answer tasks; " " elsewhere
@@ -146,7 +152,7 @@ class FileSpec:
 # mosaicml/llm-foundry at its 2025-07-21 head; the 21 files (hellaswag serves two tasks) last changed there 2023-11-20.
 LLM_FOUNDRY_COMMIT = "8c8dd48f72168c5d51e2f7b151595892a8fba43d"
 DATA_URL = f"https://raw.githubusercontent.com/mosaicml/llm-foundry/{LLM_FOUNDRY_COMMIT}/scripts/eval/local_data"
-DEFAULT_DATA_DIR = "core_data"
+DEFAULT_DATA_DIR = cli.DEFAULT_CORE_DATA
 DATA_FILES: dict[str, FileSpec] = {
     "commonsense_reasoning/commonsense_qa.jsonl": FileSpec(
         "f1cc16a88b05ab0934aab2ec2d02a6869e6e5520",
@@ -249,7 +255,14 @@ DATA_FILES: dict[str, FileSpec] = {
         "187e7f270a440c63d6cf11a57459fdc7e0bce889338225e42cc88e24ee13d52e",
     ),
 }
-_HOW_TO_GET = "run `uv run core.py --download-only` on a machine with network (same --data-dir)"
+
+
+def how_to_get(data_dir: str | Path) -> str:
+    """The fix for a missing or damaged task file under `data_dir`, whichever flag named that folder
+    (core.py's --data-dir, the trainer's --core-data)."""
+    return f"get the files with `uv run core.py --download-only --data-dir {data_dir}` on a machine with network"
+
+
 # The fields each kind of example needs, and their types.
 _FIELDS = {
     MULTIPLE_CHOICE: {"query": str, "choices": list, "gold": int},
@@ -302,7 +315,7 @@ def download(
         path = Path(data_dir) / name
         if path.is_file():
             if verify:
-                check_file(path, path.read_bytes(), specs[name], f"delete it and {_HOW_TO_GET}")
+                check_file(path, path.read_bytes(), specs[name], f"delete it and {how_to_get(data_dir)}")
             continue
         try:
             with urllib.request.urlopen(f"{url}/{name}", timeout=timeout) as response:
@@ -325,15 +338,16 @@ def load_examples(path: str | Path, kind: str, verify: FileSpec | None = None) -
     """The examples of one task file, each checked for the fields its kind needs (`verify`: the
     pinned file it must be, checked first)."""
     path = Path(path)
+    fix = how_to_get(path.parent.parent)  # task files are <data dir>/<category>/<name>.jsonl
     if not path.is_file():
-        raise FileNotFoundError(f"CORE task file {path} not found: {_HOW_TO_GET}, or copy the file there")
+        raise FileNotFoundError(f"CORE task file {path} not found: {fix}, or copy the file there")
     data = path.read_bytes()
     if verify is not None:
-        check_file(path, data, verify, f"delete it and {_HOW_TO_GET}")
+        check_file(path, data, verify, f"delete it and {fix}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text: the file is corrupt; delete it and {_HOW_TO_GET}") from None
+        raise UserError(f"{path} is not UTF-8 text: the file is corrupt; delete it and {fix}") from None
     examples = []
     # Lines end at "\n" only, as the reference's `for line in f` (str.splitlines would also split at
     # U+2028 and the like, which JSON strings may hold unescaped).
@@ -344,17 +358,14 @@ def load_examples(path: str | Path, kind: str, verify: FileSpec | None = None) -
             example = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(
-                f"{path} line {line_number}: not valid JSON ({e.msg}): the file is torn or corrupt; "
-                f"delete it and {_HOW_TO_GET}"
+                f"{path} line {line_number}: not valid JSON ({e.msg}): the file is torn or corrupt; delete it and {fix}"
             ) from None
         problem = _check_example(example, kind)
         if problem:
-            raise UserError(
-                f"{path} line {line_number}: {problem}: not a {kind} example; delete the file and {_HOW_TO_GET}"
-            )
+            raise UserError(f"{path} line {line_number}: {problem}: not a {kind} example; delete the file and {fix}")
         examples.append(example)
     if not examples:
-        raise UserError(f"{path} holds no examples: delete it and {_HOW_TO_GET}")
+        raise UserError(f"{path} holds no examples: delete it and {fix}")
     return examples
 
 
@@ -471,9 +482,11 @@ def load_suite(
     max_per_task: int = 0,
     verify: bool = True,
     allow_missing: bool = False,
+    per_task_flag: str = "--max-per-task",
 ) -> Suite:
     """Read the chosen tasks' files from `data_dir` (each checked against its pin unless not `verify`).
-    A missing file is an error, or with `allow_missing` a task left out and named in `missing`."""
+    A missing file is an error, or with `allow_missing` a task left out and named in `missing`.
+    `per_task_flag`: the flag that set max_per_task, named in the error when it is too small."""
     chosen, loaded, missing, files = select_tasks(tasks), [], {}, {}
     for task in chosen:
         path = Path(data_dir) / task.file
@@ -486,11 +499,11 @@ def load_suite(
         if len(examples) <= task.shots:
             raise UserError(
                 f"{task.label}: {len(examples)} examples cannot give each one {task.shots} shots from the "
-                f"others: use --max-per-task 0 (all) or at least {MAX_SHOTS + 1}"
+                f"others: use {per_task_flag} 0 (all) or at least {MAX_SHOTS + 1}"
             )
         loaded.append((task, examples))
     if not loaded:
-        raise UserError(f"none of the CORE task files are in {data_dir}: {_HOW_TO_GET}")
+        raise UserError(f"none of the CORE task files are in {data_dir}: {how_to_get(data_dir)}")
     return Suite(loaded, missing, max_per_task)
 
 
@@ -524,14 +537,17 @@ def build(suite: Suite, block_size: int) -> Built:
 def tokenize(task: Task, examples: list[dict], chunk: int = 512):
     """Yield, per example, the tokens of each of its prompts (shots drawn, prompts rendered), encoded
     `chunk` examples per batch: tiktoken spreads a batch over the cores (a call per example spent more
-    time starting threads than encoding), and a chunk's token lists stay small."""
+    time starting threads than encoding), and a chunk's token lists stay small. The cores: this
+    process's share of its node (every rank of a torchrun tokenizes: 8 ranks each taking every core
+    would run 8 threads per core)."""
     enc = get_encoding()
+    threads = usable_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     for lo in range(0, len(examples), chunk):
         prompts = [
             render_prompts(task, examples[i], [examples[j] for j in shot_indices(len(examples), i, task.shots)])
             for i in range(lo, min(lo + chunk, len(examples)))
         ]
-        flat = iter(enc.encode_ordinary_batch([p for ps in prompts for p in ps], num_threads=os.cpu_count() or 1))
+        flat = iter(enc.encode_ordinary_batch([p for ps in prompts for p in ps], num_threads=threads))
         yield from ([next(flat) for _ in ps] for ps in prompts)
 
 
@@ -582,6 +598,8 @@ def evaluate_core(
       missing: {label: why} of tasks whose file was missing, count: examples, rows: sequences scored.
     batch_size: rows per forward (scoring.DEFAULT_BATCH_ROWS), max_tokens: rows x length per forward
     (MAX_BATCH_TOKENS); progress(rows): after each of this rank's forwards."""
+    from scoring import score_all, unwrap  # torch: imported to score, not when core.py parses its flags
+
     device = dist_info.device
     built = build(suite, unwrap(model).config.block_size)
     max_tokens = max_tokens or MAX_BATCH_TOKENS.get(device.type, MAX_BATCH_TOKENS["cuda"])

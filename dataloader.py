@@ -50,11 +50,37 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import cli
+from cli import DEFAULT_DATA_DIR, UserError, field, parse_config
+
+
+# `uv run dataloader.py`: a data dir's summary and the loader's speed (main, at the end).
+@dataclass(frozen=True)
+class InspectConfig:
+    data_dir: str = field(DEFAULT_DATA_DIR, "folder of token shards written by fineweb.py")
+    micro_batch_size: int = field(64, "rows per micro-batch")
+    seq_len: int = field(1024, "tokens per row")
+    # the reference's validation: 20 micro-batches of 64 x 1024 on each of 8 ranks
+    val_tokens: int = field(10_485_760, "size of the fixed validation set, in tokens")
+    seed: int = field(1337, "shuffling seed")
+    shuffle: bool = field(True, "shuffle shards and windows each epoch")
+    batches: int = field(20, "micro-batches to time")
+
+    def __post_init__(self):
+        if self.batches < 1:
+            raise UserError(f"--batches must be >= 1, got {self.batches}")
+
+
+def parse_args(argv=None) -> InspectConfig:
+    return parse_config(InspectConfig, argv, description="Summarise a token-shard folder and time the train loader.")
+
+
+if __name__ == "__main__":
+    cli.parse_first(parse_args)  # --help and a bad flag are answered before torch loads
+
 import numpy as np
 import torch
 
-import cli
-from cli import DEFAULT_DATA_DIR, UserError, field, parse_config
 from tokenizer import VOCAB_SIZE
 
 
@@ -349,27 +375,8 @@ def describe_source(data_dir: str | Path) -> str | None:
     return ", ".join(names) if len(names) <= 2 else f"{names[0]} and {len(names) - 1} more files"
 
 
-# --------------------------------------------------------------------------------------- CLI
-
-
-@dataclass(frozen=True)
-class InspectConfig:
-    data_dir: str = field(DEFAULT_DATA_DIR, "folder of token shards written by fineweb.py")
-    micro_batch_size: int = field(64, "rows per micro-batch")
-    seq_len: int = field(1024, "tokens per row")
-    # the reference's validation: 20 micro-batches of 64 x 1024 on each of 8 ranks
-    val_tokens: int = field(10_485_760, "size of the fixed validation set, in tokens")
-    seed: int = field(1337, "shuffling seed")
-    shuffle: bool = field(True, "shuffle shards and windows each epoch")
-    batches: int = field(20, "micro-batches to time")
-
-    def __post_init__(self):
-        if self.batches < 1:
-            raise UserError(f"--batches must be >= 1, got {self.batches}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(InspectConfig, argv, description="Summarise a token-shard folder and time the train loader.")
+    cfg = parse_args(argv)
     train = TrainLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, seed=cfg.seed, shuffle=cfg.shuffle)
     val = ValLoader(cfg.data_dir, cfg.micro_batch_size, cfg.seq_len, cfg.val_tokens)
     tokens = sum(len(s) for s in train.shards)

@@ -17,11 +17,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import checkpoint
 import cli
-import fileio
 from cli import DEFAULT_CHECKPOINT, UserError, field, parse_config
-from model import GPT, hf_state_dict
 
 HF_TOKENIZER_FILES = Path(__file__).resolve().parent / "assets" / "gpt2_hf_tokenizer"  # OpenAI's vocab + merges
 # What save_pretrained writes for a GPT-2 model and its tokenizer (the last four in older transformers):
@@ -47,6 +44,18 @@ class ExportConfig:
         DEFAULT_CHECKPOINT, "checkpoint to export: a model_*.pt file, or a model_* folder of a --parallel fsdp run"
     )
     out_dir: str = field("gpt2-fineweb-hf", "folder to write: new, empty, or a previous export (replaced atomically)")
+
+
+def parse_args(argv=None) -> ExportConfig:
+    return parse_config(ExportConfig, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    cli.parse_first(parse_args)  # --help and a bad flag are answered before torch loads
+
+import checkpoint
+import fileio
+from model import GPT, hf_state_dict
 
 
 def check_out_dir(out_dir: Path, checkpoint_path: Path) -> None:
@@ -111,7 +120,7 @@ def export(model: GPT, out_dir: str | Path) -> Path:
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(ExportConfig, argv, description=__doc__)
+    cfg = parse_args(argv)
     check_out_dir(Path(cfg.out_dir), Path(cfg.checkpoint))
     model = checkpoint.load_model(cfg.checkpoint)
     out = export(model, cfg.out_dir)

@@ -158,6 +158,12 @@ def _follow_umask(folder: Path) -> None:
 LOCK_FILE = "run.lock"
 HEARTBEAT_SECONDS = 30  # how often a holder re-writes its record (and checks it is still its own)
 LEASE_SECONDS = 120  # a record from another host not re-written for this long belongs to a dead run
+# Heartbeats in a row that could not stat, read or re-write the lock file before the hold counts as
+# lost: one NFS ESTALE or Lustre EIO is no reason to stop a long run, a folder unreadable for minutes
+# is. Below LEASE_SECONDS / HEARTBEAT_SECONDS, so the run stops before its unrefreshed lease lapses
+# and a run on another host could take the folder.
+MAX_UNKNOWN_HEARTBEATS = 3
+COMMAND_SHOWN_CHARS = 300  # a holder's command longer than this is shown up to a whole word, then " ..."
 # errnos of a filesystem without working flock (Lustre mounted without -o flock, some FUSE / NFS)
 NO_FLOCK_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
 
@@ -270,11 +276,22 @@ class FolderLock:
 
     # ---- the record -----------------------------------------------------------------------------
     def _read(self) -> dict:
+        """The record in the file; {} when there is none to go by (no file, unreadable, being written)."""
         try:
-            with open(self.path, encoding="utf-8") as f:
-                return json.loads(f.read() or "{}")
-        except (OSError, ValueError):  # being written, or not a record of ours
+            return self._read_or_raise()
+        except OSError:
             return {}
+
+    def _read_or_raise(self) -> dict:
+        """The record in the file; {} while it is being written or is not a record of ours; OSError when
+        the file cannot be read (the heartbeat must tell "cannot see" from "nothing there")."""
+        with open(self.path, "rb") as f:
+            data = f.read()
+        try:
+            record = json.loads(data or b"{}")
+        except ValueError:
+            return {}
+        return record if isinstance(record, dict) else {}
 
     def _write(self, released: bool = False) -> None:
         data = json.dumps({**self.record, "heartbeat": time.time(), "released": released}).encode()
@@ -300,20 +317,56 @@ class FolderLock:
         if not record.get("host"):
             return "its record is being written"
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record.get("started", 0)))
-        return f"pid {record.get('pid')} on {record['host']}, started {started}: {record.get('command', '')[:120]}"
+        command = _whole_words(str(record.get("command", "")), COMMAND_SHOWN_CHARS)
+        return f"pid {record.get('pid')} on {record['host']}, started {started}: {command}"
 
     def _heartbeat(self) -> None:
+        """Re-write the record every HEARTBEAT_SECONDS and set `lost` once another run may write here.
+
+        Unknown is not lost: on a shared filesystem a stat, read or write of the file can fail for a
+        moment (NFS ESTALE, Lustre EIO), and such a heartbeat only counts; the hold is lost on evidence
+        (`_taken`) or after MAX_UNKNOWN_HEARTBEATS unknown heartbeats in a row. An error never ends
+        this thread, which would silently end the heartbeat that other hosts' runs go by."""
+        unknown = 0
         while not self._stop.wait(HEARTBEAT_SECONDS):
-            found = self._read()
-            replaced = os.fstat(self.fd).st_ino != _inode(self.path)
-            if replaced or (found.get("token") and found.get("token") != self.record["token"]):
-                who = "its lock file was deleted" if replaced else f"another run took it over ({self._describe(found)})"
+            try:
+                taken = self._taken()
+                if taken is None:
+                    self._write()
+            except OSError as e:
+                unknown += 1
+                if unknown >= MAX_UNKNOWN_HEARTBEATS:
+                    self.lost = (
+                        f"{self.folder}: its lock file could not be read or written for {unknown} heartbeats "
+                        f"in a row ({e.strerror or e}), so this run cannot tell whether another run writes "
+                        "there and stops; its last checkpoint is intact: fix the filesystem, then resume"
+                    )
+                    return
+                continue
+            if taken is not None:
                 self.lost = (
-                    f"{self.folder}: {who}: two runs were writing there, so this one stops; "
+                    f"{self.folder}: {taken}: two runs were writing there, so this one stops; "
                     "its last checkpoint is intact"
                 )
                 return
-            self._write()
+            unknown = 0
+
+    def _taken(self) -> str | None:
+        """What shows that another run may write into the folder now, or None when the file is still this
+        run's; OSError when that cannot be told this time. Evidence is a file gone from the path (a new
+        run could lock a new one), another file at the path, or another run's record in it."""
+        on_path = _inode(self.path)
+        if on_path is None:
+            return "its lock file was deleted"
+        if on_path != os.fstat(self.fd).st_ino:
+            return "its lock file was replaced by another file"
+        try:
+            found = self._read_or_raise()
+        except FileNotFoundError:  # deleted between the stat and the read
+            return "its lock file was deleted"
+        if found.get("token") and found["token"] != self.record["token"]:
+            return f"another run took it over ({self._describe(found)})"
+        return None
 
     def _close(self) -> None:
         if self.fd is not None:
@@ -322,10 +375,26 @@ class FolderLock:
 
 
 def _inode(path: Path) -> int | None:
+    """The inode at `path`; None when nothing is there. ENOENT is the filesystem's answer that the
+    name is gone (an NFS server does not give it for a file that exists); any other error (ESTALE,
+    EIO, EACCES) is a failure to ask, says nothing about the file, and is raised for the caller to
+    count as unknown."""
     try:
         return path.stat().st_ino
-    except OSError:
+    except FileNotFoundError:
         return None
+
+
+def _whole_words(text: str, limit: int) -> str:
+    """`text` whole when it fits in `limit` characters, else its words up to there and " ...": a
+    command cut mid-flag ("--micro-bat") reads as a flag that does not exist."""
+    words = text.split()
+    if len(text) <= limit or len(words) <= 1:  # one word is shown whole, however long
+        return text
+    kept = 1
+    while kept < len(words) and len(" ".join(words[: kept + 1])) <= limit:
+        kept += 1
+    return " ".join(words[:kept]) + (" ..." if kept < len(words) else "")
 
 
 def _pid_started_before(pid, when: float) -> bool:

@@ -21,6 +21,7 @@ uninterrupted run. `--verify` re-checks every shard against the manifest.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import hashlib
@@ -44,7 +45,7 @@ from tqdm import tqdm
 import cli
 import fileio
 from cli import DEFAULT_DATA_DIR, UserError, field, parse_config
-from tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE, get_encoding
+from tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE, get_encoding, usable_cores
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -106,10 +107,7 @@ class FinewebConfig:
 
 
 def default_workers() -> int:
-    # sched_getaffinity honours SLURM/cgroup CPU binding, cpu_count() would oversubscribe a shared node.
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+    return usable_cores()  # CPU binding and quotas honoured: cpu_count() would oversubscribe a shared node
 
 
 def shard_name(index: int) -> str:
@@ -185,6 +183,84 @@ def _check_text_column(files: list[Path]) -> None:
         if rows == 0:
             raise PrepError(f"input file {f} has no rows (no documents to tokenize): remove it from --input")
         _require_text_column(columns, f"input file {f}")
+
+
+# Where the UTF-8 check of .txt inputs lives, and how a skipped file is counted. A .txt input is one
+# document, and `datasets`' text builder decodes each file strictly: one Latin-1 file fails the whole
+# load with "An error occurred while generating the dataset", naming neither the file nor the problem.
+# So _prepare_in checks every .txt first (one incremental pass: UTF-8 validation costs about what
+# reading the file does; an "already complete" rerun skips it) and loads only the UTF-8 files, through
+# `datasets` as before (not with encoding_errors="replace": that would tokenize damaged text, not skip
+# it). _with_skipped_rows then puts each file it left out back into the row stream, at its place in
+# --input, as an undecodable row of no tokens, so nothing downstream knows the difference: the builder
+# counts it in the shard where it falls like any undecodable row (the manifest's per-shard and total
+# counts, the summary line), rows stay numbered as the input files (a shard's next_document), and a
+# resumed run sees the very rows an uninterrupted one does, hence the same shards and manifest. The
+# settings keep listing every input: converting a file to UTF-8 changes its size (every byte it failed
+# on becomes two or more), so a rerun with the fixed file is refused as other input, not mixed in.
+
+
+def _utf8_problem(path: Path) -> str | None:
+    """Why the file's (decompressed) bytes are not UTF-8 text, with the fix, or None if they are."""
+    decoder = codecs.getincrementaldecoder("utf-8")()  # strict, as `datasets` reads them
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    done, head = 0, b""
+    try:
+        with opener(path, "rb") as f:
+            while True:
+                chunk = f.read(1 << 20)
+                head = head or chunk[:2]
+                held = len(decoder.getstate()[0])  # bytes of a character split across reads, re-read below
+                try:
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as e:
+                    at = done - held + e.start
+                    # a guess for the fix: a UTF-16 byte-order mark says so, else the commonest 8-bit code
+                    source = "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "latin1"
+                    return (
+                        f"not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {at:,}); "
+                        f"convert it with `iconv -f {source} -t utf-8`"
+                    )
+                if not chunk:
+                    return None
+                done += len(chunk)
+    except (OSError, EOFError) as e:  # unreadable, or a corrupt .gz
+        raise PrepError(f"cannot read input file {path}: {_one_line(e)}") from None
+
+
+def _undecodable_inputs(files: list[Path]) -> dict[int, str]:
+    """{index in files: problem} for the .txt inputs that are not UTF-8 (see the comment above)."""
+    if not files or _input_kind(files[0].name) != "text":
+        return {}  # a parquet / JSON row that is not UTF-8 is found (and counted) when it is tokenized
+    problems = {i: _utf8_problem(f) for i, f in enumerate(files)}
+    return {i: p for i, p in problems.items() if p is not None}
+
+
+def _with_skipped_rows(results, skipped: list[int], first_row: int):
+    """The worker results, with the rows of the files left out of the dataset (`skipped`: their
+    indices in --input, sorted) put back where they were: undecodable, no tokens. `first_row` is the
+    input row the results start at; rows left out after the last loaded one come as a batch of their own."""
+    skip = set(skipped)
+    row = first_row
+    for n_rows, (tokens, lengths, undecodable) in results:
+        where, taken = [], 0  # for each row of the new batch: its row in the worker's batch, or -1 (left out)
+        while taken < n_rows:
+            if row in skip:
+                where.append(-1)
+            else:
+                where.append(taken)
+                taken += 1
+            row += 1
+        where = np.array(where)
+        loaded = where >= 0
+        new_lengths = np.zeros(len(where), dtype=lengths.dtype)
+        new_lengths[loaded] = lengths
+        new_undecodable = np.ones(len(where), dtype=bool)
+        new_undecodable[loaded] = undecodable
+        yield len(where), (tokens, new_lengths, new_undecodable)
+    rest = sum(1 for i in skipped if i >= row)
+    if rest:
+        yield rest, (np.zeros(0, dtype=np.uint16), np.zeros(rest, dtype=np.int64), np.ones(rest, dtype=bool))
 
 
 def _require_text_column(columns: list[str] | None, what: str) -> None:
@@ -273,12 +349,28 @@ def load_source(cfg: FinewebConfig, files: list[Path], revision: str, cache_dir:
         if fileio.is_disk_full(e):  # e.g. the datasets cache: not the input's fault
             raise _disk_full(e) from None
         if files:
-            raise PrepError(f"cannot read {what}: {_one_line(e)}") from None
+            raise PrepError(f"cannot read {what}: {_load_problem(files, e)}") from None
         raise PrepError(_hub_hint(cfg, e)) from None
     _require_text_column(_column_names(ds), what)
     if ds.column_names is not None and ds.column_names != ["text"]:
         ds = ds.select_columns(["text"])
     return ds
+
+
+def _load_problem(files: list[Path], e: BaseException) -> str:
+    """What made `datasets` fail on local files, for the one-line error. A JSON file with bytes that
+    are not UTF-8 where Arrow checks them (a key) fails with a bare UnicodeDecodeError, which names no
+    file: then name the first input that is not UTF-8 and the fix. (Such bytes in a value load, and
+    the row is counted as undecodable: see _column_texts.)"""
+    chain = e
+    while chain is not None and not isinstance(chain, UnicodeDecodeError):
+        chain = chain.__cause__ or chain.__context__
+    if chain is not None and _input_kind(files[0].name) == "json":
+        for f in files:
+            problem = _utf8_problem(f)
+            if problem:
+                return f"{f} is {problem}"
+    return _one_line(e)
 
 
 def _expected_rows(ds, files: list[Path]) -> int | None:
@@ -347,22 +439,39 @@ def encode_documents(texts: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tokens.astype(np.uint16), lengths, undecodable
 
 
+def _column_texts(column) -> list:
+    """A batch's `text` column (Arrow) as Python values for encode_documents.
+
+    Both paths read Arrow (the dataset's "arrow" format) and convert here, because a string column
+    may hold bytes that are not UTF-8: Arrow's JSON reader does not check them (a Latin-1 line in a
+    .jsonl loads), and turning such a value into str raises inside `datasets`, a traceback that names
+    no file. Such a batch goes as bytes instead: encode_documents counts its bad rows as undecodable,
+    as the README says, and tokenizes the rest."""
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        import pyarrow as pa
+
+        return column.cast(pa.large_binary()).to_pylist()
+
+
 def encode_rows(rows: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Worker task for a map-style dataset: read rows [start, stop) here, not in the main process."""
     start, stop = rows
-    return encode_documents(_WORKER_DATASET[start:stop]["text"])
+    return encode_documents(_column_texts(_WORKER_DATASET[start:stop]["text"]))
 
 
 def _work_items(ds, start_row: int):
-    """(task function, argument, number of rows) per batch, in document order, from `start_row`."""
+    """(task function, argument, number of rows) per batch, in document order, from `start_row`
+    (a row of `ds`)."""
     if hasattr(ds, "__len__"):  # map-style: send row ranges, workers read the memory-mapped Arrow
         for start in range(start_row, len(ds), BATCH_DOCS):
             stop = min(start + BATCH_DOCS, len(ds))
             yield encode_rows, (start, stop), stop - start
     else:  # streaming: only the main process can iterate, so it sends the texts
         it = ds.skip(start_row) if start_row else ds  # whole Arrow batches are skipped, not decoded
-        for batch in it.iter(batch_size=BATCH_DOCS):
-            yield encode_documents, batch["text"], len(batch["text"])
+        for batch in it.with_format("arrow").iter(batch_size=BATCH_DOCS):
+            yield encode_documents, _column_texts(batch["text"]), batch.num_rows
 
 
 def _ordered_results(pool, items, window: int):
@@ -759,7 +868,13 @@ def _prepare_in(
         start_row = shards[-1]["next_document"]
         print(f"resuming {out_dir}: {len(shards)} shards ({done_tokens:,} tokens) done, from document {start_row:,}")
 
-    ds = load_source(cfg, files, revision, cache_dir, workers)
+    skipped = _undecodable_inputs(files)  # .txt inputs that are not UTF-8: see the comment above _utf8_problem
+    if files and len(skipped) == len(files):
+        raise _no_tokens(cfg, files, 0, len(skipped), skipped)
+    for i, problem in skipped.items():
+        print(f"{cli.script_name()}: skipping {files[i]}: {problem}", file=sys.stderr)
+    readable = [f for i, f in enumerate(files) if i not in skipped]
+    ds = load_source(cfg, readable, revision, cache_dir, workers)
     manifest = {
         "settings": settings,
         "command": command or (old or {}).get("command"),
@@ -770,7 +885,7 @@ def _prepare_in(
     _write_manifest(out_dir, manifest)
 
     t0 = time.time()
-    builder, stopped = _tokenize(cfg, ds, files, manifest, workers, mp_context, progress)
+    builder, stopped = _tokenize(cfg, ds, files, sorted(skipped), manifest, workers, mp_context, progress)
     _finish_manifest(cfg, files, manifest, builder, stopped)
     _print_summary(out_dir, manifest, done_tokens, time.time() - t0, workers)
     return manifest
@@ -822,25 +937,41 @@ def _remove_unrecorded_shards(out_dir: Path, keep: int) -> None:
 
 
 def _tokenize(
-    cfg: FinewebConfig, ds, files: list[Path], manifest: dict, workers: int, mp_context: str | None, progress: bool
+    cfg: FinewebConfig,
+    ds,
+    files: list[Path],
+    skipped: list[int],
+    manifest: dict,
+    workers: int,
+    mp_context: str | None,
+    progress: bool,
 ) -> tuple[ShardBuilder, bool]:
     """Run the worker pool over the source, from where the kept shards end, into new shards.
+    `skipped`: the indices of the input files left out of `ds` (not UTF-8), counted as undecodable rows.
     Returns the builder (its counts) and whether --max-tokens stopped it before the end of the data."""
     out_dir, shards = Path(cfg.out_dir), manifest["shards"]
-    start_row = shards[-1]["next_document"] if shards else 0
+    start_row = shards[-1]["next_document"] if shards else 0  # a row of the input: left-out files count
     offset = shards[-1]["next_document_offset"] if shards else 0
     done_tokens = sum(s["tokens"] for s in shards)
     limit = cfg.max_tokens or None
     expected_rows = _expected_rows(ds, files) if limit is None else None  # only for the ETA
+    if expected_rows is not None:
+        expected_rows += len(skipped)
     map_style = hasattr(ds, "__len__")
     writer = ShardWriter(out_dir, manifest)
     builder = ShardBuilder(cfg.shard_size, writer, len(shards), start_row, offset)
     ctx, stop = mp.get_context(mp_context), False
+    items = _work_items(ds, start_row - sum(1 for i in skipped if i < start_row))  # from that row of `ds`
+    # Workers read Arrow, not Python rows: see _column_texts.
+    worker_ds = ds.with_format("arrow") if map_style else None
     # The pool starts before any thread of ours (writer, tqdm monitor): forking a threaded process is unsafe.
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(ds if map_style else None,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(worker_ds,)) as pool:
         bar = _progress_bar(_source_label(cfg, files), done_tokens, limit, progress)
+        results = _ordered_results(pool, items, TASKS_PER_WORKER * workers)
+        if skipped:
+            results = _with_skipped_rows(results, skipped, start_row)
         try:
-            for n_rows, result in _ordered_results(pool, _work_items(ds, start_row), TASKS_PER_WORKER * workers):
+            for n_rows, result in results:
                 before = builder.pos
                 stop = builder.add(n_rows, result, limit)
                 if expected_rows and builder.row > start_row:
@@ -886,10 +1017,7 @@ def _finish_manifest(
     """Record the run as complete, with its totals, in manifest.json."""
     shards = manifest["shards"]
     if not shards:
-        raise PrepError(
-            f"no tokens: every document of {_source_label(cfg, files)} was empty or undecodable "
-            f"({builder.empty} empty, {builder.undecodable} undecodable)"
-        )
+        raise _no_tokens(cfg, files, builder.empty, builder.undecodable)
     manifest.update(
         complete=True,
         stop_reason="max_tokens" if stopped else "end_of_data",
@@ -899,6 +1027,22 @@ def _finish_manifest(
         skipped_undecodable=sum(s["skipped_undecodable"] for s in shards),
     )
     fileio.atomic_write_json(Path(cfg.out_dir) / MANIFEST, manifest)
+
+
+def _no_tokens(
+    cfg: FinewebConfig, files: list[Path], empty: int, undecodable: int, skipped: dict[int, str] | None = None
+) -> PrepError:
+    """The error for a source without a token. `skipped`: when the cause is that no .txt input is
+    UTF-8, its problems, so the one line names a file and the fix (nothing else is printed then)."""
+    message = (
+        f"no tokens: every document of {_source_label(cfg, files)} was empty or undecodable "
+        f"({empty} empty, {undecodable} undecodable)"
+    )
+    if skipped:
+        first = min(skipped)
+        others = f"; {len(skipped) - 1} more .txt input(s) are not UTF-8 either" if len(skipped) > 1 else ""
+        message += f": {files[first]} is {skipped[first]}{others}"
+    return PrepError(message)
 
 
 def _print_summary(out_dir: Path, manifest: dict, done_tokens: int, seconds: float, workers: int) -> None:

@@ -22,16 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
-
-import checkpoint
 import cli
-import fileio
-import runtime
 from cli import DEFAULT_CHECKPOINT, DEFAULT_LOG_DIR, DEVICE_CHOICES, UserError, field, parse_config
-from hellaswag_eval import DEFAULT_DATA_PATH, NUM_ENDINGS, STYLES, download, evaluate_hellaswag, load_examples
+from cli import DEFAULT_HELLASWAG_DATA as DEFAULT_DATA_PATH
 
 
 @dataclass(frozen=True)
@@ -61,6 +54,23 @@ class HellaSwagConfig:
             raise UserError("give --checkpoint or --hf, not both")
         if self.limit < 0 or self.batch_size < 0:
             raise UserError("--limit and --batch-size must be >= 0")
+
+
+def parse_args(argv=None) -> HellaSwagConfig:
+    return parse_config(HellaSwagConfig, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    cli.parse_first(parse_args)  # --help and a bad flag are answered before torch loads
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import checkpoint
+import fileio
+import runtime
+from hellaswag_eval import NUM_ENDINGS, STYLES, download, evaluate_hellaswag, load_examples
 
 
 def data_path(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> Path:
@@ -159,7 +169,7 @@ def evaluate(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> dict:
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(HellaSwagConfig, argv, description=__doc__)
+    cfg = parse_args(argv)
     try:
         if cfg.download_only:  # no model, no process group: a login node only needs the network
             path = Path(cfg.data or DEFAULT_DATA_PATH)

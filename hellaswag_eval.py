@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+import cli
 import fileio
 import runtime
 from cli import UserError
@@ -44,7 +45,7 @@ from tokenizer import EOT_TOKEN, get_encoding
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 # sha256 of the official validation split (10,042 lines, 12,246,618 bytes).
 HELLASWAG_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
-DEFAULT_DATA_PATH = "hellaswag/hellaswag_val.jsonl"  # the trainer's --hellaswag-data default too
+DEFAULT_DATA_PATH = cli.DEFAULT_HELLASWAG_DATA  # the trainer's --hellaswag-data default too
 NUM_ENDINGS = 4
 STYLES = ("reference", "harness")
 _REQUIRED_FIELDS = {"ctx": str, "ctx_a": str, "ctx_b": str, "activity_label": str, "endings": list, "label": int}

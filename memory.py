@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 from cli import UserError
-from model import GPT, MODEL_PRESETS, GPTConfig
+from model import GPT, GPTConfig
+from train_config import MODEL_PRESETS
 
 GiB = 2**30
 ACTIVATION_BYTES = {"bf16": 38, "fp32": 68}  # per layer, per token, per unit of width (see the docstring)
@@ -118,8 +119,11 @@ def available_bytes(device: torch.device, local_ranks: int = 1) -> tuple[float, 
     it now. The host: MemAvailable, or the cgroup's limit (a SLURM job's --mem) if lower, shared by
     the processes of this node."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free, f"{torch.cuda.get_device_name(device)} has {free / GiB:.1f} GiB free"
+        free, total = torch.cuda.mem_get_info(device)
+        where = f"{torch.cuda.get_device_name(device)} has {free / GiB:.1f} GiB free"
+        if free < total / 2:  # a fresh process sees nearly all of it: the rest is another process's
+            where += f" of {total / GiB:.0f} (another process holds the rest: see nvidia-smi)"
+        return free, where
     meminfo = Path("/proc/meminfo")
     if not meminfo.exists():
         return float("inf"), "unknown"

@@ -1,4 +1,4 @@
-"""GPT-2: the model, its presets, its Hugging Face name map and the sampler.
+"""GPT-2: the model, its Hugging Face name map and the sampler (the size presets: train_config.py).
 
 Architecture only: no optimizer, no ranks, no prints, no file I/O (checkpoints are checkpoint.py's).
 
@@ -58,18 +58,6 @@ ATTENTION_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
-}
-
-
-# Model presets: keyword overrides of GPTConfig. The four GPT-2 sizes are OpenAI's.
-MODEL_PRESETS: dict[str, dict] = {
-    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
-    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
-    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
-    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
-    # CPU-sized: 4 layers of width 128 (~7M parameters, most of them the 50304 x 128 embedding),
-    # context 256: trains at a few thousand tokens/s on 2 cores, enough to watch loss fall in minutes.
-    "tiny": dict(n_layer=4, n_head=4, n_embd=128, block_size=256),
 }
 
 
@@ -314,9 +302,11 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, vocab_size), None); with `targets` (B, T) ->
         (None, the mean cross-entropy over them; positions with target -1 are ignored); with
-        `positions` (N,) flat indices into the B*T positions -> (logits (N, vocab_size), None), the
-        output layer run only there (evaluations that score a few tokens of long prompts: on a small
-        model the 50,304-wide output is most of a forward's work)."""
+        `positions` (N,) flat indices into the B*T positions -> (float32 logits (N, vocab_size), None),
+        the output layer run only there and in float32 whatever autocast is on (evaluations that
+        score a few tokens of long prompts: on a small model the 50,304-wide output is most of a
+        forward's work, and a few rows in float32 cost next to nothing; bf16 logits would round
+        each log-probability by up to ~0.03)."""
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -333,6 +323,8 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if positions is not None:
             x = x.reshape(B * T, -1)[positions]  # (N, C)
+            with torch.autocast(x.device.type, enabled=False):
+                return self.output(x.float(), targets)
         return self.output(x, targets)
 
     def output(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

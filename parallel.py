@@ -36,8 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import checkpoint
 import runtime
-
-STRATEGIES = ("ddp", "fsdp")
+from cli import STRATEGIES, WITHOUT_CUDA_GRAPHS
 
 
 class Parallel:
@@ -54,11 +53,17 @@ class Parallel:
     def prepare(
         self, model: torch.nn.Module, compile: bool = False, compile_mode: str = "default", compile_on_cpu: bool = False
     ):
-        """(train_model, eval_model): what the training step calls and what evaluation calls."""
+        """(train_model, eval_model): what the training step calls and what evaluation calls. Under a
+        mode that captures CUDA graphs the evaluations get a compile of their own without them: a
+        graph replays fixed memory for fixed shapes, while validation, the scorer and sampling run
+        shapes the training step never does (a graph per shape, each holding its own memory pool)."""
         compiled = runtime.compile_model(
             model, compile, compile_mode, warn=self.dist_info.is_main, on_cpu=compile_on_cpu
         )
-        return self._wrap(compiled), compiled
+        eval_mode = WITHOUT_CUDA_GRAPHS.get(compile_mode)
+        if eval_mode is None or compiled is model:
+            return self._wrap(compiled), compiled
+        return self._wrap(compiled), runtime.compile_model(model, compile, eval_mode, warn=False, on_cpu=compile_on_cpu)
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model

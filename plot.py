@@ -33,7 +33,11 @@ Conventions (the README's "Plotting a run" section says the same):
 - HellaSwag scores in the summary carry the number of examples scored: 10,042 is the full val set,
   fewer is a demo or `--limit` run, a noisier estimate, not directly comparable with the baselines.
 - CORE is the DCLM 22-task score; a score on the first N examples per task says "(N/task)". A mean over
-  fewer tasks (some missing) is CORE-PARTIAL: drawn and summarised apart, labelled so, never as CORE.
+  fewer tasks (some missing) is CORE-PARTIAL: drawn and summarised apart, never as CORE, always with its
+  task count ("CORE-PARTIAL, 18 of 22 tasks", from the record's "tasks"; "task count unknown" for older
+  records without them). Means over different task sets are not comparable: each task set is its own
+  series, and points over different (or unknown) task sets are never joined by a line.
+- The summary's model column is the preset of the run's config records ("gpt2", "tiny"; "–" without one).
 
 Figures are drawn with matplotlib's Agg canvas on `Figure` objects (no pyplot, so no GUI backend
 and no global figure state), and every file (figures, summary.md) is written through
@@ -93,8 +97,10 @@ HELLASWAG_VAL_SIZE = 10_042  # examples in the full val set; a demo or --limit s
 # not measured by this repo's core.py, so the labels say where they come from.
 GPT2_CORE = ((0.1139, "GPT-2 124M"), (0.1849, "GPT-2 355M"), (0.2146, "GPT-2 774M"), (0.2565, "GPT-2 1.5B"))
 CORE_SOURCE = "leaderboard, not measured here"
+# Tasks in DCLM's CORE (core_eval.TASKS, not imported: it pulls the tokenizer into a plotting script).
+CORE_TASK_COUNT = 22
 
-# metrics.jsonl record types plotted and their numeric fields.
+# metrics.jsonl record types plotted and their numeric fields (core also gets "task_set": _task_set).
 SERIES_FIELDS = {
     "train": ("tokens", "train_loss", "lr", "grad_norm", "step_ms", "tokens_per_sec", "mfu", "time"),
     "val": ("tokens", "val_loss", "val_bpb", "time"),  # val_bpb: absent (None) in older logs
@@ -103,7 +109,7 @@ SERIES_FIELDS = {
     "core": ("tokens", "core", "core_partial", "count", "max_per_task", "time"),
 }
 RESULT_FIELDS = ("acc", "acc_norm", "harness_acc", "harness_acc_norm", "count", "seconds", "time")
-CORE_RESULT_FIELDS = ("core", "core_partial", "missing", "max_per_task", "count", "seconds", "time")
+CORE_RESULT_FIELDS = ("core", "core_partial", "missing", "max_per_task", "count", "seconds", "time", "task_set")
 # Results files a script appends to a log dir: file -> (Run field holding its rows, writer, fields kept).
 RESULT_FILES = {
     HELLASWAG_FILE: ("results", "hellaswag.py", RESULT_FIELDS),
@@ -164,7 +170,8 @@ class Run:
     # rows of this run's results files (each with its "results_file") whose checkpoint lies in another
     # folder (an older hellaswag.py filed every score under log/): not this run's, neither drawn nor summarised
     elsewhere: list[dict] = field(default_factory=list)
-    core: dict[str, list] = field(default_factory=lambda: _columns([], ("step", *SERIES_FIELDS["core"])))
+    # "step", SERIES_FIELDS["core"], "task_set" (in-training CORE evaluations)
+    core: dict[str, list] = field(default_factory=lambda: _columns([], ("step", *SERIES_FIELDS["core"], "task_set")))
     core_results: dict[str, list] = field(default_factory=lambda: _result_columns([], CORE_RESULT_FIELDS))
 
 
@@ -206,6 +213,13 @@ def _columns(rows: list[dict], keys) -> dict[str, list]:
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
+def _task_set(record: dict) -> frozenset[str] | None:
+    """The labels of the CORE tasks a record's mean is over: the keys of its "tasks" (core.py rows and
+    the training loop's records both carry them). None where unknown: a record from before the field."""
+    tasks = record.get("tasks")
+    return frozenset(tasks) if isinstance(tasks, dict) and tasks else None
+
+
 def load_run(log_dir: str | os.PathLike, name: str | None = None) -> Run:
     """Read one run directory. Raises UserError (one line) when there is no usable metrics.jsonl."""
     log_dir = Path(log_dir)
@@ -233,6 +247,8 @@ def load_run(log_dir: str | os.PathLike, name: str | None = None) -> Run:
             if kind == "train":
                 rec = {**rec, "since_restart": n_train[-1]}
                 n_train[-1] += 1
+            elif kind == "core":
+                rec = {**rec, "task_set": _task_set(rec)}
             latest[(kind, step)] = rec
         # other types ("sample", future ones) are valid but not plotted
         if _is_number(rec.get("time")):
@@ -245,7 +261,8 @@ def load_run(log_dir: str | os.PathLike, name: str | None = None) -> Run:
     series = {}
     for kind, fields in SERIES_FIELDS.items():
         rows = sorted((r for (k, _), r in latest.items() if k == kind), key=lambda r: r["step"])
-        keys = ("step", *fields, "since_restart") if kind == "train" else ("step", *fields)
+        extra = {"train": ("since_restart",), "core": ("task_set",)}.get(kind, ())
+        keys = ("step", *fields, *extra)
         series[kind] = _columns(rows, keys)
 
     own, elsewhere = {}, []
@@ -306,7 +323,15 @@ def _load_results(path: Path, skipped: list[str]) -> list[dict]:
         step, ckpt, model = rec.get("step"), rec.get("checkpoint"), rec.get("model")
         label = Path(str(ckpt or model)).name or str(ckpt or model)
         rows.append(
-            {**rec, "checkpoint": ckpt, "model": model, "step": step, "label": label, "results_file": path.name}
+            {
+                **rec,
+                "checkpoint": ckpt,
+                "model": model,
+                "step": step,
+                "label": label,
+                "results_file": path.name,
+                "task_set": _task_set(rec),  # kept for core.py's rows (CORE_RESULT_FIELDS)
+            }
         )
     return rows
 
@@ -366,6 +391,17 @@ def _train_config(record: dict) -> dict:
     """The TrainConfig fields of a config record ({} when absent)."""
     cfg = record.get("config")
     return cfg if isinstance(cfg, dict) else {}
+
+
+def model_presets(run: Run) -> list[str]:
+    """The model preset(s) the run trained, per its config records' `model` ("gpt2", "tiny", ...),
+    distinct, in file order; [] for a log without a config record (or one without the field)."""
+    presets = []
+    for record in run.configs:
+        preset = _train_config(record).get("model")
+        if isinstance(preset, str) and preset and preset not in presets:
+            presets.append(preset)
+    return presets
 
 
 def data_sources(run: Run) -> list[str | None]:
@@ -445,24 +481,47 @@ def _best(values, counts) -> tuple[float | None, int | None]:
     return max(rows, key=lambda vc: (vc[0], vc[1] or 0))
 
 
-def _best_core(run: Run) -> tuple[float | None, int | None, bool]:
+def _best_core(run: Run) -> tuple[float | None, int | None, bool, int | None]:
     """The run's best CORE (training loop and core.py on its own checkpoints), the max_per_task of the
-    row that gave it (None: every example) and whether it is CORE-PARTIAL: a partial mean counts only
-    where no row has the full CORE, and is then never called CORE. On a tie, the full-set row wins."""
+    row that gave it (None: every example), whether it is CORE-PARTIAL, and the number of tasks it is a
+    mean over (None: unknown, a partial row from before "tasks" was logged). A partial mean counts only
+    where no row has the full CORE, and is then never called CORE. Partial means over fewer tasks are
+    not comparable with those over more: the best is taken among the rows over the most tasks (a
+    known count before an unknown one). On a tie, the full-set row wins."""
     res = run.core_results
     own = [i for i, c in enumerate(res["checkpoint"]) if c]  # not HF models' scores
     per_task = [*run.core["max_per_task"], *(res["max_per_task"][i] for i in own)]
+    task_sets = [*run.core["task_set"], *(res["task_set"][i] for i in own)]
     for key, partial in (("core", False), ("core_partial", True)):
         values = [*run.core[key], *(res[key][i] for i in own)]
         rows = [
-            (float(v), m if _is_number(m) and m > 0 else None)
-            for v, m in zip(values, per_task)
+            (float(v), m if _is_number(m) and m > 0 else None, core_task_count(partial, tasks))
+            for v, m, tasks in zip(values, per_task, task_sets)
             if _is_number(v) and math.isfinite(v)
         ]
         if rows:
-            value, m = max(rows, key=lambda vm: (vm[0], vm[1] is None))
-            return value, m, partial
-    return None, None, False
+            value, m, n_tasks = max(rows, key=lambda row: (row[2] or -1, row[0], row[1] is None))
+            return value, m, partial, n_tasks
+    return None, None, False, None
+
+
+def core_task_count(partial: bool, task_set: frozenset[str] | None) -> int | None:
+    """How many tasks a CORE score is a mean over: all of them for CORE (by definition), the record's
+    task set for CORE-PARTIAL (None: not recorded)."""
+    if not partial:
+        return CORE_TASK_COUNT
+    return len(task_set) if task_set is not None else None
+
+
+def task_count_text(n_tasks: int | None) -> str:
+    """ "18 of 22 tasks", or "task count unknown" (None)."""
+    return "task count unknown" if n_tasks is None else f"{n_tasks} of {CORE_TASK_COUNT} tasks"
+
+
+def core_name(partial: bool, task_set: frozenset[str] | None) -> str:
+    """ "CORE", or "CORE-PARTIAL, 18 of 22 tasks" (never without the count: partial means over
+    different task sets are different measures), or "CORE-PARTIAL, task count unknown"."""
+    return f"CORE-PARTIAL, {task_count_text(core_task_count(True, task_set))}" if partial else "CORE"
 
 
 def run_stats(run: Run, warmup_steps: int = PlotConfig.warmup_steps) -> dict:
@@ -485,10 +544,11 @@ def run_stats(run: Run, warmup_steps: int = PlotConfig.warmup_steps) -> dict:
     own_counts = [run.results["count"][i] for i in own]
     hs_ref = _best([run.results["acc_norm"][i] for i in own], own_counts)
     hs_harness = _best([run.results["harness_acc_norm"][i] for i in own], own_counts)
-    core, core_per_task, core_partial = _best_core(run)
+    core, core_per_task, core_partial, core_tasks = _best_core(run)
     bpb = _finite(val["val_bpb"])
     return {
         "run": run.name,
+        "model": ", ".join(model_presets(run)) or None,
         "steps": train["step"][-1] + 1 if train["step"] else None,
         "max_steps": max_steps,
         "tokens": train["tokens"][-1] if train["tokens"] and _is_number(train["tokens"][-1]) else None,
@@ -504,6 +564,7 @@ def run_stats(run: Run, warmup_steps: int = PlotConfig.warmup_steps) -> dict:
         "core": core,
         "core_max_per_task": core_per_task,
         "core_partial": core_partial,
+        "core_tasks": core_tasks,
         "tokens_per_sec": _mean(train["tokens_per_sec"][i] for i in steady),
         "mfu": _mean(train["mfu"][i] for i in steady),
         "wall_seconds": wall,
@@ -536,14 +597,15 @@ def summarize(runs: list[Run], warmup_steps: int = PlotConfig.warmup_steps) -> s
         count = s[f"{key}_count"]
         return f"{s[key]:.4f}" + ("" if count is None else f" ({count:,.0f} ex)")
 
-    def core(s):  # "0.1234 (partial, 500/task)": a partial or subset score must not pass for CORE
-        notes = ["partial"] if s["core_partial"] else []
+    def core(s):  # "0.1234 (partial: 18 of 22 tasks, 500/task)": a partial or subset score must not pass for CORE
+        notes = [f"partial: {task_count_text(s['core_tasks'])}"] if s["core_partial"] else []
         if s["core_max_per_task"]:
             notes.append(f"{s['core_max_per_task']:,}/task")
         return num(s["core"], ".4f") + (f" ({', '.join(notes)})" if notes else "")
 
     header = [
         "run",
+        "model",
         "steps",
         "tokens",
         "final val loss",
@@ -566,6 +628,7 @@ def summarize(runs: list[Run], warmup_steps: int = PlotConfig.warmup_steps) -> s
         rows.append(
             [
                 s["run"].replace("|", "\\|"),
+                dash if s["model"] is None else s["model"].replace("|", "\\|"),
                 steps,
                 dash if s["tokens"] is None else _fmt_count(s["tokens"]),
                 num(s["final_val_loss"], ".4f"),
@@ -609,10 +672,14 @@ def summarize(runs: list[Run], warmup_steps: int = PlotConfig.warmup_steps) -> s
 def core_note() -> str:
     refs = ", ".join(f"{label.removeprefix('GPT-2 ')} {value}" for value, label in GPT2_CORE)
     return (
+        "model: the preset in the run's config records. "
         "val bpb: bits per byte of the last val loss (older logs: –). CORE: best DCLM CORE (22 tasks, "
         "centered accuracy) of the training loop and core.py on this run's checkpoints; N/task = the first N "
-        "examples of each task, a noisier estimate; partial = CORE-PARTIAL, a mean over the tasks found (some "
-        f"missing), not CORE. OpenAI GPT-2 CORE ({CORE_SOURCE}): {refs}. "
+        "examples of each task, a noisier estimate; partial: N of 22 tasks = CORE-PARTIAL, a mean over those "
+        "N tasks only (the others missing or not asked for), not CORE and not comparable with a mean over other "
+        "tasks (the best of the scores over the most tasks; task count unknown: a log from before tasks were "
+        "recorded). "
+        f"OpenAI GPT-2 CORE ({CORE_SOURCE}): {refs}. "
     )
 
 
@@ -897,61 +964,121 @@ def _per_task(max_per_task) -> str:
     return f" ({', '.join([f'{m:,}/task' for m in subsets] + ['all'] * full)})" if subsets else ""
 
 
-# CORE and CORE-PARTIAL are drawn apart: (key, name, style of the training loop's curve, of core.py's points)
-CORE_KINDS = (
-    (
-        "core",
-        "CORE",
-        {"linestyle": "-", "marker": "o", "linewidth": 1.6},
-        {"marker": "s", "markerfacecolor": "none", "markeredgewidth": 1.5},
-    ),
-    ("core_partial", "CORE-PARTIAL (not CORE)", {"linestyle": ":", "marker": "x", "linewidth": 1.0}, {"marker": "X"}),
+# How each source draws its scores: the training loop's as a curve, core.py's checkpoint scores as points.
+# CORE (every score over the same 22 tasks) may be joined by a line; CORE-PARTIAL gets one series per
+# task set, dotted, with a marker per task set (PARTIAL_MARKERS), and unknown task sets stay unjoined.
+CORE_STYLE = {
+    "training loop": {"linestyle": "-", "marker": "o", "linewidth": 1.6, "markersize": 4},
+    "core.py": {"linestyle": "none", "marker": "s", "markerfacecolor": "none", "markeredgewidth": 1.5, "markersize": 7},
+}
+PARTIAL_STYLE = {
+    "training loop": {"linestyle": ":", "linewidth": 1.0, "markersize": 5},
+    "core.py": {"linestyle": "none", "markeredgewidth": 1.5, "markersize": 7},
+}
+PARTIAL_MARKERS = ("x", "+", "d", "v", "^", "<", ">")
+CORE_TITLE = f"CORE (DCLM, {CORE_TASK_COUNT} tasks)"
+# Shown whenever a partial score is drawn: the panel then holds means over different task sets.
+CORE_AND_PARTIAL_TITLE = (
+    f"CORE (DCLM, {CORE_TASK_COUNT} tasks) and CORE-PARTIAL\n(fewer tasks, not CORE: task counts in the legend)"
 )
 
 
-def _draw_core_run(ax, run: Run, runs: list[Run], color: str) -> list[float]:
-    """One run's CORE: the training loop's evaluations as a curve, core.py's checkpoint scores as points;
-    returns the values drawn."""
-    drawn = []
-    for key, name, curve, points in CORE_KINDS:
-        for series, prefix, where, style in (
-            (run.core, "", "training loop", {**curve, "markersize": 4}),
-            (run.core_results, "results_", "core.py", {**points, "markersize": 7, "linestyle": "none"}),
-        ):
-            rows = [
-                (s, v, m)
-                for s, v, m in zip(series["step"], series[key], series["max_per_task"])
-                if s is not None and _is_number(v)
-            ]
-            if rows:
-                ax.plot(
-                    [r[0] for r in rows],
-                    [r[1] for r in rows],
-                    color=color,
-                    gid=f"{run.name}/{prefix}{key}",
-                    label=_label(f"{name}, {where}{_per_task(r[2] for r in rows)}", run, runs),
-                    **style,
-                )
-                drawn += [r[1] for r in rows]
-    return drawn
+@dataclass(frozen=True)
+class TaskSetName:
+    """How one CORE-PARTIAL task set is named in the panel: legend text, gid suffix, marker."""
+
+    n_tasks: int | None  # None: a record without "tasks", its task set unknown
+    text: str  # "CORE-PARTIAL, 18 of 22 tasks", with " (task set 2)" when another set has as many tasks
+    gid: str  # "18of22", "18of22-2", "unknown"
+    marker: str
+
+
+def _partial_task_sets(runs: list[Run]) -> dict[frozenset[str] | None, TaskSetName]:
+    """A name for every task set a drawn CORE-PARTIAL score is over, shared by all runs in the panel,
+    most tasks first; sets of the same size are told apart by a number, as their means still differ."""
+    sets = {
+        task_set
+        for run in runs
+        for series in (run.core, run.core_results)
+        for task_set, value in zip(series["task_set"], series["core_partial"])
+        if _is_number(value)
+    }
+    ordered = sorted(sets, key=lambda t: (t is None, -len(t or ()), sorted(t or ())))
+    by_size: dict[int | None, list] = {}
+    for task_set in ordered:
+        by_size.setdefault(core_task_count(True, task_set), []).append(task_set)
+    names = {}
+    for i, task_set in enumerate(ordered):
+        n_tasks = core_task_count(True, task_set)
+        text, gid = core_name(True, task_set), "unknown" if n_tasks is None else f"{n_tasks}of{CORE_TASK_COUNT}"
+        if n_tasks is not None and len(by_size[n_tasks]) > 1:
+            number = by_size[n_tasks].index(task_set) + 1
+            text, gid = f"{text} (task set {number})", f"{gid}-{number}"
+        names[task_set] = TaskSetName(n_tasks, text, gid, PARTIAL_MARKERS[i % len(PARTIAL_MARKERS)])
+    return names
+
+
+def _draw_core_run(
+    ax, run: Run, runs: list[Run], color: str, partial_names: dict[frozenset[str] | None, TaskSetName]
+) -> tuple[list[float], bool]:
+    """One run's CORE: the training loop's evaluations as a curve, core.py's checkpoint scores as points,
+    each CORE-PARTIAL task set apart; returns the values drawn and whether any was partial."""
+    drawn, any_partial = [], False
+    for series, prefix, where in ((run.core, "", "training loop"), (run.core_results, "results_", "core.py")):
+        full = [
+            (s, v, m)
+            for s, v, m in zip(series["step"], series["core"], series["max_per_task"])
+            if s is not None and _is_number(v)
+        ]
+        # gid suffix -> (task set name, None for CORE; its (step, value, max_per_task) rows)
+        groups: dict[str, tuple[TaskSetName | None, list[tuple]]] = {"core": (None, full)} if full else {}
+        partial = zip(series["step"], series["core_partial"], series["max_per_task"], series["task_set"])
+        for s, v, m, task_set in partial:
+            if s is not None and _is_number(v):
+                name = partial_names[task_set]
+                groups.setdefault(f"core_partial/{name.gid}", (name, []))[1].append((s, v, m))
+        for key, (name, rows) in groups.items():
+            if name is None:
+                text, style = "CORE", CORE_STYLE[where]
+            else:
+                text, style = name.text, {**PARTIAL_STYLE[where], "marker": name.marker}
+                if name.n_tasks is None:  # the points may be over different tasks: not a curve
+                    style["linestyle"] = "none"
+                any_partial = True
+            ax.plot(
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                color=color,
+                gid=f"{run.name}/{prefix}{key}",
+                label=_label(f"{text}, {where}{_per_task(r[2] for r in rows)}", run, runs),
+                **style,
+            )
+            drawn += [r[1] for r in rows]
+    return drawn, any_partial
 
 
 def _draw_core(ax, runs: list[Run], smoothing: float) -> None:
-    drawn, levels = [], {}
+    drawn, any_partial, levels = [], False, {}
+    partial_names = _partial_task_sets(runs)
     for i, run in enumerate(runs):
-        drawn += _draw_core_run(ax, run, runs, f"C{i % 10}")
-        # Scores with no step (core.py --hf gpt2) have no x: drawn once as levels.
+        values, partial = _draw_core_run(ax, run, runs, f"C{i % 10}", partial_names)
+        drawn += values
+        any_partial |= partial
+        # Scores with no step (core.py --hf gpt2) have no x: drawn once as levels, CORE-PARTIAL ones in
+        # another colour and each named with its task count.
         res = run.core_results
-        for label, step, core, partial, m in zip(
-            res["label"], res["step"], res["core"], res["core_partial"], res["max_per_task"]
+        for label, step, core, partial_value, m, task_set in zip(
+            res["label"], res["step"], res["core"], res["core_partial"], res["max_per_task"], res["task_set"]
         ):
-            if step is None and _is_number(core if core is not None else partial):
-                name = "CORE" if core is not None else "CORE-PARTIAL, not CORE"
-                levels[(label, name, core if core is not None else partial, _per_task([m]))] = True
-    for j, (label, name, value, per_task) in enumerate(levels):
+            if step is None and _is_number(core):
+                levels[(label, "CORE", core, _per_task([m]))] = "tab:purple"
+            elif step is None and _is_number(partial_value):
+                levels[(label, partial_names[task_set].text, partial_value, _per_task([m]))] = "tab:brown"
+                any_partial = True
+    for j, ((label, name, value, per_task), color) in enumerate(levels.items()):
         ax.axhline(
             value,
-            color="tab:purple",
+            color=color,
             linestyle=(j, (1, 2)),
             linewidth=1.4,
             gid=f"core_results/{label}",
@@ -974,7 +1101,8 @@ def _draw_core(ax, runs: list[Run], smoothing: float) -> None:
     lo, hi = min(drawn + [0.0]), max(drawn + [GPT2_CORE[-1][0]])
     ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.6 * (hi - lo))
     ax.legend(loc="upper left", fontsize=7)
-    ax.set_title("CORE (DCLM, 22 tasks)")
+    # "22 tasks" only when it is true of every score drawn (the GPT-2 references are CORE).
+    ax.set_title(CORE_AND_PARTIAL_TITLE if any_partial else CORE_TITLE)
     ax.set_ylabel("CORE (centered accuracy, mean)")
 
 

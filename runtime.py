@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cli import DEVICE_CHOICES, UserError
+from cli import DEVICE_CHOICES, PRECISIONS, UserError
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,25 @@ def broadcast_object(obj):
     return box[0]
 
 
+def first_problem(problem: str | None, name_rank: bool = True) -> str | None:
+    """What stops the job, the same on every rank: each rank says what stops it (None: nothing) and
+    all learn the first rank's problem, named with that rank and its host (`name_rank`). A collective
+    (every rank calls it), so a rank that must refuse does not leave the others waiting in their next
+    collective until they conclude it died ("lost contact"). Alone: `problem` itself."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return problem
+    said = [None] * dist.get_world_size()
+    dist.all_gather_object(said, (problem, socket.gethostname()))
+    failing = [(rank, text, host) for rank, (text, host) in enumerate(said) if text]
+    if not failing:
+        return None
+    rank, text, host = failing[0]
+    if not name_rank:
+        return text
+    others = f" (and {len(failing) - 1} more rank(s))" if len(failing) > 1 else ""
+    return f"rank {rank} on {host}{others}: {text}"
+
+
 def env_world_size() -> int:
     """The number of ranks torchrun announces (1 without torchrun), before any process group."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -180,9 +200,6 @@ def configure_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -346,7 +363,13 @@ class StopFlag:
     after the first, aborts at once (exit 130 / 143, no checkpoint). (Within a second it is the same
     request delivered twice: by the terminal, or a `kill` of the process group, and by a launcher that
     forwards it.) SIGUSR1 then SIGTERM is SLURM's time limit arriving during the checkpoint USR1 asked
-    for: the checkpoint goes on (SLURM's SIGKILL follows after its KillWait)."""
+    for: the checkpoint goes on (SLURM's SIGKILL follows after its KillWait).
+
+    "At once" whatever the process is computing: Python runs a signal handler only between bytecodes
+    of the main thread, so during one long C++ call (a gpt2-xl backward on a CPU: 30 s and more) the
+    handler waits for it to return. The abort is therefore decided by a watcher thread, woken by the
+    signal number the C-level handler writes to a pipe (signal.set_wakeup_fd) as the signal arrives:
+    torch's long calls release the GIL, so the thread runs while they do."""
 
     SAME_PRESS_SECONDS = 1.0
     ABORTS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}
@@ -354,32 +377,66 @@ class StopFlag:
     def __init__(self):
         self.signal_name: str | None = None
         self.interrupted_at: float | None = None
-        self.first_at: dict[int, float] = {}  # signal -> when it first came
+        self.first_at: dict[int, float] = {}  # signal -> when it first came (the handler's view)
         self.quiet = env_rank() != 0  # one message per job, not one per rank
+        self._wakeup: tuple[int, int] | None = None  # (read end, write end) of the watcher's pipe
+        self._previous_wakeup = -1
 
     def install(self) -> dict:
-        """Handle the stop signals from now on; returns the handlers they had (to restore)."""
-        return {
+        """Handle the stop signals from now on (main thread only); returns the handlers they had, for
+        `uninstall`."""
+        previous = {
             sig: signal.signal(sig, self._handle)
             for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None), signal.SIGINT)
             if sig is not None
         }
+        if hasattr(os, "pipe") and os.name == "posix":
+            read_end, write_end = os.pipe()
+            os.set_blocking(write_end, False)  # the C handler must never block on a full pipe
+            self._previous_wakeup = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+            self._wakeup = (read_end, write_end)
+            threading.Thread(target=self._watch, args=(read_end,), name="stop-signals", daemon=True).start()
+        return previous
+
+    def uninstall(self, previous: dict) -> None:
+        """Put back the handlers `install` replaced, and stop the watcher."""
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            read_end, write_end = self._wakeup
+            os.close(write_end)  # the watcher reads end-of-file and returns
+            self._wakeup = None
 
     def _say(self, text: str) -> None:
         if not self.quiet:
             os.write(2, text.encode())  # a signal handler must not use print (it may interrupt one)
 
-    def _handle(self, signum, frame) -> None:
+    def _abort_if_repeated(self, signum: int, first_at: dict[int, float]) -> None:
+        """Exit now if `signum` is an abort signal that first came more than SAME_PRESS_SECONDS ago."""
         now = time.monotonic()
+        first = first_at.setdefault(signum, now)
+        if signum in self.ABORTS and now - first > self.SAME_PRESS_SECONDS:
+            name, code = self.ABORTS[signum]
+            self._say(f"\nsecond {name}: stopping now, without a checkpoint\n")
+            os._exit(code)
+
+    def _watch(self, read_end: int) -> None:
+        arrivals: dict[int, float] = {}  # the watcher's own record: it may see a signal before the handler
+        try:
+            while data := os.read(read_end, 64):
+                for signum in data:
+                    self._abort_if_repeated(signum, arrivals)
+        finally:
+            os.close(read_end)
+
+    def _handle(self, signum, frame) -> None:
         if signum in self.first_at:
-            if signum in self.ABORTS and now - self.first_at[signum] > self.SAME_PRESS_SECONDS:
-                name, code = self.ABORTS[signum]
-                self._say(f"\nsecond {name}: stopping now, without a checkpoint\n")
-                os._exit(code)
+            self._abort_if_repeated(signum, self.first_at)
             return
-        self.first_at[signum] = now
+        self.first_at[signum] = time.monotonic()
         if signum == signal.SIGINT:
-            self.interrupted_at = now
+            self.interrupted_at = self.first_at[signum]
             self._say("\nCtrl-C: finishing this step and saving a checkpoint (Ctrl-C again to stop at once)\n")
         elif signum == signal.SIGTERM:
             self._say("\nSIGTERM: finishing this step and saving a checkpoint (SIGTERM again to stop at once)\n")

@@ -8,14 +8,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-import torch
-
-import checkpoint
 import cli
-import runtime
 from cli import DEFAULT_CHECKPOINT, DEVICE_CHOICES, UserError, field, parse_config
-from model import generate
-from tokenizer import EOT_TOKEN, get_encoding
 
 
 @dataclass(frozen=True)
@@ -37,6 +31,21 @@ class SampleConfig:
             raise UserError("--num-samples and --max-new-tokens must be >= 1, --temperature and --top-k >= 0")
 
 
+def parse_args(argv=None) -> SampleConfig:
+    return parse_config(SampleConfig, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    cli.parse_first(parse_args)  # --help and a bad flag are answered before torch loads
+
+import torch
+
+import checkpoint
+import runtime
+from model import generate
+from tokenizer import EOT_TOKEN, get_encoding
+
+
 def check_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
     """Say which flag to change when prompt + new tokens do not fit the model's context."""
     if prompt_tokens >= context:  # not even one new token fits
@@ -54,7 +63,7 @@ def check_length(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(SampleConfig, argv, description=__doc__)
+    cfg = parse_args(argv)
     device = runtime.resolve_device(cfg.device)
     model = checkpoint.load_model(cfg.checkpoint, device)
     enc = get_encoding()

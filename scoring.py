@@ -6,6 +6,13 @@ n tokens given everything before them, and whether each of them is the model's g
 `score_all` answers it for many sequences at once, across ranks; hellaswag_eval.py and core_eval.py
 only build the sequences and turn the answers into accuracies.
 
+What the numbers are: the log-probabilities come from float32 logits at the scored positions on every
+device (GPT.forward's `positions`), and each sequence's sum is one reduction in a fixed order, so a
+rerun on the same device gives the same bits, at any world size. Across devices they differ: under
+bf16 autocast (CUDA's default) the transformer blocks compute in bf16 (8 bits of mantissa), so a
+GPU's scores of a checkpoint differ from a CPU's float32 ones by far more than 1e-6, enough to flip a
+near tie (not yet measured on a GPU).
+
     uv run python -c "import scoring, model, runtime, torch; \\
         m = model.GPT(model.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=16)); \\
         d = runtime.DistInfo(0, 0, 1, torch.device('cpu'), True); \\
@@ -70,7 +77,8 @@ def score_all(
     progress: Callable[[int], None] | None = None,
 ) -> Scores:
     """`score_sequences` on this rank's share of the batches, all-reduced: every rank returns all
-    scores, identical (bit for bit) to one process scoring them alone."""
+    scores, identical (bit for bit) to one process scoring them alone on the same kind of device
+    (each row is computed in the same batch whatever the world size, and the all-reduce adds zeros)."""
     scores = score_sequences(
         model,
         sequences,
@@ -154,11 +162,11 @@ def score_sequences(
         if progress is not None:
             progress(len(rows))
     # Every rank runs the same number of forwards (a sharded model all-gathers its weights in each):
-    # a rank with one batch fewer runs one of padding, whose logits nobody reads.
+    # a rank with one batch fewer runs one of padding, whose scores nobody reads.
     if len(batches[rank::world_size]) < -(-len(batches) // world_size):
-        _, R, T = batches[-1] if fixed_shapes else ([], 1, 1)  # a shape a compiled model has seen
-        with autocast:
-            model(torch.full((R, T), EOT_TOKEN, dtype=torch.long, device=device))
+        _, R, T = batches[-1] if fixed_shapes else ([], 1, 2)  # a shape a compiled model has seen
+        padding = [EOT_TOKEN] * 3  # 2 scored tokens: a count a dynamic graph takes (1 is specialised)
+        _score_batch(model, [padding], [2], [0], R, T, torch.zeros(1, 2, device=device), autocast, fixed_shapes)
     return scores
 
 
@@ -174,32 +182,40 @@ def _score_batch(
     fixed_shapes: bool = False,
 ) -> None:
     """One forward over `rows` right-padded to (R, T); writes their [summed log p, argmax hits] into
-    those rows of `scores` (N, 2). Eager, the model runs its output layer only at the scored positions
-    (6x faster for the tiny model on CPU); with fixed_shapes (compiled) it gives every position's
-    logits, so that the number of scored tokens is not one more shape to compile for."""
+    those rows of `scores` (N, 2). The model runs its output layer only at the scored positions, and
+    in float32 whatever the autocast (GPT.forward's `positions`: 6x faster for the tiny model on CPU
+    than every position's logits). With fixed_shapes (a compiled model) the number of positions is
+    marked dynamic, so that it is not one more shape to compile for."""
     device = scores.device
     inputs = np.full((R, T), EOT_TOKEN, dtype=np.int64)  # padding: never scored
-    positions, targets, row_ids = [], [], []
+    positions, targets, counts = [], [], []
     for r, i in enumerate(rows):
         seq, n = seqs[i], n_scored[i]
         L = len(seq) - 1
         inputs[r, :L] = seq[:-1]
         positions.extend(range(r * T + L - n, r * T + L))  # logits at these (row, t) predict...
         targets.extend(seq[L + 1 - n :])  # ...these tokens: the continuation's
-        row_ids.extend([r] * n)
-    inputs, positions, targets, row_ids, row_index = _to_device(device, inputs, positions, targets, row_ids, rows)
+        counts.append(n)
+    # Each row's scored tokens as one row of a (rows, longest) table of indices into them, padded
+    # with index 0 and masked: the per-row sums are then one reduction in a fixed order, the same
+    # bits on every run (index_add_ sums with atomics on CUDA: the order, and the last bit, vary).
+    n_max = max(counts, default=0)
+    column = np.arange(n_max)[None, :]
+    valid = column < np.asarray(counts)[:, None]  # (rows, n_max)
+    take = np.where(valid, np.cumsum([0, *counts[:-1]])[:, None] + column, 0)
+    inputs, positions, targets, take, valid, row_index = _to_device(
+        device, inputs, positions, targets, take, valid, rows
+    )
+    if fixed_shapes:
+        torch._dynamo.maybe_mark_dynamic(positions, 0)
     with autocast:
-        if fixed_shapes:  # (R, T, vocab), then the continuation positions' rows
-            # (Advanced indexing, not index_select: on CPU the latter is ~10x slower on this strided view.)
-            picked = model(inputs)[0].flatten(0, 1)[positions]
-        else:
-            picked = model(inputs, positions=positions)[0]  # (N, vocab)
-    picked = picked.float()  # upcast for the log-softmax
-    logprobs = picked.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
-    hits = (picked.argmax(dim=-1) == targets).float()  # (N,): the greedy pick is the true token
-    sums = torch.zeros(R, 2, dtype=torch.float32, device=device)
-    sums.index_add_(0, row_ids, torch.stack([logprobs, hits], dim=1))
-    scores[row_index] = sums[: len(rows)]
+        logits = model(inputs, positions=positions)[0]  # (N, vocab) float32
+    if not n_max:
+        return  # nothing scored in this batch (its rows stay 0: log p 0, every token greedy)
+    logprobs = logits.log_softmax(dim=-1).gather(1, targets[:, None]).squeeze(1)  # (N,)
+    hits = (logits.argmax(dim=-1) == targets).float()  # (N,): the greedy pick is the true token
+    per_token = torch.stack([logprobs, hits], dim=1)  # (N, 2)
+    scores[row_index] = (per_token[take] * valid[..., None]).sum(dim=1)  # (rows, 2)
 
 
 def _to_device(device: torch.device, *parts) -> list[torch.Tensor]:

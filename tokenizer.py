@@ -65,3 +65,17 @@ def token_byte_lengths() -> np.ndarray:
     lengths = np.array([len(enc.decode_single_token_bytes(i)) for i in range(VOCAB_SIZE)], dtype=np.int64)
     lengths[EOT_TOKEN] = 0
     return lengths
+
+
+def usable_cores(local_processes: int = 1) -> int:
+    """The CPU cores this process may use, shared with `local_processes - 1` others of its node (a
+    torchrun's ranks): its CPU affinity (SLURM's and taskset's binding; os.cpu_count() counts the
+    whole node), capped by a cgroup v2 CPU quota (a container's --cpus), divided among them; at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores // max(1, local_processes))

@@ -24,8 +24,9 @@
 # A dead training process (a kernel OOM kill, a GPU fault, SIGKILL): torchrun stops the others and
 # starts every process again, up to MAX_RESTARTS times per launch, and train_gpt2.py resumes from the
 # newest checkpoint (the steps since it are trained again, bitwise the same on CPU). 3 covers the
-# rare transient fault of a day-long allocation, while a crash that repeats (a bad flag, a corrupt
-# shard, a micro-batch that does not fit) ends the job after 4 short attempts instead of looping.
+# rare transient fault of a day-long allocation. A user error (a bad flag, a corrupt shard, a
+# micro-batch that does not fit: exit 2) is not restarted: each worker stops its torchrun after its
+# one-line error (cli.stop_restarts), since every restart would meet the same error.
 #
 # Self-requeue (the job's time limit, or `scancel --signal=USR1 --batch JOBID` to stop it now):
 #  1. SLURM sends USR1 to this batch shell only (B:), 300 s before the time limit.

@@ -21,12 +21,25 @@ needs) and `train_step`, checkpoints and resume, evaluation, then `train` (the l
 
 from __future__ import annotations
 
+import sys
+
+import cli
+from train_config import (
+    DEMO_SHARD_SIZE,
+    RESUME_FLAGS,
+    RESUME_REFUSED,
+    RUN_SETTINGS,
+    TrainConfig,
+    parse_args,
+)
+
+if __name__ == "__main__":
+    cli.parse_first(lambda argv: parse_args(argv, description=__doc__))  # --help, a bad flag: before torch loads
+
 import math
 import os
 import random
-import signal
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -37,18 +50,17 @@ import numpy as np
 import torch
 
 import checkpoint
-import cli
 import core_eval
 import fileio
 import memory
 import metrics as metrics_log
 import runtime
-from cli import UserError, build_parser, field, parse_flags
+from cli import UserError
 from dataloader import TrainLoader, ValLoader, describe_source
-from hellaswag_eval import DEFAULT_DATA_PATH, evaluate_hellaswag, load_examples
-from model import ATTENTION_BACKENDS, BLOCK_MATRICES, GPT, MODEL_PRESETS, GPTConfig, generate
+from hellaswag_eval import evaluate_hellaswag, load_examples
+from model import BLOCK_MATRICES, GPT, GPTConfig, generate
 from muon import CombinedOptimizer, Muon
-from parallel import STRATEGIES, Parallel, parallelize
+from parallel import Parallel, parallelize
 from spike_guard import SpikeGuard, TooManySkips
 from tokenizer import EOT_TOKEN, get_encoding, token_byte_lengths
 
@@ -56,441 +68,6 @@ __all__ = ["GPT", "GPTConfig", "TrainConfig", "build_run", "train_step", "main"]
 
 REPO = Path(__file__).resolve().parent
 DEMO_CORPUS = REPO / "assets" / "demo" / "fineweb_demo.parquet"
-
-# --demo: a tiny GPT-2 that learns visibly in minutes on 2 CPU cores. 2,048 tokens per step as
-# 2 micro-batches of 4 x 256 (so gradient accumulation runs too); a higher lr than 124M's because
-# small models tolerate it; the shipped ~0.6M-token corpus in 100K-token shards (shard 0 = val).
-DEMO_PRESET = dict(
-    model="tiny",
-    data_dir="demo_fineweb",
-    tokens_per_step=2048,
-    micro_batch_size=4,
-    seq_len=256,
-    max_steps=120,
-    warmup_steps=10,
-    max_lr=3e-3,
-    val_every=30,
-    val_tokens=32_768,
-    hellaswag_every=0,
-    sample_every=60,
-    ckpt_every=40,
-    device="cpu",
-    compile=False,
-    # the 50304-wide output layer is most of a tiny model's work: 1.5x faster on CPU (BENCHMARKS.md)
-    loss_chunk_rows=256,
-)
-DEMO_SHARD_SIZE = 100_000
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
-
-# --spike-guard default: standard deviations above the last 100 steps' mean loss (spike_guard.py).
-# Clean tiny runs never scored above 4.27, a step of random tokens scored 9.3 (BENCHMARKS.md).
-SPIKE_GUARD = 6.0
-
-# Named recipes: overrides on top of the reference (and of --demo), below explicit flags.
-RECIPES: dict[str, dict] = {
-    # fast: Muon on the block matrices + warmup-stable-decay; embeddings, LayerNorms and biases stay
-    # on AdamW at max_lr. Where each number comes from (pilots: bench/recipe_gate.py at tiny scale,
-    # one seed, 115 steps of 2,048 tokens; the table is in BENCHMARKS.md):
-    #   muon_lr 0.02        best of 0.01 / 0.02 / 0.03 / 0.04 / 0.06 (the speedrun community uses 0.02-0.05)
-    #   muon_momentum 0.95  Muon's usual value, Nesterov, 5 Newton-Schulz steps (not tuned)
-    #   decay_frac 0.3      0.2 / 0.3 / 0.5 were within 0.01 of each other; decaying to 0 instead
-    #                       of min_lr_frac 0.1 did not help
-    #   max_lr 2.4e-3       AdamW lr under Muon: 4x the AdamW-only lr was best at tiny scale (6e-3 vs
-    #                       the baseline's 1.5e-3; 3e-3, 4e-3 and 1e-2 were worse), so 4 x the
-    #                       reference's 6e-4 here. (With Muon, AdamW trains only these tensors.)
-    #   max_steps 8,870     the reference's 19,073 steps / 2.15, the token saving the CPU gate measured
-    #                       at tiny scale (3 seeds). Not measured at 124M. --demo keeps its own 120.
-    # The warmup is left to the preset (715 steps at 124M, 10 in --demo); the gate found a short one
-    # (2% of the steps) slightly better at tiny scale. NONE of this is tuned at 124M scale.
-    "fast": dict(
-        optimizer="muon",
-        schedule="wsd",
-        muon_lr=0.02,
-        muon_momentum=0.95,
-        decay_frac=0.3,
-        max_lr=2.4e-3,
-        max_steps=8_870,
-    ),
-}
-
-
-@cli.sections(
-    model="model",
-    data_dir="data and outputs",
-    tokens_per_step="batch",
-    max_steps="optimisation",
-    val_every="evaluation, sampling, checkpoints, logging",
-    device="machine and speed levers",
-)
-@dataclass(frozen=True)
-class TrainConfig:
-    # model
-    model: str = field(
-        "gpt2",
-        "model size (presets carry their context length: tiny is 256)",
-        choices=tuple(MODEL_PRESETS),
-        groups=(cli.RUN, cli.BENCH_STEP),
-    )
-    init_from: str = field(
-        "",
-        "start from OpenAI's weights via transformers (gpt2, gpt2-medium, ...) instead of random init",
-        groups=(cli.RUN,),
-    )
-    # data and outputs
-    data_dir: str = field(
-        cli.DEFAULT_DATA_DIR,
-        "folder of token shards written by fineweb.py",
-        groups=(cli.BENCH_STEP,),
-    )
-    log_dir: str = field(cli.DEFAULT_LOG_DIR, "folder for metrics.jsonl and checkpoints")
-    shuffle: bool = field(
-        True,
-        "shuffle shard and window order each epoch (--no-shuffle: the reference's sequential order)",
-        groups=(cli.RUN, cli.RESUME_REFUSED, cli.BENCH_STEP),
-    )
-    # batch: sizes in tokens and rows; gradient accumulation is derived, never set
-    tokens_per_step: int = field(
-        524_288,
-        "tokens per optimizer step, all ranks together (2**19, GPT-3 small's 0.5M)",
-        groups=(cli.RUN, cli.RESUME_REFUSED, cli.BENCH_STEP),
-        above=0,
-    )
-    micro_batch_size: int = field(64, "sequences per forward/backward on each rank", groups=(cli.BENCH_STEP,), above=0)
-    seq_len: int = field(
-        1024,
-        "tokens per sequence (default: the model's context, at most 1024)",
-        groups=(cli.RUN, cli.RESUME_REFUSED, cli.BENCH_STEP),
-        above=0,
-    )
-    # optimisation (GPT-3 paper's small-model settings, as in the reference)
-    max_steps: int = field(
-        19_073,
-        "optimizer steps (19,073 x 524,288 = 10B tokens: one epoch of sample-10BT)",
-        groups=(cli.RUN,),
-        above=0,
-    )
-    warmup_steps: int = field(715, "linear warmup steps (375M tokens, GPT-3's warmup)", groups=(cli.RUN,), at_least=0)
-    max_lr: float = field(6e-4, "peak learning rate", groups=(cli.RUN, cli.BENCH_STEP), above=0)
-    min_lr_frac: float = field(
-        0.1,
-        "final learning rate as a fraction of max-lr",
-        groups=(cli.RUN,),
-        at_least=0,
-        at_most=1,
-    )
-    weight_decay: float = field(
-        0.1,
-        "AdamW weight decay, on tensors of 2+ dims only",
-        groups=(cli.RUN, cli.BENCH_STEP),
-        at_least=0,
-    )
-    beta1: float = field(0.9, "AdamW beta1", groups=(cli.RUN, cli.BENCH_STEP), at_least=0, below=1)
-    beta2: float = field(0.95, "AdamW beta2", groups=(cli.RUN, cli.BENCH_STEP), at_least=0, below=1)
-    eps: float = field(1e-8, "AdamW epsilon", groups=(cli.RUN, cli.BENCH_STEP), above=0)
-    grad_clip: float = field(
-        1.0,
-        "clip the global gradient norm to this (0: off)",
-        groups=(cli.RUN, cli.BENCH_STEP),
-        at_least=0,
-    )
-    schedule: str = field(
-        "cosine",
-        "lr schedule: cosine (reference) or wsd (warmup, stable, linear decay)",
-        choices=("cosine", "wsd"),
-        groups=(cli.RUN,),
-    )
-    decay_frac: float = field(
-        0.2,
-        "wsd: fraction of the steps spent in the final linear decay to min-lr-frac",
-        groups=(cli.RUN,),
-        above=0,
-        at_most=1,
-    )
-    optimizer: str = field(
-        "adamw",
-        "adamw (reference) or muon (Muon on the blocks' matrices, AdamW at --max-lr on the rest)",
-        choices=("adamw", "muon"),
-        groups=(cli.RUN, cli.BENCH_STEP),
-    )
-    muon_lr: float = field(
-        0.02,
-        "muon: peak learning rate of the Muon matrices (follows the same schedule)",
-        groups=(cli.RUN, cli.BENCH_STEP),
-        above=0,
-    )
-    muon_momentum: float = field(
-        0.95, "muon: momentum (Nesterov)", groups=(cli.RUN, cli.BENCH_STEP), at_least=0, below=1
-    )
-    recipe: str = field(
-        "",
-        "named recipe setting optimizer, schedule, learning rates and step budget (see RECIPES)",
-        choices=("", *RECIPES),
-        groups=(cli.RUN, cli.BENCH_STEP),
-    )
-    seed: int = field(
-        1337,
-        "seed for init and data order",
-        groups=(cli.RUN, cli.RESUME_REFUSED, cli.BENCH_STEP),
-        at_least=0,
-    )
-    # evaluation, sampling, checkpoints, logging
-    val_every: int = field(
-        250,
-        "validate every N steps and at the end (0: off)",
-        at_least=0,
-    )
-    val_tokens: int = field(
-        10_485_760,
-        "fixed validation set: the first N tokens of the val shard (= the reference's 8-GPU 20 x 64 x 1024 x 8)",
-        above=0,
-    )
-    hellaswag_every: int = field(
-        250,
-        "HellaSwag (reference style) every N steps and at the end (0: off)",
-        at_least=0,
-    )
-    core_every: int = field(
-        0,
-        "CORE (DCLM's 22 in-context tasks, core.py) every N steps and at the end (0: off; nanochat: 2000)",
-        at_least=0,
-    )
-    core_max_per_task: int = field(
-        500,
-        "CORE in training: the first N of each task's shuffled examples (0: all ~90k; 500: nanochat's "
-        "in-training size)",
-        at_least=0,
-    )
-    core_data: str = field(
-        core_eval.DEFAULT_DATA_DIR,
-        "CORE task files (get them with `uv run core.py --download-only`)",
-    )
-    core_verify: bool = field(
-        True,
-        "check each CORE task file's size and hash against the pinned download (--no-core-verify: hand-made files)",
-    )
-    hellaswag_data: str = field(
-        DEFAULT_DATA_PATH,
-        "HellaSwag validation file (get it with `uv run hellaswag.py --download-only`)",
-    )
-    sample_every: int = field(250, "print samples every N steps (0: off)", at_least=0)
-    sample_prompt: str = field(
-        "Hello, I'm a language model,",
-        "prompt of the in-training samples",
-    )
-    ckpt_every: int = field(
-        1000,
-        "checkpoint every N steps (and at the end, on SIGTERM/SIGUSR1 and on the first Ctrl-C)",
-        at_least=0,
-    )
-    keep_checkpoints: int = field(
-        3,
-        "keep the newest K step checkpoints (model_final.pt is always kept)",
-        at_least=1,
-    )
-    spike_guard: float = field(
-        SPIKE_GUARD,
-        "skip the update of a step whose loss is more than N standard deviations above the last "
-        "--spike-window steps' (0: off)",
-        groups=(cli.BENCH_STEP,),
-        at_least=0,
-    )
-    spike_guard_norm: float = field(
-        0.0,
-        "also skip a step whose grad norm (before clipping) is more than N standard deviations above the "
-        "window's (0: off)",
-        at_least=0,
-    )
-    spike_window: int = field(
-        100,
-        "steps of loss and grad-norm history the spike guard compares with",
-    )
-    spike_warmup: int = field(
-        50,
-        "steps of history before the spike guard may skip an update",
-        at_least=2,
-    )
-    log_every: int = field(
-        1,
-        "log (and sync with the device) every N steps",
-        at_least=1,
-    )
-    tensorboard: bool = field(
-        False,
-        "also write every metrics record to TensorBoard (<log dir>/tensorboard; `uv sync --extra loggers`)",
-    )
-    wandb: bool = field(
-        False,
-        "also send every metrics record to Weights & Biases (WANDB_MODE=offline works without an account)",
-    )
-    wandb_project: str = field("gpt2-fineweb", "Weights & Biases project")
-    resume: str = field(
-        "auto",
-        "auto: continue from the newest valid checkpoint in --log-dir; never: start fresh",
-        choices=("auto", "never"),
-        groups=(cli.RESUME_FLAG,),
-    )
-    allow_config_change: bool = field(
-        False,
-        "resume although --tokens-per-step, --seq-len, --seed, --shuffle or the data differ from the checkpoint's "
-        "(on purpose, e.g. a new data order after a loss spike)",
-        groups=(cli.RESUME_FLAG,),
-    )
-    # machine and speed levers (bench/throughput.py measures each; none changes the recipe's math beyond rounding)
-    device: str = field(
-        "auto",
-        "auto, cpu or cuda",
-        choices=cli.DEVICE_CHOICES,
-        groups=(cli.BENCH_STEP,),
-    )
-    compile: bool = field(
-        True,
-        "torch.compile the model (CUDA; ignored with a warning on CPU unless --compile-on-cpu)",
-        groups=(cli.BENCH_STEP,),
-    )
-    compile_on_cpu: bool = field(
-        False,
-        "torch.compile on CPU too (inductor; slower than eager there: tests of the compiled path)",
-        groups=(cli.BENCH_STEP,),
-    )
-    compile_mode: str = field(
-        "default",
-        "torch.compile mode (reduce-overhead and max-autotune use CUDA graphs: one micro-step per rank only)",
-        choices=("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead"),
-        groups=(cli.BENCH_STEP,),
-    )
-    precision: str = field(
-        "auto",
-        "forward precision: auto (bf16 autocast on CUDA, float32 on CPU), bf16 (autocast on any device: "
-        "CUDA's policy on a CPU) or fp32",
-        choices=runtime.PRECISIONS,
-        groups=(cli.BENCH_STEP,),
-    )
-    attn_backend: str = field(
-        "auto",
-        "scaled-dot-product attention kernel (auto: PyTorch picks)",
-        choices=tuple(ATTENTION_BACKENDS),
-        groups=(cli.BENCH_STEP,),
-    )
-    loss_chunk_rows: int = field(
-        0,
-        "compute lm_head + cross-entropy in chunks of N rows, never building the full logits (0: plain path)",
-        groups=(cli.BENCH_STEP,),
-        at_least=0,
-    )
-    fused_adamw: bool = field(True, "fused AdamW kernel on CUDA", groups=(cli.BENCH_STEP,))
-    activation_checkpointing: bool = field(
-        False,
-        "recompute each block in backward to save memory (gpt2-large/xl on one GPU)",
-        groups=(cli.BENCH_STEP,),
-    )
-    parallel: str = field(
-        "ddp",
-        "how the model is spread over ranks: ddp (whole model on every GPU, the reference) or fsdp (FSDP2: "
-        "weights, gradients and optimizer state sharded; for gpt2-large/xl)",
-        choices=STRATEGIES,
-        groups=(cli.BENCH_STEP,),
-    )
-    ddp_bucket_mb: int = field(
-        25,
-        "DDP gradient all-reduce bucket size in MB",
-        groups=(cli.BENCH_STEP,),
-        at_least=1,
-    )
-    memory_check: bool = field(
-        True,
-        "refuse at start a run that memory.py's formula says cannot fit in this GPU's (or this machine's) memory",
-    )
-    dist_timeout_minutes: int = field(
-        30,
-        "how long a rank waits in a collective before giving up (covers rank 0 writing a gpt2-xl checkpoint, "
-        "~19 GB, at >= 11 MB/s)",
-        at_least=1,
-    )
-    demo: bool = field(
-        False,
-        "CPU demo: tiny model on the small corpus shipped in assets/demo (minutes)",
-        groups=(cli.RUN,),
-    )
-
-    def __post_init__(self):
-        """One-line errors for settings that can never work, raised while parsing (before any process
-        group, data or folder is touched). What depends on the world size: check_world_size."""
-        cli.check_bounds(self)  # each field's own range (its metadata): one line naming the flag
-        if self.tokens_per_step % (self.micro_batch_size * self.seq_len):
-            raise UserError(
-                f"--tokens-per-step {self.tokens_per_step} is not a multiple of micro-batch x seq-len = "
-                f"{self.micro_batch_size} x {self.seq_len}: change one of them"
-            )
-        if self.seq_len > self.model_config.block_size:
-            raise UserError(
-                f"--seq-len {self.seq_len} exceeds the {self.model} model's context of {self.model_config.block_size}"
-            )
-        if self.warmup_steps > self.max_steps:
-            raise UserError(f"--warmup-steps {self.warmup_steps} must be between 0 and --max-steps {self.max_steps}")
-        if self.attn_backend == "math" and self.compile_mode != "default":
-            raise UserError(
-                f"--attn-backend math compiles with inductor's pattern matcher off (else it fuses the math "
-                f"kernel back into PyTorch's fused attention), which torch.compile cannot combine with "
-                f"--compile-mode {self.compile_mode}: use the default mode, or --no-compile"
-            )
-        if self.val_every and self.val_tokens < self.seq_len:
-            raise UserError(f"--val-tokens {self.val_tokens} is shorter than one sequence ({self.seq_len})")
-        if self.spike_warmup > self.spike_window:
-            raise UserError(f"--spike-warmup {self.spike_warmup} must be at most --spike-window {self.spike_window}")
-
-    @property
-    def model_config(self) -> GPTConfig:
-        return GPTConfig(**MODEL_PRESETS[self.model])
-
-    def check_world_size(self, world_size: int) -> None:
-        """What depends on the number of ranks (known from torchrun's environment before any process
-        group): the step must split evenly, and CUDA graphs need one micro-step per rank."""
-        rows = self.micro_batch_size * self.seq_len * world_size
-        if self.tokens_per_step % rows:
-            raise UserError(
-                f"--tokens-per-step {self.tokens_per_step} is not a multiple of micro-batch x seq-len x world size "
-                f"= {self.micro_batch_size} x {self.seq_len} x {world_size} = {rows}: lower --micro-batch-size"
-            )
-        accumulation = self.grad_accum_steps(world_size)
-        if self.compile_mode in CUDA_GRAPH_MODES and accumulation > 1:
-            # A CUDA graph replays into the same output memory: the gradients of micro-step 1 are
-            # overwritten by micro-step 2's before they are summed (torch 2.15 raises; older versions
-            # summed silently wrong gradients, pytorch/pytorch#96693).
-            raise UserError(
-                f"--compile-mode {self.compile_mode} uses CUDA graphs, which cannot accumulate gradients, and this run "
-                f"has {accumulation} micro-steps per rank: use --compile-mode max-autotune-no-cudagraphs (or default), "
-                f"or make --tokens-per-step = --micro-batch-size x --seq-len x {world_size} ranks"
-            )
-
-    def grad_accum_steps(self, world_size: int) -> int:
-        return self.tokens_per_step // (self.micro_batch_size * self.seq_len * world_size)
-
-
-# The flag rules, derived from each field's metadata (cli.field groups): see TrainConfig.
-RUN_SETTINGS = cli.fields_in(TrainConfig, cli.RUN)  # decide the weights a run ends with
-RESUME_REFUSED = cli.fields_in(TrainConfig, cli.RESUME_REFUSED)  # refused on resume without --allow-config-change
-RESUME_FLAGS = cli.fields_in(TrainConfig, cli.RESUME_FLAG)  # how to resume: never compared
-STEP_FLAGS = cli.fields_in(TrainConfig, cli.BENCH_STEP)  # shape a training step: what bench/throughput.py offers
-
-
-def resolve_flags(flags: dict) -> dict:
-    """Layer the presets: TrainConfig defaults < --demo < --recipe < flags given explicitly. A model
-    preset brings its context length unless --seq-len is given."""
-    layered = {}
-    if flags.get("demo"):
-        layered.update(DEMO_PRESET)
-    if flags.get("recipe"):
-        recipe = RECIPES[flags["recipe"]]
-        layered.update({k: v for k, v in recipe.items() if not (k == "max_steps" and flags.get("demo"))})
-    layered.update(flags)
-    if "model" in flags and "seq_len" not in flags:
-        layered["seq_len"] = min(TrainConfig.seq_len, GPTConfig(**MODEL_PRESETS[flags["model"]]).block_size)
-    return layered
-
-
-def parse_args(argv=None) -> TrainConfig:
-    """The run's config from the command line; ValueError (one line) for a value validation refuses."""
-    return TrainConfig(**resolve_flags(parse_flags(build_parser(TrainConfig, description=__doc__), argv)))
 
 
 # ---- schedule and optimizer ---------------------------------------------------------------------
@@ -952,11 +529,18 @@ def latest_checkpoint(run: Run) -> dict | None:
     loads that one. (Each rank choosing for itself could pick different steps: a file half-visible on
     one node of a shared filesystem, a torn newest one that only some ranks can read.)"""
     log_dir, dist_info = Path(run.cfg.log_dir), run.dist_info
-    chosen = None
+    chosen, problem = None, None
     if dist_info.is_main:
-        ckpt = checkpoint.load_latest(log_dir, warn=True)
-        chosen = ckpt and ckpt["path"]
-    chosen = runtime.broadcast_object(chosen)
+        try:
+            ckpt = checkpoint.load_latest(log_dir, warn=True)
+            chosen = ckpt and ckpt["path"]
+        except OSError as e:  # an unreadable folder: every rank learns it, none waits for rank 0
+            problem = cli.os_error_message(e)
+    chosen, problem = runtime.broadcast_object((chosen, problem))
+    if problem:
+        raise UserError(
+            f"cannot read the checkpoints in {log_dir} ({problem}): fix its permissions or choose another --log-dir"
+        )
     if chosen is None:
         return None
     problem = None
@@ -1143,14 +727,16 @@ def hold_log_dir(cfg: TrainConfig, dist_info: runtime.DistInfo) -> fileio.Folder
             lock = fileio.FolderLock(cfg.log_dir, [Path(sys.argv[0]).name, *sys.argv[1:]]).acquire()
         except fileio.FolderInUse as e:
             problem = str(e)
-    problem = runtime.broadcast_object(problem)
+    problem = runtime.first_problem(problem, name_rank=False)
     if problem:
         raise fileio.FolderInUse(problem)
     return lock
 
 
 def check_memory(cfg: TrainConfig, dist_info: runtime.DistInfo) -> None:
-    """Refuse, before anything is built, a run the memory formula says cannot fit (--no-memory-check)."""
+    """Refuse, before anything is built, a run the memory formula says cannot fit (--no-memory-check).
+    Each rank measures its own GPU (one may still be held by a stale process) and every rank stops
+    with the first refusal, which names its rank and host."""
     if not cfg.memory_check:
         return
     device = dist_info.device
@@ -1166,7 +752,14 @@ def check_memory(cfg: TrainConfig, dist_info: runtime.DistInfo) -> None:
         cfg.loss_chunk_rows,
     )
     processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1  # they share RAM
-    memory.check_fits(needed, device, processes_here)
+    problem = None
+    try:
+        memory.check_fits(needed, device, processes_here)
+    except UserError as e:
+        problem = str(e)
+    problem = runtime.first_problem(problem)
+    if problem:
+        raise UserError(problem)
 
 
 class EvalData(NamedTuple):
@@ -1177,15 +770,27 @@ class EvalData(NamedTuple):
 def prepare_run_dir(cfg: TrainConfig, dist_info: runtime.DistInfo) -> EvalData:
     """Before anything is built (the log dir is held): its temp files from a killed save, the demo's
     data, the evaluations' data (a missing or malformed file fails now, not after hours of training)."""
+    problem = None
     if dist_info.is_main:
-        fileio.remove_temps(cfg.log_dir, checkpoint.TMP_PREFIX)
-        if cfg.demo:
-            prepare_demo_data(cfg)
-    runtime.barrier()  # the other ranks wait for the demo's data
+        try:
+            fileio.remove_temps(cfg.log_dir, checkpoint.TMP_PREFIX)
+            if cfg.demo:
+                prepare_demo_data(cfg)
+        except (UserError, OSError) as e:
+            problem = str(e) if isinstance(e, UserError) else cli.os_error_message(e)
+    # Every rank waits here for the demo's data, and learns if rank 0 could not make it.
+    problem = runtime.first_problem(problem, name_rank=False)
+    if problem:
+        raise UserError(problem)
     core = None
     if cfg.core_every:
         try:
-            core = core_eval.load_suite(cfg.core_data, max_per_task=cfg.core_max_per_task, verify=cfg.core_verify)
+            core = core_eval.load_suite(
+                cfg.core_data,
+                max_per_task=cfg.core_max_per_task,
+                verify=cfg.core_verify,
+                per_task_flag="--core-max-per-task",
+            )
         except UserError as e:
             raise UserError(f"{e} (or turn CORE off with --core-every 0)") from None
     if not cfg.hellaswag_every:
@@ -1423,9 +1028,11 @@ def loop(
                 run, log, log_dir / f"model_{step + 1:05d}", step=step + 1, evals_done=False, keep=cfg.keep_checkpoints
             )
             last = step + 1 == cfg.max_steps
+            # A Ctrl-C is a person at a terminal; SIGTERM / SIGUSR1 are a scheduler that requeues the job.
+            then = "exiting; the same command resumes from it" if interrupted else "exiting so the job can be requeued"
             run.say(
                 f"{stop.signal_name or 'signal on another rank'}: checkpoint saved at step {step + 1}"
-                + ("; finishing the final evaluation" if last else "; exiting so the job can be requeued")
+                + ("; finishing the final evaluation" if last else f"; {then}")
             )
             if not last:
                 return 130 if interrupted else 0
@@ -1495,11 +1102,11 @@ def main(argv=None) -> int:
         sys.stdout.reconfigure(line_buffering=True)
     previous_handlers = stop.install()
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(argv, description=__doc__)
         cfg.check_world_size(runtime.env_world_size())  # before any process group, data or folder
         dist_info = runtime.setup_distributed(cfg.device, timeout_minutes=cfg.dist_timeout_minutes)
     except BaseException:
-        restore_handlers(previous_handlers)
+        stop.uninstall(previous_handlers)
         raise
     clean_exit = False
     try:
@@ -1544,15 +1151,7 @@ def main(argv=None) -> int:
         return 1
     finally:
         runtime.teardown_distributed(wait_for_peers=clean_exit)
-        restore_handlers(previous_handlers)
-
-
-def restore_handlers(previous: dict) -> None:
-    """Put back the signal handlers main() replaced: main() called in-process (tests) leaves no trace
-    (a stop flag left catching SIGTERM in a process that later forks a worker pool keeps its workers
-    alive through Pool.terminate())."""
-    for sig, handler in previous.items():
-        signal.signal(sig, handler)
+        stop.uninstall(previous_handlers)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ and write shards of the same size, which must come out byte-identical. On CPU:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import multiprocessing as mp
 import os
@@ -82,7 +81,7 @@ def shard_hashes(out_dir: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = cli.Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--input",
         nargs="+",

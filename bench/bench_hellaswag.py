@@ -17,18 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
-import runtime  # noqa: E402
 from cli import field, parse_config  # noqa: E402
-from hellaswag_eval import evaluate_hellaswag, load_examples  # noqa: E402
-from model import GPT, MODEL_PRESETS, GPTConfig  # noqa: E402
-from tokenizer import get_encoding  # noqa: E402
+from train_config import MODEL_PRESETS  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "data" / "hellaswag_val_300.jsonl"  # 300 real examples shipped with the repo
 
@@ -46,6 +40,22 @@ class BenchConfig:
         str(FIXTURE.relative_to(ROOT)), "a hellaswag_val.jsonl (e.g. hellaswag/hellaswag_val.jsonl, the full set)"
     )
     device: str = field("cpu", "cpu or cuda", choices=("cpu", "cuda"))
+
+
+def parse_args(argv=None) -> BenchConfig:
+    return parse_config(BenchConfig, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    cli.parse_first(parse_args)  # --help and a bad flag are answered before torch loads
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import runtime  # noqa: E402
+from hellaswag_eval import evaluate_hellaswag, load_examples  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from tokenizer import get_encoding  # noqa: E402
 
 
 @torch.no_grad()
@@ -79,7 +89,7 @@ def one_at_a_time(model: GPT, examples: list[dict], device: torch.device, autoca
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(BenchConfig, argv, description=__doc__)
+    cfg = parse_args(argv)
     device = torch.device(cfg.device)
     dist_info = runtime.DistInfo(rank=0, local_rank=0, world_size=1, device=device, is_main=True)
     autocast = runtime.autocast(device)

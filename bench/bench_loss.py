@@ -20,17 +20,33 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
+from cli import field, parse_config  # noqa: E402
+
+
+@dataclass(frozen=True)
+class LossBenchConfig:
+    steps: int = field(5, "timed steps per variant per round")
+    rounds: int = field(3, "rounds; each times every variant once, in turn")
+    compile_on_cpu: bool = field(False, "torch.compile every variant (inductor) instead of eager")
+    threads: int = field(1, "torch threads (1: the numbers do not depend on the other core's load)")
+
+
+def parse_args(argv=None) -> LossBenchConfig:
+    return parse_config(LossBenchConfig, argv, description=__doc__)
+
+
+if __name__ == "__main__":
+    cli.parse_first(parse_args)  # --help and a bad flag are answered before torch loads
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from throughput import SyntheticLoader  # noqa: E402  (bench/throughput.py: bench/ is sys.path[0])
 
-import cli  # noqa: E402
 import runtime  # noqa: E402
-from cli import field, parse_config  # noqa: E402
 from model import GPT, ChunkedLinearCrossEntropy  # noqa: E402
 from train_gpt2 import TrainConfig, build_run, train_step  # noqa: E402
 
@@ -67,14 +83,6 @@ class ChunkedWithGrads(GPT):
         return None, loss
 
 
-@dataclass(frozen=True)
-class LossBenchConfig:
-    steps: int = field(5, "timed steps per variant per round")
-    rounds: int = field(3, "rounds; each times every variant once, in turn")
-    compile_on_cpu: bool = field(False, "torch.compile every variant (inductor) instead of eager")
-    threads: int = field(1, "torch threads (1: the numbers do not depend on the other core's load)")
-
-
 def time_steps(run, steps: int) -> float:
     start = time.perf_counter()
     for step in range(steps):
@@ -83,7 +91,7 @@ def time_steps(run, steps: int) -> float:
 
 
 def main(argv=None) -> int:
-    bench = parse_config(LossBenchConfig, argv, description=__doc__)
+    bench = parse_args(argv)
     torch.set_num_threads(bench.threads)
     cfg = TrainConfig(
         model="tiny",

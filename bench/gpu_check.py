@@ -9,19 +9,22 @@ Prepare the token shards on a CPU machine first (fineweb.py needs `datasets`), t
 
     uv run fineweb.py --input assets/demo/fineweb_demo.parquet --out-dir gpu_shards --shard-size 200000
 
-It runs the repo's own scripts (train_gpt2.py, hellaswag.py, export_hf.py, bench/throughput.py) in
+It runs the repo's own scripts (train_gpt2.py, hellaswag.py, core.py, export_hf.py, bench/throughput.py) in
 subprocesses, one after the other, most valuable first, each with a time limit cut to what is left of
 --budget, so a hang cannot eat the rest and nothing is killed by the machine's own limit:
 
   1 environment   GPU, memory, driver, torch / CUDA, the SDPA kernel PyTorch picks for GPT-2's shapes
   2 train         GPT-2 124M, compiled, bf16: 100 steps of 65,536 real tokens; the loss must fall by 3;
-                  validation, in-training HellaSwag and samples run, checkpoints at 50 and the end
+                  validation, in-training HellaSwag, in-training CORE (the stand-in tasks, through the
+                  compiled model) and samples run, checkpoints at 50 and the end
   3 resume        from the step-50 checkpoint in a new process: steps 50-99 again, train losses within
-                  RESUME_TOLERANCE of the first run's (bitwise is not promised on a GPU)
-  4 hellaswag     hellaswag.py on the final checkpoint, compiled: the full 10,042 examples when
-                  --hellaswag gives the file, else the 300 shipped ones; examples/s
-  5 core          core.py on the final checkpoint: CORE at 500 examples per task with --core-data
-                  (the real task files), else the shipped stand-ins (the path and examples/s only)
+                  RESUME_TOLERANCE of the first run's (bitwise is not promised on a GPU); SKIPPED when
+                  the train run left no step-50 checkpoint
+  4 hellaswag     hellaswag.py, compiled: the full 10,042 examples when --hellaswag gives the file,
+                  else the 300 shipped ones; examples/s
+  5 core          core.py, eager, then compiled (--compile) when time is left: CORE at 500 examples per
+                  task with --core-data (the real task files), else the shipped stand-ins (the path and
+                  examples/s only)
   6 export        export_hf.py, then transformers' GPT2LMHeadModel on the GPU: logits within 1e-4 (fp32)
   7 throughput    bench/throughput.py at T=1024, 4 micro-steps of 64, one process per row: the reference trainer's
                   settings (compile off, fused AdamW, plain loss), our defaults (compile on), then each
@@ -40,22 +43,48 @@ Exit 0 when the run finished and every check that ran passed. --dry-run: the tin
 steps, the CPU, eager: the same checks and JSON (`uv run pytest --heavy tests/test_gpu_check.py` runs
 it, before every GPU session, so the script cannot rot between them).
 
+Every check stands alone. The evaluations (hellaswag, core, export) read the newest checkpoint the
+train runs left: the train run's model_final.pt, else the resume's (the same run, from step 50 to the
+end), else the highest model_NNNNN.pt of either; with none, the first of them makes its own (one eager
+step of GPT-2 124M, ~25 s) and the others reuse it. Each records which one it read ("checkpoint",
+"checkpoint_step", "train_final") and passes if its own work is right: a train run cut at its cap
+fails the train check, not four.
+
 Time. The lending tool kills a command at 600 s and counts the machine's start in a session's 15
 minutes, so the run must end in about 8.5 minutes. --budget (480 s) counts from this process's start
 and is a deadline, not a hint: each subprocess's limit is min(its cap, what is left of the budget), a
 check or row starts only if its `needs` is left (else: "time budget spent"), so the last one ends by
 480 s and the rest (a kill, writing the JSON, deleting the work folder) takes seconds: ~8.1 minutes.
-The caps and needs (STEPS below, throughput_settings) are estimates for a cold H200-class machine with
-torch 2.11, from these parts: ~10-15 s to start a Python process that imports torch and initialises
-CUDA; ~40-60 s for inductor to compile GPT-2 124M's training step from a cold cache, ~15 s each for
-validation, HellaSwag's scoring and sampling's two graphs, 10-20 s for any graph found in the cache;
-~0.1 s per 65,536-token step; ~3 s per 1.5 GB checkpoint. So train ~150 s (cap 240), resume ~45 s
-with the cache warm (cap 150), hellaswag ~45 s (cap 150), export ~30 s (cap 90 plus 30 s kept for
-the comparison in this process), which leaves ~200 s of the budget for throughput: the reference
-row (eager, ~30 s) and the defaults row (the train run's shapes, so its graph is cached: ~45 s)
-always, then levers in order until the budget ends; bigger models (two cold compiles of 24 and 48
-layers, ~4 min) run only on a machine faster than this estimate. Every check and row records its
-seconds in the JSON: retune these numbers from a measured run.
+The caps and needs (STEPS below, throughput_settings) are estimates for a cold H100 (an H200 alike)
+with torch 2.11, from these parts: ~10-15 s to start a Python process that imports torch and
+initialises CUDA; ~40-60 s for inductor to compile GPT-2 124M's training step from a cold cache, ~15 s
+each for validation, HellaSwag's and CORE's scoring and sampling's two graphs, 10-20 s for any graph
+found in the cache; ~0.1 s per 65,536-token step; ~3 s per 1.5 GB checkpoint. So, in order:
+
+  check              estimate  cap  needs
+  environment            15     -     -
+  train             170-280   240   150   150-260 s before CORE; in-training CORE adds ~20 s: the
+                                           275 stand-in examples at step 0 (compiling) and at 100
+  resume                 45   150    60   the cache warm
+  (own checkpoint)       25    60    25   only when the train runs left none: added to the needs
+                                           of the evaluation that makes it
+  hellaswag              45   150    45
+  core, eager            25   120    40
+  core, compiled         45    90    45   + 115 kept: starts only with 160 s left, and its limit
+                                           leaves export's needs and the two throughput rows' (40 + 30
+                                           + 45); else "not measured: time budget spent"
+  export                 30    90    40   plus 30 s kept for the comparison in this process
+  throughput             75     -    30   the reference row (eager, ~30 s, needs 30) and the defaults
+                                           row (the train run's shapes, cached: ~45 s, needs 45)
+                                           always, then levers in order until the budget ends
+  bigger models         240   300   120   two cold compiles of 24 and 48 layers
+
+On the estimate (train ~170 s) the checks before throughput end at ~375 s: the two required rows fit,
+and a lever only on a faster machine. With the train run at its 240 s cap they reach ~370 s without
+the compiled core row (110 s left < 160: not measured), and export and both required rows still fit
+(30 + 30 + 45 s); the evaluations read the resume's model_final.pt, else model_00050.pt. Bigger models
+run only on a machine much faster than this estimate. Every check and row records its seconds in the
+JSON: retune these numbers from a measured run.
 
 Compiled kernels are shared: every subprocess uses torch's inductor cache (TORCHINDUCTOR_CACHE_DIR
 if set, else torch's default per-user temp folder), so resume, hellaswag.py and the bench rows at
@@ -110,13 +139,21 @@ class Step(NamedTuple):
 STEPS = {
     "train": Step(240, 150),
     "resume": Step(150, 60),
+    "own checkpoint": Step(60, 25),  # one eager step and one save, for an evaluation the train runs left nothing
     "hellaswag": Step(150, 45),
     "core": Step(120, 40),
+    "core compiled": Step(90, 45),  # one new process, the eval graphs maybe cached by the train run's CORE
     "export": Step(90, 40),
     "memory formula": Step(60, 10),
     "bigger models": Step(300, 120),
 }
 EXPORT_COMPARE_S = 30
+# The train check's log dir, then the resume check's (the same run from its middle checkpoint to the
+# end): an evaluation check reads the newest checkpoint either left, so one run cut at its cap costs
+# that check alone, not the four that read its model_final.pt.
+TRAIN_DIRS = ("run", "resumed")
+OWN_DIR = "own"  # where an evaluation check makes its own checkpoint when those hold none
+OWN_ROWS = 8  # its micro-batch: one step of 8 x 1024 tokens (~1 s eager on a GPU) is all it trains
 
 
 @dataclass(frozen=True)
@@ -330,6 +367,7 @@ class Checker:
         self.log = BoundedLog(out / "gpu_check.log")
         self.device = "cpu" if cfg.dry_run else "cuda"
         self.runs = 0
+        self.own: dict | None = None  # own_checkpoint's result (path or None, exit, seconds), once made or tried
         self.save()
 
     def left(self) -> float:
@@ -374,7 +412,7 @@ class Checker:
 
     def check(self, name: str, fn, needs: float = 0.0) -> None:
         """Run fn() -> (passed, numbers) if `needs` seconds of the budget are left; never let one check
-        stop the rest."""
+        stop the rest. passed None: SKIPPED, with numbers["reason"] (nothing for it to check)."""
         if self.left() < needs:
             self.results.append(
                 {
@@ -392,7 +430,7 @@ class Checker:
         self.save()
         try:
             passed, numbers = fn()
-            verdict = "PASS" if passed else "FAIL"
+            verdict = "SKIPPED" if passed is None else "PASS" if passed else "FAIL"
         except Exception as e:  # noqa: BLE001 - a check that breaks is a failed check, and the next one runs
             verdict, numbers = (
                 "FAIL",
@@ -510,12 +548,24 @@ def train_flags(sizes: dict) -> list[str]:
     return flags
 
 
+def stand_in_core_data(ck: Checker) -> Path:
+    """Every CORE task's file name holding the shipped fixture of its kind: 12-13 examples each, 275 in
+    all, every one scored (each 10-shot example draws its shots from the other 11-12)."""
+    return core_eval.stand_in_data_dir(ck.work / "core_data", CORE_FIXTURES)
+
+
 def train(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
-    """In-training HellaSwag scores the 300 shipped examples (20 in a dry run): the full set is timed below."""
+    """In-training HellaSwag scores the 300 shipped examples (20 in a dry run): the full set is timed below.
+    In-training CORE scores the stand-ins through the compiled model (fixed shapes, float32 logits at
+    the scored tokens) with --core-every max_steps: at step 0 and at the end, as every evaluation also
+    runs at step 0; the check requires the end's record."""
     log_dir = ck.work / "run"
     hellaswag = ck.work / "hellaswag_train.jsonl"
     lines = FIXTURE.read_text(encoding="utf-8").splitlines(keepends=True)
     hellaswag.write_text("".join(lines[:20] if ck.cfg.dry_run else lines), encoding="utf-8")
+    core_flags = ["--core-every", str(sizes["max_steps"]), "--core-data", str(stand_in_core_data(ck))]
+    # 0: every stand-in, 12-13 a task (a cut to 11 or fewer could not give a 10-shot example its shots)
+    core_flags += ["--core-max-per-task", "0", "--no-core-verify"]
     ran = ck.run(
         "train",
         [
@@ -527,6 +577,7 @@ def train(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
             str(log_dir),
             "--hellaswag-data",
             str(hellaswag),
+            *core_flags,
         ],
         STEPS["train"],
     )
@@ -536,6 +587,7 @@ def train(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
     hs = [r for r in records if r["type"] == "hellaswag"]
     rates = [r["tokens_per_sec"] for r in records if r["type"] == "train"][1:]  # the first window holds the compile
     mfus = [r["mfu"] for r in records if r["type"] == "train" and r.get("mfu") is not None][1:]
+    core = core_in_training(records, sizes["max_steps"])
     numbers = {
         "exit": ran.code,
         "steps": len(losses),
@@ -544,6 +596,8 @@ def train(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
         "val_losses": val,
         "hellaswag_acc_norm": hs[-1]["hellaswag_acc_norm"] if hs else None,
         "hellaswag_count": hs[-1]["count"] if hs else None,
+        "core_in_training": core,
+        "core_steps": [r["step"] for r in records if r["type"] == "core"],
         "samples": sum(r["type"] == "sample" for r in records),
         "tokens_per_sec": round(sum(rates) / len(rates)) if rates else None,
         "mfu": round(sum(mfus) / len(mfus), 4) if mfus else None,
@@ -558,19 +612,52 @@ def train(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
         and len(val) >= 2
         and val[-1] < val[0]
         and bool(hs)
+        and core is not None
+        and core["count"] > 0
         and numbers["samples"] >= 1
         and "model_final.pt" in numbers["checkpoints"]
     )
     return passed, numbers
 
 
-def resume(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
-    """The first run's log dir as it was after its middle checkpoint, resumed in a new process."""
+def core_in_training(records: list[dict], last_step: int) -> dict | None:
+    """The train run's CORE record at its last step (None if it has none). Its seconds: the record's own
+    if train_gpt2.py writes them, else the time since the record before it (each record carries its
+    time; at the last step that is HellaSwag's, written just before CORE started)."""
+    for i in range(len(records) - 1, -1, -1):
+        r = records[i]
+        if r["type"] != "core" or r["step"] != last_step:
+            continue
+        seconds = r.get("seconds")
+        if seconds is None and i > 0 and "time" in r and "time" in records[i - 1]:
+            seconds = round(r["time"] - records[i - 1]["time"], 1)
+        return {
+            "step": r["step"],
+            "core": r["core"],
+            "core_partial": r["core_partial"],
+            "count": r["count"],
+            "max_per_task": r.get("max_per_task"),
+            "seconds": seconds,
+        }
+    return None
+
+
+def resume(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool | None, dict]:
+    """The first run's log dir as it was after its middle checkpoint, resumed in a new process.
+
+    Without that checkpoint (the train run crashed, or its cap cut it before step ckpt_every) the check
+    is SKIPPED, not remade: a resume is compared with a first run's losses after the checkpoint, so
+    making its own means two train_gpt2.py processes (~2 x 25 s eager on a GPU) out of what the train
+    run's 240 s cap left, which the evaluation checks after it put to better use; and the train check's
+    FAIL already says that run went wrong."""
     first, again = ck.work / "run", ck.work / "resumed"
     middle = sizes["ckpt_every"]
+    middle_checkpoint = first / f"model_{middle:05d}.pt"
+    if not middle_checkpoint.exists():
+        return None, {"reason": f"no middle checkpoint: the train run left no {middle_checkpoint.name}"}
     shutil.rmtree(again, ignore_errors=True)
     again.mkdir(parents=True)
-    shutil.copy(first / f"model_{middle:05d}.pt", again / f"model_{middle:05d}.pt")
+    shutil.copy(middle_checkpoint, again / middle_checkpoint.name)
     ran = ck.run(
         "resume",
         [
@@ -603,7 +690,92 @@ def resume(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
     }
 
 
-def hellaswag_eval(ck: Checker, hellaswag: Path, full: bool) -> tuple[bool, dict]:
+# ---- the checkpoint an evaluation reads ---------------------------------------------------------
+def pick_checkpoint(work: Path) -> Path | None:
+    """The newest checkpoint the train runs left (TRAIN_DIRS): a model_final.pt (the train run's before
+    the resume's), else the model_NNNNN.pt of the highest step (checkpoint.paths' order); None if none."""
+    import checkpoint
+
+    found = [
+        (step, -order, path)
+        for order, folder in enumerate(TRAIN_DIRS)
+        for step, path in checkpoint.paths(work / folder)
+    ]
+    return max(found, key=lambda t: t[:2])[2] if found else None
+
+
+def own_checkpoint(ck: Checker, data_dir: Path, sizes: dict) -> dict:
+    """A checkpoint of the check's own, made once per run (the checks after it reuse it, or its failure):
+    the same model and context as the train run, one eager step (--no-compile: the ~50 s compile would
+    be most of its cost) of OWN_ROWS sequences, no evaluation, then its model_final.pt. Untrained, it
+    checks the evaluations' code path and speed, not their scores."""
+    if ck.own is None:
+        import checkpoint
+
+        log_dir = ck.work / OWN_DIR
+        shutil.rmtree(log_dir, ignore_errors=True)  # a kept --work-dir's old one would be resumed, not made
+        rows = min(OWN_ROWS, sizes["micro_batch_size"])
+        own = {**sizes, "micro_batch_size": rows, "tokens_per_step": rows * sizes["seq_len"], "max_steps": 1}
+        own.update(warmup_steps=0, val_every=0, hellaswag_every=0, sample_every=0, ckpt_every=0)
+        start = time.monotonic()
+        ran = ck.run(
+            "own checkpoint",
+            [
+                "train_gpt2.py",
+                *train_flags(own),
+                "--no-compile",
+                "--data-dir",
+                str(data_dir),
+                "--log-dir",
+                str(log_dir),
+            ],
+            STEPS["own checkpoint"],
+        )
+        final = log_dir / checkpoint.FINAL
+        ck.own = {
+            "path": final if ran.code == 0 and final.exists() else None,
+            "exit": ran.code,
+            "seconds": round(time.monotonic() - start, 1),
+        }
+    return ck.own
+
+
+def eval_checkpoint(ck: Checker, data_dir: Path, sizes: dict) -> tuple[Path | None, dict]:
+    """The checkpoint an evaluation check reads (pick_checkpoint, else own_checkpoint), and what its JSON
+    says of it: the path in the work folder, its step, whether it is the train run's final one, and
+    the seconds spent making it (in the check that made it)."""
+    import checkpoint
+
+    path = pick_checkpoint(ck.work)
+    info = {}
+    if path is None:
+        made_now = ck.own is None
+        own = own_checkpoint(ck, data_dir, sizes)
+        if own["path"] is None:
+            error = f"no checkpoint: the train runs left none, and making one failed (exit {own['exit']})"
+            return None, {"checkpoint": None, "error": error}
+        path = own["path"]
+        if made_now:
+            info["own_checkpoint_seconds"] = own["seconds"]
+    return path, {
+        "checkpoint": path.relative_to(ck.work).as_posix(),
+        "checkpoint_step": checkpoint.read_step(path),
+        "train_final": path == ck.work / TRAIN_DIRS[0] / checkpoint.FINAL,
+        **info,
+    }
+
+
+def eval_needs(ck: Checker, name: str) -> float:
+    """An evaluation check's needs, plus the own checkpoint's when it will have to make one."""
+    making = ck.own is None and pick_checkpoint(ck.work) is None
+    return STEPS[name].needs + (STEPS["own checkpoint"].needs if making else 0)
+
+
+# ---- the evaluations ----------------------------------------------------------------------------
+def hellaswag_eval(ck: Checker, hellaswag: Path, full: bool, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
+    model, used = eval_checkpoint(ck, data_dir, sizes)
+    if model is None:
+        return False, used
     extra = [] if full else ["--no-verify"]
     if ck.cfg.dry_run:
         extra += ["--limit", "20", "--device", "cpu"]
@@ -614,7 +786,7 @@ def hellaswag_eval(ck: Checker, hellaswag: Path, full: bool) -> tuple[bool, dict
         [
             "hellaswag.py",
             "--checkpoint",
-            str(ck.work / "run" / "model_final.pt"),
+            str(model),
             "--data",
             str(hellaswag),
             "--log-dir",
@@ -625,9 +797,10 @@ def hellaswag_eval(ck: Checker, hellaswag: Path, full: bool) -> tuple[bool, dict
     )
     results = read_jsonl(ck.work / "hs" / "hellaswag_results.jsonl")
     if ran.code != 0 or not results:
-        return False, {"exit": ran.code}
+        return False, {**used, "exit": ran.code}
     r = results[-1]
     return True, {
+        **used,
         "count": r["count"],
         "eval_seconds": r["seconds"],
         "examples_per_sec": round(r["count"] / r["seconds"], 1),
@@ -637,47 +810,88 @@ def hellaswag_eval(ck: Checker, hellaswag: Path, full: bool) -> tuple[bool, dict
     }
 
 
-def core(ck: Checker, core_data: str) -> tuple[bool, dict]:
-    """core.py on the final checkpoint, eager (compiled, its many prompt lengths would be as many
-    graphs). With --core-data: 500 examples per task, CORE (or CORE-PARTIAL) and examples/s; without:
-    the shipped fixtures under every task's name, which checks the path and the speed, not the score."""
-    if core_data:
-        data, extra = core_data, ["--max-per-task", "500", "--allow-missing"]
-    else:
-        data, extra = str(core_eval.stand_in_data_dir(ck.work / "core_data", CORE_FIXTURES)), ["--no-verify"]
-    if ck.cfg.dry_run:
-        extra += ["--device", "cpu"]
-    final = str(ck.work / "run" / "model_final.pt")
+def core_run(ck: Checker, name: str, model: Path, args: list[str], log_dir: Path, reserve: float = 0.0) -> dict:
+    """One core.py process on `model` (args: its data and options): its result's numbers, or its exit."""
     ran = ck.run(
-        "core",
-        ["core.py", "--checkpoint", final, "--data-dir", data, "--log-dir", str(ck.work / "core"), *extra],
-        STEPS["core"],
+        name,
+        ["core.py", "--checkpoint", str(model), *args, "--log-dir", str(log_dir)],
+        STEPS[name],
+        reserve=reserve,
     )
-    results = read_jsonl(ck.work / "core" / "core_results.jsonl")
+    results = read_jsonl(log_dir / "core_results.jsonl")
     if ran.code != 0 or not results:
-        return False, {"exit": ran.code}
+        return {"exit": ran.code, "timeout": ran.timeout}
     r = results[-1]
-    return True, {
+    return {
         "core": r["core"],
         "core_partial": r["core_partial"],
         "missing": r["missing"],
         "count": r["count"],
         "eval_seconds": r["seconds"],
         "examples_per_sec": round(r["count"] / r["seconds"], 1),
-        "real_data": bool(core_data),
     }
 
 
-def export(ck: Checker) -> tuple[bool, dict]:
+def after_core_compiled(dry_run: bool) -> float:
+    """Seconds the compiled core row leaves to the checks after it worth more than its timing: export's
+    needs and those of throughput's two required rows (reference, defaults): 40 + 30 + 45 = 115."""
+    return STEPS["export"].needs + sum(row.step.needs for row in throughput_settings(dry_run)[:2])
+
+
+def core(ck: Checker, core_data: str, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
+    """core.py on the checkpoint, eager, then again with --compile. With --core-data: 500 examples per
+    task, CORE (or CORE-PARTIAL) and examples/s; without: the shipped fixtures under every task's name,
+    which checks the path and the speed, not the score.
+
+    The compiled row (fixed shapes: each batch padded to its full rows and a multiple of 32 tokens, so a
+    few graphs; the number of scored tokens dynamic) runs only with its needs left beyond
+    after_core_compiled(), within a limit that keeps those seconds (else "not measured: time budget
+    spent"); out of time is not a failure, a crash is. Its eval_seconds include its compiles (a warm
+    inductor cache: the train run's CORE graphs may be found there). core.py compiles on CUDA only: on
+    the dry run's CPU --compile is ignored with a warning, and the row runs the same path eager
+    ("compiled": false)."""
+    model, used = eval_checkpoint(ck, data_dir, sizes)
+    if model is None:
+        return False, used
+    if core_data:
+        args = ["--data-dir", core_data, "--max-per-task", "500", "--allow-missing"]
+    else:
+        args = ["--data-dir", str(stand_in_core_data(ck)), "--no-verify"]
+    if ck.cfg.dry_run:
+        args += ["--device", "cpu"]
+    eager = core_run(ck, "core", model, args, ck.work / "core")
+    if "exit" in eager:
+        return False, {**used, "exit": eager["exit"]}
+    reserve = after_core_compiled(ck.cfg.dry_run)
+    if ck.left() < STEPS["core compiled"].needs + reserve:
+        compiled = {"result": NOT_MEASURED + "time budget spent"}
+    else:
+        compiled = core_run(ck, "core compiled", model, [*args, "--compile"], ck.work / "core_compiled", reserve)
+        if compiled.get("exit") == 124:
+            compiled = {"result": NOT_MEASURED + f"killed at its time limit ({compiled['timeout']:.0f} s)"}
+        elif "exit" in compiled:
+            compiled = {"error": f"core.py --compile: exit {compiled['exit']}"}
+        else:
+            compiled["compiled"] = ck.device == "cuda"
+    speedup = compiled["examples_per_sec"] / eager["examples_per_sec"] if "examples_per_sec" in compiled else None
+    numbers = {**used, **eager, "real_data": bool(core_data), "compiled": compiled}
+    numbers["compiled_vs_eager"] = round(speedup, 3) if speedup is not None else None
+    return "error" not in compiled, numbers
+
+
+def export(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
+    model, used = eval_checkpoint(ck, data_dir, sizes)
+    if model is None:
+        return False, used
     out_dir = ck.work / "hf"
     ran = ck.run(
         "export",
-        ["export_hf.py", "--checkpoint", str(ck.work / "run" / "model_final.pt"), "--out-dir", str(out_dir)],
+        ["export_hf.py", "--checkpoint", str(model), "--out-dir", str(out_dir)],
         STEPS["export"],
         reserve=EXPORT_COMPARE_S,
     )
     if ran.code != 0:
-        return False, {"exit": ran.code}
+        return False, {**used, "exit": ran.code}
     import torch
     from transformers import GPT2LMHeadModel
 
@@ -685,7 +899,7 @@ def export(ck: Checker) -> tuple[bool, dict]:
 
     device = torch.device(ck.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # parity in true fp32
-    ours = checkpoint.load_model(ck.work / "run" / "model_final.pt").to(device)
+    ours = checkpoint.load_model(model).to(device)
     theirs = GPT2LMHeadModel.from_pretrained(out_dir).to(device).eval()
     idx = torch.randint(0, 50257, (2, 128), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
@@ -693,7 +907,7 @@ def export(ck: Checker) -> tuple[bool, dict]:
     del ours, theirs
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the bench rows measure what fits: this process keeps none of the GPU
-    return diff < 1e-4, {"max_logit_difference": diff, "tolerance": 1e-4}
+    return diff < 1e-4, {**used, "max_logit_difference": diff, "tolerance": 1e-4}
 
 
 ROW_KEYS = (
@@ -896,9 +1110,12 @@ def run_checks(ck: Checker, cfg: CheckConfig, data_dir: Path, sizes: dict) -> No
     ck.check("environment", lambda: environment(cfg.dry_run))
     ck.check("train", lambda: train(ck, data_dir, sizes), STEPS["train"].needs)
     ck.check("resume", lambda: resume(ck, data_dir, sizes), STEPS["resume"].needs)
-    ck.check("hellaswag", lambda: hellaswag_eval(ck, hellaswag, full=bool(cfg.hellaswag)), STEPS["hellaswag"].needs)
-    ck.check("core", lambda: core(ck, cfg.core_data), STEPS["core"].needs)
-    ck.check("export", lambda: export(ck), STEPS["export"].needs)
+    # Each evaluation reads the newest checkpoint the train runs left, else makes its own (its needs then
+    # count the making): none waits on the train run's model_final.pt.
+    full = bool(cfg.hellaswag)
+    ck.check("hellaswag", lambda: hellaswag_eval(ck, hellaswag, full, data_dir, sizes), eval_needs(ck, "hellaswag"))
+    ck.check("core", lambda: core(ck, cfg.core_data, data_dir, sizes), eval_needs(ck, "core"))
+    ck.check("export", lambda: export(ck, data_dir, sizes), eval_needs(ck, "export"))
     ck.check("throughput", lambda: throughput(ck), throughput_settings(cfg.dry_run)[0].step.needs)
     ck.check("bigger models", lambda: bigger_models(ck), STEPS["bigger models"].needs)
 

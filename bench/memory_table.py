@@ -26,10 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
-from cli import field, parse_config  # noqa: E402
-from memory import GiB, memory_bytes  # noqa: E402
-from model import MODEL_PRESETS, GPTConfig  # noqa: E402
-from parallel import STRATEGIES  # noqa: E402
+from cli import STRATEGIES, field, parse_config  # noqa: E402
+from train_config import MODEL_PRESETS, context_length  # noqa: E402
 
 TABLE_SIZES = ("gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -56,6 +54,16 @@ class MemoryConfig:
     micro_batch_size: int = field(1, "--measure: rows per micro-step")
     activation_checkpointing: bool = field(False, "--measure: with activation checkpointing")
     json_out: str = field("", "also write the rows as JSON lines here")
+
+
+def parse_args(argv=None) -> MemoryConfig:
+    return parse_config(MemoryConfig, argv, __doc__)
+
+
+if __name__ == "__main__":
+    cli.parse_first(parse_args)  # --help and a bad flag are answered before torch loads
+
+from memory import GiB, memory_bytes  # noqa: E402
 
 
 def table(cfg: MemoryConfig) -> list[dict]:
@@ -120,7 +128,7 @@ def measure_step(cfg: MemoryConfig) -> dict:
     from train_gpt2 import TrainConfig, build_run, train_step  # noqa: PLC0415 - heavy imports only here
 
     dist_info = runtime.setup_distributed("cpu")
-    seq_len = min(cfg.seq_len, GPTConfig(**MODEL_PRESETS[cfg.measure]).block_size)
+    seq_len = min(cfg.seq_len, context_length(cfg.measure))
     rows_per_step = cfg.micro_batch_size * seq_len * dist_info.world_size
     train_cfg = TrainConfig(
         model=cfg.measure,
@@ -174,7 +182,7 @@ def measure_step(cfg: MemoryConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    cfg = parse_config(MemoryConfig, argv, __doc__)
+    cfg = parse_args(argv)
     if cfg.measure and cfg.ranks > 1 and "RANK" not in os.environ:  # start the ranks, as torchrun would
         cmd = [
             sys.executable,

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 import cli  # noqa: E402
 import fileio  # noqa: E402
 from cli import UserError, field, parse_config, parse_value  # noqa: E402
-from train_gpt2 import RECIPES, TrainConfig  # noqa: E402
+from train_config import RECIPES, TrainConfig  # noqa: E402
 
 TOKENS_PER_STEP = 2048  # 8 sequences x 256 tokens
 SEQ_LEN = 256

@@ -27,15 +27,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
-import runtime  # noqa: E402
 from cli import UserError, add_config_flags, field, parse_flags, parse_value  # noqa: E402
-from train_gpt2 import STEP_FLAGS, TrainConfig, build_run, resolve_flags, train_step  # noqa: E402
+from train_config import STEP_FLAGS, TrainConfig, resolve_flags  # noqa: E402
 
 # Offered: the train_gpt2.py settings that shape a training step (TrainConfig fields in the
 # cli.BENCH_STEP group); the others (evals, checkpoints, logging, the schedule's length) mean nothing
@@ -57,22 +54,20 @@ class BenchConfig:
             raise UserError("--steps must be >= 1 and --warmup >= 0")
 
 
-class SyntheticLoader:
-    """Uniform random token ids of the right shape, from a fixed seed: no data needed. Hands over
-    what the trainer's loader does (dataloader._to_xy): contiguous x and y, each pinned on CUDA, so
-    the host-to-device copy timed here is the asynchronous one training pays, not a strided one."""
-
-    def __init__(self, micro_batch_size: int, seq_len: int, vocab_size: int, pin_memory: bool, seed: int = 0):
-        self.shape = (micro_batch_size, seq_len + 1)
-        self.vocab_size, self.pin_memory = vocab_size, pin_memory
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.randint(0, self.vocab_size, self.shape, generator=self.generator)
-        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-        if self.pin_memory:
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+def parse(argv=None) -> tuple[BenchConfig, dict]:
+    """(the benchmark's settings, the train_gpt2 flags given), from a parser that groups the two."""
+    parser = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_flags(parser.add_argument_group("benchmark"), BenchConfig)
+    add_config_flags(
+        parser.add_argument_group("the training step (train_gpt2.py's flags, same meaning)"),
+        TrainConfig,
+        only=STEP_FLAGS,
+    )
+    flags = parse_flags(parser, argv)
+    bench_fields = {f.name for f in dataclasses.fields(BenchConfig)}
+    return BenchConfig(**{k: v for k, v in flags.items() if k in bench_fields}), {
+        k: v for k, v in flags.items() if k not in bench_fields
+    }
 
 
 def sweep_grid(cfg: TrainConfig, sweeps: tuple[str, ...]) -> list[tuple[dict, TrainConfig]]:
@@ -91,6 +86,41 @@ def sweep_grid(cfg: TrainConfig, sweeps: tuple[str, ...]) -> list[tuple[dict, Tr
         overrides = dict(combo)
         grid.append((overrides, dataclasses.replace(cfg, **overrides)))
     return grid
+
+
+def parse_all(argv=None) -> tuple[BenchConfig, dict, TrainConfig, list[tuple[dict, TrainConfig]]]:
+    """(the benchmark's settings, the train_gpt2 flags given, their config, its sweep grid): every flag
+    and every swept value checked."""
+    bench, train_flags = parse(argv)
+    cfg = TrainConfig(**resolve_flags(train_flags))
+    return bench, train_flags, cfg, sweep_grid(cfg, bench.sweep)
+
+
+if __name__ == "__main__":
+    cli.parse_first(parse_all)  # --help and a bad flag are answered before torch loads
+
+import torch  # noqa: E402
+
+import runtime  # noqa: E402
+from train_gpt2 import build_run, train_step  # noqa: E402
+
+
+class SyntheticLoader:
+    """Uniform random token ids of the right shape, from a fixed seed: no data needed. Hands over
+    what the trainer's loader does (dataloader._to_xy): contiguous x and y, each pinned on CUDA, so
+    the host-to-device copy timed here is the asynchronous one training pays, not a strided one."""
+
+    def __init__(self, micro_batch_size: int, seq_len: int, vocab_size: int, pin_memory: bool, seed: int = 0):
+        self.shape = (micro_batch_size, seq_len + 1)
+        self.vocab_size, self.pin_memory = vocab_size, pin_memory
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.randint(0, self.vocab_size, self.shape, generator=self.generator)
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
 
 
 def detect_attention_kernel(fn) -> str:
@@ -228,28 +258,10 @@ def format_row(row: dict, overrides: dict) -> str:
     )
 
 
-def parse(argv=None) -> tuple[BenchConfig, dict]:
-    """(the benchmark's settings, the train_gpt2 flags given), from a parser that groups the two."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_flags(parser.add_argument_group("benchmark"), BenchConfig)
-    add_config_flags(
-        parser.add_argument_group("the training step (train_gpt2.py's flags, same meaning)"),
-        TrainConfig,
-        only=STEP_FLAGS,
-    )
-    flags = parse_flags(parser, argv)
-    bench_fields = {f.name for f in dataclasses.fields(BenchConfig)}
-    return BenchConfig(**{k: v for k, v in flags.items() if k in bench_fields}), {
-        k: v for k, v in flags.items() if k not in bench_fields
-    }
-
-
 def main(argv=None) -> int:
     """Exit 0, or for a sweep whose rows could not all be measured (each row says why): 2 when a row
     failed, 3 when one ran out of memory (bench/gpu_check.py tells these from crashes)."""
-    bench, train_flags = parse(argv)
-    cfg = TrainConfig(**resolve_flags(train_flags))
-    grid = sweep_grid(cfg, bench.sweep)
+    bench, train_flags, cfg, grid = parse_all(argv)
     dist_info = runtime.setup_distributed(cfg.device)
     synthetic = "data_dir" not in train_flags
     if dist_info.device.type == "cpu" and dist_info.is_main:

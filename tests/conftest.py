@@ -87,6 +87,7 @@ def limit_file_size(max_bytes: int):
 # alone at the end while the other worker idled. The sort is stable: the rest keep their order.
 LONG_FIRST = (
     "tests/test_train_sh.py",
+    "tests/test_demo.py",
     "tests/test_fsdp.py",
     "tests/test_recipe.py",
     "tests/test_spike_guard.py",

@@ -16,8 +16,15 @@ What is real and what is stood in for:
   so the code around them runs; what it computes from them is meaningless and never asserted.
 - A generator stands for a CUDA one (torch.Generator(device="cuda") needs a driver) but remembers
   the device it was made for: sampling a CUDA tensor with a CPU generator raises, as on a GPU.
-- The CUDA runtime's host-side calls answer as one GPU would: is_available, device_count,
-  is_bf16_supported, get_device_name, synchronize; pin_memory() is a no-op (page-locking needs a driver).
+- The CUDA runtime's host-side calls answer as one 80 GB GPU would: is_available, device_count,
+  is_bf16_supported, get_device_name, synchronize, mem_get_info (all free), the RNG state (a real
+  16-byte CPU tensor, checked on the way back), timing events (1 ms apart), the peak-memory counters;
+  pin_memory() is a no-op (page-locking needs a driver).
+- torch.save writes each fake tensor as a real zero tensor of its shape and dtype on the CPU, so a
+  checkpoint a fake-CUDA run saves is a real file that loads (its numbers mean nothing); torch.load
+  gives real CPU tensors, as it does on a GPU machine (they must be moved to the device before use).
+- torch.profiler.profile records the CPU side only (CUDA's activity needs CUPTI and a driver): the
+  kernel names of the dispatched ops, which is what the code reads from it.
 - Autograd's engine cannot run a backward on fake CUDA tensors without a driver (pytorch/pytorch#92627):
   `Tensor.backward` is replaced by a stand-in that gives every leaf of the graph a zero gradient of its
   own shape, dtype and device, accumulated as autograd accumulates. What the real backward computes
@@ -35,7 +42,7 @@ import contextlib
 from unittest import mock
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
 try:
     from torch._subclasses.fake_tensor import FakeTensorDeviceMismatchError
@@ -110,6 +117,70 @@ def _backward_stand_in(self, gradient=None, retain_graph=None, create_graph=Fals
         stack.extend(next_node for next_node, _ in node.next_functions)
 
 
+class Event:
+    """torch.cuda.Event without a driver: every elapsed_time is 1 ms."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end) -> float:
+        return 1.0
+
+
+_RNG_STATE_BYTES = 16  # what torch.cuda.get_rng_state returns: a seed and an offset
+
+
+def _get_rng_state(device=None) -> torch.Tensor:
+    with unset_fake_temporarily():
+        return torch.zeros(_RNG_STATE_BYTES, dtype=torch.uint8)
+
+
+def _set_rng_state(state: torch.Tensor, device=None) -> None:
+    if state.device.type != "cpu" or state.dtype != torch.uint8:  # what CUDA's set_rng_state refuses
+        raise TypeError(f"RNG state must be a torch.ByteTensor on the CPU, got {state.dtype} on {state.device}")
+
+
+_save = torch.save
+
+
+def _save_real(obj, f, *args, **kwargs):
+    """torch.save with every fake tensor replaced by a real CPU zero tensor of its shape and dtype."""
+    with unset_fake_temporarily():
+
+        def real(value):
+            if isinstance(value, torch.Tensor) and is_fake(value):
+                return torch.zeros(value.shape, dtype=value.dtype)
+            if isinstance(value, dict):
+                return {k: real(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(real(v) for v in value)
+            return value
+
+        return _save(real(obj), f, *args, **kwargs)
+
+
+_load = torch.load
+
+
+def _load_real(*args, **kwargs):
+    with unset_fake_temporarily():
+        return _load(*args, **kwargs)
+
+
+_profile = torch.profiler.profile
+
+
+def _cpu_profile(*args, activities=None, **kwargs):
+    cpu_only = [a for a in (activities or []) if a != torch.profiler.ProfilerActivity.CUDA]
+    return _profile(*args, activities=cpu_only or [torch.profiler.ProfilerActivity.CPU], **kwargs)
+
+
 def is_fake(tensor: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
@@ -126,6 +197,16 @@ def fake_cuda():
         mock.patch("torch.cuda.is_bf16_supported", return_value=True),
         mock.patch("torch.cuda.get_device_name", return_value=DEVICE_NAME),
         mock.patch("torch.cuda.synchronize"),
+        mock.patch("torch.cuda.mem_get_info", return_value=(80 * 2**30, 80 * 2**30)),
+        mock.patch("torch.cuda.get_rng_state", _get_rng_state),
+        mock.patch("torch.cuda.set_rng_state", _set_rng_state),
+        mock.patch("torch.cuda.Event", Event),
+        mock.patch("torch.cuda.reset_peak_memory_stats"),
+        mock.patch("torch.cuda.max_memory_allocated", return_value=0),
+        mock.patch("torch.cuda.empty_cache"),
+        mock.patch("torch.save", _save_real),
+        mock.patch("torch.load", _load_real),
+        mock.patch("torch.profiler.profile", _cpu_profile),
         mock.patch("torch.Generator", CudaGenerator),
         mock.patch("torch.multinomial", _checked_multinomial),
         mock.patch.object(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self),

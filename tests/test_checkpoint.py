@@ -175,3 +175,64 @@ def test_save_is_atomic_prunes_old_steps_and_follows_the_umask(tmp_path):
     assert names == ["model_00004.pt", "model_00005.pt", "model_00007.pt", "model_final.pt"]  # no temp file left
     assert (tmp_path / "model_final.pt").stat().st_mode & 0o777 == 0o644  # readable by teammates, like any file
     assert (tmp_path / "model_00007.pt").stat().st_mode & 0o777 == 0o640
+
+
+def test_loading_keeps_this_runs_kernel_choices_and_lr_scale():
+    """A checkpoint written on a CPU (foreach AdamW) resumed on a GPU steps with fused AdamW, as the
+    resuming run chose; torch's load_state_dict alone brings back the saved choices."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8))
+    written = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True, fused=False)
+    written.param_groups[0]["lr_scale"] = 2.0
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    written.step()
+    ckpt = {"model": model.state_dict(), "optimizer": written.state_dict()}
+    resumed = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False, fused=True)  # fused runs on CPU too
+    resumed.param_groups[0]["lr_scale"] = 3.0
+    checkpoint.load_training_state(ckpt, model, resumed)
+    group = resumed.param_groups[0]
+    assert group["fused"] is True and group["foreach"] is False and group["lr_scale"] == 3.0
+    assert resumed.state_dict()["state"][0]["step"] == written.state_dict()["state"][0]["step"]  # the state did load
+
+
+SHARDED_SAVE = """
+import datetime, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+import checkpoint, fileio
+from model import GPT, GPTConfig
+
+rank, store, folder = int(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                        timeout=datetime.timedelta(seconds=60))
+if rank == 0:  # the main rank cannot clear the temp folder a killed save left
+    def refuse(path):
+        raise PermissionError(13, "Permission denied", str(path))
+    fileio.remove = refuse
+model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8))
+optimizer = torch.optim.AdamW(model.parameters())
+try:
+    checkpoint.save_sharded(model, optimizer, {"step": 1}, folder / "model_00001", None, rank == 0)
+    print("saved", flush=True)
+except OSError as e:
+    print("OSError", e.strerror, flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_sharded_save_that_fails_on_the_main_rank_fails_on_every_rank(tmp_path):
+    """Rank 0 fails before the save's first collective: every rank learns it there and raises the
+    same OSError (the trainer then stops them all in one line), none waits in a barrier rank 0 skipped."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHARDED_SAVE, str(rank), str(tmp_path / "store"), str(tmp_path)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [out.strip() for out, _ in outputs] == ["OSError Permission denied"] * 2, outputs

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 import cli
-import train_gpt2
-from train_gpt2 import TrainConfig
+import train_config
+from train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -25,14 +25,14 @@ def test_every_training_flag_says_where_it_belongs():
     for name, f in FIELDS.items():
         assert f.metadata["section"], f"{name} has no --help section"
         assert set(f.metadata["groups"]) <= set(cli.GROUPS), name
-    assert set(train_gpt2.RESUME_REFUSED) <= set(train_gpt2.RUN_SETTINGS)  # refusing a change = it defines the run
-    assert {"tokens_per_step", "seq_len", "seed", "shuffle"} == set(train_gpt2.RESUME_REFUSED)
-    assert {"resume", "allow_config_change"} == set(train_gpt2.RESUME_FLAGS)
-    assert not set(train_gpt2.STEP_FLAGS) & {"max_steps", "val_every", "log_dir", "ckpt_every", "resume"}
+    assert set(train_config.RESUME_REFUSED) <= set(train_config.RUN_SETTINGS)  # refusing a change = it defines the run
+    assert {"tokens_per_step", "seq_len", "seed", "shuffle"} == set(train_config.RESUME_REFUSED)
+    assert {"resume", "allow_config_change"} == set(train_config.RESUME_FLAGS)
+    assert not set(train_config.STEP_FLAGS) & {"max_steps", "val_every", "log_dir", "ckpt_every", "resume"}
 
 
 def test_help_lists_the_flags_by_section():
-    text = train_gpt2.build_parser(TrainConfig).format_help()
+    text = cli.build_parser(TrainConfig).format_help()
     sections = dict.fromkeys(f.metadata["section"] for f in FIELDS.values())
     positions = [text.index(f"\n{section}:\n") for section in sections]
     assert positions == sorted(positions)  # in field order, each once
@@ -85,3 +85,77 @@ def test_run_main_maps_ctrl_c_to_130_and_keeps_a_bugs_traceback(capsys):
     assert cli.run_main(interrupted) == 130
     with pytest.raises(KeyError):
         cli.run_main(buggy)
+
+
+SCRIPTS = [
+    "train_gpt2.py",
+    "core.py",
+    "hellaswag.py",
+    "sample.py",
+    "export_hf.py",
+    "dataloader.py",
+    "plot.py",
+    "fineweb.py",
+    "bench/throughput.py",
+    "bench/gpu_check.py",
+    "bench/memory_table.py",
+    "bench/bench_hellaswag.py",
+    "bench/bench_loss.py",
+    "bench/bench_fineweb.py",
+    "bench/recipe_gate.py",
+    "bench/spike_stats.py",
+]
+
+
+def imported_modules(importtime_stderr: str) -> set[str]:
+    """The modules a `python -X importtime` run imported, from its report on stderr."""
+    lines = importtime_stderr.splitlines()
+    return {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_bad_flag_or_help_is_answered_before_torch_is_imported(script, tmp_path):
+    """A typo costs the time Python takes to start (torch's import took 27 s on a loaded node): one
+    line and exit 2, or the help and exit 0, and torch never imported."""
+    for args, code in ((["--bogus-flag"], 2), (["--help"], 0)):
+        result = subprocess.run(
+            [sys.executable, "-X", "importtime", str(ROOT / script), *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == code, result.stderr[-2000:]
+        assert "torch" not in imported_modules(result.stderr), f"{script} {args[0]} imported torch"
+        errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+        if code:
+            name = Path(script).name
+            assert errors == [f"{name}: error: unrecognized arguments: --bogus-flag (--help lists the flags)"]
+        else:
+            assert "usage:" in result.stdout and not errors
+
+
+def test_a_flag_value_the_trainer_refuses_is_answered_before_torch_is_imported(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "train_gpt2.py"), "--max_lr", "1", "--max-steps", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
+    assert result.returncode == 2 and "torch" not in imported_modules(result.stderr)
+    assert errors == [
+        "train_gpt2.py: error: unrecognized arguments: --max_lr 1: did you mean --max-lr? (--help lists the flags)"
+    ]
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "train_gpt2.py"), "--max-steps", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and "torch" not in imported_modules(result.stderr)
+    assert [line for line in result.stderr.splitlines() if not line.startswith("import time:")] == [
+        "train_gpt2.py: error: --max-steps must be positive, got 0"
+    ]

@@ -9,6 +9,7 @@ its frame counter, so a failure says which guard failed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch._dynamo.utils import counters
 
 import cli
 import runtime
+import train_config
 import train_gpt2
 from hellaswag_eval import load_examples
 from metrics import MetricsLog
@@ -139,7 +141,7 @@ def test_compile_is_ignored_on_cpu_unless_asked(data_dir):
     assert run.eval_model is run.model  # not compiled
     forced = build_run(tiny_config(data_dir, val_every=0, compile_on_cpu=True), CPU)
     assert isinstance(forced.eval_model, torch._dynamo.eval_frame.OptimizedModule)
-    assert train_gpt2.parse_args(["--compile-on-cpu"]).compile_on_cpu
+    assert train_config.parse_args(["--compile-on-cpu"]).compile_on_cpu
 
 
 def attention_ops(run_step) -> set[str]:
@@ -176,16 +178,37 @@ def test_each_attention_backend_compiles_its_own_kernel(recompiles, one_thread):
 def test_cuda_graph_compile_modes_are_refused_with_gradient_accumulation(capsys):
     flags = ["--model", "tiny", "--micro-batch-size", "2", "--seq-len", "32", "--device", "cpu"]
     for mode in ("reduce-overhead", "max-autotune"):
-        cfg = train_gpt2.parse_args([*flags, "--tokens-per-step", "128", "--compile-mode", mode])
+        cfg = train_config.parse_args([*flags, "--tokens-per-step", "128", "--compile-mode", mode])
         with pytest.raises(ValueError, match="CUDA graphs.*2 micro-steps"):
             cfg.check_world_size(1)
         cfg.check_world_size(2)  # 2 ranks x 1 micro-step: nothing to accumulate
         assert cli.run_main(train_gpt2.main, [*flags, "--tokens-per-step", "128", "--compile-mode", mode]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "max-autotune-no-cudagraphs" in err
-    train_gpt2.parse_args(
+    train_config.parse_args(
         [*flags, "--tokens-per-step", "128", "--compile-mode", "max-autotune-no-cudagraphs"]
     ).check_world_size(1)
+
+
+def test_evaluations_never_run_the_cuda_graph_compile(data_dir, monkeypatch):
+    """Under a mode that captures CUDA graphs (one micro-step per rank: allowed), the training step is
+    compiled in it, validation / scoring / sampling in the same mode without graphs; FSDP2, whose
+    evaluations run the training step's per-block graphs, refuses such modes in one line."""
+    compiled_with = []
+    real_compile = torch.compile
+
+    def record(model, **kwargs):
+        compiled_with.append(kwargs.get("mode"))
+        return real_compile(model, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", record)
+    for mode, eval_mode in (("reduce-overhead", None), ("max-autotune", "max-autotune-no-cudagraphs")):
+        compiled_with.clear()
+        cfg = tiny_config(data_dir, compile_on_cpu=True, compile_mode=mode, val_every=0)
+        run = build_run(dataclasses.replace(cfg, tokens_per_step=64), CPU)  # one micro-step
+        assert run.train_model is not run.eval_model and compiled_with == [mode, eval_mode]  # None: default
+    with pytest.raises(ValueError, match="--parallel fsdp"):
+        dataclasses.replace(tiny_config(data_dir), compile_mode="reduce-overhead", tokens_per_step=64, parallel="fsdp")
 
 
 def fsdp_sampling_worker(data_dir: str) -> None:

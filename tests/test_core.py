@@ -373,7 +373,7 @@ def test_download_checks_each_file_and_writes_it_once(tmp_path, http_server):
     # a cached file changed since: refused, naming it and the fix
     (cache / "world_knowledge/arc_easy.jsonl").write_text('{"query": "Q", "choices": ["a", "b"], "gold": 0}\n')
     with pytest.raises(
-        ValueError, match="arc_easy.jsonl is .* bytes, not .*delete it and run `uv run core.py --download-only`"
+        ValueError, match="arc_easy.jsonl is .* bytes, not .*delete it and get the files with `uv run core.py"
     ):
         core_eval.download(cache, list(names), url, specs=specs)
 
@@ -399,7 +399,7 @@ def test_bad_task_files_give_one_line_errors(tmp_path):
     bad_gold.write_text(json.dumps({"query": "Q", "choices": ["a", "b"], "gold": 2}) + "\n")
     with pytest.raises(ValueError, match="'gold' 2 is not an index of the 2 options"):
         core_eval.load_examples(bad_gold, MULTIPLE_CHOICE)
-    with pytest.raises(FileNotFoundError, match="missing.jsonl not found: run `uv run core.py --download-only`"):
+    with pytest.raises(FileNotFoundError, match="missing.jsonl not found: get the files with `uv run core.py"):
         core_eval.load_examples(tmp_path / "missing.jsonl", SCHEMA)
     good = FIXTURES / "schema.jsonl"
     (spec,) = specs_of({"s": good}).values()
@@ -506,9 +506,26 @@ def test_download_only_with_every_file_cached_needs_no_network(tmp_path, capsys)
     out = run_cli(["--download-only", *offline], tmp_path)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert re.search(
-        r"commonsense_qa.jsonl is [\d,]+ bytes, not 258,861: delete it and run `uv run core.py --download-only`",
+        r"commonsense_qa.jsonl is [\d,]+ bytes, not 258,861: delete it and get the files with "
+        r"`uv run core.py --download-only",
         out.stderr,
     ), out.stderr
+
+
+def test_download_only_without_network_says_what_to_do_instead(tmp_path):
+    """Offline, --download-only itself cannot be the fix, nor --allow-missing (nothing is evaluated)."""
+    out = run_cli(["--download-only", "--data-dir", str(tmp_path / "data"), "--data-url", closed_port_url()], tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "could not download" in out.stderr and "on a machine with network" in out.stderr
+    assert "--allow-missing" not in out.stderr and "Run `uv run core.py --download-only" not in out.stderr
+
+
+def test_core_in_training_names_the_trainers_flags(tmp_path):
+    data = fixture_data_dir(tmp_path / "data")
+    with pytest.raises(ValueError, match="use --core-max-per-task 0 \\(all\\) or at least 11"):
+        core_eval.load_suite(data, max_per_task=5, verify=False, per_task_flag="--core-max-per-task")
+    with pytest.raises(ValueError, match=f"none of the CORE task files are in {tmp_path / 'empty'}: get the files "):
+        core_eval.load_suite(tmp_path / "empty", verify=False, allow_missing=True)
 
 
 def test_cli_refuses_bad_flags_in_one_line(capsys):

@@ -19,13 +19,16 @@ from unittest import mock
 import pytest
 import torch
 from conftest import HELLASWAG_FIXTURE
-from fake_cuda import DeviceMismatch, fake_cuda, is_fake
+from fake_cuda import DEVICE_NAME, DeviceMismatch, fake_cuda, is_fake
 
 import checkpoint
+import core
+import core_eval
 import hellaswag
 import runtime
 import sample
 import train_gpt2
+from bench import throughput
 from hellaswag_eval import evaluate_hellaswag, load_examples
 from metrics import MetricsLog
 from model import GPT, GPTConfig, generate
@@ -174,6 +177,71 @@ def test_hellaswag_py_on_cuda(tiny_checkpoint, tmp_path, capsys):
         )
     assert code == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "hellaswag_results.jsonl").read_text())["count"] == 5
+
+
+def stand_in_core_data(root: Path) -> Path:
+    """Every CORE task's file name holding the shipped fixture of its kind (scores mean nothing)."""
+    return core_eval.stand_in_data_dir(root, ROOT / "tests" / "data" / "core")
+
+
+def test_core_py_on_cuda(tiny_checkpoint, tmp_path, capsys):
+    data = stand_in_core_data(tmp_path / "core_data")
+    with fake_cuda():
+        code = core.main(
+            ["--checkpoint", str(tiny_checkpoint), "--device", "cuda", "--data-dir", str(data), "--no-verify"]
+            + ["--tasks", "copa,winograd,lambada_openai", "--log-dir", str(tmp_path)]
+        )
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((tmp_path / "core_results.jsonl").read_text())
+    assert record["count"] > 0 and set(record["tasks"]) == {"copa", "winograd", "lambada_openai"}
+
+
+def test_scored_logits_are_float32_under_cuda_autocast():
+    """Scores come from float32 logits at the scored positions, whatever autocast the trunk runs in."""
+    with fake_cuda():
+        with torch.device("cuda"):
+            model = GPT(TINY)
+            idx = torch.zeros(2, 8, dtype=torch.long)
+            positions = torch.tensor([3, 4, 12])
+        with runtime.autocast(torch.device("cuda")):
+            assert model(idx, positions=positions)[0].dtype == torch.float32
+            assert model(idx)[0].dtype == torch.bfloat16  # the full logits (samples): autocast's
+
+
+def test_trainer_resumes_a_cpu_checkpoint_on_cuda_with_every_evaluation(data_dir, tmp_path, capsys):
+    """train_gpt2.main as a user runs it: 2 steps on the CPU, then the same run continued on a GPU to
+    step 4 with validation, HellaSwag, CORE (--core-every), samples and checkpoints."""
+    log_dir = tmp_path / "log"
+    flags = ["--model", "tiny", "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--micro-batch-size", "2"]
+    flags += ["--seq-len", "32", "--tokens-per-step", "128", "--val-tokens", "256", "--warmup-steps", "1"]
+    flags += ["--val-every", "2", "--hellaswag-every", "0", "--sample-every", "0", "--no-compile"]
+    assert train_gpt2.main([*flags, "--device", "cpu", "--max-steps", "2"]) == 0
+    hellaswag_data = tmp_path / "hellaswag.jsonl"
+    hellaswag_data.write_text("".join(HELLASWAG_FIXTURE.read_text().splitlines(keepends=True)[:4]))
+    evals = ["--hellaswag-every", "4", "--hellaswag-data", str(hellaswag_data), "--sample-every", "4"]
+    evals += ["--core-every", "4", "--core-data", str(stand_in_core_data(tmp_path / "core")), "--no-core-verify"]
+    with fake_cuda():
+        code = train_gpt2.main([*flags, *evals, "--device", "cuda", "--max-steps", "4", "--ckpt-every", "3"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"resuming from {log_dir / 'model_final.pt'} at step 2" in out
+    records = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["device_name"] for r in records if r["type"] == "config"][-1] == DEVICE_NAME
+    kinds = {r["type"] for r in records if r["step"] == 4}
+    assert {"val", "hellaswag", "core", "sample"} <= kinds, kinds
+    assert (log_dir / "model_00003.pt").exists() and checkpoint.read_step(log_dir / "model_final.pt") == 4
+
+
+def test_throughput_bench_on_cuda(capsys):
+    with fake_cuda():
+        code = throughput.main(
+            ["--model", "tiny", "--micro-batch-size", "2", "--seq-len", "32", "--tokens-per-step", "128"]
+            + ["--steps", "2", "--warmup", "1", "--device", "cuda", "--no-compile", "--json"]
+        )
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["device"] == DEVICE_NAME and row["fused_adamw"] and row["tokens_per_sec"] > 0
 
 
 # ---- the precision policy ----------------------------------------------------------------------------

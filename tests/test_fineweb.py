@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import limit_file_size
+from conftest import demo_texts, limit_file_size
 
 import cli
 import fineweb
@@ -472,6 +472,105 @@ def test_txt_files_are_one_document_each(cache, tmp_path):
     np.testing.assert_array_equal(
         read_stream(tmp_path / "out", m), expected_stream(["First file.\n\nTwo paragraphs.\n", "Second file."])
     )
+
+
+# Text that is not UTF-8 is an undecodable document: skipped, counted, named; never a bare `datasets` error
+
+LATIN1 = "Caf\u00e9 notes, d\u00e9j\u00e0 vu, na\u00efve fa\u00e7ade.\n" * 40  # 0xe9 at offset 3 in Latin-1
+
+
+def test_a_txt_input_that_is_not_utf8_is_skipped_counted_and_named(tmp_path, capsys, cli_cache):
+    texts = demo_texts()
+    src = tmp_path / "notes"
+    src.mkdir()
+    (src / "a.txt").write_text("\n\n".join(texts[:3]), encoding="utf-8")
+    (src / "b.txt").write_bytes(LATIN1.encode("latin-1"))
+    (src / "c.txt").write_text(texts[3] + " caf\u00e9", encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["--input", str(src), "--out-dir", str(out), "--shard-size", str(fineweb.MIN_SHARD_SIZE), "--workers", "2"]
+    assert cli.run_main(fineweb.main, argv) == 0
+    printed = capsys.readouterr()
+    assert [line for line in printed.err.splitlines() if "b.txt" in line] == [
+        f"{cli.script_name()}: skipping {src / 'b.txt'}: not UTF-8 (byte 0xe9 at offset 3); "
+        "convert it with `iconv -f latin1 -t utf-8`"
+    ]
+    manifest = json.loads((out / "manifest.json").read_text())
+    utf8 = [(src / name).read_text(encoding="utf-8") for name in ("a.txt", "c.txt")]
+    np.testing.assert_array_equal(read_stream(out, manifest), expected_stream(utf8))
+    assert len(manifest["shards"]) >= 2
+    assert (manifest["total_documents"], manifest["skipped_empty"], manifest["skipped_undecodable"]) == (2, 0, 1)
+    assert [f["name"] for f in manifest["settings"]["source"]["files"]] == ["a.txt", "b.txt", "c.txt"]
+    assert "skipped 0 empty + 1 undecodable" in printed.out
+    # the same command again: already complete, the manifest untouched, no second notice
+    assert cli.run_main(fineweb.main, argv) == 0
+    printed = capsys.readouterr()
+    assert "already complete" in printed.out and "skipping" not in printed.err
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_only_txt_inputs_that_are_not_utf8_is_a_one_line_error(tmp_path, capsys, cli_cache):
+    (tmp_path / "more.txt").write_bytes("UTF-16, with its byte-order mark".encode("utf-16"))
+    (tmp_path / "notes.txt").write_bytes(LATIN1.encode("latin-1"))
+    out = tmp_path / "out"
+    assert cli.run_main(fineweb.main, ["--input", str(tmp_path / "*.txt"), "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"{cli.script_name()}: error: no tokens: every document of --input files was empty or ")
+    assert "(0 empty, 2 undecodable)" in err and "1 more .txt input(s) are not UTF-8" in err
+    assert f"{tmp_path / 'more.txt'} is not UTF-8 (byte 0xff at offset 0); convert it with `iconv -f utf-16" in err
+    assert not out.exists()
+
+
+def test_resume_past_skipped_txt_inputs_is_byte_identical(cache, tmp_path, capsys):
+    """Left-out files are rows of the stream, at their place in --input: a resume from a shard that
+    starts at a left-out file, from one inside a document, and from the last one, each writes what the
+    uninterrupted run wrote (map-style and streaming)."""
+    texts = demo_texts()
+    src = tmp_path / "in"
+    src.mkdir()
+    utf8 = {"a.txt": texts[7], "c.txt": texts[1], "e.txt": texts[3]}
+    for name, text in utf8.items():
+        (src / name).write_text(text, encoding="utf-8")
+    (src / "b.txt").write_bytes(LATIN1.encode("latin-1"))
+    with gzip.open(src / "d.txt.gz", "wb") as f:
+        # a UTF-8 character split across the check's 1 MiB reads, then the bad byte at 1 + 2**20 + 3
+        f.write(b"a" + "\u00e9".encode() * (1 << 19) + LATIN1.encode("latin-1"))
+    (src / "f.txt").write_bytes(LATIN1.encode("cp1252"))  # after the last loaded file
+    shard = len(expected_stream([texts[7]]))  # shard 0 ends with a.txt: shard 1 starts at b.txt, left out
+    ref_dir = tmp_path / "ref"
+    ref = run([src], ref_dir, cache, shard_size=shard, workers=1)
+    assert f"skipping {src / 'd.txt.gz'}: not UTF-8 (byte 0xe9 at offset 1,048,580)" in capsys.readouterr().err
+    np.testing.assert_array_equal(read_stream(ref_dir, ref), expected_stream(list(utf8.values())))
+    shards = ref["shards"]
+    assert (ref["total_documents"], ref["skipped_undecodable"]) == (3, 3)
+    assert (shards[0]["next_document"], shards[0]["next_document_offset"]) == (1, 0)  # rows number the inputs
+    assert shards[1]["skipped_undecodable"] >= 1 and shards[-1]["skipped_undecodable"] >= 1  # b.txt; f.txt
+    mid = next(k for k in range(2, len(shards)) if shards[k - 1]["next_document_offset"] > 0)
+    for i, keep in enumerate((1, mid, len(shards) - 1)):
+        out = tmp_path / f"crashed-{keep}"
+        shutil.copytree(ref_dir, out)
+        (out / "manifest.json").write_text(json.dumps(dict(ref, complete=False, shards=shards[:keep])))
+        resumed = run([src], out, cache, shard_size=shard, workers=1, streaming=i % 2 == 1)
+        assert resumed == ref and json.loads((out / "manifest.json").read_text()) == ref, keep
+
+
+def test_jsonl_rows_that_are_not_utf8_are_skipped_and_counted(cache, tmp_path, capsys, cli_cache):
+    """Arrow's JSON reader loads a string value that is not UTF-8: that row is an undecodable document."""
+    texts = [f"document {i}, caf\u00e9" for i in range(5)]
+    lines = [json.dumps({"text": t}, ensure_ascii=False).encode() + b"\n" for t in texts]
+    src = tmp_path / "mixed.jsonl.gz"
+    with gzip.open(src, "wb") as f:
+        f.write(b"".join(lines[:2] + [b'{"text": "caf\xe9 in Latin-1"}\n'] + lines[2:]))
+    for streaming in (False, True):
+        out = tmp_path / f"streaming-{streaming}"
+        m = run([src], out, cache, shard_size=7, streaming=streaming)
+        assert (m["total_documents"], m["skipped_empty"], m["skipped_undecodable"]) == (5, 0, 1)
+        np.testing.assert_array_equal(read_stream(out, m), expected_stream(texts))
+    # not UTF-8 in a key: the load itself fails, so one line names the file and the fix
+    key = tmp_path / "key.jsonl"
+    key.write_bytes(lines[0] + b'{"te\xe9xt": "x", "text": "y"}\n')
+    message = cli_error(capsys, "--input", str(key), "--out-dir", str(tmp_path / "o"))
+    assert f"{key} is not UTF-8 (byte 0xe9 at offset {len(lines[0]) + 4});" in message and "iconv" in message
 
 
 def test_hub_without_network_fails_fast_with_one_line(tmp_path, monkeypatch):

@@ -310,7 +310,8 @@ def test_memory_formula_counts_the_model_built_on_the_meta_device():
     optimizer step's temporary on the CPU. (Its predictions against real CPU steps are in
     BENCHMARKS.md: within 10%.)"""
     import memory as memory_table
-    from model import GPT, MODEL_PRESETS, GPTConfig
+    from model import GPT, GPTConfig
+    from train_config import MODEL_PRESETS
 
     counts = memory_table.parameter_counts("tiny")
     real = GPT(GPTConfig(**MODEL_PRESETS["tiny"]))

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 import cli
+import core_eval
+import fileio
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
@@ -87,10 +89,21 @@ def test_dry_run_passes_every_check_and_writes_the_summary(dry_run):
     train = checks["train"]
     assert train["steps"] == 10 and train["first_loss"] - train["last_loss"] >= 0.5 and len(train["val_losses"]) == 3
     assert train["hellaswag_count"] == 20 and train["samples"] == 1 and "model_final.pt" in train["checkpoints"]
+    in_training = train["core_in_training"]  # --core-every 10: at step 0 and at the end, every stand-in scored
+    assert train["core_steps"] == [0, 10] and in_training["step"] == 10 and in_training["count"] == 275
+    assert in_training["core"] is not None and in_training["seconds"] is not None
     assert checks["resume"]["max_loss_difference"] == 0.0 and checks["resume"]["steps_compared"] == 5  # bitwise on CPU
+    for name in ("hellaswag", "core", "export"):  # the train run finished: each read its final checkpoint
+        assert checks[name]["checkpoint"] == "run/model_final.pt" and checks[name]["train_final"] is True
+        assert checks[name]["checkpoint_step"] == 10 and "own_checkpoint_seconds" not in checks[name]
     assert checks["hellaswag"]["count"] == 20 and checks["hellaswag"]["examples_per_sec"] > 0
-    assert checks["core"]["count"] > 0 and checks["core"]["examples_per_sec"] > 0 and not checks["core"]["real_data"]
-    assert checks["core"]["core"] is not None and not checks["core"]["missing"]  # the stand-ins fill every task
+    core = checks["core"]
+    assert core["count"] == 275 and core["examples_per_sec"] > 0 and not core["real_data"]
+    assert core["core"] is not None and not core["missing"]  # the stand-ins fill every task
+    assert core["core"] == in_training["core"]  # the same model and examples, eager on the CPU both times
+    compiled = core["compiled"]  # --compile, ignored on the CPU: the same path, eager, the same score
+    assert compiled["compiled"] is False and compiled["count"] == 275 and compiled["core"] == core["core"]
+    assert compiled["examples_per_sec"] > 0 and core["compiled_vs_eager"] > 0
     assert checks["export"]["max_logit_difference"] < 1e-4
     rows = checks["throughput"]["rows"]
     assert (
@@ -116,6 +129,7 @@ def test_dry_run_passes_every_check_and_writes_the_summary(dry_run):
     )
     log = (dry_run["out"] / "gpu_check.log").read_text()
     assert "===== train: train_gpt2.py" in log and "===== throughput" in log and "===== train: exit 0" in log
+    assert "===== core compiled: core.py" in log and "--compile" in log and "===== own checkpoint" not in log
 
 
 @pytest.mark.slow
@@ -325,3 +339,221 @@ def test_a_work_folder_inside_the_output_folder_is_refused(tmp_path):
         gpu_check.main, ["--dry-run", "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "out" / "work")]
     )
     assert code == 2 and not (tmp_path / "out" / "work").exists()
+
+
+# ---- every check stands alone: the checkpoint an evaluation reads ---------------------------------
+def fake_checkpoint(path: Path, step: int) -> Path:
+    """A file pick_checkpoint (by its name) and checkpoint.read_step (its "step") read like a real one."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"step": step}, path)
+    return path
+
+
+def test_the_newest_checkpoint_the_train_runs_left_is_picked(tmp_path):
+    pick = gpu_check.pick_checkpoint
+    assert pick(tmp_path) is None
+    fake_checkpoint(tmp_path / "own" / "model_final.pt", 1)  # an evaluation's own: not the train runs'
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".model_00009.pt.x1.tmp").touch()  # a save cut short
+    assert pick(tmp_path) is None
+    early = fake_checkpoint(tmp_path / "run" / "model_00005.pt", 5)  # a train run cut after step 5
+    assert pick(tmp_path) == early
+    later = fake_checkpoint(tmp_path / "resumed" / "model_00008.pt", 8)  # its resume, cut after step 8
+    fake_checkpoint(tmp_path / "resumed" / "model_00005.pt", 5)
+    assert pick(tmp_path) == later
+    resumed_final = fake_checkpoint(tmp_path / "resumed" / "model_final.pt", 10)
+    assert pick(tmp_path) == resumed_final
+    train_final = fake_checkpoint(tmp_path / "run" / "model_final.pt", 10)
+    assert pick(tmp_path) == train_final
+
+
+DATA = Path("/nonexistent/shards")  # every subprocess below is faked: none reads it
+
+
+def core_result(args: list[str]) -> None:
+    """What core.py appends to <--log-dir>/core_results.jsonl: 275 examples in 5 s."""
+    log_dir = Path(args[args.index("--log-dir") + 1])
+    log_dir.mkdir(parents=True, exist_ok=True)
+    record = {"core": 0.1, "core_partial": None, "missing": [], "count": 275, "seconds": 5.0}
+    fileio.append_jsonl(log_dir / "core_results.jsonl", record)
+
+
+def fake_runs(ck: gpu_check.Checker, monkeypatch, own_exit: int = 0, eval_exit: int = 1) -> list:
+    """ck.run, faked: each call's (name, args, reserve) is recorded; the own checkpoint's train_gpt2.py
+    writes its model_final.pt (with own_exit 0); core.py writes a result; the rest exit eval_exit."""
+    calls = []
+
+    def run(name, args, step, reserve=0.0):
+        calls.append((name, args, reserve))
+        if args[0] == "train_gpt2.py" and own_exit == 0:
+            fake_checkpoint(Path(args[args.index("--log-dir") + 1]) / "model_final.pt", 1)
+            return gpu_check.Ran(0, "", step.cap)
+        if args[0] == "core.py" and eval_exit == 0:
+            core_result(args)
+        return gpu_check.Ran(own_exit if args[0] == "train_gpt2.py" else eval_exit, "", step.cap)
+
+    monkeypatch.setattr(ck, "run", run)
+    return calls
+
+
+def evaluations(ck: gpu_check.Checker) -> dict:
+    sizes = gpu_check.DRY_RUN
+    return {
+        "hellaswag": lambda: gpu_check.hellaswag_eval(ck, gpu_check.FIXTURE, False, DATA, sizes),
+        "core": lambda: gpu_check.core(ck, "", DATA, sizes),
+        "export": lambda: gpu_check.export(ck, DATA, sizes),
+    }
+
+
+def checkpoint_read(args: list[str]) -> str:
+    return args[args.index("--checkpoint") + 1]
+
+
+def test_an_evaluation_reads_what_a_cut_train_run_left_else_makes_its_own_checkpoint_once(tmp_path, monkeypatch):
+    """The train run cut before its model_final.pt: hellaswag, core and export read its model_00005.pt;
+    with nothing at all, the first makes one (one eager step, its needs counted) and the others reuse it."""
+    ck = make_checker(tmp_path, budget=600)
+    calls = fake_runs(ck, monkeypatch)
+    own_needs = gpu_check.STEPS["own checkpoint"].needs
+    assert gpu_check.eval_needs(ck, "hellaswag") == gpu_check.STEPS["hellaswag"].needs + own_needs
+    for name, evaluate in evaluations(ck).items():
+        passed, numbers = evaluate()  # each fails at its (faked) subprocess, after naming its checkpoint
+        assert not passed and numbers["exit"] == 1
+        assert numbers["checkpoint"] == "own/model_final.pt" and numbers["checkpoint_step"] == 1
+        assert numbers["train_final"] is False and ("own_checkpoint_seconds" in numbers) == (name == "hellaswag")
+        assert checkpoint_read(calls[-1][1]) == str(ck.work / "own" / "model_final.pt")
+    made = [args for name, args, _ in calls if name == "own checkpoint"]
+    assert len(made) == 1 and made[0][0] == "train_gpt2.py" and "--no-compile" in made[0]
+    assert made[0][made[0].index("--max-steps") + 1] == "1" and made[0][made[0].index("--val-every") + 1] == "0"
+    assert gpu_check.eval_needs(ck, "core") == gpu_check.STEPS["core"].needs  # made: nothing more to count
+
+    calls.clear()
+    cut = fake_checkpoint(ck.work / "run" / "model_00005.pt", 5)
+    for evaluate in evaluations(ck).values():
+        passed, numbers = evaluate()
+        assert numbers["checkpoint"] == "run/model_00005.pt" and numbers["checkpoint_step"] == 5
+        assert numbers["train_final"] is False and checkpoint_read(calls[-1][1]) == str(cut)
+    assert [name for name, _, _ in calls] == ["hellaswag", "core", "export"]
+
+    fake_checkpoint(ck.work / "run" / "model_final.pt", 10)
+    passed, numbers = evaluations(ck)["export"]()
+    assert numbers["checkpoint"] == "run/model_final.pt" and numbers["train_final"] is True
+
+
+def test_an_evaluation_fails_once_when_no_checkpoint_is_left_and_none_can_be_made(tmp_path, monkeypatch):
+    ck = make_checker(tmp_path, budget=600)
+    calls = fake_runs(ck, monkeypatch, own_exit=1)
+    for evaluate in evaluations(ck).values():
+        assert evaluate() == (
+            False,
+            {"checkpoint": None, "error": "no checkpoint: the train runs left none, and making one failed (exit 1)"},
+        )
+    assert [name for name, _, _ in calls] == ["own checkpoint"]  # tried once, not once per check
+
+
+def test_resume_without_the_middle_checkpoint_is_skipped_not_failed(tmp_path, monkeypatch):
+    ck = make_checker(tmp_path, budget=600)
+    calls = fake_runs(ck, monkeypatch)
+    ck.check("resume", lambda: gpu_check.resume(ck, DATA, gpu_check.DRY_RUN), 0)
+    assert calls == []
+    assert ck.finish() == 0
+    (result,) = read_summary(ck.out)["checks"]
+    assert result["verdict"] == "SKIPPED"
+    assert result["reason"] == "no middle checkpoint: the train run left no model_00005.pt"
+
+
+def test_the_compiled_core_row_keeps_the_time_of_export_and_the_two_required_throughput_rows(tmp_path, monkeypatch):
+    """It starts only with its needs plus export's and the reference and defaults rows' left, with a
+    limit that keeps those; without them it is not measured, which is no failure; a crash is one."""
+    kept = gpu_check.after_core_compiled(dry_run=False)
+    rows = gpu_check.throughput_settings(dry_run=False)[:2]
+    assert [r.name for r in rows] == [REFERENCE, DEFAULTS]
+    assert kept == gpu_check.STEPS["export"].needs + rows[0].step.needs + rows[1].step.needs
+    starts_with = gpu_check.STEPS["core compiled"].needs + kept
+
+    (tmp_path / "roomy").mkdir()
+    (tmp_path / "tight").mkdir()
+    roomy = make_checker(tmp_path / "roomy", budget=int(starts_with) + 60)
+    fake_checkpoint(roomy.work / "run" / "model_final.pt", 10)
+    calls = fake_runs(roomy, monkeypatch, eval_exit=0)
+    passed, numbers = gpu_check.core(roomy, "", DATA, gpu_check.DRY_RUN)
+    assert passed and [(name, reserve) for name, _, reserve in calls] == [("core", 0.0), ("core compiled", kept)]
+    assert "--compile" in calls[1][1] and "--compile" not in calls[0][1]
+    assert numbers["compiled"]["examples_per_sec"] == numbers["examples_per_sec"] == 55.0
+    assert numbers["compiled"]["compiled"] is False and numbers["compiled_vs_eager"] == 1.0  # a dry run: the CPU
+
+    tight = make_checker(tmp_path / "tight", budget=int(starts_with) - 5)
+    fake_checkpoint(tight.work / "run" / "model_final.pt", 10)
+    calls = fake_runs(tight, monkeypatch, eval_exit=0)
+    passed, numbers = gpu_check.core(tight, "", DATA, gpu_check.DRY_RUN)
+    assert passed and [name for name, _, _ in calls] == ["core"] and numbers["compiled_vs_eager"] is None
+    assert numbers["compiled"] == {"result": "not measured: time budget spent"} and numbers["count"] == 275
+
+    def compiled_exits(code: int) -> dict:
+        def run(name, args, step, reserve=0.0):
+            if "--compile" in args:
+                return gpu_check.Ran(code, "", 45.0)
+            core_result(args)
+            return gpu_check.Ran(0, "", step.cap)
+
+        monkeypatch.setattr(roomy, "run", run)
+        return gpu_check.core(roomy, "", DATA, gpu_check.DRY_RUN)
+
+    passed, numbers = compiled_exits(124)
+    assert passed and numbers["compiled"] == {"result": "not measured: killed at its time limit (45 s)"}
+    passed, numbers = compiled_exits(1)
+    assert not passed and numbers["compiled"] == {"error": "core.py --compile: exit 1"}
+
+
+def test_the_train_check_runs_core_in_training_and_requires_its_record_at_the_end(tmp_path, monkeypatch):
+    ck = make_checker(tmp_path, budget=600)
+    calls = fake_runs(ck, monkeypatch, own_exit=0)
+    log_dir = ck.work / "run"
+    records = [
+        *({"type": "train", "step": s, "train_loss": 11.0 - s / 5, "tokens_per_sec": 100.0} for s in range(10)),
+        {"type": "val", "step": 0, "val_loss": 11.0},
+        {"type": "val", "step": 10, "val_loss": 9.0, "time": 100.0},
+        {"type": "hellaswag", "step": 10, "hellaswag_acc_norm": 0.25, "count": 20, "time": 101.0},
+        {"type": "sample", "step": 10, "samples": ["Hello"], "time": 109.0},
+    ]
+    log_dir.mkdir()
+    for r in records:
+        fileio.append_jsonl(log_dir / "metrics.jsonl", r)
+    fake_checkpoint(log_dir / "model_final.pt", 10)
+    passed, numbers = gpu_check.train(ck, DATA, gpu_check.DRY_RUN)
+    args = calls[0][1]
+    assert args[args.index("--core-every") + 1] == "10" and args[args.index("--core-max-per-task") + 1] == "0"
+    assert "--no-core-verify" in args
+    stand_ins = Path(args[args.index("--core-data") + 1])
+    assert all((stand_ins / task.file).is_file() for task in core_eval.TASKS)
+    assert not passed and numbers["core_in_training"] is None and numbers["core_steps"] == []  # no CORE record
+
+    core = {"type": "core", "core": 0.02, "core_partial": None, "count": 275, "max_per_task": 0}
+    lines = (log_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines.insert(0, json.dumps({**core, "step": 0, "time": 50.0}) + "\n")
+    lines.insert(-1, json.dumps({**core, "step": 10, "time": 104.5}) + "\n")  # after HellaSwag's, before the sample
+    (log_dir / "metrics.jsonl").write_text("".join(lines))
+    passed, numbers = gpu_check.train(ck, DATA, gpu_check.DRY_RUN)
+    assert passed and numbers["core_steps"] == [0, 10]
+    assert numbers["core_in_training"] == {
+        "step": 10,
+        "core": 0.02,
+        "core_partial": None,
+        "count": 275,
+        "max_per_task": 0,
+        "seconds": 3.5,  # 104.5 - 101.0: since HellaSwag's record, written just before CORE started
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_evaluation_with_no_train_run_makes_a_real_checkpoint_and_passes(data_dir, tmp_path):
+    """The one path the dry run does not take, for real: train_gpt2.py accepts the own checkpoint's
+    flags, and hellaswag.py scores what it wrote."""
+    ck = make_checker(tmp_path, budget=280)
+    passed, numbers = gpu_check.hellaswag_eval(ck, gpu_check.FIXTURE, False, data_dir, gpu_check.DRY_RUN)
+    assert passed, (ck.out / "gpu_check.log").read_text()[-3000:]
+    assert numbers["checkpoint"] == "own/model_final.pt" and numbers["checkpoint_step"] == 1
+    assert numbers["train_final"] is False and numbers["count"] == 20 and "own_checkpoint_seconds" in numbers

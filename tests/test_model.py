@@ -8,13 +8,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from model import (
     GPT,
-    MODEL_PRESETS,
     GPTConfig,
     generate,
     gpt_config_from_hf,
     hf_state_dict,
     load_hf_state_dict,
 )
+from train_config import MODEL_PRESETS
 
 
 def tiny_hf_model(seed=0):

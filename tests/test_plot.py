@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import cli
+import core_eval
 import plot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -774,7 +775,8 @@ def test_partial_core_is_never_drawn_or_summarised_as_core(core_run, tmp_path):
         for y in ln.get_ydata()
     ]
     assert sorted(core_values) == sorted([*full.values(), 0.071])  # neither 0.5 nor 0.6
-    loop, script = (_line(ax.figure, f"corerun/{k}") for k in ("core_partial", "results_core_partial"))
+    # Named by task set: the loop's records are over 2 tasks, core.py's row over 1.
+    loop, script = (_line(ax.figure, f"corerun/{k}") for k in ("core_partial/2of22", "results_core_partial/1of22"))
     assert (list(loop.get_xdata()), list(loop.get_ydata())) == ([120], [0.5])
     assert (list(script.get_xdata()), list(script.get_ydata())) == ([120], [0.6])
     assert all(ln.get_label().startswith("CORE-PARTIAL") for ln in (loop, script))
@@ -793,10 +795,10 @@ def test_partial_core_is_never_drawn_or_summarised_as_core(core_run, tmp_path):
     )
     partial_run = plot.load_run(only)
     (row,) = _parse_table(plot.summarize([partial_run]))
-    assert row["CORE"] == "0.0400 (partial, 500/task)"
+    assert row["CORE"] == "0.0400 (partial: 2 of 22 tasks, 500/task)"
     fig = plot.build_figures([partial_run])["core"]
     assert not [ln for ln in fig.axes[0].get_lines() if ln.get_gid() == "partial/core"]
-    assert list(_line(fig, "partial/core_partial").get_ydata()) == [0.03, 0.04]
+    assert list(_line(fig, "partial/core_partial/2of22").get_ydata()) == [0.03, 0.04]
 
 
 def _with_bpb(records):
@@ -823,6 +825,161 @@ def test_summary_shows_core_and_val_bpb_and_a_dash_where_missing(core_run, tmp_p
     assert plot.run_stats(plot.load_run(old))["final_val_bpb"] is None
     note = table.split("\n\n")[1]
     assert "CORE-PARTIAL" in note and "124M 0.1139" in note and "leaderboard, not measured here" in note
+
+
+TASK_LABELS = [task.label for task in core_eval.TASKS]
+
+
+def _over(record, labels):
+    """A CORE record (training loop's or core.py's) over `labels` only: its "tasks" keys, as logged."""
+    template = next(iter(record["tasks"].values()))
+    return {**record, "tasks": dict.fromkeys(labels, template)}
+
+
+def _run_series(ax, run_name):
+    """The lines of one run in a panel (not the levels or references)."""
+    return [ln for ln in ax.get_lines() if str(ln.get_gid()).startswith(f"{run_name}/")]
+
+
+@pytest.fixture
+def export_run(tmp_path):
+    """The walkthrough's run: CORE-PARTIAL in the loop over 18 tasks (4 task files missing), then, after a
+    resume with fewer files, over 3; core.py scored the final checkpoint over the 18 tasks (-0.015) and its
+    Hugging Face export over 3 (0.050), neither with a step: two levels."""
+    log = tmp_path / "exportrun"
+    log.mkdir()
+    eighteen, three = TASK_LABELS[:18], TASK_LABELS[:3]
+    records = _segment(0, 60, T0, seed=16) + [
+        _over(_core_record(20, None, -0.03), eighteen),
+        _over(_core_record(40, None, -0.02), eighteen),
+        _over(_core_record(60, None, 0.04), three),
+    ]
+    _write(log / "metrics.jsonl", records)
+    results = [
+        _over(_core_result("exportrun/model_final.pt", None, None, partial=-0.015, max_per_task=500), eighteen),
+        _over(_core_result(None, None, None, partial=0.050, max_per_task=500, model="exportrun/hf"), three),
+    ]
+    _write(log / "core_results.jsonl", results)
+    return log
+
+
+def _joined(ax, run_name):
+    """The x values of each of a run's lines drawn with a line between its points."""
+    return [list(ln.get_xdata()) for ln in _run_series(ax, run_name) if ln.get_linestyle() != "None"]
+
+
+def test_core_partial_scores_over_different_task_sets_are_never_one_series(export_run):
+    run = plot.load_run(export_run)
+    figs = plot.build_figures([run])
+    n_tasks_at = {20: 18, 40: 18, 60: 3}  # the loop's records: step -> tasks its mean is over
+    for fig_name in ("core", "overview"):
+        fig = figs[fig_name]
+        ax = next(a for a in fig.axes if a.get_title().startswith("CORE"))
+        task_sets_per_line = [len({n_tasks_at[x] for x in xs}) for xs in _joined(ax, "exportrun")]
+        assert task_sets_per_line and set(task_sets_per_line) == {1}  # no line joins two task sets
+        partial_entries = [text for text in _legend(ax) if "PARTIAL" in text]
+        assert len(partial_entries) == 4 and all(" of 22 tasks" in text for text in partial_entries)
+        # The title does not claim 22 tasks for what is drawn.
+        assert "CORE-PARTIAL" in ax.get_title() and "task counts in the legend" in ax.get_title()
+        # One series per task set: the 18-task points joined, the 3-task point apart, each named by its count.
+        wide, narrow = (_line(fig, f"exportrun/core_partial/{n}of22") for n in (18, 3))
+        assert (list(wide.get_xdata()), list(wide.get_ydata())) == ([20, 40], [-0.03, -0.02])
+        assert (list(narrow.get_xdata()), list(narrow.get_ydata())) == ([60], [0.04])
+        assert wide.get_label() == "CORE-PARTIAL, 18 of 22 tasks, training loop (500/task)"
+        assert narrow.get_label() == "CORE-PARTIAL, 3 of 22 tasks, training loop (500/task)"
+        assert len(_run_series(ax, "exportrun")) == 2  # no other series holds any of these points
+        # The two levels say they are means over different tasks.
+        assert _line(fig, "core_results/model_final.pt").get_label() == (
+            "model_final.pt, core.py CORE-PARTIAL, 18 of 22 tasks (500/task) (-0.0150)"
+        )
+        assert _line(fig, "core_results/hf").get_label() == (
+            "hf, core.py CORE-PARTIAL, 3 of 22 tasks (500/task) (0.0500)"
+        )
+        assert ax.get_title() == plot.CORE_AND_PARTIAL_TITLE
+    # The summary's best is among the scores over the most tasks, with their count: the 3-task 0.04
+    # (and the export's 0.05) are higher but over other tasks.
+    (row,) = _parse_table(plot.summarize([run]))
+    assert row["CORE"] == "-0.0150 (partial: 18 of 22 tasks, 500/task)"
+    assert plot.run_stats(run)["core_tasks"] == 18
+    assert plot.CORE_TASK_COUNT == len(core_eval.TASKS) == 22
+
+
+def test_core_title_says_22_tasks_only_when_every_score_drawn_is_core(resumed_run, core_run, tmp_path):
+    full_only = tmp_path / "fullonly"
+    full_only.mkdir()
+    _write(full_only / "metrics.jsonl", _segment(0, 60, T0, seed=17) + [_core_record(30, 0.03), _core_record(60, 0.04)])
+    mixed = "CORE (DCLM, 22 tasks) and CORE-PARTIAL\n(fewer tasks, not CORE: task counts in the legend)"
+    for log, title in (
+        (full_only, "CORE (DCLM, 22 tasks)"),
+        (resumed_run[0], "CORE (DCLM, 22 tasks)"),  # nothing scored: only the GPT-2 references, CORE
+        (core_run[0], mixed),  # CORE and CORE-PARTIAL points
+    ):
+        figs = plot.build_figures([plot.load_run(log)])
+        for fig in (figs["core"], figs["overview"]):
+            (ax,) = [a for a in fig.axes if a.get_title().startswith("CORE")]
+            assert ax.get_title() == title, log.name
+
+
+def test_core_partial_without_recorded_tasks_says_its_task_count_is_unknown(tmp_path):
+    """A log from before CORE records carried "tasks": the count is not made up, and its points, maybe
+    over different tasks, are not joined."""
+    log = tmp_path / "oldcore"
+    log.mkdir()
+    old = [{k: v for k, v in _core_record(s, None, v).items() if k != "tasks"} for s, v in ((30, 0.03), (60, 0.04))]
+    _write(log / "metrics.jsonl", _segment(0, 60, T0, seed=18) + old)
+    run = plot.load_run(log)
+    fig = plot.build_figures([run])["core"]
+    assert "CORE-PARTIAL, task count unknown, training loop (500/task)" in _legend(fig.axes[0])
+    assert _joined(fig.axes[0], "oldcore") == []
+    line = _line(fig, "oldcore/core_partial/unknown")
+    assert list(line.get_ydata()) == [0.03, 0.04] and line.get_linestyle() == "None"
+    assert fig.axes[0].get_title() == plot.CORE_AND_PARTIAL_TITLE
+    (row,) = _parse_table(plot.summarize([run]))
+    assert row["CORE"] == "0.0400 (partial: task count unknown, 500/task)"
+
+
+def test_partial_task_sets_of_the_same_size_are_told_apart(tmp_path):
+    """Two 3-task means over different tasks: two series, numbered, never one curve."""
+    log = tmp_path / "sets"
+    log.mkdir()
+    records = _segment(0, 60, T0, seed=19) + [
+        _over(_core_record(30, None, 0.01), TASK_LABELS[:3]),
+        _over(_core_record(60, None, 0.09), TASK_LABELS[3:6]),
+    ]
+    _write(log / "metrics.jsonl", records)
+    fig = plot.build_figures([plot.load_run(log)])["core"]
+    assert _joined(fig.axes[0], "sets") == [[30], [60]]
+    first, second = (_line(fig, f"sets/core_partial/3of22-{n}") for n in (1, 2))
+    assert {tuple(first.get_xdata()), tuple(second.get_xdata())} == {(30,), (60,)}
+    assert {first.get_label(), second.get_label()} == {
+        f"CORE-PARTIAL, 3 of 22 tasks (task set {n}), training loop (500/task)" for n in (1, 2)
+    }
+    assert first.get_marker() != second.get_marker()
+
+
+def _with_preset(config_record, preset):
+    """A config record naming its model preset, as train_gpt2.py writes it (TrainConfig.model)."""
+    return {**config_record, "config": {**config_record["config"], "model": preset}}
+
+
+def test_summary_has_a_model_column_from_the_config_record(tmp_path):
+    logs = {}
+    for name, preset in (("tinyrun", "tiny"), ("gpt2run", "gpt2"), ("noconfig", None)):
+        logs[name] = tmp_path / name
+        logs[name].mkdir()
+        records = _segment(0, 30, T0, seed=20)
+        if name == "tinyrun":  # resumed: the preset in both config records, named once
+            records += _segment(30, 40, T0 + 1_000, seed=21)
+        if preset is None:  # a log with no config record
+            records = [r for r in records if r["type"] != "config"]
+        else:
+            records = [_with_preset(r, preset) if r["type"] == "config" else r for r in records]
+        _write(logs[name] / "metrics.jsonl", records)
+    table = plot.summarize(plot.load_runs(list(logs.values())))
+    rows = _parse_table(table)
+    assert [(r["run"], r["model"]) for r in rows] == [("tinyrun", "tiny"), ("gpt2run", "gpt2"), ("noconfig", "–")]
+    assert table.splitlines()[0].startswith("| run | model | steps |")
+    assert "model: the preset in the run's config records" in table
 
 
 def test_core_score_of_another_runs_checkpoint_shows_in_that_runs_row(tmp_path, monkeypatch):
@@ -865,7 +1022,7 @@ def test_cli_subprocess_writes_figures_and_summary(resumed_run, tmp_path):
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "| run | steps | tokens |" in out.stdout and "| resumed | 200 / 200 |" in out.stdout
+    assert "| run | model | steps | tokens |" in out.stdout and "| resumed | – | 200 / 200 |" in out.stdout
     assert (log / "summary.md").read_text() in out.stdout
     assert (log / "overview.png").stat().st_size > 50_000
 

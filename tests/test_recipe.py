@@ -37,14 +37,8 @@ import train_gpt2  # noqa: E402
 from checkpoint import load_model  # noqa: E402
 from metrics import MetricsLog  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from train_gpt2 import (  # noqa: E402
-    DEMO_PRESET,
-    RECIPES,
-    TrainConfig,
-    learning_rate,
-    make_optimizer,
-    parse_args,
-)
+from train_config import DEMO_PRESET, RECIPES, TrainConfig, parse_args  # noqa: E402
+from train_gpt2 import learning_rate, make_optimizer  # noqa: E402
 
 FAST = ["--recipe", "fast"]
 MUON_MATRICES_PER_LAYER = 4  # c_attn, attn c_proj, c_fc, mlp c_proj

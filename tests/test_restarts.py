@@ -2,8 +2,8 @@
 
 One training process is SIGKILLed mid-run (what a kernel OOM kill or a GPU fault does); torchrun
 stops the other, starts both again, and the run resumes from its newest checkpoint and ends with
-the weights of an uninterrupted 2-rank run, bitwise. A crash that repeats (a bad flag) ends after
-MAX_RESTARTS + 1 attempts instead of looping. And the launcher itself SIGKILLed (kill -9, the OOM
+the weights of an uninterrupted 2-rank run, bitwise. A user error (a bad flag, a rank whose GPU has
+no room) is not restarted: every restart would meet it again. And the launcher itself SIGKILLed (kill -9, the OOM
 killer taking torchrun): its workers stop within seconds instead of training on into the log dir,
 and the rerun of the command ends with the uninterrupted weights (DDP and FSDP).
 
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -165,12 +167,35 @@ def test_sigkill_of_torchrun_stops_its_workers_and_the_rerun_ends_as_if_uninterr
 
 
 @pytest.mark.slow
-def test_a_crash_that_repeats_ends_after_max_restarts(tmp_path, data_dir):
+def test_a_user_error_is_not_restarted(tmp_path, data_dir):
+    """torchrun restarts on any failed worker; a user error (exit 2) would fail the same way at every
+    restart, so the workers stop torchrun instead: one attempt, one line."""
     proc = train_sh(tmp_path / "log", data_dir, [*TINY_FLAGS, "--max-lr=-1"], NPROC_PER_NODE="1")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
-    attempts = out.count("error: --max-lr must be positive")
-    assert attempts == 4, out[-3000:]  # train.sh's default MAX_RESTARTS=3: the first try and 3 restarts
+    assert out.count("error: --max-lr must be positive") == 1, out[-3000:]  # MAX_RESTARTS=3 left unused
+
+
+@pytest.mark.slow
+def test_a_rank_refused_for_memory_stops_every_rank_with_one_line(tmp_path, data_dir):
+    """Rank 1 finds its GPU nearly full (a stale process on a shared node): every rank learns it at once
+    and stops with one line naming rank 1 and its host; no rank waits for a peer that already left
+    ("lost contact"), and torchrun does not restart into the same refusal."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--max-restarts=3", "--standalone", "--nproc-per-node=2"]
+    cmd += [str(ROOT / "tests" / "low_memory_rank.py"), *TINY_FLAGS, "--log-dir", str(tmp_path / "log")]
+    result = subprocess.run(
+        [*cmd, "--data-dir", str(data_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(CUDA_VISIBLE_DEVICES=""),
+    )
+    out = result.stdout + result.stderr
+    errors = [line for line in out.splitlines() if line.startswith("train_gpt2.py: error:")]
+    assert result.returncode != 0 and len(errors) == 1, out[-3000:]
+    assert f"rank 1 on {socket.gethostname()}: this run needs about" in errors[0] and "0.1 GiB free" in errors[0]
+    assert "lost contact" not in out and not (tmp_path / "log").exists()
 
 
 def test_max_restarts_must_be_a_number(tmp_path):

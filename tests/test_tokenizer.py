@@ -1,5 +1,6 @@
-"""The tokenizer helper: GPT-2 ids, offline, from the shipped ranks file."""
+"""The tokenizer helper: GPT-2 ids, offline, from the shipped ranks file; the cores a process may use."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,36 @@ def test_loads_with_no_network_and_a_foreign_cache_dir(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[15496, 995]"
     assert list(tmp_path.iterdir()) == []  # nothing written to the user's cache
+
+
+def test_usable_cores_follow_the_cpu_binding_and_are_shared_by_the_nodes_ranks():
+    code = (
+        "import os, tokenizer; bound = sorted(os.sched_getaffinity(0)); "
+        "print(tokenizer.usable_cores(), tokenizer.usable_cores(len(bound)), tokenizer.usable_cores(64)); "
+        "os.sched_setaffinity(0, bound[:1]); print(tokenizer.usable_cores())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    first, bound_to_one = out.splitlines()
+    alone, one_each, more_ranks_than_cores = map(int, first.split())
+    assert alone == min(len(os.sched_getaffinity(0)), os.cpu_count()) and one_each == 1 and more_ranks_than_cores == 1
+    assert bound_to_one == "1"  # taskset / SLURM binding, not the node's cpu_count()
+
+
+def test_core_tokenizes_with_this_ranks_share_of_the_cores(monkeypatch):
+    import tiktoken
+
+    import core_eval
+
+    seen = []
+    original = tiktoken.Encoding.encode_ordinary_batch
+
+    def spy(self, text, *, num_threads=8):
+        seen.append(num_threads)
+        return original(self, text, num_threads=num_threads)
+
+    monkeypatch.setattr(tiktoken.Encoding, "encode_ordinary_batch", spy)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")  # more ranks on this node than it has cores
+    task = core_eval.TASKS_BY_LABEL["copa"]
+    examples = [{"query": f"Question {i}?", "choices": ["yes", "no"], "gold": 0} for i in range(3)]
+    assert len(list(core_eval.tokenize(task, examples))) == 3
+    assert seen == [1]

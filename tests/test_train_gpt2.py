@@ -45,9 +45,11 @@ from conftest import VAL_TOKENS, demo_token_stream  # noqa: E402
 import cli  # noqa: E402
 import fileio  # noqa: E402
 import runtime  # noqa: E402
+import train_config  # noqa: E402
 import train_gpt2  # noqa: E402
 from metrics import MetricsLog  # noqa: E402
-from model import GPT, MODEL_PRESETS, GPTConfig  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from train_config import MODEL_PRESETS  # noqa: E402
 from train_gpt2 import TrainConfig, learning_rate, make_optimizer, param_groups  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_losses.json"
@@ -403,7 +405,7 @@ def _edited_checkpoint(tmp: Path, data: Path, drop: str | None = None, **values)
     older or newer writer)."""
     cfg = TrainConfig(
         **{
-            **train_gpt2.resolve_flags(train_gpt2.parse_flags(train_gpt2.build_parser(TrainConfig), BASE_FLAGS)),
+            **train_config.resolve_flags(cli.parse_flags(cli.build_parser(TrainConfig), BASE_FLAGS)),
             "data_dir": str(data),
         }
     )
@@ -466,7 +468,7 @@ def test_bad_input_cli_exits_nonzero_without_traceback(data_dir, tmp_path):
 def test_metrics_jsonl_records_config_train_val_and_samples(straight_run, data_dir):
     log_dir = straight_run["log_dir"]
     rows = read_metrics(log_dir)
-    cfg = train_gpt2.parse_args(
+    cfg = train_config.parse_args(
         [*BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), "--sample-every", "10"]
     )
 
@@ -1070,7 +1072,7 @@ def test_negative_numbers_parse_and_bad_values_fail_before_anything_is_made(data
 
 
 def test_help_lists_choices_and_a_model_preset_brings_its_context():
-    text = train_gpt2.build_parser(TrainConfig).format_help()
+    text = cli.build_parser(TrainConfig).format_help()
     for choices in (
         "{gpt2,gpt2-medium,gpt2-large,gpt2-xl,tiny}",
         "{auto,cpu,cuda}",
@@ -1081,10 +1083,10 @@ def test_help_lists_choices_and_a_model_preset_brings_its_context():
     ):
         assert choices in text, choices
     assert "(default: gpt2)" in text and "(default: on)" in text  # --compile
-    tiny = train_gpt2.parse_args(["--model", "tiny"])
+    tiny = train_config.parse_args(["--model", "tiny"])
     assert tiny.seq_len == 256 and tiny.tokens_per_step == 524_288  # the reference batch, tiny's context
     tiny.check_world_size(8)
-    assert train_gpt2.parse_args(["--model", "tiny", "--seq-len", "128"]).seq_len == 128
+    assert train_config.parse_args(["--model", "tiny", "--seq-len", "128"]).seq_len == 128
 
 
 @pytest.mark.timeout(200)
