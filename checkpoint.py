@@ -28,12 +28,14 @@ import re
 import socket
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 from urllib.parse import urlparse
 
 import torch
 
 import cli
 import fileio
+import runtime
 from model import GPT, GPTConfig, gpt_config_from_hf, load_hf_state_dict
 
 STEP_NAME = re.compile(r"model_(\d{5,})$")  # a checkpoint's name without .pt
@@ -146,6 +148,34 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> GPT:
         detail = lines[1].strip() if len(lines) > 1 else lines[0] if lines else type(e).__name__
         raise cli.UserError(f"{path}: weights do not fit its model_config ({detail})") from None
     return model.eval()
+
+
+class Evaluated(NamedTuple):
+    """The model an evaluation script scores, and where its scores are filed."""
+
+    model: GPT
+    checkpoint: str | None  # our checkpoint's path; None for a Hugging Face model
+    step: int | None  # the optimizer steps it had done (None: a Hugging Face model)
+    results_dir: Path  # its run's folder, where plot.py reads the scores
+
+
+def load_evaluated(path: str, hf: str, log_dir: str, device: torch.device) -> Evaluated:
+    """What hellaswag.py and core.py score: a Hugging Face GPT-2 (`hf`, a name or folder) or our
+    checkpoint (`path`, default log/model_final.pt), and where its scores go (`results_dir`)."""
+    where = results_dir(path, hf, log_dir)
+    if hf:
+        return Evaluated(load_hf_model(hf, device=device), None, None, where)
+    path = path or cli.DEFAULT_CHECKPOINT
+    return Evaluated(load_model(path, device), path, read_step(path), where)
+
+
+def results_dir(path: str, hf: str, log_dir: str) -> Path:
+    """Where an evaluation of checkpoint `path` (or Hugging Face model `hf`) is filed: --log-dir, else
+    the checkpoint's folder (its run's log dir, so log_fast/model_final.pt is filed in log_fast/, where
+    plot.py --log-dir log_fast reads it), else log/ for a Hugging Face model."""
+    if log_dir:
+        return Path(log_dir)
+    return Path(cli.DEFAULT_LOG_DIR) if hf else Path(path or cli.DEFAULT_CHECKPOINT).parent
 
 
 def read_step(path: str | Path) -> int | None:
@@ -363,6 +393,227 @@ def _os_error_in(e: BaseException) -> OSError | None:
         seen.add(id(e))
         e = e.__cause__ or e.__context__
     return None
+
+
+# ---- a training run's checkpoint: saving it, and resuming from it ----------------------------------
+# The settings that decide the weights a run ends with: the same command with another value of one of
+# them, given a finished run's folder, did not train (`finished`).
+RUN_SETTINGS = (
+    *("model", "init_from", "shuffle", "tokens_per_step", "seq_len", "max_steps", "warmup_steps", "max_lr"),
+    *("min_lr_frac", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "schedule", "decay_frac"),
+    *("optimizer", "muon_lr", "muon_momentum", "recipe", "seed", "demo"),
+)
+# Changed on resume, these make it another run (another batch, order or stream): refused without
+# --allow-config-change. And the flags that say how to resume, never compared.
+RESUME_REFUSED = ("tokens_per_step", "seq_len", "seed", "shuffle")
+RESUME_FLAGS = ("resume", "allow_config_change")
+
+
+class CheckpointNotWritten(cli.RunFailed):
+    """A checkpoint could not be written (full disk, quota, permissions): every rank stops."""
+
+
+class Resumed(NamedTuple):
+    """Where a run starts: its step, whether that step's evaluations were logged before the
+    checkpoint was saved, the checkpoint (None: a fresh start) and the settings changed since it."""
+
+    step: int
+    evals_done: bool
+    path: str | None
+    changes: list[str]
+
+
+class Finished(NamedTuple):
+    """--resume auto found the run over: what to tell the user, and the exit code (2 when the command
+    asked for other settings than the finished run's, so it did not train)."""
+
+    message: str
+    code: int
+
+
+def training_path(stem: Path, sharded: bool) -> Path:
+    """Where a training checkpoint named `stem` (log/model_00042) goes: log/model_00042.pt, or the
+    folder log/model_00042/ when sharded."""
+    return stem if sharded else stem.with_name(stem.name + FILE_SUFFIX)
+
+
+def save_training_state(
+    model: torch.nn.Module, optimizer, state: dict, stem: Path, keep: int | None, *, sharded: bool, is_main: bool
+) -> Path:
+    """The mirror of load_training_state, called on every rank: the weights, the optimizer state and
+    `state` (step, loader, RNG, ...) as one file from the main rank (the others hold the same weights),
+    or sharded (FSDP2) as a DCP folder of every rank's shards. Every rank learns whether any rank's
+    write failed and raises CheckpointNotWritten with one line (the previous checkpoints untouched)."""
+    path, failure = training_path(stem, sharded), None
+    try:
+        if sharded:
+            save_sharded(model, optimizer, state, path, keep, is_main)
+        elif is_main:
+            save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}, path, keep)
+    except OSError as e:  # the temp file is gone, the previous checkpoints are untouched
+        failure = e
+    problem = runtime.first_problem(failure_message(path, failure) if failure else None, name_rank=False)
+    if problem:
+        raise CheckpointNotWritten(problem)
+    return path
+
+
+def failure_message(path: Path, e: OSError) -> str:
+    """A checkpoint that could not be written, in one line: what was kept and how to go on."""
+    newest = paths(path.parent)
+    kept = (
+        f"{newest[0][1]} is intact and `--resume auto` continues from it"
+        if newest
+        else "no earlier checkpoint exists, so a rerun starts from step 0"
+    )
+    size = f" (a checkpoint takes {size_bytes(newest[0][1]) / 2**20:,.0f} MiB)" if newest else ""
+    room = f"free space on that disk{size}, or move the run to a bigger one (--log-dir)"
+    if fileio.is_disk_full(e):
+        return (
+            f"no room to write {path} ({e.strerror}); nothing else was lost: {kept}. Fix: {room}, "
+            "then rerun the same command"
+        )
+    return (
+        f"cannot write {path} ({e.strerror}): {kept}. Fix the folder's permissions or choose another --log-dir, "
+        "then rerun"
+    )
+
+
+def resume(config: dict, model: torch.nn.Module, optimizer, parts: dict) -> Resumed | Finished:
+    """Continue the run `config` (the TrainConfig's fields) from the newest checkpoint in its log dir,
+    whatever world size wrote it: check it may continue this run (`resume_problem`), then load its state
+    into `model`, `optimizer` and each of `parts` ({checkpoint key: stateful part}). Called on every
+    rank. A fresh start: Resumed(0, ...); a finished run: Finished (nothing loaded)."""
+    log_dir = Path(config["log_dir"])
+    if config["resume"] == "never":
+        if paths(log_dir):
+            raise cli.UserError(
+                f"{log_dir} already holds checkpoints of another run: pass a new --log-dir, "
+                "or delete them, or use --resume auto"
+            )
+        return Resumed(0, False, None, [])
+    ckpt = choose(log_dir)
+    if ckpt is None:
+        return Resumed(0, False, None, [])
+    done = finished(ckpt, config)
+    if done is not None:
+        return done
+    problem, changes = resume_problem(ckpt, config, model, parts)
+    if problem:
+        raise cli.UserError(problem)
+    load_training_state(ckpt, model, optimizer)
+    for name, part in parts.items():
+        part.load_state_dict(ckpt[name])
+    return Resumed(ckpt["step"], ckpt["evals_done"], ckpt["path"], changes)
+
+
+def choose(log_dir: Path) -> dict | None:
+    """The checkpoint every rank resumes from: rank 0 picks the newest one that loads, and every rank
+    loads that one. (Each rank choosing for itself could pick different steps: a file half-visible on
+    one node of a shared filesystem, a torn newest one that only some ranks can read.)"""
+    import torch.distributed as dist
+
+    is_main = not dist.is_initialized() or dist.get_rank() == 0
+    chosen, problem = None, None
+    if is_main:
+        try:
+            ckpt = load_latest(log_dir, warn=True)
+            chosen = ckpt and ckpt["path"]
+        except OSError as e:  # an unreadable folder: every rank learns it, none waits for rank 0
+            problem = f"cannot read the checkpoints in {log_dir} ({cli.os_error_message(e)})"
+    chosen, problem = runtime.broadcast_object((chosen, problem))
+    if problem:
+        raise cli.UserError(f"{problem}: fix its permissions or choose another --log-dir")
+    if chosen is None:
+        return None
+    problem = None
+    if not is_main:
+        try:
+            ckpt = {**load_file(chosen, required=TRAINING_KEYS), "path": chosen}
+        except (ValueError, OSError) as e:
+            problem = str(e)
+    problem = runtime.first_problem(problem)
+    if problem:
+        raise cli.UserError(
+            f"{problem}: the ranks see different files; put --log-dir on a filesystem every node shares"
+        )
+    return ckpt
+
+
+def config_changes(saved: dict, config: dict, only: tuple[str, ...] | None = None) -> dict[str, str]:
+    """{setting: "--flag old -> new"} for every setting (of `only`, if given) that differs from the
+    checkpoint's config (flags that only say how to resume are not compared)."""
+    return {
+        name: f"--{name.replace('_', '-')} {saved[name]!r} -> {config[name]!r}"
+        for name in (only or config)
+        if name in saved and saved[name] != config[name] and name not in RESUME_FLAGS
+    }
+
+
+def finished(ckpt: dict, config: dict) -> Finished | None:
+    """A signal during the last step leaves model_{max_steps}.pt, saved before the final evals:
+    resuming it runs them and writes model_final.pt. Only that file (or a checkpoint past
+    --max-steps) means the run is over."""
+    log_dir, max_steps = Path(config["log_dir"]), config["max_steps"]
+    if ckpt["step"] < max_steps or (ckpt["step"] == max_steps and not is_final(ckpt["path"])):
+        return None
+    changes = config_changes(ckpt["config"], config, only=RUN_SETTINGS)
+    if changes:
+        return Finished(
+            f"{log_dir} holds a finished run with other settings ({'; '.join(changes.values())}): to train "
+            f"with these settings, give the run its own folder, e.g. --log-dir {log_dir}_2",
+            2,
+        )
+    return Finished(
+        f"training already finished: {ckpt['path']} is at step {ckpt['step']} of {max_steps}, "
+        f"nothing to do. To train again, pass a new --log-dir (e.g. --log-dir {log_dir}_2) or delete "
+        f"{log_dir}/; to train longer, raise --max-steps",
+        0,
+    )
+
+
+def resume_problem(ckpt: dict, config: dict, model, parts: dict) -> tuple[str | None, list[str]]:
+    """THE place that decides whether `ckpt` can continue the run `config`: (why it cannot, or None;
+    the changes it continues with). Refused even with --allow-config-change when the state cannot be
+    loaded at all (another format, model or optimizer); a changed RESUME_REFUSED setting, or a part
+    that says its state no longer fits (the loader: other data), only without that flag."""
+    saved, path = ckpt["config"], ckpt["path"]
+    if ckpt.get("format") != FORMAT_VERSION:
+        return (
+            f"{path} is a checkpoint of format {ckpt.get('format', 'none')}, this train_gpt2.py reads format "
+            f"{FORMAT_VERSION}: resume with the version of the repo that wrote it, or start this run "
+            "in a new --log-dir"
+        ), []
+    missing = [name for name in parts if name not in ckpt]
+    if missing:  # a part added since it was written: its state is not there to restore
+        return (
+            f"{path} holds no state for {', '.join(missing)} (written before it was added): resume with the "
+            "version of the repo that wrote it, or start this run in a new --log-dir"
+        ), []
+    if ckpt["model_config"] != model.model_config_dict():
+        return (
+            f"{path} holds another model ({saved['model']}: {ckpt['model_config']}) than --model "
+            f"{config['model']}: resume with its --model, or start this run in a new --log-dir"
+        ), []
+    if saved["optimizer"] != config["optimizer"]:
+        return (
+            f"{path} was trained with --optimizer {saved['optimizer']}: resume with it, or start "
+            f"--optimizer {config['optimizer']} in a new --log-dir"
+        ), []
+    changes = config_changes(saved, config)
+    refused = [text for name, text in changes.items() if name in RESUME_REFUSED]
+    refused += [why for name, part in parts.items() if (why := _part_problem(part, ckpt[name]))]
+    if refused and not config["allow_config_change"]:
+        return (
+            f"{path} was saved with other settings ({'; '.join(refused)}): resuming would not continue that "
+            "run. Use the checkpoint's settings and data, a new --log-dir, or --allow-config-change if intended"
+        ), []
+    return None, refused + [text for name, text in changes.items() if name not in RESUME_REFUSED]
+
+
+def _part_problem(part, state) -> str | None:
+    """What a stateful part says makes `state` another run's (its resume_problem, if it has one)."""
+    return part.resume_problem(state) if hasattr(part, "resume_problem") else None
 
 
 # ---- Hugging Face ---------------------------------------------------------------------------------

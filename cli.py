@@ -34,6 +34,7 @@ from typing import Any
 # because fineweb.py, which writes it, never imports torch (dataloader.py does).
 DEFAULT_DATA_DIR = "edu_fineweb10B"
 DEFAULT_LOG_DIR = "log"
+DEMO_DATA_DIR = "demo_fineweb"  # the demo's shards: `fineweb.py --demo` writes them, `train_gpt2.py --demo` reads them
 DEFAULT_CHECKPOINT = f"{DEFAULT_LOG_DIR}/model_final.pt"  # what a finished training run leaves
 DEFAULT_HELLASWAG_DATA = "hellaswag/hellaswag_val.jsonl"  # hellaswag.py downloads it there once
 DEFAULT_CORE_DATA = "core_data"  # core.py downloads CORE's task files there once
@@ -52,12 +53,27 @@ class UserError(ValueError):
     """A problem the user can fix (a bad flag, a missing file, data made with other settings): its
     message is one line naming the problem and the fix. Every script's own errors derive from it."""
 
+    exit_code = 2  # nothing was done: change what the message says, then rerun
+
+
+class RunFailed(Exception):
+    """A run that worked and then failed (diverged, a checkpoint or the log not written, a lost rank):
+    one line, exit 1; its newest checkpoint is intact and the same command resumes from it once the
+    cause is fixed. `every_rank`: printed by every rank that raises it (an error only some ranks see)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
+
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run a script's `main(argv)` under the one CLI convention: a UserError or an OSError (a file that
     is missing, unreadable, a full disk) prints `<script>: error: <message>` once per job (rank 0 under
-    torchrun) and exits 2; Ctrl-C exits 130 (a KeyboardInterrupt raised with a message, e.g. what to
-    do next, adds it to the line). Anything else is a bug: its traceback is kept.
+    torchrun) and exits 2; a RunFailed prints its line and exits 1; Ctrl-C exits 130 (a
+    KeyboardInterrupt raised with a message, e.g. what to do next, adds it to the line). Anything else
+    is a bug: its traceback is kept.
 
         if __name__ == "__main__":
             sys.exit(cli.run_main(main))
@@ -67,7 +83,10 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     except (UserError, OSError) as e:
         print_error(str(e) if isinstance(e, UserError) else os_error_message(e))
         stop_restarts()
-        return 2
+        return UserError.exit_code
+    except RunFailed as e:
+        print_error(str(e), every_rank=e.every_rank)
+        return e.exit_code
     except KeyboardInterrupt as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"\n{script_name()}: interrupted" + (f": {e}" if str(e) else ""), file=sys.stderr, flush=True)
@@ -158,14 +177,6 @@ def os_error_message(e: OSError) -> str:
     return str(e) or type(e).__name__
 
 
-# What a setting is, for the rules derived from it (config metadata, `field(..., groups=...)`):
-RUN = "run"  # decides the weights a run ends with (a finished run asked again with another value did not train)
-RESUME_REFUSED = "resume_refused"  # changing it turns a resumed run into another run (--allow-config-change)
-RESUME_FLAG = "resume_flag"  # says how to resume: never compared with the checkpoint's
-BENCH_STEP = "bench_step"  # shapes a training step: bench/throughput.py offers it
-GROUPS = (RUN, RESUME_REFUSED, RESUME_FLAG, BENCH_STEP)
-
-
 def field(
     default: Any,
     help: str,
@@ -174,25 +185,20 @@ def field(
     metavar: str | None = None,
     *,
     section: str | None = None,
-    groups: Sequence[str] = (),
     above: float | None = None,
     at_least: float | None = None,
     below: float | None = None,
     at_most: float | None = None,
 ):
     """A dataclass field with a default, a help string and optional choices / flag name / metavar;
-    `section`: its --help group; `groups`: what kind of setting it is (GROUPS); above / at_least /
-    below / at_most: the bounds `check_bounds` enforces, naming the flag."""
-    unknown = set(groups) - set(GROUPS)
-    if unknown:
-        raise TypeError(f"unknown setting groups {sorted(unknown)}: use {GROUPS}")
+    `section`: its --help group; above / at_least / below / at_most: the bounds `check_bounds`
+    enforces, naming the flag."""
     metadata = {
         "help": help,
         "choices": choices,
         "flag": flag,
         "metavar": metavar,
         "section": section,
-        "groups": tuple(groups),
         "bounds": (above, at_least, below, at_most),
     }
     if isinstance(default, (list, dict, set)):
@@ -214,11 +220,6 @@ def sections(**first_fields: str):
         return config_cls
 
     return mark
-
-
-def fields_in(config_cls, group: str) -> tuple[str, ...]:
-    """The names of `config_cls`'s settings in `group` (RUN, RESUME_REFUSED, ...), in field order."""
-    return tuple(f.name for f in dataclasses.fields(config_cls) if group in f.metadata.get("groups", ()))
 
 
 def check_bounds(config) -> None:

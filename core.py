@@ -19,7 +19,6 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import cli
 import core_eval
@@ -129,30 +128,14 @@ def fetch_data(cfg: CoreConfig, dist_info: runtime.DistInfo | None) -> dict[str,
     return failed
 
 
-def results_dir(cfg: CoreConfig) -> Path:
-    """--log-dir, else the checkpoint's folder (its run's log dir), else log/ for a Hugging Face model."""
-    if cfg.log_dir:
-        return Path(cfg.log_dir)
-    if cfg.hf:
-        return Path(DEFAULT_LOG_DIR)
-    return Path(cfg.checkpoint or DEFAULT_CHECKPOINT).parent
-
-
-def load(cfg: CoreConfig, device: torch.device):
-    """(model, checkpoint path or None, step or None)."""
-    if cfg.hf:
-        return checkpoint.load_hf_model(cfg.hf, device=device), None, None
-    ckpt = cfg.checkpoint or DEFAULT_CHECKPOINT
-    return checkpoint.load_model(ckpt, device), ckpt, checkpoint.read_step(ckpt)
-
-
 def evaluate(cfg: CoreConfig, dist_info: runtime.DistInfo) -> dict:
     device = dist_info.device
     fetch_data(cfg, dist_info)
     suite = core_eval.load_suite(cfg.data_dir, cfg.task_labels, cfg.max_per_task, cfg.verify, cfg.allow_missing)
-    model, ckpt, step = load(cfg, device)
+    evaluated = checkpoint.load_evaluated(cfg.checkpoint, cfg.hf, cfg.log_dir, device)
     runtime.configure_device(device)
-    model = runtime.compile_model(model, cfg.compile, warn=dist_info.is_main)
+    model = runtime.compile_model(evaluated.model, cfg.compile, warn=dist_info.is_main)
+    compiled = model is not evaluated.model
 
     start = time.perf_counter()
     rows = len(core_eval.build(suite, scoring.unwrap(model).config.block_size).sequences)  # tokenized once, here
@@ -176,13 +159,14 @@ def evaluate(cfg: CoreConfig, dist_info: runtime.DistInfo) -> dict:
             autocast=runtime.autocast(device),
             batch_size=cfg.batch_size or None,
             progress=progress,
+            fixed_shapes=compiled,
         )
         bar.update(rows - bar.n)
     seconds = time.perf_counter() - start
     record = {
-        "checkpoint": ckpt,
+        "checkpoint": evaluated.checkpoint,
         "model": cfg.hf or None,
-        "step": step,
+        "step": evaluated.step,
         "core": result["core"],
         "core_partial": result["core_partial"],
         "missing": sorted(result["missing"]),
@@ -196,15 +180,12 @@ def evaluate(cfg: CoreConfig, dist_info: runtime.DistInfo) -> dict:
         "time": time.time(),
     }
     if dist_info.is_main:
-        log_dir = results_dir(cfg)
-        log_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed evaluation leaves no folder
-        fileio.append_jsonl(log_dir / RESULTS_FILE, record)
+        filed = fileio.append_result(evaluated.results_dir, RESULTS_FILE, record)
         print("\n".join(core_eval.summary_lines(result)))
-        name = cfg.hf or f"{ckpt} (step {step})"
+        name = cfg.hf or f"{evaluated.checkpoint} (step {evaluated.step})"
         print(
             f"core | {name} | {result['count']:,} examples, {result['rows']:,} sequences | {seconds:.1f} s "
-            f"({prepared - start:.1f} s tokenizing; {result['count'] / seconds:,.1f} examples/s) | "
-            f"{log_dir / RESULTS_FILE}"
+            f"({prepared - start:.1f} s tokenizing; {result['count'] / seconds:,.1f} examples/s) | {filed}"
         )
     return record
 

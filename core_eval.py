@@ -51,7 +51,6 @@ by far more than 1e-6 (scoring.py); on one device, reruns and any world size giv
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import shutil
@@ -341,32 +340,9 @@ def load_examples(path: str | Path, kind: str, verify: FileSpec | None = None) -
     fix = how_to_get(path.parent.parent)  # task files are <data dir>/<category>/<name>.jsonl
     if not path.is_file():
         raise FileNotFoundError(f"CORE task file {path} not found: {fix}, or copy the file there")
-    data = path.read_bytes()
     if verify is not None:
-        check_file(path, data, verify, f"delete it and {fix}")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text: the file is corrupt; delete it and {fix}") from None
-    examples = []
-    # Lines end at "\n" only, as the reference's `for line in f` (str.splitlines would also split at
-    # U+2028 and the like, which JSON strings may hold unescaped).
-    for line_number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            example = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(
-                f"{path} line {line_number}: not valid JSON ({e.msg}): the file is torn or corrupt; delete it and {fix}"
-            ) from None
-        problem = _check_example(example, kind)
-        if problem:
-            raise UserError(f"{path} line {line_number}: {problem}: not a {kind} example; delete the file and {fix}")
-        examples.append(example)
-    if not examples:
-        raise UserError(f"{path} holds no examples: delete it and {fix}")
-    return examples
+        check_file(path, path.read_bytes(), verify, f"delete it and {fix}")
+    return fileio.read_examples(path, lambda example: _check_example(example, kind), kind, fix)
 
 
 def _check_example(example, kind: str) -> str | None:
@@ -589,8 +565,10 @@ def evaluate_core(
     batch_size: int | None = None,
     max_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
+    fixed_shapes: bool = False,
 ) -> dict:
-    """CORE of `model` (a GPT, possibly DDP-wrapped or torch.compile'd) on `suite`, split across ranks;
+    """CORE of `model` (a GPT, possibly DDP-wrapped or torch.compile'd: then `fixed_shapes`, see
+    scoring.score_sequences) on `suite`, split across ranks;
     every rank returns the same dict:
       tasks: {label: {accuracy, centered, count, shots, kind}} in TASKS' order,
       core: the mean centered accuracy when the suite is complete (all 22 tasks), else None,
@@ -612,6 +590,7 @@ def evaluate_core(
         batch_size,
         max_tokens=max_tokens,
         progress=progress,
+        fixed_shapes=fixed_shapes,
     )
     n_scored = np.asarray(built.n_scored, dtype=np.float64)
     tasks = {}

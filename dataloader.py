@@ -238,6 +238,7 @@ class TrainLoader:
             pin_memory = False
         self.pin_memory = pin_memory
 
+        self.data_dir = data_dir
         self.paths = list_shards(data_dir, split)
         self.shards = [load_shard(p) for p in self.paths]  # mmaps: validates every shard up front
         self.counts = np.array([max(len(s) - 1, 0) // seq_len for s in self.shards], dtype=np.int64)
@@ -292,11 +293,21 @@ class TrainLoader:
             "num_windows": self.num_windows,
         }
 
+    def resume_problem(self, state: dict) -> str | None:
+        """Why `state` (a checkpoint's) read other data than this loader reads, or None: a change
+        checkpoint.resume refuses unless --allow-config-change."""
+        if state["num_windows"] == self.num_windows:
+            return None
+        return (
+            f"data changed: the checkpoint's {self.split} split had {state['num_windows']} windows, the "
+            f"{len(self.paths)} shards in {self.data_dir} now hold {self.num_windows}"
+        )
+
     def load_state_dict(self, state: dict) -> None:
         """Continue after `state["rows_consumed"]` rows; any world size and micro-batch size work.
-        Whether a state may continue this run (same seed, order, data) is the trainer's decision
-        (train_gpt2.resume_problem); given another seed, shuffle, seq_len or data (its
-        --allow-config-change), the stream continues at the same token position in this loader's order."""
+        Whether a state may continue this run (same seed, order, data) is checkpoint.resume's
+        decision; given another seed, shuffle, seq_len or data (its --allow-config-change), the
+        stream continues at the same token position in this loader's order."""
         self._base = int(state["rows_consumed"]) * int(state["seq_len"]) // self.T  # same tokens read
         self._calls = 0
 

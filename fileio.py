@@ -112,6 +112,50 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         f.flush()
 
 
+def read_examples(path: str | Path, check, what: str, fix: str, limit: int | None = None) -> list[dict]:
+    """The JSON objects of a JSON-lines data file (HellaSwag's, a CORE task's), each passed through
+    `check(example) -> problem or None`; the first `limit` if given. Anything wrong (not UTF-8, a line
+    that is not JSON, an example `check` refuses, no examples) is a one-line UserError naming the file,
+    the line, what it is not (`what`: "HellaSwag", "multiple_choice") and the `fix`. Lines end at "\n"
+    only, as a `for line in f` reader's: str.splitlines would also split at U+2028 and the like, which
+    JSON strings may hold unescaped."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise cli.UserError(f"{path} is not UTF-8 text: the file is corrupt; delete it and {fix}") from None
+    examples = []
+    for line_number, line in enumerate(text.split("\n"), start=1):
+        if limit is not None and len(examples) >= limit:
+            break
+        if not line.strip():
+            continue
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise cli.UserError(
+                f"{path} line {line_number}: not valid JSON ({e.msg}): the file is torn or corrupt; delete it and {fix}"
+            ) from None
+        problem = check(example)
+        if problem:
+            raise cli.UserError(
+                f"{path} line {line_number}: {problem}: not a {what} example; delete the file and {fix}"
+            )
+        examples.append(example)
+    if not examples:
+        raise cli.UserError(f"{path} holds no examples: delete it and {fix}")
+    return examples
+
+
+def append_result(folder: str | Path, file_name: str, record: dict) -> Path:
+    """Append an evaluation's record to `folder`/`file_name` (a results JSONL), making the folder only
+    now: an evaluation that failed leaves none behind."""
+    path = Path(folder) / file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    append_jsonl(path, record)
+    return path
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
     """Yield an empty staging folder beside `path`; when the block succeeds it replaces `path`

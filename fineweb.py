@@ -36,7 +36,7 @@ import sys
 import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,10 @@ from cli import DEFAULT_DATA_DIR, UserError, field, parse_config
 from tokenizer import ENCODING_NAME, EOT_TOKEN, VOCAB_SIZE, get_encoding, usable_cores
 
 MANIFEST = "manifest.json"
+# --demo: the FineWeb sample shipped with the repo (~0.6M tokens) in 100K-token shards, shard 0 the val
+# split: what `train_gpt2.py --demo` trains on, into its --data-dir (demo_fineweb unless given).
+DEMO_CORPUS = Path(__file__).resolve().parent / "assets" / "demo" / "fineweb_demo.parquet"
+DEMO_SHARD_SIZE = 100_000
 MANIFEST_FORMAT = 1
 PREFIX = "edufineweb"  # the reference's file names, so existing dataloaders find the shards
 SHARD_RE = re.compile(rf"^{PREFIX}_(val|train)_(\d{{6}})\.npy$")
@@ -91,6 +95,7 @@ class FinewebConfig:
     streaming: bool = field(False, "stream the dataset instead of first keeping a full local Arrow copy")
     max_tokens: int = field(0, "stop after this many tokens (0 = no limit), e.g. 1e9 trial")
     verify: bool = field(False, "only re-check the shards in --out-dir against the manifest")
+    demo: bool = field(False, f"the demo's data: the corpus in assets/demo, in {DEMO_SHARD_SIZE:,}-token shards")
 
     def __post_init__(self):
         """Check the flags once, up front; raise UserError naming the flag and the fix."""
@@ -446,7 +451,7 @@ def _column_texts(column) -> list:
     may hold bytes that are not UTF-8: Arrow's JSON reader does not check them (a Latin-1 line in a
     .jsonl loads), and turning such a value into str raises inside `datasets`, a traceback that names
     no file. Such a batch goes as bytes instead: encode_documents counts its bad rows as undecodable,
-    as the README says, and tokenizes the rest."""
+    as docs/data.md says, and tokenizes the rest."""
     try:
         return column.to_pylist()
     except UnicodeDecodeError:
@@ -1132,6 +1137,8 @@ def main(argv: list[str] | None = None) -> int:
     # streaming dataset. Set before `datasets` is first imported; the user's value wins.
     os.environ.setdefault("USE_TORCH", "0")
     cfg = parse_config(FinewebConfig, argv, description=__doc__.split("\n\n")[0])
+    if cfg.demo:
+        cfg = demo_config(cfg)
     if cfg.shard_size < MIN_SHARD_SIZE and not cfg.verify:
         raise UserError(
             f"--shard-size {cfg.shard_size:,} is too small: a shard must hold a few training windows of the "
@@ -1149,6 +1156,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         raise KeyboardInterrupt("rerun the same command to continue from the last complete shard") from None
     return 0
+
+
+def demo_config(cfg: FinewebConfig) -> FinewebConfig:
+    """--demo: the shipped corpus at the demo's shard size, one worker (a small input: starting more
+    processes costs more than it saves), into demo_fineweb/ unless --out-dir says otherwise."""
+    if cfg.input:
+        raise UserError("--demo tokenizes the corpus shipped in assets/demo: give --demo or --input, not both")
+    out_dir = cli.DEMO_DATA_DIR if cfg.out_dir == DEFAULT_DATA_DIR else cfg.out_dir
+    return replace(
+        cfg, input=(str(DEMO_CORPUS),), shard_size=DEMO_SHARD_SIZE, workers=cfg.workers or 1, out_dir=out_dir
+    )
 
 
 def _require_train_shard(cfg: FinewebConfig, manifest: dict) -> None:

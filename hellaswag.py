@@ -9,7 +9,7 @@
 
 Shows progress (examples done, examples/s) while it runs, then prints one line with both scoring
 styles (reference = build-nanogpt's, harness = lm-evaluation-harness's; defined in hellaswag_eval.py
-and the README) and appends one JSON object to hellaswag_results.jsonl in the checkpoint's folder (its
+and docs/evaluation.md) and appends one JSON object to hellaswag_results.jsonl in the checkpoint's folder (its
 run's log dir, where plot.py looks; --log-dir chooses another; log/ for --hf). Under torchrun the
 examples are split across ranks; the numbers are identical to one process. bf16 autocast on CUDA,
 float32 on CPU.
@@ -25,6 +25,8 @@ from pathlib import Path
 import cli
 from cli import DEFAULT_CHECKPOINT, DEFAULT_LOG_DIR, DEVICE_CHOICES, UserError, field, parse_config
 from cli import DEFAULT_HELLASWAG_DATA as DEFAULT_DATA_PATH
+
+RESULTS_FILE = "hellaswag_results.jsonl"
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class HellaSwagConfig:
     log_dir: str = field(
         "",
         "append the result to <log-dir>/hellaswag_results.jsonl (default: the checkpoint's "
-        "folder, e.g. log_fast for log_fast/model_final.pt, so plot.py files it under its run; "
+        "folder, e.g. log_fast for log_fast/model_final.pt, where plot.py --log-dir log_fast reads it; "
         f"{DEFAULT_LOG_DIR} for --hf)",
     )
     device: str = field("auto", "auto, cpu or cuda", choices=DEVICE_CHOICES)
@@ -93,27 +95,13 @@ def data_path(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> Path:
     return path
 
 
-def results_dir(cfg: HellaSwagConfig) -> Path:
-    """Where the result is appended: --log-dir, else the folder of the checkpoint (a model_*.pt file
-    or model_*/ folder lives in its run's log dir), else log/ for a Hugging Face model."""
-    if cfg.log_dir:
-        return Path(cfg.log_dir)
-    if cfg.hf:
-        return Path(DEFAULT_LOG_DIR)
-    return Path(cfg.checkpoint or DEFAULT_CHECKPOINT).parent
-
-
 def evaluate(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> dict:
     device = dist_info.device
     path = data_path(cfg, dist_info)
     examples = load_examples(path, limit=cfg.limit or None, verify=cfg.verify)
-    if cfg.hf:
-        model, ckpt, step = checkpoint.load_hf_model(cfg.hf, device=device), None, None
-    else:
-        ckpt = cfg.checkpoint or DEFAULT_CHECKPOINT
-        model, step = checkpoint.load_model(ckpt, device), checkpoint.read_step(ckpt)
+    evaluated = checkpoint.load_evaluated(cfg.checkpoint, cfg.hf, cfg.log_dir, device)
     runtime.configure_device(device)
-    model = runtime.compile_model(model, cfg.compile, warn=dist_info.is_main)
+    model = runtime.compile_model(evaluated.model, cfg.compile, warn=dist_info.is_main)
 
     start = time.perf_counter()
     with tqdm(
@@ -138,13 +126,14 @@ def evaluate(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> dict:
             autocast=runtime.autocast(device),
             batch_size=cfg.batch_size or None,
             progress=progress,
+            fixed_shapes=model is not evaluated.model,  # compiled: a few shapes, not hundreds
         )
         bar.update(len(examples) - bar.n)
     seconds = time.perf_counter() - start
     record = {
-        "checkpoint": ckpt,
+        "checkpoint": evaluated.checkpoint,
         "model": cfg.hf or None,
-        "step": step,
+        "step": evaluated.step,
         "acc": result["acc"],
         "acc_norm": result["acc_norm"],
         "harness_acc": result["harness_acc"],
@@ -154,16 +143,13 @@ def evaluate(cfg: HellaSwagConfig, dist_info: runtime.DistInfo) -> dict:
         "time": time.time(),
     }
     if dist_info.is_main:
-        log_dir = results_dir(cfg)
-        log_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed evaluation leaves no folder
-        fileio.append_jsonl(log_dir / "hellaswag_results.jsonl", record)
-        name = cfg.hf or f"{ckpt} (step {step})"
+        filed = fileio.append_result(evaluated.results_dir, RESULTS_FILE, record)
+        name = cfg.hf or f"{evaluated.checkpoint} (step {evaluated.step})"
         print(
             f"hellaswag | {name} | {result['count']:,} examples | reference acc {result['acc']:.4f} "
             f"acc_norm {result['acc_norm']:.4f} | harness acc {result['harness_acc']:.4f} "
             f"acc_norm {result['harness_acc_norm']:.4f} | {seconds:.1f} s "
-            f"({result['count'] / seconds:,.1f} examples/s) | "
-            f"{log_dir / 'hellaswag_results.jsonl'}"
+            f"({result['count'] / seconds:,.1f} examples/s) | {filed}"
         )
     return record
 

@@ -9,7 +9,7 @@ Used by `hellaswag.py` (a checkpoint or a Hugging Face model, both styles) and b
 Each example has a context and 4 endings; a model "answers" by which ending it finds most likely.
 Two ways of turning that into text and numbers are in use, and they give different accuracies:
 
-- reference (build-nanogpt's, the numbers this project's README quotes): context = `ctx`, each ending
+- reference (build-nanogpt's, the numbers this project quotes): context = `ctx`, each ending
   " " + ending. acc: the ending with the highest total log-likelihood; acc_norm: the ending with the
   lowest mean per-token loss (log-likelihood / number of ending tokens).
 - harness (EleutherAI lm-evaluation-harness's `hellaswag` task, the numbers papers and leaderboards
@@ -26,7 +26,6 @@ is truncated from the left, exactly as lm-evaluation-harness does for both style
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import urllib.error
 import urllib.request
@@ -115,29 +114,7 @@ def load_examples(path: str | Path, limit: int | None = None, verify: bool = Tru
         raise FileNotFoundError(f"HellaSwag file {path} not found: {_HOW_TO_GET}")
     if verify:
         verify_sha256(path)
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    f"{path} line {line_number}: not valid JSON ({e.msg}): the file is corrupt; "
-                    f"delete it and {_HOW_TO_GET}"
-                ) from None
-            problem = _check_example(example)
-            if problem:
-                raise UserError(
-                    f"{path} line {line_number}: {problem}: not a HellaSwag example; delete the file and {_HOW_TO_GET}"
-                )
-            examples.append(example)
-    if not examples:
-        raise UserError(f"{path} holds no examples: delete it and {_HOW_TO_GET}")
-    return examples
+    return fileio.read_examples(path, _check_example, "HellaSwag", _HOW_TO_GET, limit)
 
 
 def _check_example(example) -> str | None:
@@ -219,7 +196,7 @@ def score_examples(
     autocast=None,
     styles=STYLES,
     batch_size: int | None = None,
-    fixed_shapes: bool | None = None,
+    fixed_shapes: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per style: "loglik" (N, 4) summed log-likelihood of each ending, "norm" (N, 4) its acc_norm
@@ -257,7 +234,7 @@ def evaluate_hellaswag(
     *,
     styles=STYLES,
     batch_size: int | None = None,
-    fixed_shapes: bool | None = None,
+    fixed_shapes: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
     """HellaSwag accuracies of `model` (a GPT, possibly torch.compile'd; called as model(idx) ->

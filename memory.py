@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+import runtime
 from cli import UserError
 from model import GPT, GPTConfig
 from train_config import MODEL_PRESETS
@@ -165,3 +166,17 @@ def check_fits(needed: dict[str, float], device: torch.device, local_ranks: int 
         f"{where}: use --parallel fsdp over more ranks, --activation-checkpointing, a smaller "
         "--micro-batch-size or --model (or --no-memory-check to try anyway)"
     )
+
+
+def refuse_if_too_big(needed: dict[str, float], device: torch.device, local_ranks: int = 1) -> None:
+    """`check_fits` on every rank, agreed: each rank measures its own device (one GPU of a shared node
+    may still be held by a stale process) and every rank raises the first refusal, which names that
+    rank and its host, so that no rank is left waiting in a collective for one that has left."""
+    problem = None
+    try:
+        check_fits(needed, device, local_ranks)
+    except UserError as e:
+        problem = str(e)
+    problem = runtime.first_problem(problem)
+    if problem:
+        raise UserError(problem)

@@ -1,21 +1,22 @@
-"""The run's metrics log, `<log dir>/metrics.jsonl`, its optional TensorBoard / W&B mirrors, and the
-training clock and step line the console shows (StepClock, format_step_line).
+"""The run's metrics log, `<log dir>/metrics.jsonl`, its optional TensorBoard / W&B mirrors, the records
+and the console lines made of them (train_record, line), and the training clock (StepClock).
 
 One JSON object per line, appended and flushed as it happens (`tail -f` and plot.py read it mid-run).
 It is the source of truth; the mirrors get the same records. Only the main rank writes.
 
 Resume without repeats, whatever the record types: a checkpoint stores how many bytes the log held
 when it was saved (`state_dict()`); a resumed run cuts the log back to that length
-(`start(resume_state)`), dropping exactly what the killed run logged after its checkpoint (train
+(`load_state_dict`), dropping exactly what the killed run logged after its checkpoint (train
 steps, evals, samples, any type added later, a torn last line) and nothing before it.
 
-    uv run python -c "import metrics; m = metrics.MetricsLog('/tmp/m.jsonl', True); m.start(None); \\
+    uv run python -c "import metrics; m = metrics.MetricsLog('/tmp/m.jsonl', True); m.clear(); \\
         m.write({'type': 'x', 'step': 0})"
 """
 
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -25,30 +26,30 @@ import fileio
 from cli import UserError
 
 FILE_NAME = "metrics.jsonl"
+# What the records of metrics.jsonl hold, by version: each (re)start's first record, its "config"
+# record, says it. Bump it when a record type or field changes meaning; readers (plot.py) read the
+# versions they know and refuse others in one line.
+FORMAT_VERSION = 1
 
 
 class MetricsLog:
     """`path` on the main rank (`enabled`); a no-op elsewhere. A checkpoint part: `state_dict` is the
-    log's length, `load_state_dict` the length a resumed run's `start` cuts it back to."""
+    log's length, `load_state_dict` cuts the log back to it (a resumed run); `clear` empties it (a
+    fresh one). `mirrors`: TensorBoard / W&B, given every record too."""
 
     def __init__(self, path: str | Path, enabled: bool, mirrors: list | None = None):
         self.path, self.enabled, self.mirrors = Path(path), enabled, mirrors or []
-        self.resume_state: dict | None = None  # set by load_state_dict: this run continues a checkpoint
+
+    def clear(self) -> None:
+        """A fresh run's log: empty."""
+        if self.enabled:
+            fileio.atomic_write_bytes(self.path, b"")
 
     def load_state_dict(self, state: dict) -> None:
-        self.resume_state = state
-
-    def start(self, resume_state: dict | None = None, mirrors: list | None = None) -> None:
-        """A fresh run empties the log. A resumed one cuts it to the length its checkpoint saw
-        (`resume_state`, or the one load_state_dict took). `mirrors`: TensorBoard / W&B from now on."""
-        self.mirrors = mirrors if mirrors is not None else self.mirrors
-        resume_state = resume_state if resume_state is not None else self.resume_state
-        if not self.enabled:
+        """Cut the log back to the length a checkpoint saw: what the killed run logged after it goes."""
+        if not self.enabled or not self.path.exists():
             return
-        if resume_state is None or not self.path.exists():
-            fileio.atomic_write_bytes(self.path, b"")
-            return
-        length, size = resume_state["bytes"], self.path.stat().st_size
+        length, size = state["bytes"], self.path.stat().st_size
         if length > size:
             # a log shortened by hand: keep it all (plot.py keeps the last record of each
             # (type, step), so a repeat draws once)
@@ -168,7 +169,8 @@ class StepClock:
         self.total_seconds, self.total_steps = 0.0, 0  # since this process started training
         self._since: float | None = None
 
-    def run(self) -> None:
+    def start(self) -> None:
+        """Count time from now (again, after a pause); counting already: nothing changes."""
         if self._since is None:
             self._since = time.perf_counter()
 
@@ -198,25 +200,101 @@ class StepClock:
         return time.perf_counter() - self.started
 
 
+class SlowStepNotice:
+    """A line every so often while a step runs long (the first one: compiling, a big model on a slow
+    device), `status()` saying what it is doing, instead of minutes of silence. A context manager."""
+
+    FIRST_AFTER, EVERY = 30.0, 60.0  # seconds
+
+    def __init__(self, step: int, status: Callable[[], str], enabled: bool = True):
+        self.step, self.status, self.enabled = step, status, enabled
+        self.done = threading.Event()
+
+    def __enter__(self):
+        if self.enabled:
+            threading.Thread(target=self._report, name="slow-step", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+
+    def _report(self) -> None:
+        started, wait = time.perf_counter(), self.FIRST_AFTER
+        while not self.done.wait(wait):
+            running = hms(time.perf_counter() - started)
+            print(f"step {self.step:6d} | still running after {running}: {self.status()}", flush=True)
+            wait = self.EVERY
+
+
 def hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def format_step_line(
+def mfu(flops_per_token: float, tokens_per_sec: float, peak_per_device: float | None, world_size: int = 1):
+    """Model FLOPs utilisation as a fraction: achieved training FLOP/s over the devices' peak.
+    None when the peak is unknown; clamped to 1.0, since more than the peak means a wrong entry."""
+    if not peak_per_device or tokens_per_sec <= 0:
+        return None
+    return min(1.0, flops_per_token * tokens_per_sec / (peak_per_device * world_size))
+
+
+def train_record(
     step: int,
-    max_steps: int,
     loss: float,
     lr: float,
     grad_norm: float,
-    step_ms: float,
-    tokens_per_sec: float,
-    mfu: float | None,
-    elapsed: float,
-    eta: float,
-) -> str:
-    mfu_text = f"{100 * mfu:4.1f}%" if mfu is not None else "  n/a"
-    return (
-        f"step {step:6d}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {grad_norm:6.3f} | "
-        f"{step_ms:7.0f} ms | {tokens_per_sec:11,.0f} tok/s | mfu {mfu_text} | {hms(elapsed)} | eta {hms(eta)}"
-    )
+    lap: tuple[float, int],
+    tokens_per_step: int,
+    flops_per_token: int,
+    peak_flops: float | None,
+) -> dict:
+    """The record of a logged training step: its loss (mean over ranks), lr, gradient norm (before
+    clipping) and the speed over `lap` (training seconds, steps) since the last logged step, with its
+    MFU against `peak_flops` (all the run's devices together; None where unknown)."""
+    seconds, steps = lap
+    tokens_per_sec = steps * tokens_per_step / max(seconds, 1e-9)
+    return {
+        "type": "train",
+        "step": step,
+        "tokens": (step + 1) * tokens_per_step,
+        "train_loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "step_ms": 1000 * seconds / max(steps, 1),
+        "tokens_per_sec": tokens_per_sec,
+        "mfu": mfu(flops_per_token, tokens_per_sec, peak_flops),
+    }
+
+
+def line(record: dict, max_steps: int = 0, clock: StepClock | None = None) -> str:
+    """The console line of a metrics record, for a human (stdout): one fixed-width line a step,
+    `clock` giving a train line its elapsed time and ETA to `max_steps`."""
+    kind, step = record["type"], record["step"]
+    if kind == "train":
+        mfu_text = f"{100 * record['mfu']:4.1f}%" if record["mfu"] is not None else "  n/a"
+        elapsed, eta = (clock.elapsed(), clock.eta(max_steps - step - 1)) if clock else (0.0, 0.0)
+        return (
+            f"step {step:6d}/{max_steps} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
+            f"norm {record['grad_norm']:6.3f} | {record['step_ms']:7.0f} ms | {record['tokens_per_sec']:11,.0f} "
+            f"tok/s | mfu {mfu_text} | {hms(elapsed)} | eta {hms(eta)}"
+            + (" | update skipped" if record.get("skipped") else "")
+        )
+    if kind == "val":
+        return f"step {step:6d} | val loss {record['val_loss']:.4f} | bpb {record['val_bpb']:.4f}"
+    if kind == "hellaswag":
+        return (
+            f"step {step:6d} | hellaswag acc {record['hellaswag_acc']:.4f} acc_norm "
+            f"{record['hellaswag_acc_norm']:.4f} ({record['count']} examples)"
+        )
+    if kind == "core":
+        name, score = (
+            ("core", record["core"]) if record["core"] is not None else ("core-partial", record["core_partial"])
+        )
+        per_task = record["max_per_task"] or "all"
+        return f"step {step:6d} | {name} {score:.4f} ({record['count']:,} examples, {per_task} per task)"
+    if kind == "sample":
+        return "\n".join(f"sample: {text!r}" for text in record["samples"])
+    if kind == "skip":
+        return f"step {step:6d} | update skipped: {record['reason']}"
+    return f"step {step:6d} | {kind}"

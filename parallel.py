@@ -6,13 +6,13 @@ The loop never asks which strategy runs (torchtitan's `parallelize` idea). It as
     with parallel.gradient_sync(train_model, last_micro_step): ...   # reduce only on the last micro-step
     grad_norm = parallel.clip_grad_norm_(model, max_norm)            # the global norm, a plain tensor
     parallel.count_nonfinite(model)                                  # weights that are NaN/inf, all ranks
-    parallel.save_checkpoint(model, optimizer, state, stem, keep)    # <stem>.pt, or the sharded <stem>/
+    parallel.sharded                                                 # checkpoints: one file, or every rank's shards
     parallel.all_reduce(stats)                                       # a sum over ranks
 
 - One process: no wrapper, nothing to reduce.
 - DDP (`--parallel ddp`, several ranks): every rank holds the whole model, its gradients and its
   optimizer state; gradients are all-reduced in buckets during the last micro-step's backward; the
-  main rank writes one checkpoint file.
+  main rank writes one checkpoint file (checkpoint.save_training_state).
 - FSDP2 (`--parallel fsdp`, any number of ranks, one included): each block and the root (embeddings,
   tied head, final LayerNorm) are sharded with `fully_shard`; a rank holds 1/N of the fp32 weights,
   gradients and optimizer state, all-gathers a block's weights (bf16 on CUDA) just before it runs and
@@ -28,13 +28,11 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import checkpoint
 import runtime
 from cli import STRATEGIES, WITHOUT_CUDA_GRAPHS
 
@@ -43,6 +41,7 @@ class Parallel:
     """One process, or the base of the strategies: the model as it is."""
 
     name = "single"
+    sharded = False  # checkpoints: one file from the main rank (every rank holds the whole model)
 
     def __init__(self, dist_info: runtime.DistInfo):
         self.dist_info = dist_info
@@ -82,18 +81,6 @@ class Parallel:
         bad = torch.stack([(~torch.isfinite(runtime.local_part(p))).sum() for p in model.parameters()]).sum().float()
         return self.all_reduce(bad).item()
 
-    def checkpoint_path(self, stem: Path) -> Path:
-        """Where save_checkpoint writes `stem` (log/model_00042): one file, log/model_00042.pt."""
-        return stem.with_name(stem.name + checkpoint.FILE_SUFFIX)
-
-    def save_checkpoint(self, model: torch.nn.Module, optimizer, state: dict, stem: Path, keep: int | None) -> Path:
-        """Write the weights, the optimizer state and `state` (step, loader, RNG...) as `<stem>.pt`,
-        from the main rank (the others hold the same weights). OSError when the write failed."""
-        path = self.checkpoint_path(stem)
-        if self.dist_info.is_main:
-            checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state}, path, keep)
-        return path
-
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over ranks in place (and return it); alone, there is nothing to sum."""
         if self.dist_info.world_size > 1:
@@ -132,6 +119,7 @@ class FSDPParallel(Parallel):
     a one-rank group, nothing to communicate (the code path of a cluster, tested on a laptop)."""
 
     name = "fsdp"
+    sharded = True  # checkpoints: a folder of every rank's shards (checkpoint.save_sharded)
 
     def __init__(self, dist_info: runtime.DistInfo, compute_dtype: torch.dtype | None = None):
         super().__init__(dist_info)
@@ -195,15 +183,6 @@ class FSDPParallel(Parallel):
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
         return total
-
-    def checkpoint_path(self, stem: Path) -> Path:
-        return stem  # a folder: log/model_00042/
-
-    def save_checkpoint(self, model: torch.nn.Module, optimizer, state: dict, stem: Path, keep: int | None) -> Path:
-        """A DCP folder `<stem>/`: every rank writes its own shards (no gather), the main rank `state`."""
-        return checkpoint.save_sharded(
-            model, optimizer, state, self.checkpoint_path(stem), keep, self.dist_info.is_main
-        )
 
 
 def parallelize(

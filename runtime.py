@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import gc
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -327,16 +329,6 @@ def peak_flops(device: torch.device) -> float | None:
     return peak_flops_of_name(torch.cuda.get_device_name(device))
 
 
-def mfu(
-    flops_per_token: float, tokens_per_sec: float, peak_per_device: float | None, world_size: int = 1
-) -> float | None:
-    """Model FLOPs utilisation as a fraction: achieved training FLOP/s over the devices' peak.
-    None when the peak is unknown; clamped to 1.0, since more than the peak means a wrong entry."""
-    if not peak_per_device or tokens_per_sec <= 0:
-        return None
-    return min(1.0, flops_per_token * tokens_per_sec / (peak_per_device * world_size))
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -443,12 +435,47 @@ class StopFlag:
         self.signal_name = self.signal_name or signal.Signals(signum).name
 
     @property
-    def set(self) -> bool:
+    def requested(self) -> bool:
+        """Whether a stop was asked for (a checkpoint at the next step boundary, then exit)."""
         return self.signal_name is not None
 
     @property
     def interrupted(self) -> bool:
         return self.interrupted_at is not None
+
+
+class RandomState:
+    """Every random state a run draws from, as a checkpoint part. The CUDA one only when the run is on
+    a GPU: asking for it otherwise creates a CUDA context on GPU 0 for every rank of a --device cpu run
+    on a GPU host."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict:
+        np_state = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "numpy": {
+                "key": torch.from_numpy(np_state[1].astype(np.int64)),
+                "pos": int(np_state[2]),
+                "has_gauss": int(np_state[3]),
+                "cached_gaussian": float(np_state[4]),
+            },
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+        n = state["numpy"]
+        np.random.set_state(
+            ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
 
 
 def device_sync(device: torch.device) -> Callable[[], None] | None:

@@ -57,14 +57,6 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
-def is_compiled(model: torch.nn.Module) -> bool:
-    while isinstance(model, torch.nn.Module):
-        if isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
-            return True
-        model = getattr(model, "module", None)
-    return False
-
-
 def score_all(
     model,
     sequences: list[list[int]],
@@ -72,7 +64,7 @@ def score_all(
     dist_info: runtime.DistInfo,
     autocast=None,
     batch_size: int | None = None,
-    fixed_shapes: bool | None = None,
+    fixed_shapes: bool = False,
     max_tokens: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Scores:
@@ -126,7 +118,7 @@ def score_sequences(
     device: torch.device,
     autocast=None,
     batch_size: int | None = None,
-    fixed_shapes: bool | None = None,
+    fixed_shapes: bool = False,
     rank: int = 0,
     world_size: int = 1,
     progress: Callable[[int], None] | None = None,
@@ -139,13 +131,12 @@ def score_sequences(
     cut from the left; callers with another rule crop before). Batches (`plan_batches`) are padded on
     the right; batch j runs on rank j % world_size, so a row is computed in exactly the same batch
     whatever the world size. Rows of other ranks stay 0; a rank with a batch fewer than the others
-    runs one forward of padding (as ValLoader pads validation). fixed_shapes (default: on for a
-    torch.compile'd model) pads each batch to its full row count and its length to a multiple of 32,
-    so a compiled model sees a handful of shapes, not hundreds. `progress(rows)` is called after
+    runs one forward of padding (as ValLoader pads validation). fixed_shapes (for a torch.compile'd
+    model: the caller knows whether it compiled) pads each batch to its full row count and its length
+    to a multiple of 32, so a compiled model sees a handful of shapes, not hundreds. `progress(rows)` is called after
     each of this rank's batches."""
     autocast = autocast if autocast is not None else nullcontext()
     batch_size = batch_size or DEFAULT_BATCH_ROWS.get(device.type, DEFAULT_BATCH_ROWS["cuda"])
-    fixed_shapes = is_compiled(model) if fixed_shapes is None else fixed_shapes
     block_size = unwrap(model).config.block_size
     seqs = []
     for tokens, n in zip(sequences, n_scored, strict=True):

@@ -40,7 +40,7 @@ def context_length(model: str) -> int:
 # small models tolerate it; the shipped ~0.6M-token corpus in 100K-token shards (shard 0 = val).
 DEMO_PRESET = dict(
     model="tiny",
-    data_dir="demo_fineweb",
+    data_dir=cli.DEMO_DATA_DIR,
     tokens_per_step=2048,
     micro_batch_size=4,
     seq_len=256,
@@ -57,7 +57,6 @@ DEMO_PRESET = dict(
     # the 50304-wide output layer is most of a tiny model's work: 1.5x faster on CPU (BENCHMARKS.md)
     loss_chunk_rows=256,
 )
-DEMO_SHARD_SIZE = 100_000
 
 # --spike-guard default: standard deviations above the last 100 steps' mean loss (spike_guard.py).
 # Clean tiny runs never scored above 4.27, a step of random tokens scored 9.3 (BENCHMARKS.md).
@@ -101,293 +100,84 @@ RECIPES: dict[str, dict] = {
 )
 @dataclass(frozen=True)
 class TrainConfig:
-    # model
-    model: str = field(
-        "gpt2",
-        "model size (presets carry their context length: tiny is 256)",
-        choices=tuple(MODEL_PRESETS),
-        groups=(cli.RUN, cli.BENCH_STEP),
-    )
-    init_from: str = field(
-        "",
-        "start from OpenAI's weights via transformers (gpt2, gpt2-medium, ...) instead of random init",
-        groups=(cli.RUN,),
-    )
-    # data and outputs
-    data_dir: str = field(
-        cli.DEFAULT_DATA_DIR,
-        "folder of token shards written by fineweb.py",
-        groups=(cli.BENCH_STEP,),
-    )
+    model: str = field("gpt2", "model size; a preset brings its context (tiny: 256)", choices=tuple(MODEL_PRESETS))
+    init_from: str = field("", "start from OpenAI's weights via transformers (gpt2, gpt2-medium, ...)")
+    data_dir: str = field(cli.DEFAULT_DATA_DIR, "folder of token shards written by fineweb.py")
     log_dir: str = field(cli.DEFAULT_LOG_DIR, "folder for metrics.jsonl and checkpoints")
-    shuffle: bool = field(
-        True,
-        "shuffle shard and window order each epoch (--no-shuffle: the reference's sequential order)",
-        groups=(cli.RUN, cli.RESUME_REFUSED, cli.BENCH_STEP),
-    )
-    # batch: sizes in tokens and rows; gradient accumulation is derived, never set
-    tokens_per_step: int = field(
-        524_288,
-        "tokens per optimizer step, all ranks together (2**19, GPT-3 small's 0.5M)",
-        groups=(cli.RUN, cli.RESUME_REFUSED, cli.BENCH_STEP),
-        above=0,
-    )
-    micro_batch_size: int = field(64, "sequences per forward/backward on each rank", groups=(cli.BENCH_STEP,), above=0)
-    seq_len: int = field(
-        1024,
-        "tokens per sequence (default: the model's context, at most 1024)",
-        groups=(cli.RUN, cli.RESUME_REFUSED, cli.BENCH_STEP),
-        above=0,
-    )
-    # optimisation (GPT-3 paper's small-model settings, as in the reference)
-    max_steps: int = field(
-        19_073,
-        "optimizer steps (19,073 x 524,288 = 10B tokens: one epoch of sample-10BT)",
-        groups=(cli.RUN,),
-        above=0,
-    )
-    warmup_steps: int = field(715, "linear warmup steps (375M tokens, GPT-3's warmup)", groups=(cli.RUN,), at_least=0)
-    max_lr: float = field(6e-4, "peak learning rate", groups=(cli.RUN, cli.BENCH_STEP), above=0)
-    min_lr_frac: float = field(
-        0.1,
-        "final learning rate as a fraction of max-lr",
-        groups=(cli.RUN,),
-        at_least=0,
-        at_most=1,
-    )
-    weight_decay: float = field(
-        0.1,
-        "AdamW weight decay, on tensors of 2+ dims only",
-        groups=(cli.RUN, cli.BENCH_STEP),
-        at_least=0,
-    )
-    beta1: float = field(0.9, "AdamW beta1", groups=(cli.RUN, cli.BENCH_STEP), at_least=0, below=1)
-    beta2: float = field(0.95, "AdamW beta2", groups=(cli.RUN, cli.BENCH_STEP), at_least=0, below=1)
-    eps: float = field(1e-8, "AdamW epsilon", groups=(cli.RUN, cli.BENCH_STEP), above=0)
-    grad_clip: float = field(
-        1.0,
-        "clip the global gradient norm to this (0: off)",
-        groups=(cli.RUN, cli.BENCH_STEP),
-        at_least=0,
-    )
-    schedule: str = field(
-        "cosine",
-        "lr schedule: cosine (reference) or wsd (warmup, stable, linear decay)",
-        choices=("cosine", "wsd"),
-        groups=(cli.RUN,),
-    )
-    decay_frac: float = field(
-        0.2,
-        "wsd: fraction of the steps spent in the final linear decay to min-lr-frac",
-        groups=(cli.RUN,),
-        above=0,
-        at_most=1,
-    )
-    optimizer: str = field(
-        "adamw",
-        "adamw (reference) or muon (Muon on the blocks' matrices, AdamW at --max-lr on the rest)",
-        choices=("adamw", "muon"),
-        groups=(cli.RUN, cli.BENCH_STEP),
-    )
-    muon_lr: float = field(
-        0.02,
-        "muon: peak learning rate of the Muon matrices (follows the same schedule)",
-        groups=(cli.RUN, cli.BENCH_STEP),
-        above=0,
-    )
-    muon_momentum: float = field(
-        0.95, "muon: momentum (Nesterov)", groups=(cli.RUN, cli.BENCH_STEP), at_least=0, below=1
-    )
-    recipe: str = field(
-        "",
-        "named recipe setting optimizer, schedule, learning rates and step budget (see RECIPES)",
-        choices=("", *RECIPES),
-        groups=(cli.RUN, cli.BENCH_STEP),
-    )
-    seed: int = field(
-        1337,
-        "seed for init and data order",
-        groups=(cli.RUN, cli.RESUME_REFUSED, cli.BENCH_STEP),
-        at_least=0,
-    )
-    # evaluation, sampling, checkpoints, logging
-    val_every: int = field(
-        250,
-        "validate every N steps and at the end (0: off)",
-        at_least=0,
-    )
-    val_tokens: int = field(
-        10_485_760,
-        "fixed validation set: the first N tokens of the val shard (= the reference's 8-GPU 20 x 64 x 1024 x 8)",
-        above=0,
-    )
-    hellaswag_every: int = field(
-        250,
-        "HellaSwag (reference style) every N steps and at the end (0: off)",
-        at_least=0,
-    )
-    core_every: int = field(
-        0,
-        "CORE (DCLM's 22 in-context tasks, core.py) every N steps and at the end (0: off; nanochat: 2000)",
-        at_least=0,
-    )
-    core_max_per_task: int = field(
-        500,
-        "CORE in training: the first N of each task's shuffled examples (0: all ~90k; 500: nanochat's "
-        "in-training size)",
-        at_least=0,
-    )
-    core_data: str = field(
-        cli.DEFAULT_CORE_DATA,
-        "CORE task files (get them with `uv run core.py --download-only`)",
-    )
-    core_verify: bool = field(
-        True,
-        "check each CORE task file's size and hash against the pinned download (--no-core-verify: hand-made files)",
-    )
-    hellaswag_data: str = field(
-        cli.DEFAULT_HELLASWAG_DATA,
-        "HellaSwag validation file (get it with `uv run hellaswag.py --download-only`)",
-    )
+    shuffle: bool = field(True, "shuffle shards and windows each epoch (off: the reference's order)")
+    # Sizes in tokens and rows; gradient accumulation is derived from them and the world size, never set.
+    # 2**19 = 524,288: GPT-3 small's 0.5M tokens per step.
+    tokens_per_step: int = field(524_288, "tokens per optimizer step, all ranks together", above=0)
+    micro_batch_size: int = field(64, "sequences per forward/backward on each rank", above=0)
+    seq_len: int = field(1024, "tokens per sequence (default: the model's context)", above=0)
+    # GPT-3 small's settings, as in the reference: 19,073 x 524,288 = 10B tokens (one epoch of
+    # sample-10BT), 715 warmup steps = 375M tokens, cosine to 10% of the peak.
+    max_steps: int = field(19_073, "optimizer steps", above=0)
+    warmup_steps: int = field(715, "linear warmup steps", at_least=0)
+    max_lr: float = field(6e-4, "peak learning rate", above=0)
+    min_lr_frac: float = field(0.1, "final learning rate as a fraction of --max-lr", at_least=0, at_most=1)
+    weight_decay: float = field(0.1, "AdamW weight decay, on tensors of 2+ dims only", at_least=0)
+    beta1: float = field(0.9, "AdamW beta1", at_least=0, below=1)
+    beta2: float = field(0.95, "AdamW beta2", at_least=0, below=1)
+    eps: float = field(1e-8, "AdamW epsilon", above=0)
+    grad_clip: float = field(1.0, "clip the global gradient norm to this (0: off)", at_least=0)
+    schedule: str = field("cosine", "lr schedule: cosine (reference) or wsd (warmup-stable-decay)", ("cosine", "wsd"))
+    decay_frac: float = field(0.2, "wsd: fraction of the steps in the final decay", above=0, at_most=1)
+    # muon: Muon on the blocks' matrices; embeddings, LayerNorms and biases stay on AdamW at --max-lr.
+    optimizer: str = field("adamw", "adamw (reference) or muon", choices=("adamw", "muon"))
+    muon_lr: float = field(0.02, "muon: peak learning rate of the matrices", above=0)
+    muon_momentum: float = field(0.95, "muon: momentum (Nesterov)", at_least=0, below=1)
+    recipe: str = field("", "named recipe: optimizer, schedule, rates, steps (RECIPES)", choices=("", *RECIPES))
+    seed: int = field(1337, "seed for init and data order", at_least=0)
+    # Every evaluation also runs at the last step. The validation set is fixed: the first N tokens of the
+    # val shard; 10,485,760 = the reference's 20 x 64 x 1024 on each of 8 GPUs.
+    val_every: int = field(250, "validate every N steps (0: off)", at_least=0)
+    val_tokens: int = field(10_485_760, "validation tokens (the val shard's first N)", above=0)
+    hellaswag_every: int = field(250, "HellaSwag (reference style) every N steps (0: off)", at_least=0)
+    # CORE: DCLM's 22 in-context tasks (core.py). nanochat runs it every 2000 steps on 500 per task.
+    core_every: int = field(0, "CORE every N steps (0: off)", at_least=0)
+    core_max_per_task: int = field(500, "CORE: the first N of each task's examples (0: all ~90k)", at_least=0)
+    core_data: str = field(cli.DEFAULT_CORE_DATA, "CORE task files (uv run core.py --download-only)")
+    core_verify: bool = field(True, "check each CORE task file's size and hash (off: hand-made files)")
+    hellaswag_data: str = field(cli.DEFAULT_HELLASWAG_DATA, "HellaSwag file (uv run hellaswag.py --download-only)")
     sample_every: int = field(250, "print samples every N steps (0: off)", at_least=0)
-    sample_prompt: str = field(
-        "Hello, I'm a language model,",
-        "prompt of the in-training samples",
-    )
-    ckpt_every: int = field(
-        1000,
-        "checkpoint every N steps (and at the end, on SIGTERM/SIGUSR1 and on the first Ctrl-C)",
-        at_least=0,
-    )
-    keep_checkpoints: int = field(
-        3,
-        "keep the newest K step checkpoints (model_final.pt is always kept)",
-        at_least=1,
-    )
-    spike_guard: float = field(
-        SPIKE_GUARD,
-        "skip the update of a step whose loss is more than N standard deviations above the last "
-        "--spike-window steps' (0: off)",
-        groups=(cli.BENCH_STEP,),
-        at_least=0,
-    )
-    spike_guard_norm: float = field(
-        0.0,
-        "also skip a step whose grad norm (before clipping) is more than N standard deviations above the "
-        "window's (0: off)",
-        at_least=0,
-    )
-    spike_window: int = field(
-        100,
-        "steps of loss and grad-norm history the spike guard compares with",
-    )
-    spike_warmup: int = field(
-        50,
-        "steps of history before the spike guard may skip an update",
-        at_least=2,
-    )
-    log_every: int = field(
-        1,
-        "log (and sync with the device) every N steps",
-        at_least=1,
-    )
-    tensorboard: bool = field(
-        False,
-        "also write every metrics record to TensorBoard (<log dir>/tensorboard; `uv sync --extra loggers`)",
-    )
-    wandb: bool = field(
-        False,
-        "also send every metrics record to Weights & Biases (WANDB_MODE=offline works without an account)",
-    )
+    sample_prompt: str = field("Hello, I'm a language model,", "prompt of the in-training samples")
+    # Also at the end, on SIGTERM / SIGUSR1 and on the first Ctrl-C.
+    ckpt_every: int = field(1000, "checkpoint every N steps (0: only at the end)", at_least=0)
+    keep_checkpoints: int = field(3, "keep the newest K step checkpoints (and the final one)", at_least=1)
+    # A step whose loss is N standard deviations above the last --spike-window steps' is not applied
+    # (spike_guard.py); SPIKE_GUARD says where 6 comes from.
+    spike_guard: float = field(SPIKE_GUARD, "skip a step whose loss is N std above the window (0: off)", at_least=0)
+    spike_guard_norm: float = field(0.0, "also skip on the grad norm, N std above (0: off)", at_least=0)
+    spike_window: int = field(100, "steps of history the spike guard compares with")
+    spike_warmup: int = field(50, "steps of history before the guard may skip", at_least=2)
+    log_every: int = field(1, "log (and sync with the device) every N steps", at_least=1)
+    tensorboard: bool = field(False, "mirror the records to TensorBoard (uv sync --extra loggers)")
+    wandb: bool = field(False, "mirror the records to Weights & Biases (WANDB_MODE=offline works)")
     wandb_project: str = field("gpt2-fineweb", "Weights & Biases project")
-    resume: str = field(
-        "auto",
-        "auto: continue from the newest valid checkpoint in --log-dir; never: start fresh",
-        choices=("auto", "never"),
-        groups=(cli.RESUME_FLAG,),
-    )
-    allow_config_change: bool = field(
-        False,
-        "resume although --tokens-per-step, --seq-len, --seed, --shuffle or the data differ from the checkpoint's "
-        "(on purpose, e.g. a new data order after a loss spike)",
-        groups=(cli.RESUME_FLAG,),
-    )
-    # machine and speed levers (bench/throughput.py measures each; none changes the recipe's math beyond rounding)
-    device: str = field(
-        "auto",
-        "auto, cpu or cuda",
-        choices=cli.DEVICE_CHOICES,
-        groups=(cli.BENCH_STEP,),
-    )
-    compile: bool = field(
-        True,
-        "torch.compile the model (CUDA; ignored with a warning on CPU unless --compile-on-cpu)",
-        groups=(cli.BENCH_STEP,),
-    )
-    compile_on_cpu: bool = field(
-        False,
-        "torch.compile on CPU too (inductor; slower than eager there: tests of the compiled path)",
-        groups=(cli.BENCH_STEP,),
-    )
-    compile_mode: str = field(
-        "default",
-        "torch.compile mode (reduce-overhead and max-autotune use CUDA graphs: one micro-step per rank only)",
-        choices=cli.COMPILE_MODES,
-        groups=(cli.BENCH_STEP,),
-    )
-    precision: str = field(
-        "auto",
-        "forward precision: auto (bf16 autocast on CUDA, float32 on CPU), bf16 (autocast on any device: "
-        "CUDA's policy on a CPU) or fp32",
-        choices=cli.PRECISIONS,
-        groups=(cli.BENCH_STEP,),
-    )
-    attn_backend: str = field(
-        "auto",
-        "scaled-dot-product attention kernel (auto: PyTorch picks)",
-        choices=cli.ATTENTION_KERNELS,
-        groups=(cli.BENCH_STEP,),
-    )
-    loss_chunk_rows: int = field(
-        0,
-        "compute lm_head + cross-entropy in chunks of N rows, never building the full logits (0: plain path)",
-        groups=(cli.BENCH_STEP,),
-        at_least=0,
-    )
-    fused_adamw: bool = field(True, "fused AdamW kernel on CUDA", groups=(cli.BENCH_STEP,))
-    activation_checkpointing: bool = field(
-        False,
-        "recompute each block in backward to save memory (gpt2-large/xl on one GPU)",
-        groups=(cli.BENCH_STEP,),
-    )
-    parallel: str = field(
-        "ddp",
-        "how the model is spread over ranks: ddp (whole model on every GPU, the reference) or fsdp (FSDP2: "
-        "weights, gradients and optimizer state sharded; for gpt2-large/xl)",
-        choices=cli.STRATEGIES,
-        groups=(cli.BENCH_STEP,),
-    )
-    ddp_bucket_mb: int = field(
-        25,
-        "DDP gradient all-reduce bucket size in MB",
-        groups=(cli.BENCH_STEP,),
-        at_least=1,
-    )
-    memory_check: bool = field(
-        True,
-        "refuse at start a run that memory.py's formula says cannot fit in this GPU's (or this machine's) memory",
-    )
-    dist_timeout_minutes: int = field(
-        30,
-        "how long a rank waits in a collective before giving up (covers rank 0 writing a gpt2-xl checkpoint, "
-        "~19 GB, at >= 11 MB/s)",
-        at_least=1,
-    )
-    demo: bool = field(
-        False,
-        "CPU demo: tiny model on the small corpus shipped in assets/demo (minutes)",
-        groups=(cli.RUN,),
-    )
+    resume: str = field("auto", "auto: continue from the newest checkpoint; never: start fresh", ("auto", "never"))
+    # On purpose, e.g. a new data order after a loss spike: checkpoint.RESUME_REFUSED lists what it allows.
+    allow_config_change: bool = field(False, "resume although the batch, data order or data changed")
+    # Speed levers: bench/throughput.py measures each; none changes the math beyond rounding.
+    device: str = field("auto", "auto, cpu or cuda", choices=cli.DEVICE_CHOICES)
+    compile: bool = field(True, "torch.compile the model (CUDA; on CPU see --compile-on-cpu)")
+    compile_on_cpu: bool = field(False, "compile on CPU too (inductor: the compiled path's tests)")
+    # reduce-overhead and max-autotune capture CUDA graphs: one micro-step per rank only.
+    compile_mode: str = field("default", "torch.compile mode", choices=cli.COMPILE_MODES)
+    # auto: bf16 autocast on CUDA, float32 on CPU; bf16 asks for CUDA's policy on any device.
+    precision: str = field("auto", "autocast precision", choices=cli.PRECISIONS)
+    attn_backend: str = field("auto", "attention kernel (auto: PyTorch picks)", choices=cli.ATTENTION_KERNELS)
+    loss_chunk_rows: int = field(0, "lm_head + loss in chunks of N rows, no full logits (0: off)", at_least=0)
+    fused_adamw: bool = field(True, "fused AdamW kernel on CUDA")
+    activation_checkpointing: bool = field(False, "recompute each block in backward (less memory)")
+    # ddp: the whole model on every GPU (the reference); fsdp: FSDP2, weights, gradients and optimizer
+    # state sharded (gpt2-large/xl).
+    parallel: str = field("ddp", "how the model is spread over ranks", choices=cli.STRATEGIES)
+    ddp_bucket_mb: int = field(25, "DDP gradient all-reduce bucket size in MB", at_least=1)
+    memory_check: bool = field(True, "refuse at start a run memory.py says cannot fit")
+    # 30 covers rank 0 writing a gpt2-xl checkpoint (~19 GB) at >= 11 MB/s while the others wait.
+    dist_timeout_minutes: int = field(30, "how long a rank waits in a collective", at_least=1)
+    demo: bool = field(False, "CPU demo: the tiny model on the corpus in assets/demo (minutes)")
 
     def __post_init__(self):
         """One-line errors for settings that can never work, raised while parsing (before any process
@@ -450,13 +240,6 @@ class TrainConfig:
 
     def grad_accum_steps(self, world_size: int) -> int:
         return self.tokens_per_step // (self.micro_batch_size * self.seq_len * world_size)
-
-
-# The flag rules, derived from each field's metadata (cli.field groups): see TrainConfig.
-RUN_SETTINGS = cli.fields_in(TrainConfig, cli.RUN)  # decide the weights a run ends with
-RESUME_REFUSED = cli.fields_in(TrainConfig, cli.RESUME_REFUSED)  # refused on resume without --allow-config-change
-RESUME_FLAGS = cli.fields_in(TrainConfig, cli.RESUME_FLAG)  # how to resume: never compared
-STEP_FLAGS = cli.fields_in(TrainConfig, cli.BENCH_STEP)  # shape a training step: what bench/throughput.py offers
 
 
 def resolve_flags(flags: dict) -> dict:

@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     for name, cls in (("ours", GPT), ("cut", CutLogits), ("plain", PlainLogits)):
         run = build_run(cfg, cpu, train_loader=SyntheticLoader(4, 256, 50257, False, seed=0))
         run.model.__class__ = cls  # same weights and optimizer; only the output layer's loss differs
-        run.train_model, run.eval_model = run.parallel.prepare(run.model, True, compile_on_cpu=bench.compile_on_cpu)
+        run.train_model, run.evals.model = run.parallel.prepare(run.model, True, compile_on_cpu=bench.compile_on_cpu)
         train_step(run, 0)  # warm-up (and compilation)
         runs[name] = run
     times = {name: [] for name in runs}

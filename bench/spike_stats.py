@@ -3,7 +3,7 @@
 Reads the per-step train records (loss, grad norm) of finished runs (`--log-every 1`), feeds them
 to the guard's statistics as the trainer would, and prints, per run, the largest outlier score seen
 for each series and the number of updates each threshold would have skipped. A threshold that fires
-on a clean run is too low: this is how --spike-guard's default was chosen (README, "A loss spike").
+on a clean run is too low: this is how --spike-guard's default was chosen (docs/reliability.md, "A loss spike").
 
     uv run bench/spike_stats.py --metrics log/metrics.jsonl log_fast/metrics.jsonl
     uv run bench/spike_stats.py --metrics runs/*/metrics.jsonl --window 100 --warmup 50 --thresholds 4,5,6,8

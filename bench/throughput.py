@@ -32,11 +32,16 @@ sys.path.insert(0, str(ROOT))
 
 import cli  # noqa: E402
 from cli import UserError, add_config_flags, field, parse_flags, parse_value  # noqa: E402
-from train_config import STEP_FLAGS, TrainConfig, resolve_flags  # noqa: E402
+from train_config import TrainConfig, resolve_flags  # noqa: E402
 
-# Offered: the train_gpt2.py settings that shape a training step (TrainConfig fields in the
-# cli.BENCH_STEP group); the others (evals, checkpoints, logging, the schedule's length) mean nothing
-# to a benchmark.
+# The train_gpt2.py settings that shape a training step, offered with the same meaning; the others
+# (evaluations, checkpoints, logging, the schedule's length) mean nothing to a benchmark.
+STEP_FLAGS = (
+    *("model", "data_dir", "shuffle", "tokens_per_step", "micro_batch_size", "seq_len", "seed", "recipe"),
+    *("optimizer", "max_lr", "weight_decay", "beta1", "beta2", "eps", "grad_clip", "muon_lr", "muon_momentum"),
+    *("spike_guard", "device", "compile", "compile_on_cpu", "compile_mode", "precision", "attn_backend"),
+    *("loss_chunk_rows", "fused_adamw", "activation_checkpointing", "parallel", "ddp_bucket_mb"),
+)
 CPU_SIZED = "--model tiny --micro-batch-size 2 --seq-len 64 --tokens-per-step 256 --steps 3 --warmup 1"
 
 
@@ -101,6 +106,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
+import metrics  # noqa: E402
 import runtime  # noqa: E402
 from train_gpt2 import build_run, train_step  # noqa: E402
 
@@ -220,7 +226,7 @@ def bench_one(cfg: TrainConfig, bench: BenchConfig, dist_info: runtime.DistInfo,
         "spike_guard": cfg.spike_guard,
         "tokens_per_sec": tokens_per_sec,
         "step_ms": 1000 * seconds / bench.steps,
-        "mfu": runtime.mfu(flops_per_token, tokens_per_sec, runtime.peak_flops(device), dist_info.world_size),
+        "mfu": metrics.mfu(flops_per_token, tokens_per_sec, runtime.peak_flops(device), dist_info.world_size),
         "peak_memory_gb": peak_memory_gb(device),
         "final_loss": losses[-1].item(),
         "device": runtime.device_name(device),

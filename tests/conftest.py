@@ -107,7 +107,7 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    # CI's 2 cores run the suite in ~11 minutes; the heavy tests add ~5 more (README, "Tests").
+    # CI's 2 cores run the suite in ~11 minutes; the heavy tests add ~5 more (docs/tests.md).
     if not config.getoption("--heavy"):
         skip = pytest.mark.skip(reason="heavy: run with `uv run pytest --heavy` (before a GPU session, before landing)")
         for item in items:

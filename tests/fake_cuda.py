@@ -23,6 +23,7 @@ What is real and what is stood in for:
 - torch.save writes each fake tensor as a real zero tensor of its shape and dtype on the CPU, so a
   checkpoint a fake-CUDA run saves is a real file that loads (its numbers mean nothing); torch.load
   gives real CPU tensors, as it does on a GPU machine (they must be moved to the device before use).
+- Tensor.numpy() refuses a CUDA tensor, as CUDA does, and converts a real CPU one.
 - torch.profiler.profile records the CPU side only (CUDA's activity needs CUPTI and a driver): the
   kernel names of the dispatched ops, which is what the code reads from it.
 - Autograd's engine cannot run a backward on fake CUDA tensors without a driver (pytorch/pytorch#92627):
@@ -181,6 +182,20 @@ def _cpu_profile(*args, activities=None, **kwargs):
     return _profile(*args, activities=cpu_only or [torch.profiler.ProfilerActivity.CPU], **kwargs)
 
 
+_numpy = torch.Tensor.numpy
+
+
+def _checked_numpy(self, *args, **kwargs):
+    """Tensor.numpy as on a GPU machine: a CUDA tensor refuses (copy it to the CPU first), a real CPU
+    tensor (a checkpoint's, a loader's) converts; a fake one has no numbers to give."""
+    if self.device.type == "cuda":
+        raise TypeError(f"can't convert {self.device} device type tensor to numpy: use Tensor.cpu() first")
+    if is_fake(self):
+        raise TypeError("a fake tensor has no numbers for numpy (tests/fake_cuda.py)")
+    with unset_fake_temporarily():
+        return _numpy(self, *args, **kwargs)
+
+
 def is_fake(tensor: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
 
@@ -210,6 +225,7 @@ def fake_cuda():
         mock.patch("torch.Generator", CudaGenerator),
         mock.patch("torch.multinomial", _checked_multinomial),
         mock.patch.object(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self),
+        mock.patch.object(torch.Tensor, "numpy", _checked_numpy),
         mock.patch.object(torch.Tensor, "backward", _backward_stand_in),
         # CUDA-graph capture check of every optimizer step: asks the driver for the current stream.
         mock.patch("torch.optim.Optimizer._accelerator_graph_capture_health_check"),

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import runtime
+import metrics
 from bench.throughput import SyntheticLoader, release_row_memory, sweep_grid
 from train_gpt2 import TrainConfig
 
@@ -96,9 +96,9 @@ def test_after_a_row_the_compiled_model_is_freed_and_the_next_row_compiles_afres
 
 def test_mfu_is_a_fraction_never_above_one():
     h100 = 989.4e12
-    assert runtime.mfu(860e6, 300_000, h100) == pytest.approx(860e6 * 300_000 / h100)
-    assert runtime.mfu(860e6, 1e9, h100) == 1.0  # an impossible rate is clamped, not reported as 870%
-    assert runtime.mfu(860e6, 300_000, None) is None
+    assert metrics.mfu(860e6, 300_000, h100) == pytest.approx(860e6 * 300_000 / h100)
+    assert metrics.mfu(860e6, 1e9, h100) == 1.0  # an impossible rate is clamped, not reported as 870%
+    assert metrics.mfu(860e6, 300_000, None) is None
 
 
 def test_help_offers_only_the_flags_that_shape_a_step_in_two_groups():

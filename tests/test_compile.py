@@ -25,8 +25,7 @@ import runtime
 import train_config
 import train_gpt2
 from hellaswag_eval import load_examples
-from metrics import MetricsLog
-from train_gpt2 import TrainConfig, build_run, evaluate_val_loss, run_hellaswag, sample_texts, train_step
+from train_gpt2 import TrainConfig, build_run, train_step
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -95,17 +94,16 @@ def test_training_step_has_no_graph_break(data_dir, loss_chunk_rows):
 def test_compiled_run_equals_eager_and_nothing_recompiles_after_warm_up(data_dir, examples, recompiles, one_thread):
     """Eager and compiled runs from the same seed: train 2 steps, validate, HellaSwag, sample, train;
     then the same again. The first round compiles what it must (listed below); the second, nothing."""
-    log = MetricsLog("unused", False)
     results = {}
     for compiled in (False, True):
-        run = build_run(tiny_config(data_dir, compile_on_cpu=compiled), CPU)
+        run = build_run(tiny_config(data_dir, compile_on_cpu=compiled), CPU, hellaswag=examples)
         rounds = []
         for round_ in range(2):
             before = frames()
             losses = [train_step(run, 2 * round_ + i)[0].item() for i in range(2)]
-            val = evaluate_val_loss(run)
-            run_hellaswag(run, examples, 0, log)
-            texts = sample_texts(run, 10)
+            val = run.evals.validation_loss()
+            run.evals.hellaswag_scores()
+            texts = run.evals.samples(10)
             losses.append(train_step(run, 2 * round_ + 2)[0].item())
             rounds.append({"losses": losses, "val": val, "texts": texts, "compiles": frames() - before})
         results[compiled] = rounds
@@ -116,8 +114,9 @@ def test_compiled_run_equals_eager_and_nothing_recompiles_after_warm_up(data_dir
     # (measured: 5, the guard each recompile names in parentheses):
     #   1 the training forward (grad on, targets given)
     #   2 validation (GLOBAL_STATE changed: grad_mode)
-    #   3 HellaSwag: logits only, 16 fixed-shape rows (idx size mismatch at index 0); a later batch
-    #     of another length would add one, after which dynamo treats the length as dynamic
+    #   3 HellaSwag: the scored positions' logits, 16 fixed-shape rows (idx size mismatch at index 0;
+    #     the number of positions is dynamic); a later batch of another length would add one, after
+    #     which dynamo treats the length as dynamic
     #   4 sampling's prompt (kv_cache is None), 5 its one-token steps (kv_cache.length == 0), at
     #     any cache length
     assert compiled[0]["compiles"] <= 6, "\n".join(recompiles.messages)
@@ -131,16 +130,16 @@ def test_compiled_chunked_loss_and_accumulation_equal_eager(data_dir, one_thread
         torch._dynamo.reset()
         run = build_run(tiny_config(data_dir, compile_on_cpu=compiled, loss_chunk_rows=32), CPU)
         assert run.grad_accum == 2
-        losses[compiled] = [train_step(run, step)[0].item() for step in range(3)] + [evaluate_val_loss(run)]
+        losses[compiled] = [train_step(run, step)[0].item() for step in range(3)] + [run.evals.validation_loss()]
     assert losses[True] == pytest.approx(losses[False], abs=1e-4)
 
 
 def test_compile_is_ignored_on_cpu_unless_asked(data_dir):
     with pytest.warns(UserWarning, match="--compile is ignored on CPU"):
         run = build_run(tiny_config(data_dir, val_every=0), CPU)
-    assert run.eval_model is run.model  # not compiled
+    assert run.evals.model is run.model and not run.compiled  # not compiled
     forced = build_run(tiny_config(data_dir, val_every=0, compile_on_cpu=True), CPU)
-    assert isinstance(forced.eval_model, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(forced.evals.model, torch._dynamo.eval_frame.OptimizedModule) and forced.compiled
     assert train_config.parse_args(["--compile-on-cpu"]).compile_on_cpu
 
 
@@ -206,7 +205,7 @@ def test_evaluations_never_run_the_cuda_graph_compile(data_dir, monkeypatch):
         compiled_with.clear()
         cfg = tiny_config(data_dir, compile_on_cpu=True, compile_mode=mode, val_every=0)
         run = build_run(dataclasses.replace(cfg, tokens_per_step=64), CPU)  # one micro-step
-        assert run.train_model is not run.eval_model and compiled_with == [mode, eval_mode]  # None: default
+        assert run.train_model is not run.evals.model and compiled_with == [mode, eval_mode]  # None: default
     with pytest.raises(ValueError, match="--parallel fsdp"):
         dataclasses.replace(tiny_config(data_dir), compile_mode="reduce-overhead", tokens_per_step=64, parallel="fsdp")
 
@@ -225,7 +224,7 @@ def fsdp_sampling_worker(data_dir: str) -> None:
     rounds = []
     for step in (10, 20):
         before, recompiled = frames(), len(handler.messages)
-        sample_texts(run, step, num_samples=2, max_new_tokens=12)
+        run.evals.samples(step, num_samples=2, max_new_tokens=12)
         rounds.append({"frames": frames() - before, "recompiles": len(handler.messages) - recompiled})
     print(json.dumps({"rounds": rounds, "layers": run.model.config.n_layer, "messages": handler.messages}))
     torch.distributed.destroy_process_group()

@@ -265,11 +265,7 @@ def test_works_on_a_torch_compiled_model(model):
 
 def fixture_data_dir(root: Path) -> Path:
     """A --data-dir holding every real task file's path, each filled with the fixture of its kind."""
-    for task in core_eval.TASKS:
-        path = root / task.file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(FIXTURE_OF_KIND[task.kind], path)
-    return root
+    return core_eval.stand_in_data_dir(root, FIXTURES)
 
 
 def save_tiny_checkpoint(path: Path, step: int = 3) -> None:

@@ -30,9 +30,8 @@ import sample
 import train_gpt2
 from bench import throughput
 from hellaswag_eval import evaluate_hellaswag, load_examples
-from metrics import MetricsLog
 from model import GPT, GPTConfig, generate
-from train_gpt2 import TrainConfig, build_run, evaluate_val_loss, run_hellaswag, sample_texts, train_step
+from train_gpt2 import TrainConfig, build_run, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 CUDA = runtime.DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0), is_main=True)
@@ -115,12 +114,12 @@ def test_training_step_on_cuda(data_dir, optimizer, loss_chunk_rows):
 def test_validation_hellaswag_and_samples_on_cuda(data_dir):
     examples = load_examples(HELLASWAG_FIXTURE, limit=6, verify=False)
     with fake_cuda():
-        run = build_run(tiny_config(data_dir, val_every=1), CUDA)
-        evaluate_val_loss(run)
-        run_hellaswag(run, examples, 0, MetricsLog("unused", False))
-        texts = sample_texts(run, 10, num_samples=2, max_new_tokens=5)
+        run = build_run(tiny_config(data_dir, val_every=1), CUDA, hellaswag=examples)
+        run.evals.validation_loss()
+        run.evals.hellaswag_scores()
+        texts = run.evals.samples(10, num_samples=2, max_new_tokens=5)
         assert len(texts) == 2 and all(t.startswith(run.cfg.sample_prompt) for t in texts)
-        result = evaluate_hellaswag(run.eval_model, examples, CUDA, autocast=run.autocast, batch_size=8)
+        result = evaluate_hellaswag(run.evals.model, examples, CUDA, autocast=run.autocast, batch_size=8)
         assert result["count"] == 6
 
 
@@ -180,8 +179,7 @@ def test_hellaswag_py_on_cuda(tiny_checkpoint, tmp_path, capsys):
 
 
 def stand_in_core_data(root: Path) -> Path:
-    """Every CORE task's file name holding the shipped fixture of its kind (scores mean nothing)."""
-    return core_eval.stand_in_data_dir(root, ROOT / "tests" / "data" / "core")
+    return core_eval.stand_in_data_dir(root, ROOT / "tests" / "data" / "core")  # scores mean nothing
 
 
 def test_core_py_on_cuda(tiny_checkpoint, tmp_path, capsys):
@@ -323,7 +321,7 @@ def test_rng_state_of_a_cpu_run_never_touches_cuda():
         mock.patch("torch.cuda.get_rng_state", side_effect=AssertionError("touched CUDA")),
         mock.patch("torch.cuda.set_rng_state", side_effect=AssertionError("touched CUDA")),
     ):
-        rng = train_gpt2.RandomState(torch.device("cpu"))
+        rng = runtime.RandomState(torch.device("cpu"))
         state = rng.state_dict()
         assert state["cuda"] is None
         rng.load_state_dict({**state, "cuda": torch.zeros(16, dtype=torch.uint8)})

@@ -6,6 +6,8 @@ Token values are unique across all shards, so a row's first token says where it 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -235,7 +237,9 @@ def _saved_run(data_dir, tmp_path, **flags):
 
 def _resume_problem(ckpt, data_dir, **flags):
     cfg = TrainConfig(**{**TINY, "data_dir": str(data_dir), **flags})
-    return train_gpt2.resume_problem(ckpt, train_gpt2.build_run(cfg, CPU))
+    run = train_gpt2.build_run(cfg, CPU)
+    parts = train_gpt2.stateful_parts(run, MetricsLog(data_dir / "unused", False))
+    return checkpoint.resume_problem(ckpt, dataclasses.asdict(cfg), run.model, parts)
 
 
 @pytest.mark.parametrize(
@@ -247,8 +251,8 @@ def _resume_problem(ckpt, data_dir, **flags):
     ],
 )
 def test_the_trainer_refuses_a_loader_state_of_a_different_run(data, tmp_path, kwargs, match):
-    """Whether a loader state continues this run is decided in the trainer's one place
-    (train_gpt2.resume_problem); the loader itself takes any state."""
+    """Whether a loader state continues this run is decided in one place (checkpoint.resume_problem,
+    which asks the loader whether its data changed); the loader itself takes any state."""
     data_dir, _ = data
     ckpt = _saved_run(data_dir, tmp_path)
     problem, _ = _resume_problem(ckpt, data_dir, **kwargs)

@@ -106,10 +106,10 @@ def test_an_export_that_cannot_be_written_is_one_line_and_leaves_no_folder(tmp_p
 
 
 def test_the_export_folders_the_readme_and_the_default_use_are_git_ignored():
-    """Exports are outputs (hundreds of MB), never meant for a commit."""
+    """Exports are outputs (hundreds of MB), never meant for a commit (the README's and docs/' examples too)."""
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    readme = (ROOT / "README.md").read_text()
+    readme = "\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     folders = {ExportConfig().out_dir} | set(re.findall(r"export_hf\.py .*--out-dir (\S+)", readme))
     assert folders >= {"gpt2-fineweb-hf", "gpt2-demo-hf"}
     paths = [f"{folder}/model.safetensors" for folder in sorted(folders)]

@@ -334,10 +334,11 @@ def test_refused_flag_values_are_one_line_errors_before_anything_runs(tmp_path, 
 
 
 def test_every_documented_shard_size_is_accepted():
-    """The command lines the READMEs give (the demo's 100,000, the GPU check's 200,000, ...) stay valid."""
+    """The command lines the READMEs and docs/ give (the demo's 100,000, the GPU check's 200,000, ...) stay valid."""
     import re
 
-    texts = [(ROOT / name).read_text() for name in ("README.md", "assets/demo/README.md", "BENCHMARKS.md")]
+    pages = [ROOT / name for name in ("README.md", "assets/demo/README.md", "BENCHMARKS.md")]
+    texts = [page.read_text() for page in pages + sorted((ROOT / "docs").glob("*.md"))]
     sizes = [int(float(v.replace("_", ""))) for t in texts for v in re.findall(r"--shard-size (\S+?)[`\s)]", t)]
     assert len(sizes) >= 4 and min(sizes) >= fineweb.MIN_SHARD_SIZE, sizes
 

@@ -34,7 +34,7 @@ for path in (str(ROOT), str(TESTS)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import test_train_gpt2 as core  # noqa: E402  (helpers and pinned environment of the trainer tests)
+import test_train_gpt2 as trainer_tests  # noqa: E402  (helpers and pinned environment of the trainer tests)
 
 import checkpoint  # noqa: E402
 import fileio  # noqa: E402
@@ -57,8 +57,8 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 def loss_gap(log_dir: Path, reference: list[float], first_step: int = 0) -> float:
-    losses = core.train_losses(log_dir)
-    assert len(losses) == core.MAX_STEPS
+    losses = trainer_tests.train_losses(log_dir)
+    assert len(losses) == trainer_tests.MAX_STEPS
     return max(abs(a - b) for a, b in list(zip(losses, reference))[first_step:])
 
 
@@ -71,8 +71,12 @@ def hellaswag_subset(hellaswag_val_path, tmp_path_factory) -> Path:
 
 def _run(data_dir: Path, work: Path, *extra: str, nproc: int = 1) -> dict:
     log_dir = work / "log"
-    core.run_ok(core.trainer_cmd(data_dir, log_dir, *NO_CLIP, *extra, nproc=nproc), work)
-    return {"log_dir": log_dir, "losses": core.train_losses(log_dir), "metrics": core.read_metrics(log_dir)}
+    trainer_tests.run_ok(trainer_tests.trainer_cmd(data_dir, log_dir, *NO_CLIP, *extra, nproc=nproc), work)
+    return {
+        "log_dir": log_dir,
+        "losses": trainer_tests.train_losses(log_dir),
+        "metrics": trainer_tests.read_metrics(log_dir),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +144,7 @@ def test_two_fsdp_ranks_train_evaluate_and_sample_like_one_process(one_process, 
         }
     assert not list(log_dir.glob(".model_*"))
     state = checkpoint.load_file(log_dir / "model_final", required=checkpoint.TRAINING_KEYS)
-    assert state["sharded"] and state["step"] == core.MAX_STEPS and state["config"]["parallel"] == "fsdp"
+    assert state["sharded"] and state["step"] == trainer_tests.MAX_STEPS and state["config"]["parallel"] == "fsdp"
     # The same weights as one process, read from the shards (tied head stored once, still tied).
     assert (
         max_difference(weights_of(log_dir / "model_final"), weights_of(one_process["log_dir"] / "model_final.pt"))
@@ -156,7 +160,7 @@ def _resume_from(source: Path, data_dir: Path, work: Path, *extra: str, nproc: i
     log_dir.mkdir(parents=True)
     (shutil.copytree if source.is_dir() else shutil.copy)(source, log_dir / source.name)
     shutil.copy(source.parent / "metrics.jsonl", log_dir / "metrics.jsonl")
-    result = core.run_ok(core.trainer_cmd(data_dir, log_dir, *NO_CLIP, *extra, nproc=nproc), work)
+    result = trainer_tests.run_ok(trainer_tests.trainer_cmd(data_dir, log_dir, *NO_CLIP, *extra, nproc=nproc), work)
     assert f"resuming from {log_dir / source.name} at step 10" in result.stdout
     return log_dir
 
@@ -178,7 +182,7 @@ def test_a_checkpoint_reshards_to_other_world_sizes_and_strategies(case, one_pro
     final = next(p for s, p in checkpoint.paths(log_dir) if checkpoint.is_final(p))
     assert final.is_dir() == ("fsdp" in extra)  # the resumed run writes its own kind
     expected = "fsdp" if "fsdp" in extra else "ddp" if nproc == 2 else "single"
-    assert core.records(log_dir, "config")[-1]["parallel"] == expected
+    assert trainer_tests.records(log_dir, "config")[-1]["parallel"] == expected
     assert max_difference(weights_of(final), weights_of(one_process["log_dir"] / "model_final.pt")) < 1e-6
 
 
@@ -188,19 +192,19 @@ def test_sigkill_between_sharded_checkpoints_then_rerun_gives_the_same_weights(f
     """kill -9 of torchrun and both ranks after the step-3 checkpoint; the same command again: the
     final weights of the uninterrupted 2-rank run, bit for bit, and each train step logged once."""
     log_dir = tmp_path / "log"
-    cmd = core.trainer_cmd(data_dir, log_dir, *NO_CLIP, *FSDP, "--ckpt-every", "3", nproc=2)
+    cmd = trainer_tests.trainer_cmd(data_dir, log_dir, *NO_CLIP, *FSDP, "--ckpt-every", "3", nproc=2)
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,
-        env=core.run_env(),
+        env=trainer_tests.run_env(),
         stdout=open(tmp_path / "killed.out", "w"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
-        core.wait_for(
+        trainer_tests.wait_for(
             proc,
-            lambda: (log_dir / "model_00003").is_dir() and core.last_train_step(log_dir) >= 4,
+            lambda: (log_dir / "model_00003").is_dir() and trainer_tests.last_train_step(log_dir) >= 4,
             "the step-3 checkpoint and two more steps",
         )
     finally:
@@ -211,11 +215,11 @@ def test_sigkill_between_sharded_checkpoints_then_rerun_gives_the_same_weights(f
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL and len(ranks) == 2, "the run finished before it could be killed"
     assert not (log_dir / "model_final").exists()
-    result = core.run_ok(cmd, tmp_path)
+    result = trainer_tests.run_ok(cmd, tmp_path)
     assert "resuming from" in result.stdout
     assert max_difference(weights_of(log_dir / "model_final"), weights_of(fsdp_two["log_dir"] / "model_final")) == 0.0
-    core.assert_train_steps_once(log_dir)
-    assert core.train_losses(log_dir) == fsdp_two["losses"]
+    trainer_tests.assert_train_steps_once(log_dir)
+    assert trainer_tests.train_losses(log_dir) == fsdp_two["losses"]
 
 
 def test_an_incomplete_sharded_checkpoint_is_skipped_with_a_warning(fsdp_two, tmp_path):
@@ -250,8 +254,8 @@ def test_a_sharded_checkpoint_of_another_model_fails_in_one_line(fsdp_two, data_
     state = torch.load(state_file, weights_only=True)
     state["model_config"] = {**state["model_config"], "n_layer": 2}
     torch.save(state, state_file)
-    code, err = core._main_in_process(
-        [*core.BASE_FLAGS, *NO_CLIP, "--data-dir", str(data_dir), "--log-dir", str(log_dir)], capsys
+    code, err = trainer_tests._main_in_process(
+        [*trainer_tests.BASE_FLAGS, *NO_CLIP, "--data-dir", str(data_dir), "--log-dir", str(log_dir)], capsys
     )
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err
@@ -272,7 +276,7 @@ def test_every_script_takes_a_sharded_checkpoint(fsdp_two, tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        env=core.run_env(),
+        env=trainer_tests.run_env(),
     )
     assert export.returncode == 0, export.stderr
     ours, hf = checkpoint.load_model(folder), GPT2LMHeadModel.from_pretrained(out_dir).eval()
@@ -296,11 +300,11 @@ def test_every_script_takes_a_sharded_checkpoint(fsdp_two, tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
-        env=core.run_env(),
+        env=trainer_tests.run_env(),
     )
     assert sample.returncode == 0 and sample.stdout.strip(), sample.stderr
     read = checkpoint.read_step(folder)
-    assert read == core.MAX_STEPS
+    assert read == trainer_tests.MAX_STEPS
     assert json.loads(json.dumps(checkpoint.load_file(folder)["model_config"]))["n_layer"] == 4
 
 

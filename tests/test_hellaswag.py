@@ -26,6 +26,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import checkpoint
 import cli
 import hellaswag
 import runtime
@@ -394,8 +395,8 @@ def test_a_checkpoints_score_is_filed_in_its_own_run_folder(tmp_path, hellaswag_
     assert (tmp_path / "chosen" / "hellaswag_results.jsonl").is_file()
     assert len((run_dir / "hellaswag_results.jsonl").read_text().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chosen", "log_fast"]  # no log/ made on the side
-    assert hellaswag.results_dir(hellaswag.HellaSwagConfig(hf="gpt2")) == Path("log")
-    assert hellaswag.results_dir(hellaswag.HellaSwagConfig()) == Path("log")  # of log/model_final.pt
+    assert checkpoint.results_dir("", "gpt2", "") == Path("log")
+    assert checkpoint.results_dir("", "", "") == Path("log")  # of log/model_final.pt
 
 
 def test_cli_errors_are_one_line(tmp_path, hellaswag_val_path, capsys):

@@ -94,4 +94,4 @@ def test_combined_optimizer_state_round_trip_continues_identically():
     train(fresh, opt3, 3, seed=2)
     assert all(torch.equal(a, b) for a, b in zip(straight.parameters(), fresh.parameters()))
     # A checkpoint of another --optimizer is refused before anything loads, in the trainer's one place
-    # (train_gpt2.resume_problem; tests/test_recipe.py resumes a Muon checkpoint with AdamW).
+    # (checkpoint.resume_problem; tests/test_recipe.py resumes a Muon checkpoint with AdamW).

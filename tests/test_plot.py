@@ -1,11 +1,13 @@
 """plot.py: real metrics.jsonl / hellaswag_results.jsonl / core_results.jsonl files in temp dirs, real
 matplotlib figures.
 
-The logs are written the way train_gpt2.py and hellaswag.py write them (schema in the team contract):
-a decaying loss curve, a run that crashed and resumed from an earlier checkpoint (second config record,
-repeated steps), a run still being written, bad lines, logs without val or HellaSwag records.
+The logs are written the way train_gpt2.py, hellaswag.py and core.py write them (format 1: every config
+record says "format": 1 and holds every TrainConfig field): a decaying loss curve, a run that crashed and
+resumed from an earlier checkpoint (second config record, repeated steps), a run still being written, bad
+lines, logs without val or HellaSwag records.
 """
 
+import dataclasses
 import itertools
 import json
 import math
@@ -19,7 +21,9 @@ import pytest
 
 import cli
 import core_eval
+import metrics
 import plot
+import train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TPS = 524_288  # tokens per optimizer step of the reference run
@@ -29,39 +33,42 @@ EDU = "HuggingFaceFW/fineweb-edu (sample-10BT)"  # describe_source of the refere
 DEMO = "fineweb_demo.parquet"  # the CPU demo corpus: FineWeb, not FineWeb-Edu
 
 
-def _config(step, time, resumed_from=None):
+def _config(step, time, resumed_from=None, source=EDU, **settings):
+    """A config record as train_gpt2.write_config_record writes it: the format, every TrainConfig field."""
+    cfg = train_config.TrainConfig(**{"max_steps": 200, "warmup_steps": 20, "tokens_per_step": TPS, **settings})
     return {
         "type": "config",
         "step": step,
-        "time": time,
-        "config": {"tokens_per_step": TPS, "max_steps": 200, "log_dir": "log"},
+        "format": metrics.FORMAT_VERSION,
+        "config": dataclasses.asdict(cfg),
         "git_sha": "abc123",
         "torch": "2.11.0",
         "cuda": None,
         "device_name": "cpu",
         "world_size": 1,
+        "parallel": "ddp",
         "resumed_from": resumed_from,
         "flops_per_token": 850_000_000,
         "peak_flops": 989e12,
+        "grad_accum_steps": 8,
+        "num_params": 124_475_904,
+        "data_source": source,
+        "hosts": ["node0"],
+        "time": time,
     }
 
 
-def _segment(start, stop, time, seed, *, val_every=25, hs_every=50, mfu=True, val=True, hs=True):
-    """Records of one training process from step `start` (after its config record) to step `stop`."""
+def _segment(start, stop, time, seed, *, val_every=25, hs_every=50, mfu=True, val=True, hs=True, **config):
+    """Records of one training process from step `start` (its config record first) to step `stop`."""
     rng = random.Random(seed)
-    recs = [_config(start, time, None if start == 0 else f"log/model_{start:05d}.pt")]
+    recs = [_config(start, time, None if start == 0 else f"log/model_{start:05d}.pt", **config)]
     time += 30.0  # compile before the first step
     for i in range(start, stop):
         s = i  # steps completed before step i; evaluations run first, as in the loop
         if val and s % val_every == 0:
+            loss = 3.1 + 8.0 * math.exp(-s / 40) + rng.gauss(0, 0.01)
             recs.append(
-                {
-                    "type": "val",
-                    "step": s,
-                    "tokens": s * TPS,
-                    "val_loss": 3.1 + 8.0 * math.exp(-s / 40) + rng.gauss(0, 0.01),
-                    "time": time,
-                }
+                {"type": "val", "step": s, "tokens": s * TPS, "val_loss": loss, "val_bpb": loss / 3, "time": time}
             )
         if hs and s % hs_every == 0 and s > 0:
             acc_norm = 0.25 + 0.05 * (1 - math.exp(-s / 80)) + rng.gauss(0, 0.002)
@@ -94,22 +101,27 @@ def _segment(start, stop, time, seed, *, val_every=25, hs_every=50, mfu=True, va
                 "time": time,
             }
         )
-    s = stop  # the last step evaluates too
-    if val:
+        if i % 60 == 7:  # records plot.py does not draw
+            recs.append({"type": "sample", "step": i, "samples": ["Hello"], "time": time})
+            recs.append({"type": "skip", "step": i, "tokens": (i + 1) * TPS, "reason": "spike", "time": time})
+    if val:  # the last step evaluates too
+        loss = 3.1 + 8.0 * math.exp(-stop / 40)
         recs.append(
-            {"type": "val", "step": s, "tokens": s * TPS, "val_loss": 3.1 + 8.0 * math.exp(-s / 40), "time": time + 5}
+            {"type": "val", "step": stop, "tokens": stop * TPS, "val_loss": loss, "val_bpb": loss / 3, "time": time + 5}
         )
     return recs
-
-
-def _with_source(records, source):
-    """The records with `data_source` set on every config record, as train_gpt2.py now writes it."""
-    return [{**r, "data_source": source} if r["type"] == "config" else r for r in records]
 
 
 def _write(path, records, extra_lines=()):
     lines = [json.dumps(r) for r in records] + list(extra_lines)
     path.write_text("".join(line + "\n" for line in lines))
+
+
+def _run_dir(tmp_path, name, records):
+    log = tmp_path / name
+    log.mkdir()
+    _write(log / "metrics.jsonl", records)
+    return log
 
 
 def _by_step(records, kind):
@@ -121,53 +133,34 @@ def _by_step(records, kind):
     return dict(sorted(out.items()))
 
 
+def _hs_result(checkpoint, acc_norm, step=200, model=None, count=10042):
+    """A hellaswag.py row of hellaswag_results.jsonl."""
+    return {
+        "checkpoint": checkpoint,
+        "model": model,
+        "step": step,
+        "acc": acc_norm - 0.01,
+        "acc_norm": acc_norm,
+        "harness_acc": acc_norm - 0.005,
+        "harness_acc_norm": acc_norm + 0.008,
+        "count": count,
+        "seconds": 60.0,
+        "time": T0 + 20_000 + (step or 0),
+    }
+
+
 @pytest.fixture
 def resumed_run(tmp_path):
     """A 200-step run that crashed after step 119 and resumed from its step-100 checkpoint, plus
-    hellaswag.py results for two checkpoints and for HF gpt2 (no step)."""
-    log = tmp_path / "resumed"
-    log.mkdir()
+    hellaswag.py results for two of its checkpoints and for HF gpt2 (no step)."""
     first = _segment(0, 120, T0, seed=1)[:-1]  # crashed: no final val
     second = _segment(100, 200, T0 + 10_000, seed=2)
     records = first + second
-    _write(log / "metrics.jsonl", records)
+    log = _run_dir(tmp_path, "resumed", records)
     results = [
-        {
-            "checkpoint": "resumed/model_00100.pt",
-            "model": None,
-            "step": 100,
-            "acc": 0.27,
-            "acc_norm": 0.281,
-            "harness_acc": 0.275,
-            "harness_acc_norm": 0.290,
-            "count": 10042,
-            "seconds": 60.0,
-            "time": T0 + 20_000,
-        },
-        {
-            "checkpoint": "resumed/model_00200.pt",
-            "model": None,
-            "step": 200,
-            "acc": 0.28,
-            "acc_norm": 0.297,
-            "harness_acc": 0.285,
-            "harness_acc_norm": 0.305,
-            "count": 10042,
-            "seconds": 60.0,
-            "time": T0 + 20_100,
-        },
-        {
-            "checkpoint": None,
-            "model": "gpt2",
-            "step": None,
-            "acc": 0.2859,
-            "acc_norm": 0.2955,
-            "harness_acc": 0.2892,
-            "harness_acc_norm": 0.3114,
-            "count": 10042,
-            "seconds": 60.0,
-            "time": T0 + 20_200,
-        },
+        _hs_result("resumed/model_00100.pt", 0.281, step=100),
+        _hs_result("resumed/model_00200.pt", 0.297, step=200),
+        _hs_result(None, 0.2955, step=None, model="gpt2"),
     ]
     _write(log / "hellaswag_results.jsonl", results)
     return log, records, results
@@ -183,6 +176,18 @@ def _axes_with(fig, gid):
     return next(ax for ax in fig.axes if any(ln.get_gid() == gid for ln in ax.get_lines()))
 
 
+def _legend(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def _error(capsys, *argv: str) -> str:
+    """plot.py's one-line error for argv (exit status 2)."""
+    assert cli.run_main(plot.main, list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{cli.script_name()}: error: ") and err.count("\n") == 1, err
+    return err
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -190,32 +195,31 @@ def test_resumed_run_keeps_last_record_per_type_and_step(resumed_run):
     log, records, _ = resumed_run
     run = plot.load_run(log)
     train, val = _by_step(records, "train"), _by_step(records, "val")
-    assert run.train["step"] == list(range(200))  # 20 repeated steps collapsed, in order
-    assert run.train["train_loss"] == [r["train_loss"] for r in train.values()]
+    assert [r["step"] for r in run.train] == list(range(200))  # 20 repeated steps collapsed, in order
+    assert run.train == [{**r, "since_restart": run.train[i]["since_restart"]} for i, r in enumerate(train.values())]
     # Step 110 was logged by both processes: the resumed one wins.
     first_110, second_110 = [r for r in records if r["type"] == "train" and r["step"] == 110]
     assert first_110["train_loss"] != second_110["train_loss"]
-    assert run.train["train_loss"][110] == second_110["train_loss"]
-    assert run.val["step"] == list(val) == [0, 25, 50, 75, 100, 125, 150, 175, 200]
-    assert run.val["val_loss"] == [r["val_loss"] for r in val.values()]
+    assert run.train[110]["train_loss"] == second_110["train_loss"]
+    assert run.val == list(val.values()) and list(val) == [0, 25, 50, 75, 100, 125, 150, 175, 200]
     assert len(run.configs) == 2 and run.configs[1]["resumed_from"] == "log/model_00100.pt"
     # Position since each (re)start: steps 100.. restart the count.
-    assert run.train["since_restart"][:3] == [0, 1, 2] and run.train["since_restart"][100] == 0
+    assert [r["since_restart"] for r in run.train[:3]] == [0, 1, 2] and run.train[100]["since_restart"] == 0
     assert run.skipped == []
 
 
 def test_bad_lines_and_partial_last_line_are_skipped_with_line_numbers(tmp_path, capsys):
-    log = tmp_path / "live"
-    log.mkdir()
     records = _segment(0, 60, T0, seed=3)[:-1]
     lines = [json.dumps(r) for r in records]
     lines.insert(10, "{not json")  # line 11
     # A run still writing: the last line is cut mid-record, with no newline yet.
     text = "\n".join(lines) + "\n" + json.dumps({"type": "train", "step": 60, "train_loss": 4.0})[:25]
+    log = tmp_path / "live"
+    log.mkdir()
     (log / "metrics.jsonl").write_text(text)
 
     run = plot.load_run(log)
-    assert run.train["step"] == list(range(60))
+    assert [r["step"] for r in run.train] == list(range(60))
     assert [s.split(":")[1] for s in run.skipped] == ["11", str(len(lines) + 1)]
     assert "still be writing" in run.skipped[-1]
 
@@ -226,23 +230,48 @@ def test_bad_lines_and_partial_last_line_are_skipped_with_line_numbers(tmp_path,
 
 
 def test_empty_or_missing_log_exits_with_one_line_message(tmp_path, capsys):
-    def error(*argv: str) -> str:
-        assert cli.run_main(plot.main, list(argv)) == 2
-        return capsys.readouterr().err
-
-    missing = error("--log-dir", str(tmp_path / "nope"))
+    missing = _error(capsys, "--log-dir", str(tmp_path / "nope"))
     assert "does not exist" in missing and "--log-dir" in missing
 
     (tmp_path / "empty").mkdir()
-    assert "metrics.jsonl not found" in error("--log-dir", str(tmp_path / "empty"))
+    assert "metrics.jsonl not found" in _error(capsys, "--log-dir", str(tmp_path / "empty"))
 
     (tmp_path / "empty" / "metrics.jsonl").write_text("\n\n")
-    empty = error("--log-dir", str(tmp_path / "empty"))
-    assert "has no records" in empty
-    assert empty.startswith(f"{cli.script_name()}: error: ") and empty.count("\n") == 1
+    assert "has no records" in _error(capsys, "--log-dir", str(tmp_path / "empty"))
     assert list((tmp_path / "empty").glob("*.png")) == []
 
-    assert "--smoothing" in error("--log-dir", str(tmp_path / "empty"), "--smoothing", "1.5")
+    assert "--smoothing" in _error(capsys, "--log-dir", str(tmp_path / "empty"), "--smoothing", "1.5")
+    assert "--warmup-steps" in _error(capsys, "--log-dir", str(tmp_path / "empty"), "--warmup-steps", "-1")
+
+
+@pytest.mark.parametrize(
+    "change, what",
+    [
+        ("no format", "none (written before formats were recorded)"),
+        ("format 2", "2"),
+        ("resumed by format 2", "2"),  # a newer trainer resumed the run: its records may mean other things
+        ("no config record", "none (written before formats were recorded)"),
+    ],
+)
+def test_a_log_of_another_format_is_refused_in_one_line(tmp_path, capsys, change, what):
+    records = _segment(0, 30, T0, seed=22) + _segment(30, 40, T0 + 1_000, seed=23)
+    first, resume = [i for i, r in enumerate(records) if r["type"] == "config"]
+    if change == "no format":
+        records[first] = records[resume] = {k: v for k, v in records[first].items() if k != "format"}
+    elif change == "format 2":
+        records[first] = records[resume] = {**records[first], "format": 2}
+    elif change == "resumed by format 2":
+        records[resume] = {**records[resume], "format": 2}
+    else:
+        records = [r for r in records if r["type"] != "config"]
+    log = _run_dir(tmp_path, "run", records)
+    err = _error(capsys, "--log-dir", str(log))
+    assert err.strip() == (
+        f"{cli.script_name()}: error: {log / 'metrics.jsonl'} is a metrics log of format {what}, this plot.py "
+        "reads format 1: plot it with the version of the repo that wrote it"
+    )
+    assert list(log.glob("*.png")) == []
+    assert plot.FORMAT_VERSION is metrics.FORMAT_VERSION
 
 
 def test_flags_are_generated_from_config_fields():
@@ -260,16 +289,7 @@ def test_flags_are_generated_from_config_fields():
 def test_figures_are_written_as_pngs_into_the_log_dir(resumed_run):
     log, _, _ = resumed_run
     paths = plot.make_figures([plot.load_run(log)], log)
-    expected = {
-        "training_loss",
-        "validation_loss",
-        "learning_rate",
-        "throughput",
-        "hellaswag_accuracy",
-        "core",
-        "overview",
-    }
-    assert set(paths) == expected
+    assert set(paths) == {*plot.PANELS, "overview"} and len(paths) == 7
     for name, path in paths.items():
         assert path == log / f"{name}.png"
         data = path.read_bytes()
@@ -304,9 +324,8 @@ def test_plotted_series_equal_logged_values(resumed_run):
     run = plot.load_run(log)
     train, val, hs = _by_step(records, "train"), _by_step(records, "val"), _by_step(records, "hellaswag")
     figs = plot.build_figures([run])
-    name = run.name
     for fig_name in ("training_loss", "overview"):
-        raw = _line(figs[fig_name], f"{name}/train_loss")
+        raw = _line(figs[fig_name], "resumed/train_loss")
         assert list(raw.get_xdata()) == list(train)
         assert list(raw.get_ydata()) == [r["train_loss"] for r in train.values()]
     checks = {
@@ -316,25 +335,26 @@ def test_plotted_series_equal_logged_values(resumed_run):
         ("throughput", "mfu"): (list(train), [100 * r["mfu"] for r in train.values()]),
         ("hellaswag_accuracy", "hellaswag_acc_norm"): (list(hs), [r["hellaswag_acc_norm"] for r in hs.values()]),
         ("hellaswag_accuracy", "results_acc_norm"): ([100, 200], [0.281, 0.297]),
-        ("hellaswag_accuracy", "results_harness_acc_norm"): ([100, 200], [0.290, 0.305]),
+        ("hellaswag_accuracy", "results_harness_acc_norm"): ([100, 200], [0.289, 0.305]),
     }
     for (fig_name, key), (xs, ys) in checks.items():
-        line = _line(figs[fig_name], f"{name}/{key}")
+        line = _line(figs[fig_name], f"resumed/{key}")
         assert list(line.get_xdata()) == xs, key
         assert list(line.get_ydata()) == pytest.approx(ys, rel=1e-12), key
     # The HF gpt2 row has no step: drawn as a level at its acc_norm.
-    assert set(_line(figs["hellaswag_accuracy"], "results/gpt2").get_ydata()) == {0.2955}
+    level = _line(figs["hellaswag_accuracy"], "results/gpt2")
+    assert set(level.get_ydata()) == {0.2955} and level.get_label() == "gpt2, hellaswag.py (0.2955)"
     # MFU lives on its own (twin) y-axis, tokens/s on the main one.
     tput = figs["throughput"]
-    assert _axes_with(tput, f"{name}/mfu") is not _axes_with(tput, f"{name}/tokens_per_sec")
-    assert _axes_with(tput, f"{name}/mfu").get_ylabel() == "MFU (%)"
+    assert _axes_with(tput, "resumed/mfu") is not _axes_with(tput, "resumed/tokens_per_sec")
+    assert _axes_with(tput, "resumed/mfu").get_ylabel() == "MFU (%)"
 
 
 def test_smoothed_train_loss_is_a_debiased_ema_of_the_raw_curve(resumed_run):
     run = plot.load_run(resumed_run[0])
     fig = plot.build_figures([run], smoothing=0.7)["training_loss"]
-    raw = list(_line(fig, f"{run.name}/train_loss").get_ydata())
-    smooth = list(_line(fig, f"{run.name}/train_loss_ema").get_ydata())
+    raw = list(_line(fig, "resumed/train_loss").get_ydata())
+    smooth = list(_line(fig, "resumed/train_loss_ema").get_ydata())
     assert smooth[0] == pytest.approx(raw[0])  # debiased: no pull towards 0 at the start
     assert smooth[1] == pytest.approx((0.7 * 0.3 * raw[0] + 0.3 * raw[1]) / (1 - 0.7**2))
 
@@ -343,26 +363,24 @@ def test_smoothed_train_loss_is_a_debiased_ema_of_the_raw_curve(resumed_run):
 
     assert noise(smooth) < noise(raw) / 4
     assert plot.ema([2.0] * 5, 0.95) == pytest.approx([2.0] * 5)
-    assert "EMA 0.7" in _line(fig, f"{run.name}/train_loss_ema").get_label()
+    assert "EMA 0.7" in _line(fig, "resumed/train_loss_ema").get_label()
     # The default 0.95 lags 20 steps: kept for a 19,073-step run, lowered to a 4-step lag for 200 steps.
     assert plot.ema_weight(0.95, 19_073) == 0.95
     assert plot.ema_weight(0.95, 200) == pytest.approx(0.75)
     assert plot.ema_weight(0.95, 30) == 0.0
     default = plot.build_figures([run])["training_loss"]
-    assert "EMA 0.75" in _line(default, f"{run.name}/train_loss_ema").get_label()
+    assert "EMA 0.75" in _line(default, "resumed/train_loss_ema").get_label()
 
 
 def test_baselines_are_labelled_lines_and_inside_the_view(resumed_run):
     figs = plot.build_figures([plot.load_run(resumed_run[0])])
     for fig_name, values in (("validation_loss", {3.2924}), ("hellaswag_accuracy", {0.2955, 0.337, 0.25, 0.3114})):
         ax = figs[fig_name].axes[0]
-        base = {ln.get_ydata()[0]: ln.get_label() for ln in ax.get_lines() if str(ln.get_gid()).startswith("baseline/")}
-        assert set(base) == values
+        assert _baseline_values(ax) == values
         lo, hi = ax.get_ylim()
         assert all(lo < v < hi for v in values), (fig_name, lo, hi)
-        legend = [t.get_text() for t in ax.get_legend().get_texts()]
-        assert any("GPT-2 124M" in t for t in legend)
-    hs_legend = [t.get_text() for t in figs["hellaswag_accuracy"].axes[0].get_legend().get_texts()]
+        assert any("GPT-2 124M" in t for t in _legend(ax))
+    hs_legend = _legend(figs["hellaswag_accuracy"].axes[0])
     assert "GPT-3 124M (paper) (0.337)" in hs_legend and "OpenAI GPT-2 124M (0.2955)" in hs_legend
 
 
@@ -377,72 +395,68 @@ def _baseline_values(ax):
 
 
 @pytest.mark.parametrize(
-    "source, title, baseline",
-    [
-        (DEMO, "Validation loss (val shard of fineweb_demo.parquet)", False),
-        (EDU, "Validation loss\n(val shard of HuggingFaceFW/fineweb-edu (sample-10BT))", True),
-        ("my-mirror/FineWeb-Edu", "Validation loss (val shard of my-mirror/FineWeb-Edu)", True),
-        (None, "Validation loss (val shard)", True),  # shards without a manifest
-        ("missing", "Validation loss (val shard)", True),  # a log from before the field
-    ],
-    ids=["demo", "fineweb-edu", "fineweb-edu-mirror", "null", "absent"],
+    "source, baseline",
+    [(DEMO, False), (EDU, True), ("my-mirror/FineWeb-Edu", True), (None, True)],  # None: shards without a manifest
+    ids=["demo", "fineweb-edu", "fineweb-edu-mirror", "unknown"],
 )
-def test_val_panel_names_the_data_source_and_draws_gpt2_baseline_only_on_fineweb_edu(tmp_path, source, title, baseline):
-    log = tmp_path / "run"
-    log.mkdir()
-    records = _segment(0, 200, T0, seed=7)
-    _write(log / "metrics.jsonl", records if source == "missing" else _with_source(records, source))
-    run = plot.load_run(log)
+def test_val_legend_names_the_data_source_and_gpt2_baseline_is_drawn_only_on_fineweb_edu(tmp_path, source, baseline):
+    run = plot.load_run(_run_dir(tmp_path, "run", _segment(0, 200, T0, seed=7, source=source)))
     for ax in _val_panels([run]):
-        assert ax.get_title() == title
+        assert ax.get_title() == "Validation loss"  # short: the source, maybe long, is in the legend
+        assert _legend(ax)[0] == (f"val loss ({source})" if source else "val loss")
         assert _baseline_values(ax) == ({3.2924} if baseline else set())
-        legend = [t.get_text() for t in ax.get_legend().get_texts()]
-        assert any("3.2924" in t for t in legend) == baseline
+        assert any("3.2924" in t for t in _legend(ax)) == baseline
     note = plot.summarize([run]).split("\n\n")[1]
     assert ("Val loss baseline: OpenAI GPT-2 124M 3.2924" in note) == baseline
     if not baseline:
         assert f"Val losses are on the val shards of {source}: not comparable" in note
 
 
-def test_val_panel_lists_each_runs_source_and_drops_the_baseline_if_any_is_not_fineweb_edu(tmp_path):
-    logs = {}
-    for name, source in (("edu", EDU), ("demo", DEMO), ("old", "missing")):
-        logs[name] = tmp_path / name
-        logs[name].mkdir()
-        records = _segment(0, 60, T0, seed=8)
-        _write(logs[name] / "metrics.jsonl", records if source == "missing" else _with_source(records, source))
-    edu, demo, old = (plot.load_run(logs[n]) for n in ("edu", "demo", "old"))
+def test_val_panel_names_each_runs_source_and_drops_the_baseline_if_any_is_not_fineweb_edu(tmp_path):
+    edu, demo, unknown = (
+        plot.load_run(_run_dir(tmp_path, name, _segment(0, 60, T0, seed=8, source=source)))
+        for name, source in (("edu", EDU), ("demo", DEMO), ("unknown", None))
+    )
     for ax in _val_panels([edu, demo]):
-        assert ax.get_title().replace("\n", " ") == f"Validation loss (val shards: {EDU}; {DEMO})"
+        assert _legend(ax) == [f"edu: val loss ({EDU})", f"demo: val loss ({DEMO})"]
         assert _baseline_values(ax) == set()
-    for ax in _val_panels([edu, old]):  # an old log (FineWeb-Edu, before data_source) keeps the baseline
-        assert ax.get_title().replace("\n", " ") == f"Validation loss (val shards: {EDU}; unknown)"
+    for ax in _val_panels([edu, unknown]):
         assert _baseline_values(ax) == {3.2924}
-    for ax in _val_panels([demo, old]):
-        assert _baseline_values(ax) == set()
-    # A resumed run logs the source in each config record: named once.
     assert plot.data_sources(plot.load_run(tmp_path / "edu")) == [EDU]
 
 
-def test_top_axis_shows_tokens_from_the_logged_tokens_per_step(resumed_run):
-    fig = plot.build_figures([plot.load_run(resumed_run[0])])["validation_loss"]
-    fig.canvas.draw()
-    ax = fig.axes[0]
-    (top,) = ax.child_axes
-    assert top.get_xlabel() == "tokens"
-    lo, hi = ax.get_xlim()
-    assert top.get_xlim() == pytest.approx((lo * TPS, hi * TPS))
-    assert ax.get_xlabel() == "step"
+def test_tokens_axis_uses_the_config_records_tokens_per_step(tmp_path):
+    """The top axis converts steps with tokens_per_step from the config record (not from the records'
+    tokens), also before any train record; runs with different batches get no tokens axis."""
+    starting = plot.load_run(
+        _run_dir(
+            tmp_path, "starting", [_config(0, T0, tokens_per_step=2048, model="tiny", seq_len=256, micro_batch_size=4)]
+        )
+    )
+    assert starting.tokens_per_step == 2048
+    for runs, tps in (
+        ([starting], 2048),
+        ([starting, plot.load_run(_run_dir(tmp_path, "big", _segment(0, 30, T0, 9)))], None),
+    ):
+        fig = plot.build_figures(runs)["validation_loss"]
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        assert ax.get_xlabel() == "step"
+        if tps is None:
+            assert ax.child_axes == []
+        else:
+            (top,) = ax.child_axes
+            assert top.get_xlabel() == "tokens"
+            lo, hi = ax.get_xlim()
+            assert top.get_xlim() == pytest.approx((lo * tps, hi * tps))
 
 
 def test_log_without_val_or_hellaswag_shows_no_data_panels(tmp_path):
-    log = tmp_path / "bare"
-    log.mkdir()
-    _write(log / "metrics.jsonl", _segment(0, 30, T0, seed=4, val=False, hs=False, mfu=False))
+    log = _run_dir(tmp_path, "bare", _segment(0, 30, T0, seed=4, val=False, hs=False, mfu=False))
     run = plot.load_run(log)
-    assert run.val["step"] == [] and run.hellaswag["step"] == [] and run.results["step"] == []
+    assert run.val == [] and run.hellaswag == [] and run.results == []
     figs = plot.build_figures([run])
-    for name in ("validation_loss", "hellaswag_accuracy"):
+    for name in ("validation_loss", "hellaswag_accuracy", "core"):
         texts = [t.get_text() for t in figs[name].axes[0].texts if t.get_gid() == "no-data"]
         assert len(texts) == 1 and texts[0].startswith("no data"), name
     assert not [t for t in figs["training_loss"].axes[0].texts if t.get_gid() == "no-data"]
@@ -451,62 +465,63 @@ def test_log_without_val_or_hellaswag_shows_no_data_panels(tmp_path):
     assert "MFU not logged" in figs["throughput"].axes[0].get_title()
     paths = plot.make_figures([run], log)
     assert all(p.stat().st_size > 10_000 for p in paths.values())
-    stats = plot.run_stats(run)
-    assert stats["best_val_loss"] is None and stats["mfu"] is None and stats["hellaswag_train"] is None
-    assert "| – |" in plot.summarize([run])
+    (row,) = _parse_table(plot.summarize([run]))
+    assert row["best val loss"] == row["MFU"] == row["HellaSwag (training loop)"] == row["CORE"] == "–"
 
 
 def test_run_with_only_a_config_record_plots_empty_panels(tmp_path):
-    log = tmp_path / "starting"
-    log.mkdir()
-    _write(log / "metrics.jsonl", [_config(0, T0)])
+    log = _run_dir(tmp_path, "starting", [_config(0, T0)])
     paths = plot.make_figures([plot.load_run(log)], log)
     assert len(paths) == 7 and all(p.is_file() for p in paths.values())
 
 
 def test_several_runs_in_one_figure_labelled_by_dir(resumed_run, tmp_path):
     log_a = resumed_run[0]
-    log_b = tmp_path / "short"
-    log_b.mkdir()
-    _write(log_b / "metrics.jsonl", _segment(0, 80, T0, seed=5))
+    log_b = _run_dir(tmp_path, "short", _segment(0, 80, T0, seed=5))
     out = tmp_path / "compare"
     plot.main(["--log-dir", str(log_a), "--log-dir", str(log_b), "--out-dir", str(out), "--summary"])
     assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{n}.png" for n in (*plot.PANELS, "overview"))
     assert not list(log_a.glob("training_loss.png"))  # --out-dir given: log dirs untouched
     runs = plot.load_runs([log_a, log_b])
     fig = plot.build_figures(runs)["validation_loss"]
-    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert "resumed: val loss" in legend and "short: val loss" in legend
+    assert _legend(fig.axes[0])[:2] == [f"resumed: val loss ({EDU})", f"short: val loss ({EDU})"]
     assert _line(fig, "short/val_loss").get_color() != _line(fig, "resumed/val_loss").get_color()
-    table = (out / "summary.md").read_text()
-    assert table.count("| resumed |") == 1 and table.count("| short |") == 1
+    hs = plot.build_figures(runs)["hellaswag_accuracy"].axes[0]
+    # each run named once, the markers' meaning once
+    assert {"resumed", "short", "acc_norm, hellaswag.py", "harness acc_norm, hellaswag.py"} <= set(_legend(hs))
+    assert [row["run"] for row in _parse_table((out / "summary.md").read_text())] == ["resumed", "short"]
 
 
 def test_every_run_has_a_legend_entry_and_a_short_one_is_drawn_in_full(resumed_run, tmp_path):
     """A run of 50 logged steps or fewer is too short to smooth: its raw curve is its curve, drawn at
     full strength and named in the legend, next to the smoothed curve of a long run."""
-    short = tmp_path / "short"
-    short.mkdir()
-    _write(short / "metrics.jsonl", _segment(0, 30, T0, seed=7))
+    short = _run_dir(tmp_path, "short", _segment(0, 30, T0, seed=7))
     runs = plot.load_runs([resumed_run[0], short])
     for fig_name in ("training_loss", "overview"):
         fig = plot.build_figures(runs)[fig_name]
         ax = _axes_with(fig, "short/train_loss")
-        labels = [t.get_text() for t in ax.get_legend().get_texts()]
-        assert labels == ["resumed: train loss (EMA 0.75)", "short: train loss (raw, 30 steps: not smoothed)"], labels
+        assert _legend(ax) == ["resumed: train loss (EMA 0.75)", "short: train loss (raw, 30 steps: not smoothed)"]
         line = _line(fig, "short/train_loss")
         assert line.get_alpha() in (None, 1.0) and line.get_linewidth() >= 1.4
-        assert list(line.get_ydata()) == plot.load_run(short).train["train_loss"]
+        assert list(line.get_ydata()) == [r["train_loss"] for r in plot.load_run(short).train]
     alone = plot.build_figures([runs[1]], smoothing=0.0)["training_loss"]
-    assert [t.get_text() for t in alone.axes[0].get_legend().get_texts()] == ["train loss (raw)"]
+    assert _legend(alone.axes[0]) == ["train loss (raw)"]
 
 
 def test_runs_with_the_same_dir_name_get_distinct_labels(tmp_path):
     for parent in ("a", "b"):
-        (tmp_path / parent / "log").mkdir(parents=True)
-        _write(tmp_path / parent / "log" / "metrics.jsonl", _segment(0, 12, T0, seed=6))
+        (tmp_path / parent).mkdir()
+        _run_dir(tmp_path / parent, "log", _segment(0, 12, T0, seed=6))
     runs = plot.load_runs([tmp_path / "a" / "log", tmp_path / "b" / "log"])
     assert len({r.name for r in runs}) == 2
+
+
+def test_no_title_is_wrapped_by_hand(resumed_run, tmp_path):
+    long_source = "some-org/a-very-long-dataset-name-on-the-hub (a-long-config-name)"
+    other = plot.load_run(_run_dir(tmp_path, "other", _segment(0, 60, T0, seed=10, source=long_source)))
+    figs = plot.build_figures([plot.load_run(resumed_run[0]), other])
+    titles = [ax.get_title() for fig in figs.values() for ax in fig.axes]
+    assert titles and not [t for t in titles if "\n" in t]
 
 
 # ---------------------------------------------------------------- summary
@@ -521,149 +536,133 @@ def _parse_table(markdown):
 
 def test_summary_numbers_are_computed_from_the_logged_values(resumed_run):
     log, records, _ = resumed_run
-    run = plot.load_run(log)
     train, val, hs = _by_step(records, "train"), _by_step(records, "val"), _by_step(records, "hellaswag")
-    stats = plot.run_stats(run)
-    assert stats["steps"] == 200 and stats["max_steps"] == 200
-    assert stats["tokens"] == 200 * TPS
-    assert stats["best_val_loss"] == min(r["val_loss"] for r in val.values())
-    assert stats["final_val_loss"] == val[200]["val_loss"]
-    assert stats["hellaswag_train"] == max(r["hellaswag_acc_norm"] for r in hs.values())
-    assert stats["hellaswag_ref"] == 0.297  # best of this run's checkpoints; HF gpt2's 0.2955 is not this run
-    assert stats["hellaswag_harness"] == 0.305
-    # Warm-up: first WARMUP train records of each process; steps 100-119 of the first were replaced.
-    steady = [r for s, r in train.items() if WARMUP <= s < 100 or s >= 100 + WARMUP]
-    assert stats["tokens_per_sec"] == pytest.approx(sum(r["tokens_per_sec"] for r in steady) / len(steady))
-    assert stats["mfu"] == pytest.approx(sum(r["mfu"] for r in steady) / len(steady))
-    assert 0.39 < stats["mfu"] < 0.41  # the slow first steps (mfu 0.04) are out
-    # Wall time: each process from its config record to its last record, the gap between them excluded.
-    spans = []
-    for lo, hi in ((0, 1), (1, 2)):
-        idx = [i for i, r in enumerate(records) if r["type"] == "config"] + [len(records)]
-        seg = records[idx[lo] : idx[hi]]
-        spans.append(max(r["time"] for r in seg) - min(r["time"] for r in seg))
-    assert stats["wall_seconds"] == pytest.approx(sum(spans))
-    assert stats["wall_seconds"] < 10_000
-
-    (row,) = _parse_table(plot.summarize([run]))
-    assert row["run"] == "resumed"
+    (row,) = _parse_table(plot.summarize([plot.load_run(log)]))
+    assert row["run"] == "resumed" and row["model"] == "gpt2"
     assert row["steps"] == "200 / 200"
     assert row["tokens"] == "105M"  # 200 * 524,288 = 104,857,600
-    assert float(row["best val loss"]) == pytest.approx(stats["best_val_loss"], abs=5e-5)
-    assert float(row["final val loss"]) == pytest.approx(stats["final_val_loss"], abs=5e-5)
-    value, count = row["HellaSwag (training loop)"].split(" (")
-    assert float(value) == pytest.approx(stats["hellaswag_train"], abs=5e-5) and count == "10,042 ex)"
-    assert row["HellaSwag (hellaswag.py)"] == "0.2970 (10,042 ex)"
+    assert row["best val loss"] == f"{min(r['val_loss'] for r in val.values()):.4f}"
+    assert row["final val loss"] == f"{val[200]['val_loss']:.4f}"
+    assert row["final val bpb"] == f"{val[200]['val_bpb']:.4f}"
+    assert row["HellaSwag (training loop)"] == f"{max(r['hellaswag_acc_norm'] for r in hs.values()):.4f} (10,042 ex)"
+    assert row["HellaSwag (hellaswag.py)"] == "0.2970 (10,042 ex)"  # HF gpt2's 0.2955 is not this run's
     assert row["HellaSwag (harness style)"] == "0.3050 (10,042 ex)"
-    assert float(row["tokens/s"].replace(",", "")) == pytest.approx(stats["tokens_per_sec"], abs=0.5)
-    assert row["MFU"] == f"{100 * stats['mfu']:.1f}%"
+    # Warm-up: first WARMUP train records of each process; steps 100-119 of the first were replaced.
+    steady = [r for s, r in train.items() if WARMUP <= s < 100 or s >= 100 + WARMUP]
+    assert row["tokens/s"] == f"{sum(r['tokens_per_sec'] for r in steady) / len(steady):,.0f}"
+    mfu = sum(r["mfu"] for r in steady) / len(steady)
+    assert row["MFU"] == f"{100 * mfu:.1f}%" and 0.39 < mfu < 0.41  # the slow first steps (mfu 0.04) are out
+    # Wall time: each process from its config record to its last record, the gap between them excluded.
+    restarts = [i for i, r in enumerate(records) if r["type"] == "config"] + [len(records)]
+    spans = [
+        max(r["time"] for r in records[a:b]) - min(r["time"] for r in records[a:b])
+        for a, b in itertools.pairwise(restarts)
+    ]
     h, m, s = map(int, row["wall time"].split(":"))
-    assert h * 3600 + m * 60 + s == round(stats["wall_seconds"])
+    assert h * 3600 + m * 60 + s == round(sum(spans)) and sum(spans) < 10_000
 
 
 def test_summary_shows_how_many_examples_each_hellaswag_score_used(tmp_path):
     """A demo run scores 200 examples in the loop; hellaswag.py scored one checkpoint with --limit 200
     and another on the full set: each best value carries the count of the row it came from."""
-    log = tmp_path / "demo"
-    log.mkdir()
     records = [{**r, "count": 200} if r["type"] == "hellaswag" else r for r in _segment(0, 120, T0, seed=9)]
-    _write(log / "metrics.jsonl", _with_source(records, DEMO))
+    log = _run_dir(tmp_path, "demo", records)
     results = [
-        {
-            "checkpoint": "demo/model_00100.pt",
-            "model": None,
-            "step": 100,
-            "acc": 0.30,
-            "acc_norm": 0.310,
-            "harness_acc": 0.29,
-            "harness_acc_norm": 0.300,
-            "count": 200,
-            "seconds": 2.0,
-            "time": T0 + 20_000,
-        },
-        {
-            "checkpoint": "demo/model_00120.pt",
-            "model": None,
-            "step": 120,
-            "acc": 0.28,
-            "acc_norm": 0.290,
-            "harness_acc": 0.30,
-            "harness_acc_norm": 0.320,
-            "count": 10042,
-            "seconds": 60.0,
-            "time": T0 + 20_100,
-        },
+        _hs_result("demo/model_00100.pt", 0.310, step=100, count=200),
+        _hs_result("demo/model_00120.pt", 0.290, 120),
     ]
+    results[1]["harness_acc_norm"] = 0.320
     _write(log / "hellaswag_results.jsonl", results)
-    # A log from before HellaSwag records had a count: the value alone, no made-up count.
-    old = tmp_path / "old"
-    old.mkdir()
-    _write(old / "metrics.jsonl", [{k: v for k, v in r.items() if k != "count"} for r in _segment(0, 60, T0, seed=9)])
-
-    runs = plot.load_runs([log, old])
-    stats = plot.run_stats(runs[0])
-    assert (stats["hellaswag_train"], stats["hellaswag_train_count"]) == (
-        max(r["hellaswag_acc_norm"] for r in records if r["type"] == "hellaswag"),
-        200,
-    )
-    assert (stats["hellaswag_ref"], stats["hellaswag_ref_count"]) == (0.310, 200)
-    assert (stats["hellaswag_harness"], stats["hellaswag_harness_count"]) == (0.320, 10042)
-    table = plot.summarize(runs)
-    demo, bare = _parse_table(table)
-    assert demo["HellaSwag (training loop)"] == f"{stats['hellaswag_train']:.4f} (200 ex)"
-    assert demo["HellaSwag (hellaswag.py)"] == "0.3100 (200 ex)"
-    assert demo["HellaSwag (harness style)"] == "0.3200 (10,042 ex)"
-    assert bare["HellaSwag (training loop)"] == f"{plot.run_stats(runs[1])['hellaswag_train']:.4f}"
-    assert bare["HellaSwag (hellaswag.py)"] == bare["HellaSwag (harness style)"] == "–"
-    note = table.split("\n\n")[1]
-    assert "number of examples it was scored on (10,042 ex = the full val set" in note
+    table = plot.summarize([plot.load_run(log)])
+    (row,) = _parse_table(table)
+    best_loop = max(r["hellaswag_acc_norm"] for r in records if r["type"] == "hellaswag")
+    assert row["HellaSwag (training loop)"] == f"{best_loop:.4f} (200 ex)"
+    assert row["HellaSwag (hellaswag.py)"] == "0.3100 (200 ex)"
+    assert row["HellaSwag (harness style)"] == "0.3200 (10,042 ex)"
+    assert "the examples it was scored on (10,042 ex = the full val set" in table.split("\n\n")[1]
 
 
-def _result(checkpoint, acc_norm, step=200):
+def test_summary_has_a_model_column_from_the_config_records(tmp_path):
+    tiny = {"model": "tiny", "seq_len": 256}
+    tiny = _segment(0, 30, T0, seed=20, **tiny) + _segment(30, 40, T0 + 1_000, seed=21, **tiny)
+    logs = [_run_dir(tmp_path, "tinyrun", tiny), _run_dir(tmp_path, "gpt2run", _segment(0, 30, T0, seed=20))]
+    table = plot.summarize(plot.load_runs(logs))
+    # resumed: the preset in both config records, named once
+    assert [(r["run"], r["model"]) for r in _parse_table(table)] == [("tinyrun", "tiny"), ("gpt2run", "gpt2")]
+    assert table.splitlines()[0].startswith("| run | model | steps |")
+    assert "model: the config records' preset" in table
+
+
+# ---------------------------------------------------------------- scores of other folders and models
+
+
+def _core_result(checkpoint, step, core, partial=None, max_per_task=0, model=None):
+    """A core.py row of core_results.jsonl."""
+    task = {"accuracy": 0.4, "centered": 0.2, "count": 2376, "shots": 10, "kind": "multiple_choice"}
     return {
         "checkpoint": checkpoint,
-        "model": None,
+        "model": model,
         "step": step,
-        "acc": acc_norm - 0.01,
-        "acc_norm": acc_norm,
-        "harness_acc": acc_norm,
-        "harness_acc_norm": acc_norm + 0.01,
-        "count": 300,
-        "seconds": 3.0,
-        "time": T0 + 30_000,
+        "core": core,
+        "core_partial": partial,
+        "missing": [] if partial is None else ["bigbench_cs_algorithms"],
+        "max_per_task": max_per_task,
+        "count": 2376,
+        "tasks": {"arc_easy": task},
+        "seconds": 60.0,
+        "tokenize_seconds": 1.0,
+        "device": "cpu",
+        "world_size": 1,
+        "time": T0 + 40_000,
     }
 
 
-def test_each_hellaswag_score_shows_in_the_row_of_the_run_its_checkpoint_is_in(tmp_path, capsys, monkeypatch):
-    """An older hellaswag.py filed every score in log/: log/hellaswag_results.jsonl holds log_fast's
-    score (the path relative to where it ran, as it records it). It is not log's score: left out of
-    log's row (the summary says so) and shown in log_fast's row when both runs are plotted."""
-    monkeypatch.chdir(tmp_path)  # where the commands ran
+def test_a_foreign_score_is_a_labelled_level_not_a_point_of_the_run_nor_its_best(tmp_path, monkeypatch, capsys):
+    """log/'s results files hold its own checkpoint's scores, and higher ones of log_fast/'s checkpoint
+    (scored with --log-dir log) and of HF gpt2: those two are drawn as labelled levels, never as log's
+    points or best, also when log_fast is plotted beside it (each run shows its own folder's files)."""
+    monkeypatch.chdir(tmp_path)  # where the commands ran: checkpoints recorded relative to it
     for name in ("log", "log_fast"):
-        Path(name).mkdir()
-        _write(Path(name) / "metrics.jsonl", _segment(0, 60, T0, seed=11))
+        _run_dir(tmp_path, name, _segment(0, 60, T0, seed=11))
     _write(
         Path("log") / "hellaswag_results.jsonl",
-        [_result("log/model_final.pt", 0.2600), _result("log_fast/model_final.pt", 0.2900)],
+        [
+            _hs_result("log/model_00060.pt", 0.2600, step=60),
+            _hs_result(str(tmp_path / "log_fast" / "model_00060.pt"), 0.2900, step=60),
+            _hs_result(None, 0.2955, step=None, model="gpt2"),
+        ],
     )
-    alone = plot.summarize(plot.load_runs(["log"]))
-    (row,) = _parse_table(alone)
-    assert row["HellaSwag (hellaswag.py)"] == "0.2600 (300 ex)"  # log's own score, not log_fast's 0.29
-    assert (
-        "Not in log's row: log/hellaswag_results.jsonl also holds hellaswag.py scores of checkpoints in "
-        "other folders (log_fast/model_final.pt); add --log-dir log_fast" in alone
+    _write(
+        Path("log") / "core_results.jsonl",
+        [
+            _core_result("log/model_00060.pt", 60, 0.051),
+            _core_result("log_fast/model_00060.pt", 60, 0.083),
+            _core_result(None, None, 0.1139, model="gpt2"),
+        ],
     )
-    plot.main(["--log-dir", "log"])
-    assert "plot.py: warning: Not in log's row" in capsys.readouterr().err
-
-    both = plot.load_runs(["log", str(tmp_path / "log_fast")])  # either spelling of a folder matches
-    log_row, fast_row = _parse_table(plot.summarize(both))
-    assert log_row["HellaSwag (hellaswag.py)"] == "0.2600 (300 ex)"
-    assert fast_row["HellaSwag (hellaswag.py)"] == "0.2900 (300 ex)"
-    assert "Not in" not in plot.summarize(both)
-    fig = plot.build_figures(both)["hellaswag_accuracy"]
-    assert list(_line(fig, "log_fast/results_acc_norm").get_ydata()) == [0.29]
-    assert list(_line(fig, "log/results_acc_norm").get_ydata()) == [0.26]
+    for runs in (plot.load_runs(["log"]), plot.load_runs(["log", "log_fast"])):
+        figs = plot.build_figures(runs)
+        for fig in (figs["hellaswag_accuracy"], figs["overview"]):
+            assert list(_line(fig, "log/results_acc_norm").get_ydata()) == [0.26]  # the own score only
+            assert _line(fig, "results/log_fast/model_00060.pt").get_label() == (
+                "log_fast/model_00060.pt, hellaswag.py (0.2900)"
+            )
+            assert set(_line(fig, "results/log_fast/model_00060.pt").get_ydata()) == {0.29}
+            assert _line(fig, "results/gpt2").get_label() == "gpt2, hellaswag.py (0.2955)"
+        for fig in (figs["core"], figs["overview"]):
+            assert list(_line(fig, "log/results_core").get_ydata()) == [0.051]
+            assert _line(fig, "core_results/log_fast/model_00060.pt").get_label() == (
+                "log_fast/model_00060.pt, core.py CORE (0.0830)"
+            )
+            assert set(_line(fig, "core_results/gpt2").get_ydata()) == {0.1139}
+        rows = _parse_table(plot.summarize(runs))
+        assert (rows[0]["HellaSwag (hellaswag.py)"], rows[0]["CORE"]) == ("0.2600 (10,042 ex)", "0.0510")
+        if len(runs) == 2:  # log_fast's own folder holds no results file
+            assert (rows[1]["HellaSwag (hellaswag.py)"], rows[1]["CORE"]) == ("–", "–")
+            assert not [ln for ln in figs["core"].axes[0].get_lines() if ln.get_gid().startswith("log_fast/results")]
+    plot.main(["--log-dir", "log", "--summary"])
+    out = capsys.readouterr()
+    assert "warning" not in out.err and "drawn as levels only" in out.out
 
 
 # ---------------------------------------------------------------- CORE
@@ -684,38 +683,16 @@ def _core_record(step, core, partial=None, max_per_task=500):
     }
 
 
-def _core_result(checkpoint, step, core, partial=None, max_per_task=0, model=None):
-    """A core.py row of core_results.jsonl."""
-    task = {"accuracy": 0.4, "centered": 0.2, "count": 2376, "shots": 10, "kind": "multiple_choice"}
-    return {
-        "checkpoint": checkpoint,
-        "model": model,
-        "step": step,
-        "core": core,
-        "core_partial": partial,
-        "missing": [] if partial is None else ["bigbench_cs_algorithms"],
-        "max_per_task": max_per_task,
-        "count": 2376,
-        "tasks": {"arc_easy": task},
-        "seconds": 60.0,
-        "device": "cpu",
-        "world_size": 1,
-        "time": T0 + 40_000,
-    }
-
-
 @pytest.fixture
 def core_run(tmp_path):
     """A 120-step run with CORE on 500 examples per task at steps 40 and 80 and CORE-PARTIAL (a task file
     missing) at step 120; core.py scored its step-100 checkpoint in full, its final one partially, and HF gpt2."""
-    log = tmp_path / "corerun"
-    log.mkdir()
     rng = random.Random(12)
     full = {s: 0.02 + 0.0005 * s + rng.gauss(0, 0.002) for s in (40, 80)}
     partial = 0.5  # far above every CORE value: would stand out in the CORE curve or column
     records = _segment(0, 120, T0, seed=12) + [_core_record(s, v) for s, v in full.items()]
     records.append(_core_record(120, None, partial))
-    _write(log / "metrics.jsonl", records)
+    log = _run_dir(tmp_path, "corerun", records)
     results = [
         _core_result("corerun/model_00100.pt", 100, 0.071),
         _core_result("corerun/model_00120.pt", 120, None, partial=0.6),
@@ -725,14 +702,9 @@ def core_run(tmp_path):
     return log, full, results
 
 
-def _legend(ax):
-    return [t.get_text() for t in ax.get_legend().get_texts()]
-
-
 def test_core_panel_draws_the_training_loop_curve_and_core_py_points(core_run):
     log, full, results = core_run
-    run = plot.load_run(log)
-    figs = plot.build_figures([run])
+    figs = plot.build_figures([plot.load_run(log)])
     for fig_name in ("core", "overview"):
         curve = _line(figs[fig_name], "corerun/core")
         assert list(curve.get_xdata()) == list(full) and list(curve.get_ydata()) == list(full.values())
@@ -744,10 +716,8 @@ def test_core_panel_draws_the_training_loop_curve_and_core_py_points(core_run):
         assert set(_line(figs[fig_name], "core_results/gpt2").get_ydata()) == {results[2]["core"]}
         assert not [t for t in _axes_with(figs[fig_name], "corerun/core").texts if t.get_gid() == "no-data"]
     assert plot._per_task(iter([500, 0, 500])) == " (500/task, all)"  # points of both kinds: both named
-    ax = figs["core"].axes[0]
-    assert ax.get_title().startswith("CORE")
     # The x-axis spans the steps of the other panels, so CORE lines up with HellaSwag and the losses.
-    assert ax.get_xlim() == figs["training_loss"].axes[0].get_xlim()
+    assert figs["core"].axes[0].get_xlim() == figs["training_loss"].axes[0].get_xlim()
 
 
 def test_core_panel_draws_the_gpt2_leaderboard_references_and_says_no_data_without_core(resumed_run, core_run):
@@ -755,13 +725,12 @@ def test_core_panel_draws_the_gpt2_leaderboard_references_and_says_no_data_witho
     for run in (plot.load_run(resumed_run[0]), plot.load_run(core_run[0])):
         ax = plot.build_figures([run])["core"].axes[0]
         base = {ln.get_ydata()[0]: ln.get_label() for ln in ax.get_lines() if str(ln.get_gid()).startswith("baseline/")}
-        assert base == {v: f"{name} {v} (leaderboard, not measured here)" for v, name in references.items()}
+        assert base == {v: f"{name}, leaderboard, not measured here ({v})" for v, name in references.items()}
         lo, hi = ax.get_ylim()
         assert all(lo < v < hi for v in base)
         assert set(base.values()) <= set(_legend(ax))
         no_data = [t.get_text() for t in ax.texts if t.get_gid() == "no-data"]
         assert no_data == (["no data: no CORE evaluations yet"] if run.name == "resumed" else [])
-    assert plot.load_run(resumed_run[0]).core["step"] == []
 
 
 def test_partial_core_is_never_drawn_or_summarised_as_core(core_run, tmp_path):
@@ -780,20 +749,11 @@ def test_partial_core_is_never_drawn_or_summarised_as_core(core_run, tmp_path):
     assert (list(loop.get_xdata()), list(loop.get_ydata())) == ([120], [0.5])
     assert (list(script.get_xdata()), list(script.get_ydata())) == ([120], [0.6])
     assert all(ln.get_label().startswith("CORE-PARTIAL") for ln in (loop, script))
-    stats = plot.run_stats(run)
-    assert (stats["core"], stats["core_max_per_task"], stats["core_partial"]) == (
-        max(*full.values(), 0.071),
-        None,
-        False,
-    )
+    (row,) = _parse_table(plot.summarize([run]))
+    assert row["CORE"] == "0.0710"  # core.py's full-set score, the best CORE: not 0.5 or 0.6
     # A run with only partial scores: its best partial, marked so, in the CORE column; no CORE curve.
-    only = tmp_path / "partial"
-    only.mkdir()
-    _write(
-        only / "metrics.jsonl",
-        _segment(0, 60, T0, seed=13) + [_core_record(30, None, 0.03), _core_record(60, None, 0.04)],
-    )
-    partial_run = plot.load_run(only)
+    records = _segment(0, 60, T0, seed=13) + [_core_record(30, None, 0.03), _core_record(60, None, 0.04)]
+    partial_run = plot.load_run(_run_dir(tmp_path, "partial", records))
     (row,) = _parse_table(plot.summarize([partial_run]))
     assert row["CORE"] == "0.0400 (partial: 2 of 22 tasks, 500/task)"
     fig = plot.build_figures([partial_run])["core"]
@@ -801,28 +761,13 @@ def test_partial_core_is_never_drawn_or_summarised_as_core(core_run, tmp_path):
     assert list(_line(fig, "partial/core_partial/2of22").get_ydata()) == [0.03, 0.04]
 
 
-def _with_bpb(records):
-    """Val records with val_bpb, as train_gpt2.py now logs them (nats/token -> bits/byte, ~4.3 bytes/token)."""
-    return [{**r, "val_bpb": r["val_loss"] / math.log(2) / 4.3} if r["type"] == "val" else r for r in records]
-
-
-def test_summary_shows_core_and_val_bpb_and_a_dash_where_missing(core_run, tmp_path):
+def test_summary_core_column_says_when_a_score_is_on_a_subset_and_notes_the_references(core_run):
     log, full, _ = core_run
-    records = _with_bpb([json.loads(line) for line in (log / "metrics.jsonl").read_text().splitlines()])
-    _write(log / "metrics.jsonl", records)
-    old = tmp_path / "old"  # before val_bpb and CORE
-    old.mkdir()
-    _write(old / "metrics.jsonl", _segment(0, 60, T0, seed=14))
-    table = plot.summarize(plot.load_runs([log, old]))
-    new_row, old_row = _parse_table(table)
-    final = [r for r in records if r["type"] == "val"][-1]
-    assert new_row["final val bpb"] == f"{final['val_bpb']:.4f}" and final["step"] == 120
-    assert max(full.values()) < 0.071 and new_row["CORE"] == "0.0710"  # core.py's full-set score is the best
-    assert old_row["final val bpb"] == old_row["CORE"] == "–"
+    table = plot.summarize([plot.load_run(log)])
+    assert max(full.values()) < 0.071 and _parse_table(table)[0]["CORE"] == "0.0710"
     (log / "core_results.jsonl").unlink()  # then the training loop's best, on 500 examples per task, says so
     (row,) = _parse_table(plot.summarize([plot.load_run(log)]))
     assert row["CORE"] == f"{max(full.values()):.4f} (500/task)"
-    assert plot.run_stats(plot.load_run(old))["final_val_bpb"] is None
     note = table.split("\n\n")[1]
     assert "CORE-PARTIAL" in note and "124M 0.1139" in note and "leaderboard, not measured here" in note
 
@@ -841,31 +786,29 @@ def _run_series(ax, run_name):
     return [ln for ln in ax.get_lines() if str(ln.get_gid()).startswith(f"{run_name}/")]
 
 
+def _joined(ax, run_name):
+    """The x values of each of a run's lines drawn with a line between its points."""
+    return [list(ln.get_xdata()) for ln in _run_series(ax, run_name) if ln.get_linestyle() != "None"]
+
+
 @pytest.fixture
 def export_run(tmp_path):
     """The walkthrough's run: CORE-PARTIAL in the loop over 18 tasks (4 task files missing), then, after a
-    resume with fewer files, over 3; core.py scored the final checkpoint over the 18 tasks (-0.015) and its
-    Hugging Face export over 3 (0.050), neither with a step: two levels."""
-    log = tmp_path / "exportrun"
-    log.mkdir()
+    resume with fewer files, over 3; core.py scored the final checkpoint over the 18 tasks (-0.015, no
+    step: a level, still the run's) and its Hugging Face export over 3 (0.050: a level, not the run's)."""
     eighteen, three = TASK_LABELS[:18], TASK_LABELS[:3]
     records = _segment(0, 60, T0, seed=16) + [
         _over(_core_record(20, None, -0.03), eighteen),
         _over(_core_record(40, None, -0.02), eighteen),
         _over(_core_record(60, None, 0.04), three),
     ]
-    _write(log / "metrics.jsonl", records)
+    log = _run_dir(tmp_path, "exportrun", records)
     results = [
         _over(_core_result("exportrun/model_final.pt", None, None, partial=-0.015, max_per_task=500), eighteen),
         _over(_core_result(None, None, None, partial=0.050, max_per_task=500, model="exportrun/hf"), three),
     ]
     _write(log / "core_results.jsonl", results)
     return log
-
-
-def _joined(ax, run_name):
-    """The x values of each of a run's lines drawn with a line between its points."""
-    return [list(ln.get_xdata()) for ln in _run_series(ax, run_name) if ln.get_linestyle() != "None"]
 
 
 def test_core_partial_scores_over_different_task_sets_are_never_one_series(export_run):
@@ -880,7 +823,7 @@ def test_core_partial_scores_over_different_task_sets_are_never_one_series(expor
         partial_entries = [text for text in _legend(ax) if "PARTIAL" in text]
         assert len(partial_entries) == 4 and all(" of 22 tasks" in text for text in partial_entries)
         # The title does not claim 22 tasks for what is drawn.
-        assert "CORE-PARTIAL" in ax.get_title() and "task counts in the legend" in ax.get_title()
+        assert ax.get_title() == plot.CORE_AND_PARTIAL_TITLE == "CORE and CORE-PARTIAL (task counts in the legend)"
         # One series per task set: the 18-task points joined, the 3-task point apart, each named by its count.
         wide, narrow = (_line(fig, f"exportrun/core_partial/{n}of22") for n in (18, 3))
         assert (list(wide.get_xdata()), list(wide.get_ydata())) == ([20, 40], [-0.03, -0.02])
@@ -889,30 +832,25 @@ def test_core_partial_scores_over_different_task_sets_are_never_one_series(expor
         assert narrow.get_label() == "CORE-PARTIAL, 3 of 22 tasks, training loop (500/task)"
         assert len(_run_series(ax, "exportrun")) == 2  # no other series holds any of these points
         # The two levels say they are means over different tasks.
-        assert _line(fig, "core_results/model_final.pt").get_label() == (
-            "model_final.pt, core.py CORE-PARTIAL, 18 of 22 tasks (500/task) (-0.0150)"
+        assert _line(fig, "core_results/exportrun/model_final.pt").get_label() == (
+            "exportrun/model_final.pt, core.py CORE-PARTIAL, 18 of 22 tasks (500/task) (-0.0150)"
         )
-        assert _line(fig, "core_results/hf").get_label() == (
-            "hf, core.py CORE-PARTIAL, 3 of 22 tasks (500/task) (0.0500)"
+        assert _line(fig, "core_results/exportrun/hf").get_label() == (
+            "exportrun/hf, core.py CORE-PARTIAL, 3 of 22 tasks (500/task) (0.0500)"
         )
-        assert ax.get_title() == plot.CORE_AND_PARTIAL_TITLE
     # The summary's best is among the scores over the most tasks, with their count: the 3-task 0.04
-    # (and the export's 0.05) are higher but over other tasks.
+    # (and the export's 0.05, a Hugging Face model's score) are higher but over other tasks.
     (row,) = _parse_table(plot.summarize([run]))
     assert row["CORE"] == "-0.0150 (partial: 18 of 22 tasks, 500/task)"
-    assert plot.run_stats(run)["core_tasks"] == 18
     assert plot.CORE_TASK_COUNT == len(core_eval.TASKS) == 22
 
 
 def test_core_title_says_22_tasks_only_when_every_score_drawn_is_core(resumed_run, core_run, tmp_path):
-    full_only = tmp_path / "fullonly"
-    full_only.mkdir()
-    _write(full_only / "metrics.jsonl", _segment(0, 60, T0, seed=17) + [_core_record(30, 0.03), _core_record(60, 0.04)])
-    mixed = "CORE (DCLM, 22 tasks) and CORE-PARTIAL\n(fewer tasks, not CORE: task counts in the legend)"
+    records = _segment(0, 60, T0, seed=17) + [_core_record(30, 0.03), _core_record(60, 0.04)]
     for log, title in (
-        (full_only, "CORE (DCLM, 22 tasks)"),
+        (_run_dir(tmp_path, "fullonly", records), "CORE (DCLM, 22 tasks)"),
         (resumed_run[0], "CORE (DCLM, 22 tasks)"),  # nothing scored: only the GPT-2 references, CORE
-        (core_run[0], mixed),  # CORE and CORE-PARTIAL points
+        (core_run[0], "CORE and CORE-PARTIAL (task counts in the legend)"),  # CORE and CORE-PARTIAL points
     ):
         figs = plot.build_figures([plot.load_run(log)])
         for fig in (figs["core"], figs["overview"]):
@@ -920,34 +858,13 @@ def test_core_title_says_22_tasks_only_when_every_score_drawn_is_core(resumed_ru
             assert ax.get_title() == title, log.name
 
 
-def test_core_partial_without_recorded_tasks_says_its_task_count_is_unknown(tmp_path):
-    """A log from before CORE records carried "tasks": the count is not made up, and its points, maybe
-    over different tasks, are not joined."""
-    log = tmp_path / "oldcore"
-    log.mkdir()
-    old = [{k: v for k, v in _core_record(s, None, v).items() if k != "tasks"} for s, v in ((30, 0.03), (60, 0.04))]
-    _write(log / "metrics.jsonl", _segment(0, 60, T0, seed=18) + old)
-    run = plot.load_run(log)
-    fig = plot.build_figures([run])["core"]
-    assert "CORE-PARTIAL, task count unknown, training loop (500/task)" in _legend(fig.axes[0])
-    assert _joined(fig.axes[0], "oldcore") == []
-    line = _line(fig, "oldcore/core_partial/unknown")
-    assert list(line.get_ydata()) == [0.03, 0.04] and line.get_linestyle() == "None"
-    assert fig.axes[0].get_title() == plot.CORE_AND_PARTIAL_TITLE
-    (row,) = _parse_table(plot.summarize([run]))
-    assert row["CORE"] == "0.0400 (partial: task count unknown, 500/task)"
-
-
 def test_partial_task_sets_of_the_same_size_are_told_apart(tmp_path):
     """Two 3-task means over different tasks: two series, numbered, never one curve."""
-    log = tmp_path / "sets"
-    log.mkdir()
     records = _segment(0, 60, T0, seed=19) + [
         _over(_core_record(30, None, 0.01), TASK_LABELS[:3]),
         _over(_core_record(60, None, 0.09), TASK_LABELS[3:6]),
     ]
-    _write(log / "metrics.jsonl", records)
-    fig = plot.build_figures([plot.load_run(log)])["core"]
+    fig = plot.build_figures([plot.load_run(_run_dir(tmp_path, "sets", records))])["core"]
     assert _joined(fig.axes[0], "sets") == [[30], [60]]
     first, second = (_line(fig, f"sets/core_partial/3of22-{n}") for n in (1, 2))
     assert {tuple(first.get_xdata()), tuple(second.get_xdata())} == {(30,), (60,)}
@@ -957,58 +874,7 @@ def test_partial_task_sets_of_the_same_size_are_told_apart(tmp_path):
     assert first.get_marker() != second.get_marker()
 
 
-def _with_preset(config_record, preset):
-    """A config record naming its model preset, as train_gpt2.py writes it (TrainConfig.model)."""
-    return {**config_record, "config": {**config_record["config"], "model": preset}}
-
-
-def test_summary_has_a_model_column_from_the_config_record(tmp_path):
-    logs = {}
-    for name, preset in (("tinyrun", "tiny"), ("gpt2run", "gpt2"), ("noconfig", None)):
-        logs[name] = tmp_path / name
-        logs[name].mkdir()
-        records = _segment(0, 30, T0, seed=20)
-        if name == "tinyrun":  # resumed: the preset in both config records, named once
-            records += _segment(30, 40, T0 + 1_000, seed=21)
-        if preset is None:  # a log with no config record
-            records = [r for r in records if r["type"] != "config"]
-        else:
-            records = [_with_preset(r, preset) if r["type"] == "config" else r for r in records]
-        _write(logs[name] / "metrics.jsonl", records)
-    table = plot.summarize(plot.load_runs(list(logs.values())))
-    rows = _parse_table(table)
-    assert [(r["run"], r["model"]) for r in rows] == [("tinyrun", "tiny"), ("gpt2run", "gpt2"), ("noconfig", "–")]
-    assert table.splitlines()[0].startswith("| run | model | steps |")
-    assert "model: the preset in the run's config records" in table
-
-
-def test_core_score_of_another_runs_checkpoint_shows_in_that_runs_row(tmp_path, monkeypatch):
-    """core.py filed log_fast's score in log/core_results.jsonl: left out of log's row and the figure
-    (the summary says so), and shown as log_fast's when both runs are plotted."""
-    monkeypatch.chdir(tmp_path)
-    for name in ("log", "log_fast"):
-        Path(name).mkdir()
-        _write(Path(name) / "metrics.jsonl", _segment(0, 60, T0, seed=15))
-    _write(
-        Path("log") / "core_results.jsonl",
-        [_core_result("log/model_00060.pt", 60, 0.051), _core_result("log_fast/model_00060.pt", 60, 0.083)],
-    )
-    alone = plot.load_runs(["log"])
-    (row,) = _parse_table(plot.summarize(alone))
-    assert row["CORE"] == "0.0510"
-    assert (
-        "log/core_results.jsonl also holds core.py scores of checkpoints in other folders "
-        "(log_fast/model_00060.pt); add --log-dir log_fast" in plot.summarize(alone)
-    )
-    assert list(_line(plot.build_figures(alone)["core"], "log/results_core").get_ydata()) == [0.051]
-
-    both = plot.load_runs(["log", "log_fast"])
-    log_row, fast_row = _parse_table(plot.summarize(both))
-    assert (log_row["CORE"], fast_row["CORE"]) == ("0.0510", "0.0830")
-    assert "Not in" not in plot.summarize(both)
-    fig = plot.build_figures(both)["core"]
-    assert list(_line(fig, "log_fast/results_core").get_ydata()) == [0.083]
-    assert _line(fig, "log_fast/results_core").get_label() == "log_fast: CORE, core.py"
+# ---------------------------------------------------------------- the script
 
 
 def test_cli_subprocess_writes_figures_and_summary(resumed_run, tmp_path):
@@ -1022,7 +888,7 @@ def test_cli_subprocess_writes_figures_and_summary(resumed_run, tmp_path):
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
-    assert "| run | model | steps | tokens |" in out.stdout and "| resumed | – | 200 / 200 |" in out.stdout
+    assert "| run | model | steps | tokens |" in out.stdout and "| resumed | gpt2 | 200 / 200 |" in out.stdout
     assert (log / "summary.md").read_text() in out.stdout
     assert (log / "overview.png").stat().st_size > 50_000
 
@@ -1052,9 +918,10 @@ def test_without_matplotlib_plot_says_to_run_it_with_uv(tmp_path):
 
 
 def test_importing_plot_has_no_side_effects():
-    code = "import sys, plot; print('matplotlib.pyplot' in sys.modules)"
+    """No pyplot (no GUI backend, no global figure state), and no torch: metrics.py is read for its format."""
+    code = "import sys, plot; print('matplotlib.pyplot' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False, timeout=60
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout == "False\n" and out.stderr == ""
+    assert out.stdout == "False False\n" and out.stderr == ""

@@ -29,7 +29,7 @@ for path in (str(ROOT), str(TESTS)):  # also run as a script (the DDP worker bel
     if path not in sys.path:
         sys.path.insert(0, path)
 
-import test_train_gpt2 as core  # noqa: E402  (helpers and pinned environment of the trainer tests)
+import test_train_gpt2 as trainer_tests  # noqa: E402  (helpers and pinned environment of the trainer tests)
 
 import checkpoint  # noqa: E402
 import runtime  # noqa: E402
@@ -49,8 +49,12 @@ def muon_run(data_dir, tmp_path_factory):
     """The uninterrupted fast-recipe run: BASE_FLAGS + --recipe fast, checkpoints at 5, 10, 15 and final."""
     work = tmp_path_factory.mktemp("muon_straight")
     log_dir = work / "log"
-    core.run_ok(core.trainer_cmd(data_dir, log_dir, *FAST), work)
-    return {"log_dir": log_dir, "weights": core.final_weights(log_dir), "losses": core.train_losses(log_dir)}
+    trainer_tests.run_ok(trainer_tests.trainer_cmd(data_dir, log_dir, *FAST), work)
+    return {
+        "log_dir": log_dir,
+        "weights": trainer_tests.final_weights(log_dir),
+        "losses": trainer_tests.train_losses(log_dir),
+    }
 
 
 # ---------------------------------------------------------------------------------------- schedule and flags
@@ -156,27 +160,36 @@ def test_muon_resume_matches_uninterrupted_run_and_checkpoints_momentum(muon_run
     shutil.copytree(muon_run["log_dir"], log_dir)
     for later in ("model_final.pt", "model_00015.pt"):
         (log_dir / later).unlink()
-    result = core.run_ok(core.trainer_cmd(data_dir, log_dir, *FAST), tmp_path)
+    result = trainer_tests.run_ok(trainer_tests.trainer_cmd(data_dir, log_dir, *FAST), tmp_path)
     assert f"resuming from {log_dir / 'model_00010.pt'} at step 10" in result.stdout
-    core.assert_same_weights(core.final_weights(log_dir), muon_run["weights"])
-    assert core.train_losses(log_dir) == muon_run["losses"]
-    core.assert_train_steps_once(log_dir)
+    trainer_tests.assert_same_weights(trainer_tests.final_weights(log_dir), muon_run["weights"])
+    assert trainer_tests.train_losses(log_dir) == muon_run["losses"]
+    trainer_tests.assert_train_steps_once(log_dir)
 
 
 def test_resuming_a_muon_checkpoint_with_adamw_is_a_one_line_error(data_dir, tmp_path, capsys):
     log_dir = tmp_path / "log"
     log_dir.mkdir()
-    muon = parse_args([*core.BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), *FAST])
+    muon = parse_args([*trainer_tests.BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), *FAST])
     train_gpt2.save_checkpoint(
-        train_gpt2.build_run(muon, core.CPU),
+        train_gpt2.build_run(muon, trainer_tests.CPU),
         MetricsLog(tmp_path / "m.jsonl", False),
         log_dir / "model_00010",
         step=10,
         evals_done=True,
         keep=None,
     )  # a Muon run's checkpoint
-    argv = [*core.BASE_FLAGS, "--data-dir", str(data_dir), "--log-dir", str(log_dir), *FAST, "--optimizer", "adamw"]
-    code, err = core._main_in_process(argv, capsys)
+    argv = [
+        *trainer_tests.BASE_FLAGS,
+        "--data-dir",
+        str(data_dir),
+        "--log-dir",
+        str(log_dir),
+        *FAST,
+        "--optimizer",
+        "adamw",
+    ]
+    code, err = trainer_tests._main_in_process(argv, capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "--optimizer muon" in lines[0], err
@@ -220,7 +233,7 @@ def test_muon_run_exports_to_transformers_with_the_same_logits(muon_run, tmp_pat
             str(out_dir),
         ],
         cwd=ROOT,
-        env=core.run_env(),
+        env=trainer_tests.run_env(),
         capture_output=True,
         text=True,
         timeout=150,
@@ -320,7 +333,7 @@ def test_ddp_with_muon_gives_the_gradients_of_one_process_with_twice_the_accumul
     )
     assert (cfg.grad_accum_steps(1), cfg.grad_accum_steps(2)) == (4, 2)
     out = tmp_path / "ddp_muon.pt"
-    core.run_gloo_pair(Path(__file__), out, cfg, tmp_path)
+    trainer_tests.run_gloo_pair(Path(__file__), out, cfg, tmp_path)
     ddp = torch.load(out, weights_only=True)
     single = muon_steps(cfg, runtime.DistInfo(0, 0, 1, torch.device("cpu"), True), weights=ddp["weights"])
 
@@ -343,13 +356,13 @@ def test_ddp_torchrun_muon_run_matches_single_process_loss_curve(muon_run, data_
     running works here: 2 micro-steps of g/2 on one process and the all-reduced mean (g1 + g2)/2 of
     one micro-step per rank round alike, so Muon gets the same gradients.)"""
     log_dir = tmp_path / "log"
-    core.run_ok(core.trainer_cmd(data_dir, log_dir, *FAST, nproc=2), tmp_path)
-    config = core.records(log_dir, "config")
+    trainer_tests.run_ok(trainer_tests.trainer_cmd(data_dir, log_dir, *FAST, nproc=2), tmp_path)
+    config = trainer_tests.records(log_dir, "config")
     assert config[0]["world_size"] == 2 and config[0]["config"]["optimizer"] == "muon"
-    diffs = [abs(a - b) for a, b in zip(core.train_losses(log_dir), muon_run["losses"])]
-    assert len(diffs) == core.MAX_STEPS and max(diffs) < 1e-5, f"loss curves differ by up to {max(diffs):.3g}"
-    straight_val = [r["val_loss"] for r in core.records(muon_run["log_dir"], "val")]
-    assert [r["val_loss"] for r in core.records(log_dir, "val")] == pytest.approx(straight_val, abs=1e-5)
+    diffs = [abs(a - b) for a, b in zip(trainer_tests.train_losses(log_dir), muon_run["losses"])]
+    assert len(diffs) == trainer_tests.MAX_STEPS and max(diffs) < 1e-5, f"loss curves differ by up to {max(diffs):.3g}"
+    straight_val = [r["val_loss"] for r in trainer_tests.records(muon_run["log_dir"], "val")]
+    assert [r["val_loss"] for r in trainer_tests.records(log_dir, "val")] == pytest.approx(straight_val, abs=1e-5)
 
 
 @pytest.mark.xdist_group("muon_run")
@@ -367,19 +380,21 @@ def test_fsdp_torchrun_muon_run_matches_single_process_loss_curve(muon_run, data
     sharded checkpoint: resumed from step 15 on 2 ranks, the run ends with the uninterrupted 2-rank
     run's losses, bit for bit."""
     log_dir = tmp_path / "log"
-    cmd = core.trainer_cmd(data_dir, log_dir, *FAST, "--parallel", "fsdp", nproc=2)
-    core.run_ok(cmd, tmp_path)
-    losses = core.train_losses(log_dir)
+    cmd = trainer_tests.trainer_cmd(data_dir, log_dir, *FAST, "--parallel", "fsdp", nproc=2)
+    trainer_tests.run_ok(cmd, tmp_path)
+    losses = trainer_tests.train_losses(log_dir)
     diffs = [abs(a - b) for a, b in zip(losses, muon_run["losses"])]
-    assert len(diffs) == core.MAX_STEPS and max(diffs) < 1e-3, f"loss curves differ by up to {max(diffs):.3g}"
+    assert len(diffs) == trainer_tests.MAX_STEPS and max(diffs) < 1e-3, f"loss curves differ by up to {max(diffs):.3g}"
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(log_dir / "model_00015", resumed / "model_00015")
     shutil.copy(log_dir / "metrics.jsonl", resumed / "metrics.jsonl")
-    result = core.run_ok(core.trainer_cmd(data_dir, resumed, *FAST, "--parallel", "fsdp", nproc=2), tmp_path)
+    result = trainer_tests.run_ok(
+        trainer_tests.trainer_cmd(data_dir, resumed, *FAST, "--parallel", "fsdp", nproc=2), tmp_path
+    )
     assert f"resuming from {resumed / 'model_00015'} at step 15" in result.stdout
-    assert core.train_losses(resumed) == losses
+    assert trainer_tests.train_losses(resumed) == losses
 
 
 if __name__ == "__main__":
-    core.grad_worker_main(muon_steps)
+    trainer_tests.grad_worker_main(muon_steps)

@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 stop = runtime.StopFlag()
 previous = stop.install()
 os.kill(os.getpid(), signal.{sig})  # the first: handled at once, between bytecodes
-while not stop.set:
+while not stop.requested:
     time.sleep(0.01)
 a = torch.randn(10240, 10240, dtype=torch.float64)
 print("computing", flush=True)

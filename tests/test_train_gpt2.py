@@ -44,6 +44,7 @@ from conftest import VAL_TOKENS, demo_token_stream  # noqa: E402
 
 import cli  # noqa: E402
 import fileio  # noqa: E402
+import metrics  # noqa: E402
 import runtime  # noqa: E402
 import train_config  # noqa: E402
 import train_gpt2  # noqa: E402
@@ -312,19 +313,19 @@ def test_mfu_formula_for_gpt2_124m_on_h100():
     assert 0.84e9 < expected_flops < 0.88e9  # the well-known ~0.86 GFLOP/token of GPT-2 small at T=1024
 
     h100_sxm = 989.4e12
-    assert runtime.mfu(expected_flops, 300_000, h100_sxm) == pytest.approx(
+    assert metrics.mfu(expected_flops, 300_000, h100_sxm) == pytest.approx(
         expected_flops * 300_000 / h100_sxm, rel=1e-12
     )
-    assert runtime.mfu(expected_flops, 300_000, h100_sxm) == pytest.approx(
+    assert metrics.mfu(expected_flops, 300_000, h100_sxm) == pytest.approx(
         0.2594, abs=1e-4
     )  # 855.4 MFLOP x 300K / 989.4T
     # 8 GPUs at 8x the tokens: the same utilisation
-    assert runtime.mfu(expected_flops, 8 * 300_000, h100_sxm, world_size=8) == pytest.approx(
-        runtime.mfu(expected_flops, 300_000, h100_sxm)
+    assert metrics.mfu(expected_flops, 8 * 300_000, h100_sxm, world_size=8) == pytest.approx(
+        metrics.mfu(expected_flops, 300_000, h100_sxm)
     )
-    assert runtime.mfu(expected_flops, 300_000, None) is None  # unknown GPU
-    assert runtime.mfu(expected_flops, 0.0, h100_sxm) is None
-    assert runtime.mfu(expected_flops, 10**7, h100_sxm) == 1.0  # impossible numbers never exceed 100%
+    assert metrics.mfu(expected_flops, 300_000, None) is None  # unknown GPU
+    assert metrics.mfu(expected_flops, 0.0, h100_sxm) is None
+    assert metrics.mfu(expected_flops, 10**7, h100_sxm) == 1.0  # impossible numbers never exceed 100%
     assert runtime.peak_flops(torch.device("cpu")) is None
     assert dict(runtime.PEAK_BF16_TFLOPS)["H100"] == 989.4
 
@@ -1007,12 +1008,12 @@ def test_resume_drops_every_record_logged_after_the_checkpoint_whatever_its_type
 
 def test_metrics_log_cuts_back_to_the_checkpoint_length(tmp_path):
     log = MetricsLog(tmp_path / "metrics.jsonl", True)
-    log.start(None)
+    log.clear()
     log.write({"type": "train", "step": 0, "train_loss": 1.0})
     state = log.state_dict()
     log.write({"type": "new_eval", "step": 1, "score": 0.5})
     resumed = MetricsLog(tmp_path / "metrics.jsonl", True)
-    resumed.start(state)
+    resumed.load_state_dict(state)
     assert [json.loads(line)["type"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == ["train"]
 
 
