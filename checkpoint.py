@@ -503,7 +503,8 @@ def resume(config: dict, model: torch.nn.Module, optimizer, parts: dict) -> Resu
         raise cli.UserError(problem)
     load_training_state(ckpt, model, optimizer)
     for name, part in parts.items():
-        part.load_state_dict(ckpt[name])
+        if name in ckpt:  # else a part that may start afresh (fresh_if_missing: the fp16 loss scaler)
+            part.load_state_dict(ckpt[name])
     return Resumed(ckpt["step"], ckpt["evals_done"], ckpt["path"], changes)
 
 
@@ -584,7 +585,7 @@ def resume_problem(ckpt: dict, config: dict, model, parts: dict) -> tuple[str | 
             f"{FORMAT_VERSION}: resume with the version of the repo that wrote it, or start this run "
             "in a new --log-dir"
         ), []
-    missing = [name for name in parts if name not in ckpt]
+    missing = [name for name, part in parts.items() if name not in ckpt and not getattr(part, "fresh_if_missing", 0)]
     if missing:  # a part added since it was written: its state is not there to restore
         return (
             f"{path} holds no state for {', '.join(missing)} (written before it was added): resume with the "
@@ -602,7 +603,7 @@ def resume_problem(ckpt: dict, config: dict, model, parts: dict) -> tuple[str | 
         ), []
     changes = config_changes(saved, config)
     refused = [text for name, text in changes.items() if name in RESUME_REFUSED]
-    refused += [why for name, part in parts.items() if (why := _part_problem(part, ckpt[name]))]
+    refused += [why for name, part in parts.items() if name in ckpt and (why := _part_problem(part, ckpt[name]))]
     if refused and not config["allow_config_change"]:
         return (
             f"{path} was saved with other settings ({'; '.join(refused)}): resuming would not continue that "

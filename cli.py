@@ -40,8 +40,8 @@ DEFAULT_HELLASWAG_DATA = "hellaswag/hellaswag_val.jsonl"  # hellaswag.py downloa
 DEFAULT_CORE_DATA = "core_data"  # core.py downloads CORE's task files there once
 # The choices of flags that several scripts share; the modules that act on them (runtime, parallel,
 # model) take them from here, so that a script can check its flags without importing torch.
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "bf16", "fp32")  # runtime.precision
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # auto: cuda, else mps (Apple silicon), else cpu
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # runtime.precision
 STRATEGIES = ("ddp", "fsdp")  # parallel.parallelize: how the model is spread over ranks
 ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient", "math")  # the keys of model.ATTENTION_BACKENDS
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile's
@@ -185,15 +185,18 @@ def field(
     metavar: str | None = None,
     *,
     section: str | None = None,
+    auto: bool = False,
     above: float | None = None,
     at_least: float | None = None,
     below: float | None = None,
     at_most: float | None = None,
 ):
     """A dataclass field with a default, a help string and optional choices / flag name / metavar;
-    `section`: its --help group; above / at_least / below / at_most: the bounds `check_bounds`
-    enforces, naming the flag."""
+    `section`: its --help group; `auto`: an int flag that also takes the word auto, read as 0 (the
+    script decides); above / at_least / below / at_most: the bounds `check_bounds` enforces, naming
+    the flag."""
     metadata = {
+        "auto": auto,
         "help": help,
         "choices": choices,
         "flag": flag,
@@ -299,6 +302,11 @@ def _add_flag(parser, f: dataclasses.Field, kind) -> None:
         kwargs["choices"] = list(f.metadata["choices"])
     else:
         kwargs["metavar"] = f.metadata.get("metavar") or f.name.upper()
+    if f.metadata.get("auto"):  # --micro-batch-size auto: 0, which the script resolves
+        kwargs["metavar"] = "N|auto"
+        kwargs["help"] += f" (default: {f.default or 'auto'})"
+        parser.add_argument(flag_name(f), type=lambda text: 0 if text == "auto" else _int(text), **kwargs)
+        return
     kwargs["help"] += f" (default: {f.default})" if f.default not in (None, "") else ""
     parser.add_argument(flag_name(f), type=_int if kind is int else kind, **kwargs)
 

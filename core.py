@@ -9,7 +9,7 @@ field's GPT-2 yardstick (definition and data in core_eval.py; OpenAI's GPT-2 124
 Prints each task's accuracy and centered accuracy, then CORE, and appends one JSON object to
 core_results.jsonl in the checkpoint's folder (its run's log dir; --log-dir chooses another; log/
 for --hf). Under torchrun the forwards are split across ranks; the numbers are identical to one
-process. bf16 autocast on CUDA, float32 on CPU. Files missing from --data-dir are downloaded (pinned
+process. bf16 autocast on CUDA, float32 on CPU and on Apple's MPS. Files missing from --data-dir are downloaded (pinned
 llm-foundry commit, each file checked); --allow-missing evaluates what is there instead and reports
 CORE-PARTIAL over those tasks, which is not CORE.
 """
@@ -51,13 +51,13 @@ class CoreConfig:
         "evaluate the first N of each task's shuffled examples (0: all; else at least "
         f"{core_eval.MAX_SHOTS + 1}, for the 10 shots)",
     )
-    batch_size: int = field(0, "sequences per forward, at most (0: 128 on CUDA, 16 on CPU; long prompts get fewer)")
+    batch_size: int = field(0, "sequences per forward, at most (0: 128 on a GPU, 16 on CPU; long prompts get fewer)")
     log_dir: str = field(
         "",
         f"append the result to <log-dir>/{RESULTS_FILE} (default: the checkpoint's folder; {DEFAULT_LOG_DIR} for --hf)",
     )
-    device: str = field("auto", "auto, cpu or cuda", choices=DEVICE_CHOICES)
-    compile: bool = field(False, "torch.compile the model (CUDA only)")
+    device: str = field("auto", "auto (cuda, else mps, else cpu), cpu, cuda or mps", choices=DEVICE_CHOICES)
+    compile: bool = field(False, "torch.compile the model (CUDA only: ignored elsewhere)")
 
     def __post_init__(self):
         if self.checkpoint and self.hf:

@@ -312,6 +312,25 @@ class TrainLoader:
         self._calls = 0
 
 
+class RandomTokens:
+    """A loader of uniform random token ids, from a fixed seed: a training step's shapes and work with
+    no data (bench/throughput.py, train_gpt2.py --plan). Hands over what TrainLoader does (`_to_xy`):
+    contiguous x and y, each pinned when asked, so a timed host-to-device copy is the asynchronous one
+    training pays, not a strided one."""
+
+    def __init__(self, micro_batch_size: int, seq_len: int, vocab_size: int, pin_memory: bool, seed: int = 0):
+        self.shape = (micro_batch_size, seq_len + 1)
+        self.vocab_size, self.pin_memory = vocab_size, pin_memory
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.randint(0, self.vocab_size, self.shape, generator=self.generator)
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        if self.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
+        return x, y
+
+
 # --------------------------------------------------------------------------------------- val
 
 

@@ -108,7 +108,10 @@ class Evaluator:
         Padded rows (ValLoader keeps batch shapes fixed for compile) get target -1 and are ignored; an
         all-padding batch still runs its forward (under FSDP2 every rank must join every all-gather)."""
         device = self.dist_info.device
-        totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of token losses, tokens]
+        # [sum of token losses, tokens] in float64, on the device (no host copy per batch); MPS has no
+        # float64, so there they are summed on the host (one 4-byte copy per batch; one process only)
+        sums_on = torch.device("cpu") if device.type == "mps" else device
+        totals = torch.zeros(2, dtype=torch.float64, device=sums_on)
         for x, y, num_valid in self.val_loader:
             y = y.clone()
             y[num_valid:] = -1
@@ -118,8 +121,8 @@ class Evaluator:
             if num_valid == 0:
                 continue  # all padding (ranks with fewer windows): nothing scored, the loss is NaN
             tokens = num_valid * y.size(1)
-            totals[0] += loss.double() * tokens
-            totals[1] += tokens  # a scalar add on the device, not a host-to-device copy per batch
+            totals[0] += loss.to(sums_on).double() * tokens
+            totals[1] += tokens  # a scalar add where the sums are, not a host-to-device copy per batch
         self.all_reduce(totals)
         return (totals[0] / totals[1]).item()
 

@@ -12,7 +12,7 @@ styles (reference = build-nanogpt's, harness = lm-evaluation-harness's; defined 
 and docs/evaluation.md) and appends one JSON object to hellaswag_results.jsonl in the checkpoint's folder (its
 run's log dir, where plot.py looks; --log-dir chooses another; log/ for --hf). Under torchrun the
 examples are split across ranks; the numbers are identical to one process. bf16 autocast on CUDA,
-float32 on CPU.
+float32 on CPU and on Apple's MPS (one process: torchrun needs CUDA or the CPU).
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ class HellaSwagConfig:
     verify: bool = field(True, "check the data file's sha256 (--no-verify for a deliberate subset)")
     download_only: bool = field(False, f"download the data to --data (or {DEFAULT_DATA_PATH}) and exit")
     limit: int = field(0, "evaluate the first N examples only (0: all 10,042)")
-    batch_size: int = field(0, "sequences (one example's ending each) per forward (0: 128 on CUDA, 16 on CPU)")
+    batch_size: int = field(0, "sequences (one example's ending each) per forward (0: 128 on a GPU, 16 on CPU)")
     log_dir: str = field(
         "",
         "append the result to <log-dir>/hellaswag_results.jsonl (default: the checkpoint's "
         "folder, e.g. log_fast for log_fast/model_final.pt, where plot.py --log-dir log_fast reads it; "
         f"{DEFAULT_LOG_DIR} for --hf)",
     )
-    device: str = field("auto", "auto, cpu or cuda", choices=DEVICE_CHOICES)
+    device: str = field("auto", "auto (cuda, else mps, else cpu), cpu, cuda or mps", choices=DEVICE_CHOICES)
     compile: bool = field(False, "torch.compile the model (CUDA only; pays off for the full set on a big model)")
 
     def __post_init__(self):

@@ -47,7 +47,8 @@ from model import GPT, GPTConfig
 from train_config import MODEL_PRESETS
 
 GiB = 2**30
-ACTIVATION_BYTES = {"bf16": 38, "fp32": 68}  # per layer, per token, per unit of width (see the docstring)
+# per layer, per token, per unit of width (see the docstring); fp16 keeps what bf16 keeps, in as many bytes
+ACTIVATION_BYTES = {"bf16": 38, "fp16": 38, "fp32": 68}
 
 
 def parameter_counts(model_name: str) -> dict[str, int]:
@@ -83,7 +84,7 @@ def memory_bytes(
     P, L, d, V = n["total"], n["layers"], n["width"], n["vocab"]
     rows = micro_batch_size * seq_len
     shard = gpus if parallel == "fsdp" else 1
-    compute = 2 if precision == "bf16" else 4  # bytes of the weights a matmul reads
+    compute = 4 if precision == "fp32" else 2  # bytes of the weights a matmul reads
     parts = {
         "weights": 4 * P / shard,
         "gradients": 4 * P / shard,
@@ -92,10 +93,10 @@ def memory_bytes(
     }
     if parallel == "fsdp":
         # the root's weights stay fp32 under the bf16 policy (parallel.FSDPParallel.mixed_precision)
-        parts["compute_copies"] = compute * 2 * n["block"] + 4 * n["root"] if gpus > 1 or precision == "bf16" else 0
+        parts["compute_copies"] = compute * 2 * n["block"] + 4 * n["root"] if gpus > 1 or precision != "fp32" else 0
         parts["accumulation"] = 4 * P if grad_accum > 1 else 0
     else:
-        parts["compute_copies"] = 2 * P if precision == "bf16" else 0
+        parts["compute_copies"] = 2 * P if precision != "fp32" else 0
     a = ACTIVATION_BYTES[precision]
     if activation_checkpointing:
         parts["activations"] = 4 * d * L * rows + a * d * rows
@@ -110,21 +111,32 @@ def memory_bytes(
     return parts
 
 
-# Besides the formula: the CUDA context and NCCL's buffers on a GPU; the interpreter, torch and the
-# data loader's pages on the host.
-OVERHEAD_BYTES = {"cuda": 1.5 * GiB, "cpu": 0.75 * GiB}
+# Besides the formula: the CUDA context and NCCL's buffers on a GPU; Metal's command buffers and the
+# MPS allocator's caches on a Mac; the interpreter, torch and the data loader's pages on the host.
+OVERHEAD_BYTES = {"cuda": 1.5 * GiB, "mps": 1.5 * GiB, "cpu": 0.75 * GiB}
+
+
+def overhead_bytes(device_type: str) -> float:
+    """What a process holds on `device_type` besides the formula's parts (an unknown type: a GPU's)."""
+    return OVERHEAD_BYTES.get(device_type, OVERHEAD_BYTES["cuda"])
 
 
 def available_bytes(device: torch.device, local_ranks: int = 1) -> tuple[float, str]:
     """(bytes one process may use on `device`, where the number comes from). A GPU: what is free on
-    it now. The host: MemAvailable, or the cgroup's limit (a SLURM job's --mem) if lower, shared by
-    the processes of this node."""
+    it now; Apple's MPS: Metal's working-set budget. The host: MemAvailable, or the cgroup's limit (a
+    SLURM job's --mem) if lower, shared by the processes of this node."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         where = f"{torch.cuda.get_device_name(device)} has {free / GiB:.1f} GiB free"
         if free < total / 2:  # a fresh process sees nearly all of it: the rest is another process's
             where += f" of {total / GiB:.0f} (another process holds the rest: see nvidia-smi)"
         return free, where
+    if device.type == "mps":  # unified memory: Metal's budget for one process's GPU allocations, not RAM free
+        budget = torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+        return budget, (
+            f"this Mac's GPU may use {budget / GiB:.1f} GiB (Metal's recommended working set, "
+            "torch.mps.recommended_max_memory(), less what this process holds there)"
+        )
     meminfo = Path("/proc/meminfo")
     if not meminfo.exists():
         return float("inf"), "unknown"
@@ -156,7 +168,7 @@ def check_fits(needed: dict[str, float], device: torch.device, local_ranks: int 
     """ValueError (one line) when `needed` (memory_bytes' parts) plus the overhead exceeds what this
     process may use on `device`."""
     have, where = available_bytes(device, local_ranks)
-    want = needed["total"] + OVERHEAD_BYTES.get(device.type, 0)
+    want = needed["total"] + overhead_bytes(device.type)
     if want <= have:
         return
     biggest = sorted(((v, k) for k, v in needed.items() if k != "total"), reverse=True)[:3]
@@ -166,6 +178,70 @@ def check_fits(needed: dict[str, float], device: torch.device, local_ranks: int 
         f"{where}: use --parallel fsdp over more ranks, --activation-checkpointing, a smaller "
         "--micro-batch-size or --model (or --no-memory-check to try anyway)"
     )
+
+
+MICRO_BATCHES = (64, 32, 16, 8, 4, 2, 1)  # --micro-batch-size auto's candidates: the recipe's 64, halving
+
+
+def largest_micro_batch(
+    model_name: str,
+    parallel: str,
+    activation_checkpointing: bool,
+    seq_len: int,
+    tokens_per_step: int,
+    gpus: int,
+    precision: str,
+    loss_chunk_rows: int,
+    device: torch.device,
+    local_ranks: int = 1,
+) -> tuple[int, float, float, str]:
+    """--micro-batch-size auto on this machine: `fitting_micro_batch` against what this process may use
+    on `device`. (micro-batch, bytes it needs with the overhead, bytes there are, where that comes from)."""
+    have, where = available_bytes(device, local_ranks)
+    args = (model_name, parallel, activation_checkpointing, seq_len, tokens_per_step, gpus, precision, loss_chunk_rows)
+    micro_batch, need = fitting_micro_batch(*args, have, device.type)
+    return micro_batch, need, have, where
+
+
+def fitting_micro_batch(
+    model_name: str,
+    parallel: str,
+    activation_checkpointing: bool,
+    seq_len: int,
+    tokens_per_step: int,
+    gpus: int,
+    precision: str,
+    loss_chunk_rows: int,
+    have: float,
+    device_type: str = "cuda",
+) -> tuple[int, float]:
+    """The largest of MICRO_BATCHES that splits a step evenly over the ranks and that, by the formula
+    (with the chunked loss when it is on), fits in `have` bytes with the device's overhead; the
+    smallest that splits it when none fits (the memory check then refuses the run). (micro-batch,
+    bytes it needs with the overhead)."""
+    splits = [m for m in MICRO_BATCHES if tokens_per_step % (m * seq_len * gpus) == 0]
+    if not splits:
+        raise UserError(
+            f"--tokens-per-step {tokens_per_step} is not a multiple of --seq-len {seq_len} x {gpus} rank(s): no "
+            "micro-batch splits it"
+        )
+    for micro_batch in splits:
+        accumulation = tokens_per_step // (micro_batch * seq_len * gpus)
+        parts = memory_bytes(
+            model_name,
+            parallel,
+            activation_checkpointing,
+            micro_batch,
+            seq_len,
+            gpus,
+            accumulation,
+            precision,
+            loss_chunk_rows,
+        )
+        need = parts["total"] + overhead_bytes(device_type)
+        if need <= have:
+            break
+    return micro_batch, need
 
 
 def refuse_if_too_big(needed: dict[str, float], device: torch.device, local_ranks: int = 1) -> None:

@@ -15,6 +15,7 @@ steps, evals, samples, any type added later, a torn last line) and nothing befor
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 import time
@@ -260,7 +261,7 @@ def train_record(
         "tokens": (step + 1) * tokens_per_step,
         "train_loss": loss,
         "lr": lr,
-        "grad_norm": grad_norm,
+        "grad_norm": grad_norm if math.isfinite(grad_norm) else None,  # an fp16 overflow: no norm (JSON has no inf)
         "step_ms": 1000 * seconds / max(steps, 1),
         "tokens_per_sec": tokens_per_sec,
         "mfu": mfu(flops_per_token, tokens_per_sec, peak_flops),
@@ -273,10 +274,11 @@ def line(record: dict, max_steps: int = 0, clock: StepClock | None = None) -> st
     kind, step = record["type"], record["step"]
     if kind == "train":
         mfu_text = f"{100 * record['mfu']:4.1f}%" if record["mfu"] is not None else "  n/a"
+        norm_text = f"{record['grad_norm']:6.3f}" if record["grad_norm"] is not None else "   inf"
         elapsed, eta = (clock.elapsed(), clock.eta(max_steps - step - 1)) if clock else (0.0, 0.0)
         return (
             f"step {step:6d}/{max_steps} | loss {record['train_loss']:.4f} | lr {record['lr']:.2e} | "
-            f"norm {record['grad_norm']:6.3f} | {record['step_ms']:7.0f} ms | {record['tokens_per_sec']:11,.0f} "
+            f"norm {norm_text} | {record['step_ms']:7.0f} ms | {record['tokens_per_sec']:11,.0f} "
             f"tok/s | mfu {mfu_text} | {hms(elapsed)} | eta {hms(eta)}"
             + (" | update skipped" if record.get("skipped") else "")
         )

@@ -23,8 +23,11 @@ from runtime import local_part, whole
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(grad: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalise a 2-D matrix (U S V^T -> ~U V^T), in bf16.
+def newton_schulz(
+    grad: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """Approximately orthogonalise a 2-D matrix (U S V^T -> ~U V^T), in `dtype` (bf16; fp16 on a GPU
+    without bf16 units: the matrix is first scaled to norm <= 1, well inside fp16's range).
 
     The quintic iteration X <- aX + (bXX^T + c(XX^T)^2)X maps each singular value s to
     a s + b s^3 + c s^5; after scaling the matrix to spectral norm <= 1 (via the Frobenius norm),
@@ -33,7 +36,7 @@ def newton_schulz(grad: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torc
     if grad.ndim != 2:
         raise ValueError(f"newton_schulz takes a matrix, got shape {tuple(grad.shape)}")
     a, b, c = NS_COEFFICIENTS
-    x = grad.bfloat16()
+    x = grad.to(dtype)
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.t()  # (rows <= cols)
@@ -68,10 +71,20 @@ class Muon(torch.optim.Optimizer):
     broadcasting the results would not, at the cost of one more collective per matrix.
     """
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_dtype: torch.dtype = torch.bfloat16,
+    ):
         if lr <= 0 or not 0 <= momentum < 1:
             raise ValueError(f"Muon: lr must be > 0 and momentum in [0, 1), got {lr}, {momentum}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, split=1))
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, split=1)
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype  # runtime.half_dtype: a dtype the device computes natively
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2 or p.size(0) % group["split"]:
@@ -96,8 +109,10 @@ class Muon(torch.optim.Optimizer):
                 update = p.grad.add(buf, alpha=momentum) if group["nesterov"] else buf
                 # bf16 before the all-gather (FSDP2): Newton-Schulz starts with that cast anyway, so the
                 # numbers are the same and half the bytes cross the network.
-                blocks = whole(update.bfloat16()).chunk(split, dim=0)  # q, k, v for c_attn; the whole matrix otherwise
-                ortho = torch.cat([newton_schulz(block, group["ns_steps"]) for block in blocks]).to(p.dtype)
+                blocks = whole(update.to(self.ns_dtype)).chunk(split, dim=0)  # q, k, v for c_attn; else the matrix
+                ortho = torch.cat([newton_schulz(b, group["ns_steps"], dtype=self.ns_dtype) for b in blocks]).to(
+                    p.dtype
+                )
                 scale = max(1.0, blocks[0].size(0) / blocks[0].size(1)) ** 0.5
                 local_part(p).add_(local_part(this_ranks_part(ortho, p)), alpha=-group["lr"] * scale)
         return loss

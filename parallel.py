@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import runtime
-from cli import STRATEGIES, WITHOUT_CUDA_GRAPHS
+from cli import STRATEGIES, WITHOUT_CUDA_GRAPHS, UserError
 
 
 class Parallel:
@@ -196,6 +196,11 @@ def parallelize(
     gathers the blocks' weights in it)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"--parallel {strategy!r}: choose from {', '.join(STRATEGIES)}")
+    if strategy == "fsdp" and dist_info.device.type == "mps":
+        raise UserError(
+            "--parallel fsdp on MPS: FSDP2 needs collectives even for one rank, and gloo (a Mac's only process "
+            "group) takes no MPS tensors: leave --parallel at its default (one process trains the whole model)"
+        )
     if strategy == "fsdp":
         return FSDPParallel(dist_info, compute_dtype)
     if dist_info.distributed:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import gc
+import importlib.util
+import math
 import os
 import random
 import signal
@@ -46,12 +48,24 @@ class DistInfo:
         return self.world_size > 1
 
 
+def mps_available() -> bool:
+    """Whether this process can use Apple silicon's GPU (torch's MPS backend)."""
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
 def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
-    """--device auto|cpu|cuda -> a torch.device (one GPU per process under torchrun)."""
+    """--device auto|cpu|cuda|mps -> a torch.device (one GPU per process under torchrun). auto: a CUDA
+    GPU, else Apple silicon's GPU, else the CPU."""
     if flag not in DEVICE_CHOICES:
         raise UserError(f"--device {flag!r}: use one of {', '.join(DEVICE_CHOICES)}")
     if flag == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA GPU is visible: use --device cpu (or auto)")
+    if flag == "mps" and not mps_available():
+        raise UserError(
+            "--device mps but this machine has no MPS device (Apple silicon, macOS 12.3+): use --device cpu"
+        )
+    if flag == "mps" or (flag == "auto" and not torch.cuda.is_available() and mps_available()):
+        return torch.device("mps")
     if flag == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     if local_rank >= torch.cuda.device_count():
@@ -72,6 +86,13 @@ def setup_distributed(device_flag: str = "auto", timeout_minutes: float = 30) ->
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_flag, local_rank)
+    if device.type == "mps" and world_size > 1:
+        raise UserError(
+            f"{world_size} ranks on MPS: a Mac has one GPU and torch has no MPS backend for collectives; run one "
+            "process (python/uv run, not torchrun), or --device cpu for gloo ranks"
+        )
+    if device.type == "cuda":
+        check_cuda_build(device)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a worker torchrun started
         stop_with_parent(signal.SIGTERM)
     if world_size > 1:
@@ -145,6 +166,14 @@ def is_peer_failure(e: BaseException) -> bool:
     )
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """Did the device run out of memory? CUDA raises torch.OutOfMemoryError; MPS's allocator a plain
+    RuntimeError ("MPS backend out of memory (MPS allocated: ...")."""
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and str(e).startswith("MPS backend out of memory")
+    )
+
+
 # FSDP2's sharded tensors (DTensors) are recognised by their methods: importing
 # torch.distributed.tensor for an isinstance check would cost every script ~0.8 s at start-up.
 def local_part(tensor: torch.Tensor) -> torch.Tensor:
@@ -185,6 +214,15 @@ def first_problem(problem: str | None, name_rank: bool = True) -> str | None:
     return f"rank {rank} on {host}{others}: {text}"
 
 
+def agree_min(value: int) -> int:
+    """The smallest of every rank's `value` (a collective; alone: `value`)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return min(values)
+
+
 def env_world_size() -> int:
     """The number of ranks torchrun announces (1 without torchrun), before any process group."""
     return int(os.environ.get("WORLD_SIZE", "1"))
@@ -206,13 +244,23 @@ def configure_device(device: torch.device) -> None:
 
 @dataclass(frozen=True)
 class Precision:
-    """How forward passes compute. bf16: autocast to bfloat16 over float32 weights (what CUDA runs by
-    default); the residual stream, LayerNorms, softmax and loss stay float32. None: float32
-    throughout (the CPU's default: bf16 matmuls are slow on most CPUs). Asking for bf16 on a CPU runs
-    the CUDA policy there, so the tests can check what it does without a GPU."""
+    """How forward passes compute. bf16 / fp16: autocast to that dtype over float32 weights; the
+    residual stream, LayerNorms, softmax and loss stay float32. fp16's 5 exponent bits overflow past
+    65,504 and underflow small gradients, so an fp16 run scales its loss (LossScaler). None: float32
+    throughout (the CPU's default: bf16 matmuls are slow on most CPUs). Asking for bf16 or fp16 on a
+    CPU runs that policy there, so the tests can check what it does without a GPU."""
 
     device_type: str
     dtype: torch.dtype | None  # the autocast dtype, None = no autocast
+
+    @property
+    def name(self) -> str:
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[self.dtype]
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the loss must be scaled (fp16: gradients below 6e-8 would flush to zero)."""
+        return self.dtype == torch.float16
 
     def autocast(self):
         """A reusable context manager for a forward pass."""
@@ -221,12 +269,66 @@ class Precision:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+# AMD Instinct / Radeon architectures (gcnArchName) with bf16 matrix cores: MI200 (gfx90a), MI300
+# (gfx94x), MI350 (gfx95x), RDNA 3 and 4 (gfx11xx, gfx12xx). Older (MI100, gfx908: bf16 at fp32's
+# rate; gfx906) compute fp16 natively.
+AMD_BF16_ARCHS = ("gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 natively: NVIDIA from Ampere (sm80: A100, RTX 30xx) on, AMD
+    from MI200. torch.cuda.is_bf16_supported() says yes on a V100 or T4 too, where bf16 is emulated:
+    slower than fp32, and flash / memory-efficient attention refuse it (the math kernel's T^2 memory)."""
+    if device.type != "cuda":
+        return device.type == "cpu"  # CPU autocast takes bf16 (the tests ask for it); MPS: see precision
+    if torch.version.hip:
+        return has_bf16_units(amd_arch=torch.cuda.get_device_properties(device).gcnArchName)
+    return has_bf16_units(capability=torch.cuda.get_device_capability(device))
+
+
+def has_bf16_units(capability: tuple[int, int] | None = None, amd_arch: str | None = None) -> bool:
+    """Whether a GPU of this NVIDIA compute capability (sm80+) or AMD architecture multiplies bf16 natively."""
+    if amd_arch is not None:
+        return amd_arch.startswith(AMD_BF16_ARCHS)
+    return capability is not None and tuple(capability) >= (8, 0)
+
+
+def half_dtype(device: torch.device) -> torch.dtype:
+    """The 16-bit dtype `device` multiplies fastest (Muon's Newton-Schulz runs in it): bf16 where it is
+    native (and on the CPU, whose numbers the tests pin), fp16 on older CUDA GPUs, float32 on MPS."""
+    if device.type == "mps":
+        return torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float16
+
+
+def auto_precision(device: torch.device) -> str:
+    """--precision auto: bf16 where the GPU computes it natively (sm80+, AMD MI200+), fp16 with loss
+    scaling on older GPUs (V100 sm70, T4 / RTX 20xx sm75, MI100), fp32 on CPU and on Apple's MPS
+    (torch's MPS autocast covers fewer ops; --precision fp16 asks for it)."""
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if native_bf16(device) else "fp16"
+
+
 def precision(device: torch.device, name: str = "auto") -> Precision:
-    """--precision auto|bf16|fp32 on `device`: auto = bf16 on CUDA, fp32 elsewhere."""
+    """--precision auto|bf16|fp16|fp32 on `device` (auto: `auto_precision`). bf16 on a GPU that only
+    emulates it is refused in one line: slower than fp32, and no fused attention kernel takes it."""
     if name not in PRECISIONS:
         raise UserError(f"--precision {name!r}: use one of {', '.join(PRECISIONS)}")
-    bf16 = name == "bf16" or (name == "auto" and device.type == "cuda")
-    return Precision(device.type, torch.bfloat16 if bf16 else None)
+    if name == "auto":
+        name = auto_precision(device)
+    elif name == "bf16" and device.type == "cuda" and not native_bf16(device):
+        raise UserError(
+            f"--precision bf16 on {device_name(device)}, which has no bf16 matrix units (it emulates bf16, slower "
+            "than fp32, and flash attention refuses it): use --precision auto (fp16 with loss scaling) or fp32"
+        )
+    elif name == "bf16" and device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+        raise UserError(
+            "--precision bf16 on a Mac needs macOS 14 (Sonoma) or newer, whose Metal has bf16: update macOS, or use "
+            "--precision auto (fp32) or fp16"
+        )
+    return Precision(device.type, DTYPES[name])
 
 
 def autocast(device: torch.device, name: str = "auto"):
@@ -234,15 +336,107 @@ def autocast(device: torch.device, name: str = "auto"):
     return precision(device, name).autocast()
 
 
+class LossScaler:
+    """Dynamic loss scaling for fp16 (a checkpoint part): the loss is multiplied by `scale` before
+    backward, so that small gradients do not flush to zero in fp16, and the gradients are divided by
+    it before clipping and the optimizer. A step whose gradients overflowed (a non-finite gradient
+    norm: the global norm, the same on every rank, also under FSDP2 where each rank holds a shard) is
+    not applied and the scale halves; after GROWTH_INTERVAL good steps in a row it doubles. Off (bf16,
+    fp32): scale 1, nothing skipped. torch.amp.GradScaler decides per rank, from its gradients alone:
+    under FSDP2 an inf in one rank's shard would skip the step there only."""
+
+    INITIAL, GROWTH_INTERVAL, MIN_SCALE = 2.0**16, 2000, 2.0**-14
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.scale = self.INITIAL if enabled else 1.0
+        self.good_steps = 0  # in a row, since the last overflow or growth
+
+    def unscale_(self, parameters) -> None:
+        """Divide the gradients by the scale, in place (after the last micro-step's backward)."""
+        if not self.enabled:
+            return
+        grads = [local_part(p.grad) for p in parameters if p.grad is not None]
+        torch._foreach_mul_(grads, 1.0 / self.scale)
+
+    def update(self, grad_norm: float) -> str | None:
+        """After a step whose unscaled gradients have the global norm `grad_norm`: why its update must
+        be skipped (an overflow; the scale halved), or None (and the scale may grow)."""
+        if not self.enabled:
+            return None
+        if not math.isfinite(grad_norm):
+            self.scale, self.good_steps = max(self.scale / 2, self.MIN_SCALE), 0
+            return f"fp16 gradients overflowed: update skipped, loss scale lowered to {self.scale:g}"
+        self.good_steps += 1
+        if self.good_steps == self.GROWTH_INTERVAL:
+            self.scale, self.good_steps = self.scale * 2, 0
+        return None
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.enabled:
+            self.scale, self.good_steps = state["scale"], state["good_steps"]
+
+    # A checkpoint of a bf16 / fp32 run has no scaler state: resumed in fp16 (other hardware) the
+    # scaler starts afresh, as a new run's would (checkpoint.resume_problem reads this).
+    fresh_if_missing = True
+
+
+def check_cuda_build(device: torch.device) -> None:
+    """Refuse, in one line, a GPU the installed torch has no kernels for (its first kernel would fail
+    with "no kernel image is available"): CUDA 12.8+ and 13 builds start at Turing (sm75), so a V100
+    (sm70) needs a CUDA 12.6 build. A build runs a GPU whose sm_XY it lists, or a newer one through a
+    compute_XY (PTX) entry it can compile."""
+    if torch.version.hip:
+        return
+    arches = torch.cuda.get_arch_list()
+    major, minor = torch.cuda.get_device_capability(device)
+    cap = major * 10 + minor
+    built = {int(a.split("_")[1]) for a in arches if a.startswith("sm_")}
+    ptx = [int(a.split("_")[1]) for a in arches if a.startswith("compute_")]
+    if not arches or cap in built or any(p <= cap for p in ptx):
+        return
+    if cap < min(built, default=0):
+        fix = (
+            "install a CUDA 12.6 build of torch, the last that has it: `uv pip install --reinstall torch "
+            "--index-url https://download.pytorch.org/whl/cu126` (docs/your_gpu.md)"
+        )
+    else:
+        fix = "install a newer torch (`uv lock --upgrade-package torch && uv sync`) (docs/your_gpu.md)"
+    raise UserError(
+        f"{torch.cuda.get_device_name(device)} (sm_{cap}) is not among the GPUs this torch {torch.__version__} "
+        f"was built for ({' '.join(sorted(a for a in arches if a.startswith('sm_')))}): {fix}"
+    )
+
+
 def compiles(device: torch.device, enabled: bool, on_cpu: bool = False, warn: bool = True) -> bool:
-    """Whether --compile takes effect on `device`: on CUDA; on CPU compiling costs more than it saves,
-    so `enabled` is ignored there (with a warning when `warn`) unless `on_cpu` (--compile-on-cpu:
-    the compiled path tested without a GPU, with inductor's C++ backend)."""
-    if enabled and device.type != "cuda" and not on_cpu:
-        if warn:
-            warnings.warn("--compile is ignored on CPU (compiling costs more than it saves there)", stacklevel=3)
+    """Whether --compile takes effect on `device`: on CUDA, where Triton is installed; on CPU compiling
+    costs more than it saves, so `enabled` is ignored there (with a warning when `warn`) unless
+    `on_cpu` (--compile-on-cpu: the compiled path tested without a GPU, with inductor's C++ backend);
+    on MPS torch.compile is experimental: ignored. Without Triton (native Windows, some clusters)
+    inductor cannot generate GPU kernels: eager, with a warning."""
+    if not enabled:
         return False
-    return enabled
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        if warn:
+            warnings.warn(
+                "--compile needs Triton, which is not installed here (native Windows, some clusters): running "
+                "eager (on Windows, WSL2 has it)",
+                stacklevel=3,
+            )
+        return False
+    if device.type == "mps" or (device.type == "cpu" and not on_cpu):
+        if warn:
+            where = (
+                "on MPS (torch.compile's MPS backend is experimental)"
+                if device.type == "mps"
+                else ("on CPU (compiling costs more than it saves there)")
+            )
+            warnings.warn(f"--compile is ignored {where}", stacklevel=3)
+        return False
+    return True
 
 
 def compile_model(
@@ -283,55 +477,103 @@ def teardown_distributed(wait_for_peers: bool = True) -> None:
         dist.destroy_process_group()
 
 
-# Dense (no sparsity) bf16 tensor-core peak per GPU, TFLOP/s, from NVIDIA's datasheets (their
-# headline figures are with 2:4 sparsity: half of those). Each key is matched as whole words of
-# torch.cuda.get_device_name() ("NVIDIA A100-SXM4-80GB" -> NVIDIA A100 SXM4 80GB), case aside, so
-# "L4" is not found in "L40", nor "H200" in "GH200"; the first match wins, so a form factor
-# ("H100 PCIe") comes before its family's default ("H100": the SXM part).
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
-    ("H200 NVL", 835.0),
-    ("H200", 989.4),  # SXM
-    ("GH200", 989.4),  # the Hopper GPU of Grace Hopper
-    ("H800 PCIe", 756.0),
-    ("H800", 989.4),  # SXM
-    ("GB200", 2500.0),  # per Blackwell GPU of Grace Blackwell (NVL72: 180 PFLOP/s dense for 72)
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.05),
-    ("L40", 181.05),
-    ("L4", 121.0),
-    ("A10G", 70.0),
-    ("A10", 125.0),
-    ("RTX 4090", 165.2),  # GeForce: fp32 accumulate, the rate bf16 runs at
-    ("RTX 3090", 71.0),
-    ("RTX A6000", 154.8),
+# Dense (no sparsity) tensor-core peaks per GPU, TFLOP/s, (bf16, fp16), from NVIDIA's and AMD's
+# datasheets and architecture whitepapers (their headline figures assume 2:4 sparsity: twice these).
+# bf16 None: the card has no bf16 matrix units (V100, T4, RTX 20xx, MI100's runs at a quarter rate).
+# GeForce cards multiply fp16/bf16 with fp32 accumulation (what autocast's matmuls use) at half their
+# fp16-accumulate headline: these are the fp32-accumulate rates (AI TOPS / 8 from Ada on). Each key is
+# matched as whole words of torch.cuda.get_device_name() ("NVIDIA A100-SXM4-80GB" -> NVIDIA A100 SXM4
+# 80GB), case aside, so "L4" is not found in "L40", nor "H200" in "GH200"; the first match wins, so a
+# variant ("H100 PCIe", "RTX 4080 SUPER") comes before its family's default. Unlisted: --peak-tflops.
+PEAK_TFLOPS: tuple[tuple[str, float | None, float], ...] = (
+    ("H100 PCIe", 756.0, 756.0),
+    ("H100 NVL", 835.0, 835.0),
+    ("H100", 989.4, 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("H200 NVL", 835.0, 835.0),
+    ("H200", 989.4, 989.4),  # SXM
+    ("GH200", 989.4, 989.4),  # the Hopper GPU of Grace Hopper
+    ("H800 PCIe", 756.0, 756.0),
+    ("H800", 989.4, 989.4),  # SXM
+    ("GB200", 2500.0, 2500.0),  # per Blackwell GPU of Grace Blackwell (NVL72: 180 PFLOP/s dense for 72)
+    ("B200", 2250.0, 2250.0),
+    ("A100", 312.0, 312.0),
+    ("A800", 312.0, 312.0),
+    ("A30", 165.0, 165.0),
+    ("A40", 149.7, 149.7),
+    ("L40S", 362.05, 362.05),
+    ("L40", 181.05, 181.05),
+    ("L4", 121.0, 121.0),
+    ("A10G", 70.0, 70.0),
+    ("A10", 125.0, 125.0),
+    ("V100S", None, 130.0),
+    ("V100 PCIe", None, 112.0),
+    ("V100", None, 125.0),  # SXM2
+    ("T4", None, 65.0),
+    ("RTX 6000 Ada", 364.2, 364.2),  # workstation cards: full-rate fp32 accumulation
+    ("RTX A6000", 154.8, 154.8),
+    ("RTX A5000", 111.1, 111.1),
+    ("RTX A4000", 76.7, 76.7),
+    ("TITAN RTX", None, 130.5),
+    ("RTX 5090", 209.5, 209.5),  # GeForce: the fp32-accumulate rate
+    ("RTX 5080", 112.6, 112.6),
+    ("RTX 5070 Ti", 87.9, 87.9),
+    ("RTX 5070", 61.8, 61.8),
+    ("RTX 4090", 165.2, 165.2),
+    ("RTX 4080 SUPER", 104.5, 104.5),
+    ("RTX 4080", 97.5, 97.5),
+    ("RTX 4070 Ti SUPER", 88.2, 88.2),
+    ("RTX 4070 Ti", 80.2, 80.2),
+    ("RTX 4070 SUPER", 71.0, 71.0),
+    ("RTX 4070", 58.3, 58.3),
+    ("RTX 3090 Ti", 80.0, 80.0),
+    ("RTX 3090", 71.0, 71.0),
+    ("RTX 3080 Ti", 68.2, 68.2),
+    ("RTX 3080", 59.5, 59.5),
+    ("RTX 3070", 40.6, 40.6),
+    ("RTX 3060", 25.6, 25.6),
+    ("RTX 2080 Ti", None, 53.8),  # Turing: reference-board clocks
+    ("RTX 2080 SUPER", None, 44.6),
+    ("RTX 2080", None, 40.3),
+    ("RTX 2070 SUPER", None, 36.3),
+    ("RTX 2070", None, 29.9),
+    ("RTX 2060", None, 25.8),
+    ("MI325X", 1307.4, 1307.4),  # AMD Instinct
+    ("MI300X", 1307.4, 1307.4),
+    ("MI300A", 980.6, 980.6),
+    ("MI250X", 383.0, 383.0),
+    ("MI250", 362.1, 362.1),
+    ("MI210", 181.0, 181.0),
+    ("MI100", None, 184.6),
 )
 
 
-def peak_flops_of_name(name: str) -> float | None:
-    """Dense bf16 peak FLOP/s of the GPU torch names `name`, or None where it is not listed."""
+def peak_flops_of_name(name: str, precision: str = "bf16") -> float | None:
+    """Dense peak FLOP/s at `precision` (bf16 or fp16) of the GPU torch names `name`; None where it is
+    not listed, or has no units for that precision."""
     words = name.upper().replace("-", " ").split()
-    for key, tflops in PEAK_BF16_TFLOPS:
+    for key, bf16, fp16 in PEAK_TFLOPS:
         want = key.upper().split()
         if any(words[i : i + len(want)] == want for i in range(len(words) - len(want) + 1)):
-            return tflops * 1e12
+            tflops = {"bf16": bf16, "fp16": fp16}.get(precision)
+            return tflops * 1e12 if tflops else None
     return None
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak FLOP/s of `device`, or None where unknown (CPU, unlisted GPU)."""
+def peak_flops(device: torch.device, precision: str = "bf16", tflops: float = 0.0) -> float | None:
+    """Dense peak FLOP/s of `device` at the run's `precision`: `tflops` (--peak-tflops) when given, else
+    the table's; None where unknown (CPU, MPS, an unlisted GPU, float32)."""
+    if tflops:
+        return tflops * 1e12
     if device.type != "cuda":
         return None
-    return peak_flops_of_name(torch.cuda.get_device_name(device))
+    return peak_flops_of_name(torch.cuda.get_device_name(device), precision)
 
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
     return f"cpu ({os.cpu_count()} cores)"
 
 
@@ -457,6 +699,7 @@ class RandomState:
         return {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "mps": torch.mps.get_rng_state() if self.device.type == "mps" else None,
             "numpy": {
                 "key": torch.from_numpy(np_state[1].astype(np.int64)),
                 "pos": int(np_state[2]),
@@ -470,6 +713,8 @@ class RandomState:
         torch.set_rng_state(state["torch"])
         if state["cuda"] is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], self.device)
+        if state.get("mps") is not None and self.device.type == "mps":  # .get: checkpoints from before MPS
+            torch.mps.set_rng_state(state["mps"])
         n = state["numpy"]
         np.random.set_state(
             ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
@@ -480,4 +725,8 @@ class RandomState:
 
 def device_sync(device: torch.device) -> Callable[[], None] | None:
     """What waits for `device`'s queued work (None on a CPU: nothing is queued)."""
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return None

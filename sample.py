@@ -24,7 +24,7 @@ class SampleConfig:
     temperature: float = field(1.0, "softmax temperature; 0 = greedy")
     top_k: int = field(50, "sample among the k most likely tokens (0 = all)")
     seed: int = field(42, "seed of the sampling generator")
-    device: str = field("auto", "auto, cpu or cuda", choices=DEVICE_CHOICES)
+    device: str = field("auto", "auto (cuda, else mps, else cpu), cpu, cuda or mps", choices=DEVICE_CHOICES)
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0:

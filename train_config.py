@@ -108,7 +108,9 @@ class TrainConfig:
     # Sizes in tokens and rows; gradient accumulation is derived from them and the world size, never set.
     # 2**19 = 524,288: GPT-3 small's 0.5M tokens per step.
     tokens_per_step: int = field(524_288, "tokens per optimizer step, all ranks together", above=0)
-    micro_batch_size: int = field(64, "sequences per forward/backward on each rank", above=0)
+    # auto: the largest of 64, 32, ... that this device's free memory holds by memory.py's formula (then,
+    # on one CUDA process or DDP, one real forward and backward at it); tokens_per_step stays the same.
+    micro_batch_size: int = field(0, "sequences per forward/backward on each rank", auto=True, at_least=0)
     seq_len: int = field(1024, "tokens per sequence (default: the model's context)", above=0)
     # GPT-3 small's settings, as in the reference: 19,073 x 524,288 = 10B tokens (one epoch of
     # sample-10BT), 715 warmup steps = 375M tokens, cosine to 10% of the peak.
@@ -159,12 +161,13 @@ class TrainConfig:
     # On purpose, e.g. a new data order after a loss spike: checkpoint.RESUME_REFUSED lists what it allows.
     allow_config_change: bool = field(False, "resume although the batch, data order or data changed")
     # Speed levers: bench/throughput.py measures each; none changes the math beyond rounding.
-    device: str = field("auto", "auto, cpu or cuda", choices=cli.DEVICE_CHOICES)
+    device: str = field("auto", "auto (cuda, else mps, else cpu), cpu, cuda or mps", choices=cli.DEVICE_CHOICES)
     compile: bool = field(True, "torch.compile the model (CUDA; on CPU see --compile-on-cpu)")
     compile_on_cpu: bool = field(False, "compile on CPU too (inductor: the compiled path's tests)")
     # reduce-overhead and max-autotune capture CUDA graphs: one micro-step per rank only.
     compile_mode: str = field("default", "torch.compile mode", choices=cli.COMPILE_MODES)
-    # auto: bf16 autocast on CUDA, float32 on CPU; bf16 asks for CUDA's policy on any device.
+    # auto: bf16 autocast where the GPU has bf16 units (sm80+), fp16 with loss scaling on older GPUs,
+    # float32 on CPU and MPS (runtime.auto_precision); bf16 or fp16 asks for that policy on any device.
     precision: str = field("auto", "autocast precision", choices=cli.PRECISIONS)
     attn_backend: str = field("auto", "attention kernel (auto: PyTorch picks)", choices=cli.ATTENTION_KERNELS)
     loss_chunk_rows: int = field(0, "lm_head + loss in chunks of N rows, no full logits (0: off)", at_least=0)
@@ -175,6 +178,9 @@ class TrainConfig:
     parallel: str = field("ddp", "how the model is spread over ranks", choices=cli.STRATEGIES)
     ddp_bucket_mb: int = field(25, "DDP gradient all-reduce bucket size in MB", at_least=1)
     memory_check: bool = field(True, "refuse at start a run memory.py says cannot fit")
+    # For MFU on a GPU runtime.PEAK_TFLOPS does not list (it says so once): its dense peak at the run's precision.
+    peak_tflops: float = field(0.0, "the GPU's peak TFLOP/s for MFU (0: runtime's table)", at_least=0)
+    plan: bool = field(False, "print what this command would do here (memory, speed, time) and exit")
     # 30 covers rank 0 writing a gpt2-xl checkpoint (~19 GB) at >= 11 MB/s while the others wait.
     dist_timeout_minutes: int = field(30, "how long a rank waits in a collective", at_least=1)
     demo: bool = field(False, "CPU demo: the tiny model on the corpus in assets/demo (minutes)")
@@ -183,7 +189,7 @@ class TrainConfig:
         """One-line errors for settings that can never work, raised while parsing (before any process
         group, data or folder is touched). What depends on the world size: check_world_size."""
         cli.check_bounds(self)  # each field's own range (its metadata): one line naming the flag
-        if self.tokens_per_step % (self.micro_batch_size * self.seq_len):
+        if self.micro_batch_size and self.tokens_per_step % (self.micro_batch_size * self.seq_len):
             raise UserError(
                 f"--tokens-per-step {self.tokens_per_step} is not a multiple of micro-batch x seq-len = "
                 f"{self.micro_batch_size} x {self.seq_len}: change one of them"
@@ -220,14 +226,15 @@ class TrainConfig:
 
     def check_world_size(self, world_size: int) -> None:
         """What depends on the number of ranks (known from torchrun's environment before any process
-        group): the step must split evenly, and CUDA graphs need one micro-step per rank."""
-        rows = self.micro_batch_size * self.seq_len * world_size
+        group): the step must split evenly, and CUDA graphs need one micro-step per rank. An auto
+        micro-batch is checked again once chosen (train_gpt2.choose_micro_batch)."""
+        rows = max(self.micro_batch_size, 1) * self.seq_len * world_size
         if self.tokens_per_step % rows:
             raise UserError(
                 f"--tokens-per-step {self.tokens_per_step} is not a multiple of micro-batch x seq-len x world size "
                 f"= {self.micro_batch_size} x {self.seq_len} x {world_size} = {rows}: lower --micro-batch-size"
             )
-        accumulation = self.grad_accum_steps(world_size)
+        accumulation = self.grad_accum_steps(world_size) if self.micro_batch_size else 0
         if self.compile_mode in cli.WITHOUT_CUDA_GRAPHS and accumulation > 1:
             # A CUDA graph replays into the same output memory: the gradients of micro-step 1 are
             # overwritten by micro-step 2's before they are summed (torch 2.15 raises; older versions

@@ -34,8 +34,9 @@ if __name__ == "__main__":
 import math
 import os
 import subprocess
+import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,7 +49,7 @@ import memory
 import metrics
 import runtime
 from cli import UserError
-from dataloader import TrainLoader, ValLoader, describe_source
+from dataloader import RandomTokens, TrainLoader, ValLoader, describe_source
 from model import BLOCK_MATRICES, GPT, GPTConfig
 from muon import CombinedOptimizer, Muon
 from parallel import Parallel, parallelize
@@ -119,6 +120,7 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device):
         ],
         lr=cfg.muon_lr,
         momentum=cfg.muon_momentum,
+        ns_dtype=runtime.half_dtype(device),
     )
     return CombinedOptimizer(adamw=adamw, muon=muon)
 
@@ -141,9 +143,11 @@ class Run:
     train_model: torch.nn.Module  # what train_step calls (compiled, wrapped for the ranks)
     compiled: bool  # whether torch.compile runs the model (whole, or block by block under FSDP2)
     train_loader: TrainLoader
-    autocast: object  # the forward passes' precision context (runtime.Precision: bf16 on CUDA)
+    precision: runtime.Precision  # what the forward passes compute in (bf16, fp16 with loss scaling, fp32)
+    autocast: object  # its context for a forward pass
     grad_accum: int  # micro-steps per optimizer step on each rank
     spike_guard: SpikeGuard  # decides whether a step's update is applied (off: always)
+    scaler: runtime.LossScaler  # fp16's loss scale (off: scale 1, nothing skipped)
     evals: evals.Evaluator  # validation, HellaSwag, CORE, samples (their model: compiled, unwrapped)
     log_dir_lock: fileio.FolderLock | None = None  # the trainer's hold on --log-dir (rank 0)
     micro_steps_done: int = 0  # by this process: what a slow first step's notice reports
@@ -162,6 +166,11 @@ class Run:
 def build_model(cfg: TrainConfig, device: torch.device, is_main: bool) -> GPT:
     """The model, made on `device` (initialised there: no host copy, seconds less for gpt2-xl on a
     GPU; the same init on every rank, from --seed)."""
+    if device.type == "mps" and cfg.attn_backend in ("flash", "cudnn", "efficient"):
+        raise UserError(
+            f"--attn-backend {cfg.attn_backend} is a CUDA kernel and this run is on Apple's MPS: use --attn-backend "
+            "auto (MPS's own kernel) or math"
+        )
     torch.manual_seed(cfg.seed)
     if cfg.init_from:
         model = checkpoint.load_hf_model(cfg.init_from, flag="--init-from", device=device)
@@ -228,9 +237,11 @@ def build_run(cfg: TrainConfig, dist_info: runtime.DistInfo, train_loader=None, 
         train_model,
         compiled,
         train_loader,
+        precision,
         autocast,
         cfg.grad_accum_steps(dist_info.world_size),
         SpikeGuard(cfg.spike_guard, cfg.spike_guard_norm, cfg.spike_window, cfg.spike_warmup),
+        runtime.LossScaler(precision.scaled),
         evaluator,
     )
 
@@ -261,11 +272,12 @@ def train_step(run: Run, step: int) -> StepResult:
                 _, loss = run.train_model(x, y)
             loss = loss / run.grad_accum  # the step's loss is the mean over its micro-batches
             loss_accum += loss.detach()
-            loss.backward()
+            (loss * run.scaler.scale if run.scaler.enabled else loss).backward()
         run.micro_steps_done += 1
+    run.scaler.unscale_(run.model.parameters())  # fp16: the gradients of the loss itself, before clipping
     grad_norm = run.parallel.clip_grad_norm_(run.model, run.cfg.grad_clip)
     lr = learning_rate(step, run.cfg)
-    skipped = guard(run, step, loss_accum, grad_norm) if run.spike_guard.enabled else None
+    skipped = skip_reason(run, step, loss_accum, grad_norm) if run.spike_guard.enabled or run.scaler.enabled else None
     if skipped is None:
         set_learning_rates(run.optimizer, lr)
         run.optimizer.step()
@@ -273,19 +285,28 @@ def train_step(run: Run, step: int) -> StepResult:
     return StepResult(loss_accum, grad_norm, lr, skipped)
 
 
-def guard(run: Run, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
-    """The spike guard's decision on this step's update (why it is refused, or None), the same on
-    every rank: one small all-reduce of the loss and a host sync. It must be known before
+def skip_reason(run: Run, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> str | None:
+    """Why this step's update is not applied (fp16 gradients that overflowed, a loss spike), or None;
+    the same on every rank: one small all-reduce of the loss and a host sync. It must be known before
     optimizer.step(), so the host waits for the backward: the one sync of a step that is not a log
-    step (`--spike-guard 0` removes it; bench/throughput.py measures the difference)."""
+    step (`--spike-guard 0` removes it in bf16 / fp32; bench/throughput.py measures the difference).
+    An overflow is fp16's range, not a diverging run: its step is skipped (the scaler lowers the
+    scale), the spike guard never sees it, and only a non-finite loss (or an overflow even at the
+    smallest scale) stops the run."""
     both = run.parallel.all_reduce(torch.stack([loss, grad_norm.to(loss.dtype)]))
     mean_loss, norm = (both / run.dist_info.world_size).tolist()  # the norm is already global: sum / ranks = it
+    if math.isfinite(mean_loss):
+        overflow = run.scaler.update(norm)
+        if overflow and run.scaler.scale > runtime.LossScaler.MIN_SCALE:
+            return overflow
     if not (math.isfinite(mean_loss) and math.isfinite(norm)):  # diverging weights, more often than a bad batch
         raise Diverged(
             f"the loss or gradient norm stopped being finite at step {step} (loss {mean_loss}, norm "
             f"{norm}): stopping before its update. The last good checkpoint in {run.cfg.log_dir} is "
             "untouched; lower --max-lr or resume from it"
         )
+    if not run.spike_guard.enabled:
+        return None
     try:
         return run.spike_guard.check(loss=mean_loss, grad_norm=norm)
     except TooManySkips as e:
@@ -312,6 +333,7 @@ def stateful_parts(run: Run, log: metrics.MetricsLog) -> dict:
         "loader": run.train_loader,  # the data position (rows read, any world size)
         "rng": runtime.RandomState(run.dist_info.device),
         "spike_guard": run.spike_guard,  # its history decides the next steps' skips
+        "loss_scale": run.scaler,  # fp16's scale (starts afresh when a checkpoint has none)
         "metrics": log,  # the log's length: a resume cuts it back to this
     }
 
@@ -399,11 +421,11 @@ def loop(run: Run, log: metrics.MetricsLog, stop: runtime.StopFlag, *, start_ste
     cfg, log_dir = run.cfg, Path(run.cfg.log_dir)
     every = {"val": cfg.val_every, "hellaswag": cfg.hellaswag_every, "core": cfg.core_every, "sample": cfg.sample_every}
     clock = metrics.StepClock(runtime.device_sync(run.dist_info.device))
-    peak = runtime.peak_flops(run.dist_info.device)  # per device: None on a CPU or an unlisted GPU
-    peak = peak and peak * run.dist_info.world_size
+    peak = run_peak_flops(run)
     # Steps with a non-finite loss or norm since the last sync, counted on the device: only without
     # the guard (with it, train_step stops at the first one).
-    nonfinite_steps = None if run.spike_guard.enabled else torch.zeros((), device=run.dist_info.device)
+    checked_every_step = run.spike_guard.enabled or run.scaler.enabled  # skip_reason looks at every step
+    nonfinite_steps = None if checked_every_step else torch.zeros((), device=run.dist_info.device)
     interrupted = False
 
     for step in range(start_step, cfg.max_steps + 1):
@@ -463,6 +485,19 @@ def loop(run: Run, log: metrics.MetricsLog, stop: runtime.StopFlag, *, start_ste
     return 130 if interrupted else 0
 
 
+def run_peak_flops(run: Run) -> float | None:
+    """The run's devices' dense peak FLOP/s at its precision, for MFU (None: MFU n/a). A GPU the table
+    does not list says so once, with the flag that fills it in."""
+    device, world = run.dist_info.device, run.dist_info.world_size
+    peak = runtime.peak_flops(device, run.precision.name, run.cfg.peak_tflops)
+    if peak is None and device.type == "cuda":
+        run.say(
+            f"MFU: {runtime.device_name(device)} has no {run.precision.name} peak in runtime.PEAK_TFLOPS: pass "
+            f"--peak-tflops N (its dense {run.precision.name} tensor TFLOP/s from its datasheet) to have it"
+        )
+    return peak and peak * world
+
+
 def log_and_say(run: Run, log: metrics.MetricsLog, record: dict, clock: metrics.StepClock | None = None) -> None:
     """A record into metrics.jsonl, and its line on the console (metrics.line: one place for both)."""
     log.write(record)
@@ -483,8 +518,11 @@ def first_step_status(run: Run) -> str:
 def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: runtime.StopFlag | None = None) -> int:
     """Start (or resume) the run and train it to the end; the exit code (0, or 130 after a Ctrl-C; 2
     when --resume found a finished run with other settings). Every start-up refusal is agreed by all
-    ranks, before anything is built (memory) or written (the log dir)."""
+    ranks, before anything is built (memory) or written (the log dir). --plan: say what it would do."""
     stop = stop or runtime.StopFlag()
+    cfg, choice = choose_micro_batch(cfg, dist_info)
+    if cfg.plan:
+        return plan(cfg, dist_info, choice)
     refuse_if_too_big(cfg, dist_info)
     lock = hold_log_dir(cfg, dist_info)
     try:
@@ -507,7 +545,7 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: runtime.StopFlag 
         log.mirrors = metrics.mirrors(
             Path(cfg.log_dir), dist_info.is_main, cfg.tensorboard, cfg.wandb_project if cfg.wandb else None, asdict(cfg)
         )
-        write_config_record(run, log, start)
+        write_config_record(run, log, start, choice)
         try:
             return loop(run, log, stop, start_step=start.step, evals_done=start.evals_done)
         finally:
@@ -517,11 +555,103 @@ def train(cfg: TrainConfig, dist_info: runtime.DistInfo, stop: runtime.StopFlag 
             lock.release()
 
 
-def refuse_if_too_big(cfg: TrainConfig, dist_info: runtime.DistInfo) -> None:
-    """Refuse, before anything is built, a run memory.py's formula says cannot fit (--no-memory-check)."""
-    if not cfg.memory_check:
-        return
-    needed = memory.memory_bytes(
+def local_processes(dist_info: runtime.DistInfo) -> int:
+    """How many processes share this process's memory: a node's ranks share its RAM, a GPU is its own."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist_info.device.type == "cpu" else 1
+
+
+def choose_micro_batch(cfg: TrainConfig, dist_info: runtime.DistInfo) -> tuple[TrainConfig, dict | None]:
+    """--micro-batch-size auto: the largest that fits this device by memory.py's formula (every rank
+    takes the smallest any rank can: one GPU of a node may be half full), then, on CUDA (one process or
+    DDP), one real forward and backward at it, halving on out-of-memory. The step's tokens never change:
+    gradient accumulation grows instead, so it is the same recipe. (the config, how it was chosen)."""
+    if cfg.micro_batch_size:
+        return cfg, None
+    device, world = dist_info.device, dist_info.world_size
+    precision = runtime.precision(device, cfg.precision).name
+    args = (cfg.model, cfg.parallel, cfg.activation_checkpointing, cfg.seq_len, cfg.tokens_per_step, world)
+    chosen, need, have, where = memory.largest_micro_batch(
+        *args, precision, cfg.loss_chunk_rows, device, local_processes(dist_info)
+    )
+    chosen = runtime.agree_min(chosen)
+    tried = device.type == "cuda" and cfg.parallel != "fsdp"  # FSDP2's forward is collective: formula only
+    if tried:
+        chosen = runtime.agree_min(largest_that_runs(cfg, dist_info, chosen))
+    cfg = replace(cfg, micro_batch_size=chosen)
+    cfg.check_world_size(world)  # CUDA graphs: now that the accumulation is known
+    choice = {"chosen": chosen, "estimate_gib": need / memory.GiB, "available": where, "tried": tried}
+    if dist_info.is_main:
+        ran = "; a forward and backward at it ran" if tried else ""
+        print(
+            f"micro-batch auto: {chosen} x {cfg.seq_len} tokens, {cfg.grad_accum_steps(world)} micro-steps per step "
+            f"(the largest of {', '.join(map(str, memory.MICRO_BATCHES))} that fits: ~{need / memory.GiB:.1f} GiB "
+            f"by memory.py's formula; {where}{ran})"
+        )
+    return cfg, choice
+
+
+def largest_that_runs(cfg: TrainConfig, dist_info: runtime.DistInfo, micro_batch: int) -> int:
+    """`micro_batch`, or the largest smaller one a forward and backward of the bare model (eager: a
+    compiled step needs no more) runs at on this GPU without running out of memory."""
+    precision = runtime.precision(dist_info.device, cfg.precision)
+    while True:
+        model = build_model(cfg, dist_info.device, is_main=False)
+        try:
+            x = torch.randint(0, model.config.vocab_size, (micro_batch, cfg.seq_len), device=dist_info.device)
+            with precision.autocast():
+                model(x, x)[1].backward()
+            return micro_batch
+        except torch.cuda.OutOfMemoryError:
+            if micro_batch == 1:
+                raise
+            micro_batch //= 2
+        finally:
+            del model
+            torch.cuda.empty_cache()
+
+
+def plan(cfg: TrainConfig, dist_info: runtime.DistInfo, choice: dict | None, timed: int = 2) -> int:
+    """--plan: what this command would do on this machine and how long it would take, printed, then
+    exit 0; nothing is written. The time comes from `timed` micro-steps on random tokens after one that
+    warms up (torch.compile compiles in it), times the run's micro-steps: a few seconds on a GPU, minutes
+    for a big model on a CPU; evaluations and checkpoints are not counted."""
+    device, world = dist_info.device, dist_info.world_size
+    precision, accumulation = runtime.precision(device, cfg.precision), cfg.grad_accum_steps(world)
+    needed = memory_needed(cfg, dist_info)["total"] + memory.overhead_bytes(device.type)
+    _, where = memory.available_bytes(device, local_processes(dist_info))
+    micro_tokens = cfg.micro_batch_size * cfg.seq_len * world
+    say = print if dist_info.is_main else (lambda *_: None)
+    say(f"plan: {cfg.model} on {world} x {runtime.device_name(device)}, {precision.name} ({cfg.precision})")
+    say(
+        f"  step: {cfg.tokens_per_step:,} tokens = {world} rank(s) x {accumulation} micro-steps x "
+        f"{cfg.micro_batch_size} x {cfg.seq_len}" + (" (micro-batch auto)" if choice else "")
+    )
+    say(f"  memory: ~{needed / memory.GiB:.1f} GiB per process by memory.py's formula; {where}")
+    say(f"  run: {cfg.max_steps:,} steps, {cfg.max_steps * cfg.tokens_per_step / 1e9:.2f}B tokens, into {cfg.log_dir}/")
+    say(f"  speed: timing 1 + {timed} micro-steps of {micro_tokens:,} tokens (random ids) ...")
+    timing = replace(cfg, tokens_per_step=micro_tokens, val_every=0, hellaswag_every=0, core_every=0)
+    loader = RandomTokens(cfg.micro_batch_size, cfg.seq_len, 50257, device.type == "cuda", seed=dist_info.rank)
+    run = build_run(timing, dist_info, train_loader=loader)
+    train_step(run, 0)  # warm-up: compiling, the allocator, kernel choices
+    sync = runtime.device_sync(device) or (lambda: None)
+    sync()
+    started = time.perf_counter()
+    for step in range(timed):
+        train_step(run, step + 1)
+    sync()
+    seconds = (time.perf_counter() - started) / timed * accumulation  # per optimizer step
+    total = seconds * cfg.max_steps
+    duration = f"{metrics.hms(total)} (h:mm:ss)" if total < 2 * 86400 else f"{total / 86400:,.1f} days"
+    say(
+        f"  speed: {seconds:.2f} s per step, {cfg.tokens_per_step / max(seconds, 1e-9):,.0f} tokens/s; "
+        f"{cfg.max_steps:,} steps: ~{duration}, evaluations and checkpoints not counted"
+    )
+    return 0
+
+
+def memory_needed(cfg: TrainConfig, dist_info: runtime.DistInfo) -> dict[str, float]:
+    """memory.py's formula for this run on this process: bytes per component, and "total"."""
+    return memory.memory_bytes(
         cfg.model,
         cfg.parallel,
         cfg.activation_checkpointing,
@@ -529,11 +659,15 @@ def refuse_if_too_big(cfg: TrainConfig, dist_info: runtime.DistInfo) -> None:
         cfg.seq_len,
         dist_info.world_size,
         cfg.grad_accum_steps(dist_info.world_size),
-        "bf16" if runtime.precision(dist_info.device, cfg.precision).dtype else "fp32",
+        runtime.precision(dist_info.device, cfg.precision).name,
         cfg.loss_chunk_rows,
     )
-    on_host = dist_info.device.type == "cpu"  # the processes of a node share its RAM
-    memory.refuse_if_too_big(needed, dist_info.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if on_host else 1)
+
+
+def refuse_if_too_big(cfg: TrainConfig, dist_info: runtime.DistInfo) -> None:
+    """Refuse, before anything is built, a run memory.py's formula says cannot fit (--no-memory-check)."""
+    if cfg.memory_check:
+        memory.refuse_if_too_big(memory_needed(cfg, dist_info), dist_info.device, local_processes(dist_info))
 
 
 def hold_log_dir(cfg: TrainConfig, dist_info: runtime.DistInfo) -> fileio.FolderLock | None:
@@ -571,8 +705,9 @@ def clear_log_dir(cfg: TrainConfig, dist_info: runtime.DistInfo) -> None:
         raise UserError(problem)
 
 
-def write_config_record(run: Run, log: metrics.MetricsLog, start: checkpoint.Resumed) -> None:
-    """The first record of each (re)start: the resolved config and where it runs."""
+def write_config_record(run: Run, log: metrics.MetricsLog, start: checkpoint.Resumed, choice: dict | None) -> None:
+    """The first record of each (re)start: the resolved config and where it runs (`choice`: how an auto
+    micro-batch was chosen; it may differ on resume on other hardware)."""
     cfg, device, world = run.cfg, run.dist_info.device, run.dist_info.world_size
     log.write(
         {
@@ -588,11 +723,13 @@ def write_config_record(run: Run, log: metrics.MetricsLog, start: checkpoint.Res
             "parallel": run.parallel.name,
             "resumed_from": start.path,
             "flops_per_token": run.model.flops_per_token(cfg.seq_len),
-            "peak_flops": runtime.peak_flops(device),
+            "peak_flops": runtime.peak_flops(device, run.precision.name, cfg.peak_tflops),
             "grad_accum_steps": run.grad_accum,
             "num_params": run.model.num_params(),
             "data_source": describe_source(cfg.data_dir),
             "hosts": runtime.host_names(),  # rank i ran on hosts[i]
+            "precision": run.precision.name,
+            "micro_batch_choice": choice,
         }
     )
     run.say(
@@ -609,13 +746,13 @@ def exit_codes(cfg: TrainConfig, dist_info: runtime.DistInfo):
     checkpoint is intact and the same command resumes from it)."""
     try:
         yield
-    except torch.cuda.OutOfMemoryError:  # fixed by a flag, as memory.py's refusal before the start
-        raise UserError(
-            f"out of GPU memory at --micro-batch-size {cfg.micro_batch_size}: halve it (gradient "
-            "accumulation grows to keep --tokens-per-step, so the run is unchanged), or add "
-            "--activation-checkpointing / --loss-chunk-rows 8192"
-        ) from None
-    except RuntimeError as e:  # after OutOfMemoryError, one of its kind
+    except RuntimeError as e:  # torch.OutOfMemoryError is one; so is MPS's out of memory
+        if runtime.is_out_of_memory(e):  # fixed by a flag, as memory.py's refusal before the start
+            raise UserError(
+                f"out of GPU memory at --micro-batch-size {cfg.micro_batch_size}: halve it (gradient "
+                "accumulation grows to keep --tokens-per-step, so the run is unchanged), or add "
+                "--activation-checkpointing / --loss-chunk-rows 8192"
+            ) from None
         if not runtime.is_peer_failure(e):
             raise
         # Every rank that sees it says so (the dead one, maybe rank 0, cannot). Not a user error:

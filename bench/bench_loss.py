@@ -44,9 +44,9 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from throughput import SyntheticLoader  # noqa: E402  (bench/throughput.py: bench/ is sys.path[0])
 
 import runtime  # noqa: E402
+from dataloader import RandomTokens  # noqa: E402
 from model import GPT, ChunkedLinearCrossEntropy  # noqa: E402
 from train_gpt2 import TrainConfig, build_run, train_step  # noqa: E402
 
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     cpu = runtime.DistInfo(0, 0, 1, torch.device("cpu"), True)
     runs = {}
     for name, cls in (("ours", GPT), ("cut", CutLogits), ("plain", PlainLogits)):
-        run = build_run(cfg, cpu, train_loader=SyntheticLoader(4, 256, 50257, False, seed=0))
+        run = build_run(cfg, cpu, train_loader=RandomTokens(4, 256, 50257, False, seed=0))
         run.model.__class__ = cls  # same weights and optimizer; only the output layer's loss differs
         run.train_model, run.evals.model = run.parallel.prepare(run.model, True, compile_on_cpu=bench.compile_on_cpu)
         train_step(run, 0)  # warm-up (and compilation)

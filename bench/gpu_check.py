@@ -26,11 +26,13 @@ subprocesses, one after the other, most valuable first, each with a time limit c
                   task with --core-data (the real task files), else the shipped stand-ins (the path and
                   examples/s only)
   6 export        export_hf.py, then transformers' GPT2LMHeadModel on the GPU: logits within 1e-4 (fp32)
-  7 throughput    bench/throughput.py at T=1024, 4 micro-steps of 64, one process per row: the reference trainer's
+  7 fp16          the tiny model in fp16 with loss scaling, eager, 20 steps: the scaler on real CUDA
+                  (what a V100 or T4 runs); the loss falls, its scale is checkpointed
+  8 throughput    bench/throughput.py at T=1024, 4 micro-steps of 64, one process per row: the reference trainer's
                   settings (compile off, fused AdamW, plain loss), our defaults (compile on), then each
                   lever. Only those two rows are required: a lever that runs out of memory, cannot run
                   these shapes or outruns its time reads "not measured: <why>"
-  8 bigger models gpt2-medium and gpt2-xl under --parallel fsdp: what fits, and at what speed
+  9 bigger models gpt2-medium and gpt2-xl under --parallel fsdp: what fits, and at what speed
 
 Results: <out>/gpu_check.json and <out>/gpu_check.log, <out> being --out, else $OUT, else
 gpu_check_out. The JSON is rewritten (atomically) after every check and every throughput row, with
@@ -74,6 +76,7 @@ found in the cache; ~0.1 s per 65,536-token step; ~3 s per 1.5 GB checkpoint. So
                                            leaves export's needs and the two throughput rows' (40 + 30
                                            + 45); else "not measured: time budget spent"
   export                 30    90    40   plus 30 s kept for the comparison in this process
+  fp16                   20    60    20   the tiny model, eager: a process start and 20 short steps
   throughput             75     -    30   the reference row (eager, ~30 s, needs 30) and the defaults
                                            row (the train run's shapes, cached: ~45 s, needs 45)
                                            always, then levers in order until the budget ends
@@ -145,8 +148,17 @@ STEPS = {
     "core compiled": Step(90, 45),  # one new process, the eval graphs maybe cached by the train run's CORE
     "export": Step(90, 40),
     "memory formula": Step(60, 10),
+    "fp16": Step(60, 20),  # one process, eager: ~15 s to start, 20 tiny steps, one checkpoint
     "bigger models": Step(300, 120),
 }
+# The fp16 check: the tiny model, eager, 2 micro-steps a step (the scaler across an accumulation):
+# 20 steps of 8 x 256 on the GPU, the loss scaler on real CUDA once, in seconds. A dry run takes 4
+# steps of 2 x 32: a CPU has no fp16 matmul units (a step of 4,096 tokens took 84 s on 2 cores).
+FP16_RUN = {
+    "cuda": {"model": "tiny", "seq_len": 256, "micro_batch_size": 8, "tokens_per_step": 4096, "warmup_steps": 2},
+    "cpu": {"model": "tiny", "seq_len": 32, "micro_batch_size": 2, "tokens_per_step": 128, "warmup_steps": 2},
+}
+FP16_STEPS = {"cuda": 20, "cpu": 4}
 EXPORT_COMPARE_S = 30
 # The train check's log dir, then the resume check's (the same run from its middle checkpoint to the
 # end): an evaluation check reads the newest checkpoint either left, so one run cut at its cap costs
@@ -617,6 +629,29 @@ def train(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
         and numbers["samples"] >= 1
         and "model_final.pt" in numbers["checkpoints"]
     )
+    return passed, numbers
+
+
+def fp16(ck: Checker, data_dir: Path, sizes: dict) -> tuple[bool, dict]:
+    """A short eager run in fp16 with loss scaling (--precision fp16: what a V100 or T4 runs), so that
+    the scaler runs on real CUDA once: the loss falls, nothing stops it, its scale is checkpointed."""
+    log_dir, steps = ck.work / "fp16", FP16_STEPS[ck.device]
+    quiet = {"val_every": 0, "hellaswag_every": 0, "sample_every": 0, "ckpt_every": 0, "max_steps": steps}
+    flags = [*train_flags({**sizes, **FP16_RUN[ck.device], **quiet}), "--precision", "fp16", "--no-compile"]
+    ran = ck.run(
+        "fp16", ["train_gpt2.py", *flags, "--data-dir", str(data_dir), "--log-dir", str(log_dir)], STEPS["fp16"]
+    )
+    records = metrics_of(log_dir)
+    losses = [r["train_loss"] for r in records if r["type"] == "train"]
+    skipped = [r["reason"] for r in records if r["type"] == "skip"]
+    scale = None
+    final = log_dir / "model_final.pt"
+    if final.exists():
+        import checkpoint
+
+        scale = checkpoint.load_file(final, required=checkpoint.TRAINING_KEYS).get("loss_scale")
+    numbers = {"exit": ran.code, "steps": len(losses), "losses": losses, "skipped": skipped, "loss_scale": scale}
+    passed = ran.code == 0 and len(losses) == steps and losses[-1] < losses[0] and scale is not None
     return passed, numbers
 
 
@@ -1116,6 +1151,7 @@ def run_checks(ck: Checker, cfg: CheckConfig, data_dir: Path, sizes: dict) -> No
     ck.check("hellaswag", lambda: hellaswag_eval(ck, hellaswag, full, data_dir, sizes), eval_needs(ck, "hellaswag"))
     ck.check("core", lambda: core(ck, cfg.core_data, data_dir, sizes), eval_needs(ck, "core"))
     ck.check("export", lambda: export(ck, data_dir, sizes), eval_needs(ck, "export"))
+    ck.check("fp16", lambda: fp16(ck, data_dir, sizes), STEPS["fp16"].needs)
     ck.check("throughput", lambda: throughput(ck), throughput_settings(cfg.dry_run)[0].step.needs)
     ck.check("bigger models", lambda: bigger_models(ck), STEPS["bigger models"].needs)
 

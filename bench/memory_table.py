@@ -122,9 +122,8 @@ def print_table(rows: list[dict], cfg: MemoryConfig) -> None:
 def measure_step(cfg: MemoryConfig) -> dict:
     """Peak memory (max RSS of each rank) of two real training steps on the CPU (the second has the
     AdamW state), minus the process's RSS before the model was built; with the formula for fp32."""
-    from throughput import SyntheticLoader  # noqa: PLC0415  (bench/throughput.py: bench/ is sys.path[0])
-
     import runtime  # noqa: PLC0415
+    from dataloader import RandomTokens  # noqa: PLC0415
     from train_gpt2 import TrainConfig, build_run, train_step  # noqa: PLC0415 - heavy imports only here
 
     dist_info = runtime.setup_distributed("cpu")
@@ -148,7 +147,7 @@ def measure_step(cfg: MemoryConfig) -> dict:
     )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     started = time.perf_counter()
-    loader = SyntheticLoader(cfg.micro_batch_size, seq_len, 50257, pin_memory=False, seed=dist_info.rank)
+    loader = RandomTokens(cfg.micro_batch_size, seq_len, 50257, pin_memory=False, seed=dist_info.rank)
     run = build_run(train_cfg, dist_info, train_loader=loader)
     for step in range(2):
         train_step(run, step)

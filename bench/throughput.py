@@ -9,9 +9,10 @@ The flags of train_gpt2.py that shape the step (model, batch, optimizer, speed l
 and mean the same; --help lists them apart from the benchmark's own. The step is built by the
 trainer's own build_run and train_step. Tokens are synthetic (uniform random ids, a fixed seed)
 unless --data-dir is given, so it runs anywhere with no data. Warm-up steps (torch.compile included)
-are not timed; timed steps are measured with CUDA events on a GPU, and each step's time is printed
-to stderr as it ends. MFU uses the trainer's formula and peak table. It imports neither `datasets`
-nor `transformers`, so it runs on a bare GPU machine with torch + numpy + tiktoken.
+are not timed; timed steps are measured with CUDA events on a CUDA GPU (on Apple's MPS with the host
+clock, after waiting for the GPU), and each step's time is printed to stderr as it ends. MFU uses
+the trainer's formula and peak table (none for MPS: n/a). It imports neither `datasets` nor
+`transformers`, so it runs on a bare GPU machine with torch + numpy + tiktoken.
 """
 
 from __future__ import annotations
@@ -108,25 +109,8 @@ import torch  # noqa: E402
 
 import metrics  # noqa: E402
 import runtime  # noqa: E402
-from train_gpt2 import build_run, train_step  # noqa: E402
-
-
-class SyntheticLoader:
-    """Uniform random token ids of the right shape, from a fixed seed: no data needed. Hands over
-    what the trainer's loader does (dataloader._to_xy): contiguous x and y, each pinned on CUDA, so
-    the host-to-device copy timed here is the asynchronous one training pays, not a strided one."""
-
-    def __init__(self, micro_batch_size: int, seq_len: int, vocab_size: int, pin_memory: bool, seed: int = 0):
-        self.shape = (micro_batch_size, seq_len + 1)
-        self.vocab_size, self.pin_memory = vocab_size, pin_memory
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.randint(0, self.vocab_size, self.shape, generator=self.generator)
-        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-        if self.pin_memory:
-            x, y = x.pin_memory(), y.pin_memory()
-        return x, y
+from dataloader import RandomTokens  # noqa: E402
+from train_gpt2 import build_run, choose_micro_batch, train_step  # noqa: E402
 
 
 def detect_attention_kernel(fn) -> str:
@@ -144,7 +128,12 @@ def detect_attention_kernel(fn) -> str:
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (process peak RSS)
+    if device.type == "mps":
+        # torch.mps keeps no peak; what Metal holds for this process after the timed steps is the
+        # caching allocator's pool, which keeps the blocks of the largest step until empty_cache
+        return torch.mps.driver_allocated_memory() / 2**30
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the process's peak RSS
+    return peak_rss / (2**30 if sys.platform == "darwin" else 2**20)  # macOS counts it in bytes, Linux in KiB
 
 
 def release_row_memory(device: torch.device) -> None:
@@ -155,13 +144,16 @@ def release_row_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 def bench_one(cfg: TrainConfig, bench: BenchConfig, dist_info: runtime.DistInfo, synthetic: bool) -> dict:
     device = dist_info.device
+    cfg, _ = choose_micro_batch(cfg, dist_info)  # --micro-batch-size auto (the default), as the trainer does
     loader = None
     if synthetic:
-        loader = SyntheticLoader(
+        loader = RandomTokens(
             cfg.micro_batch_size,
             cfg.seq_len,
             cfg.model_config.vocab_size,
@@ -172,15 +164,17 @@ def bench_one(cfg: TrainConfig, bench: BenchConfig, dist_info: runtime.DistInfo,
     step = iter(range(10**9))
     total = bench.warmup + bench.steps
 
+    wait_for_device = runtime.device_sync(device)  # None on a CPU: nothing is queued
+
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        if wait_for_device is not None:
+            wait_for_device()
 
     def one_step():
         t0, index = time.perf_counter(), next(step)
         out = train_step(run, index)
-        # Progress on stderr: every step on a CPU (minutes each at 124M); on a GPU only the warm-up
-        # (compilation), since a host sync between timed steps would change what is timed.
+        # Progress on stderr: every step on a CPU (minutes each at 124M); on a GPU (CUDA, MPS) only the
+        # warm-up (compilation), since a host sync between timed steps would change what is timed.
         if dist_info.is_main and (device.type == "cpu" or index < bench.warmup):
             sync()
             what = "warm-up" if index < bench.warmup else "timed"
@@ -203,7 +197,8 @@ def bench_one(cfg: TrainConfig, bench: BenchConfig, dist_info: runtime.DistInfo,
         end.record()
         sync()
         seconds = start.elapsed_time(end) / 1000
-    else:
+    else:  # MPS queues its work as CUDA does: the clock stops once the GPU has done it
+        sync()
         seconds = time.perf_counter() - t0
     if bench.profile:
         profile_steps(one_step, bench.trace_path, device)
@@ -226,7 +221,12 @@ def bench_one(cfg: TrainConfig, bench: BenchConfig, dist_info: runtime.DistInfo,
         "spike_guard": cfg.spike_guard,
         "tokens_per_sec": tokens_per_sec,
         "step_ms": 1000 * seconds / bench.steps,
-        "mfu": metrics.mfu(flops_per_token, tokens_per_sec, runtime.peak_flops(device), dist_info.world_size),
+        "mfu": metrics.mfu(
+            flops_per_token,
+            tokens_per_sec,
+            runtime.peak_flops(device, run.precision.name, cfg.peak_tflops),
+            dist_info.world_size,
+        ),
         "peak_memory_gb": peak_memory_gb(device),
         "final_loss": losses[-1].item(),
         "device": runtime.device_name(device),
@@ -271,9 +271,14 @@ def main(argv=None) -> int:
     dist_info = runtime.setup_distributed(cfg.device)
     synthetic = "data_dir" not in train_flags
     if dist_info.device.type == "cpu" and dist_info.is_main:
+        shape = (
+            f"{cfg.micro_batch_size} x {cfg.seq_len} x {cfg.grad_accum_steps(1)} micro-steps"
+            if cfg.micro_batch_size
+            else f"micro-batch auto x {cfg.seq_len}, {cfg.tokens_per_step:,} tokens per step"
+        )
         print(
-            f"bench: timing {cfg.model} at {cfg.micro_batch_size} x {cfg.seq_len} x {cfg.grad_accum_steps(1)} "
-            f"micro-steps on the CPU ({bench.warmup} warm-up + {bench.steps} timed steps, each printed as it ends)"
+            f"bench: timing {cfg.model} at {shape} on the CPU ({bench.warmup} warm-up + {bench.steps} timed steps, "
+            "each printed as it ends)"
             + (
                 f"; the reference configuration takes minutes per step here: for a CPU-sized run use {CPU_SIZED}"
                 if "model" not in train_flags
@@ -287,10 +292,11 @@ def main(argv=None) -> int:
         for overrides, run_cfg in grid:
             try:
                 row = bench_one(run_cfg, bench, dist_info, synthetic)
-            except torch.cuda.OutOfMemoryError:
-                row, status = {"error": "out of memory: lower --micro-batch-size or use --loss-chunk-rows"}, 3
             except (ValueError, RuntimeError) as e:  # e.g. a forced attention kernel that cannot run
-                row, status = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}, 2
+                if runtime.is_out_of_memory(e):
+                    row, status = {"error": "out of memory: lower --micro-batch-size or use --loss-chunk-rows"}, 3
+                else:
+                    row, status = {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}, 2
             if dist_info.is_main:
                 print(json.dumps({**overrides, **row}) if bench.json else format_row(row, overrides), flush=True)
             release_row_memory(dist_info.device)

@@ -95,6 +95,7 @@ LONG_FIRST = (
     "tests/test_disk_full.py",
     "tests/test_core.py",
     "tests/test_gpu_check.py",
+    "tests/test_precision.py",
 )
 
 
@@ -107,7 +108,7 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    # CI's 2 cores run the suite in ~11 minutes; the heavy tests add ~5 more (docs/tests.md).
+    # CI's 2 cores run the suite in ~16 minutes; the heavy tests add ~5 more (docs/tests.md).
     if not config.getoption("--heavy"):
         skip = pytest.mark.skip(reason="heavy: run with `uv run pytest --heavy` (before a GPU session, before landing)")
         for item in items:

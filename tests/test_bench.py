@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import metrics
-from bench.throughput import SyntheticLoader, release_row_memory, sweep_grid
+from bench.throughput import release_row_memory, sweep_grid
+from dataloader import RandomTokens
 from train_gpt2 import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +69,7 @@ def test_sweep_grid_is_the_cartesian_product():
 def test_synthetic_batches_are_contiguous_like_the_trainer_s():
     """Strided views of one (B, T+1) buffer would make bench time a copy training never does. (The
     pinning of each, on CUDA, needs a GPU to check.)"""
-    x, y = SyntheticLoader(micro_batch_size=3, seq_len=8, vocab_size=50, pin_memory=False).next_batch()
+    x, y = RandomTokens(micro_batch_size=3, seq_len=8, vocab_size=50, pin_memory=False).next_batch()
     assert x.shape == y.shape == (3, 8) and x.is_contiguous() and y.is_contiguous()
     assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one token
 
@@ -146,7 +147,8 @@ def test_cpu_run_says_what_it_times_at_once_shows_each_step_and_prints_a_row():
     finally:
         proc.kill()
         proc.wait()
-    assert first.startswith("bench: timing gpt2 at 64 x 1024 x 8 micro-steps on the CPU") and "--model tiny" in first
+    assert first.startswith("bench: timing gpt2 at micro-batch auto x 1024, 524,288 tokens per step on the CPU")
+    assert "--model tiny" in first
     bad = subprocess.run(
         [sys.executable, "bench/throughput.py", *TINY, "--sweep", "no_such_knob=1"],
         cwd=ROOT,

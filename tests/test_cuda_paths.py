@@ -257,12 +257,14 @@ def residual_dtypes(model: torch.nn.Module, forward) -> set[torch.dtype]:
 
 
 def test_precision_policy_defaults_and_requests():
-    assert runtime.precision(torch.device("cuda")).dtype == torch.bfloat16  # what a GPU run gets
+    with fake_cuda():  # an sm90 card: bf16 is native
+        assert runtime.precision(torch.device("cuda")).dtype == torch.bfloat16  # what a GPU run gets
+        assert runtime.precision(torch.device("cuda"), "fp32").dtype is None
     assert runtime.precision(torch.device("cpu")).dtype is None
     assert runtime.precision(torch.device("cpu"), "bf16").dtype == torch.bfloat16  # CUDA's, asked for on CPU
-    assert runtime.precision(torch.device("cuda"), "fp32").dtype is None
+    assert runtime.precision(torch.device("cpu"), "fp16").dtype == torch.float16  # a V100's, asked for on CPU
     with pytest.raises(ValueError, match="--precision"):
-        runtime.precision(torch.device("cpu"), "fp16")
+        runtime.precision(torch.device("cpu"), "fp8")
 
 
 def test_residual_stream_is_float32_under_bf16_on_cuda(data_dir):

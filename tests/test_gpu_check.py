@@ -26,7 +26,7 @@ _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gp
 gpu_check = sys.modules["gpu_check"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up there
 _spec.loader.exec_module(gpu_check)
 
-ALL_CHECKS = ["environment", "train", "resume", "hellaswag", "core", "export", "throughput", "bigger models"]
+ALL_CHECKS = ["environment", "train", "resume", "hellaswag", "core", "export", "fp16", "throughput", "bigger models"]
 # A CI machine running the other pytest worker beside it is up to twice as slow as the 2.5 minutes
 # the dry run takes alone: the default budget (the GPU machine's) would skip its last checks there.
 DRY_BUDGET = "900"

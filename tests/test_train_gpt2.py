@@ -327,7 +327,7 @@ def test_mfu_formula_for_gpt2_124m_on_h100():
     assert metrics.mfu(expected_flops, 0.0, h100_sxm) is None
     assert metrics.mfu(expected_flops, 10**7, h100_sxm) == 1.0  # impossible numbers never exceed 100%
     assert runtime.peak_flops(torch.device("cpu")) is None
-    assert dict(runtime.PEAK_BF16_TFLOPS)["H100"] == 989.4
+    assert {key: bf16 for key, bf16, _ in runtime.PEAK_TFLOPS}["H100"] == 989.4
 
 
 # ---------------------------------------------------------------------------------------- bad inputs
@@ -1076,7 +1076,7 @@ def test_help_lists_choices_and_a_model_preset_brings_its_context():
     text = cli.build_parser(TrainConfig).format_help()
     for choices in (
         "{gpt2,gpt2-medium,gpt2-large,gpt2-xl,tiny}",
-        "{auto,cpu,cuda}",
+        "{auto,cpu,cuda,mps}",
         "{cosine,wsd}",
         "{auto,flash,cudnn,efficient,math}",
         "{adamw,muon}",
