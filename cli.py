@@ -41,6 +41,7 @@ DEFAULT_CORE_DATA = "core_data"  # core.py downloads CORE's task files there onc
 # The choices of flags that several scripts share; the modules that act on them (runtime, parallel,
 # model) take them from here, so that a script can check its flags without importing torch.
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # auto: cuda, else mps (Apple silicon), else cpu
+DEVICE_HELP = "auto (cuda, else mps, else cpu), cpu, cuda or mps"  # --device's help, in every script
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # runtime.precision
 STRATEGIES = ("ddp", "fsdp")  # parallel.parallelize: how the model is spread over ranks
 ATTENTION_KERNELS = ("auto", "flash", "cudnn", "efficient", "math")  # the keys of model.ATTENTION_BACKENDS

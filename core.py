@@ -9,9 +9,10 @@ field's GPT-2 yardstick (definition and data in core_eval.py; OpenAI's GPT-2 124
 Prints each task's accuracy and centered accuracy, then CORE, and appends one JSON object to
 core_results.jsonl in the checkpoint's folder (its run's log dir; --log-dir chooses another; log/
 for --hf). Under torchrun the forwards are split across ranks; the numbers are identical to one
-process. bf16 autocast on CUDA, float32 on CPU and on Apple's MPS. Files missing from --data-dir are downloaded (pinned
-llm-foundry commit, each file checked); --allow-missing evaluates what is there instead and reports
-CORE-PARTIAL over those tasks, which is not CORE.
+process. Autocast as --precision auto picks it (bf16, or fp16 on a GPU without bf16 units), float32 on
+CPU and on Apple's MPS. Files missing from --data-dir are downloaded (pinned llm-foundry commit, each
+file checked); --allow-missing evaluates what is there instead and reports CORE-PARTIAL over those
+tasks, which is not CORE.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import cli
 import core_eval
-from cli import DEFAULT_CHECKPOINT, DEFAULT_LOG_DIR, DEVICE_CHOICES, UserError, field, parse_config
+from cli import DEFAULT_CHECKPOINT, DEFAULT_LOG_DIR, DEVICE_CHOICES, DEVICE_HELP, UserError, field, parse_config
 
 RESULTS_FILE = "core_results.jsonl"
 
@@ -56,7 +57,7 @@ class CoreConfig:
         "",
         f"append the result to <log-dir>/{RESULTS_FILE} (default: the checkpoint's folder; {DEFAULT_LOG_DIR} for --hf)",
     )
-    device: str = field("auto", "auto (cuda, else mps, else cpu), cpu, cuda or mps", choices=DEVICE_CHOICES)
+    device: str = field("auto", DEVICE_HELP, choices=DEVICE_CHOICES)
     compile: bool = field(False, "torch.compile the model (CUDA only: ignored elsewhere)")
 
     def __post_init__(self):

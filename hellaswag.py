@@ -11,8 +11,9 @@ Shows progress (examples done, examples/s) while it runs, then prints one line w
 styles (reference = build-nanogpt's, harness = lm-evaluation-harness's; defined in hellaswag_eval.py
 and docs/evaluation.md) and appends one JSON object to hellaswag_results.jsonl in the checkpoint's folder (its
 run's log dir, where plot.py looks; --log-dir chooses another; log/ for --hf). Under torchrun the
-examples are split across ranks; the numbers are identical to one process. bf16 autocast on CUDA,
-float32 on CPU and on Apple's MPS (one process: torchrun needs CUDA or the CPU).
+examples are split across ranks; the numbers are identical to one process. Autocast as --precision
+auto picks it (bf16, or fp16 on a GPU without bf16 units), float32 on CPU and on Apple's MPS (one
+process: torchrun needs CUDA or the CPU).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cli
-from cli import DEFAULT_CHECKPOINT, DEFAULT_LOG_DIR, DEVICE_CHOICES, UserError, field, parse_config
+from cli import DEFAULT_CHECKPOINT, DEFAULT_LOG_DIR, DEVICE_CHOICES, DEVICE_HELP, UserError, field, parse_config
 from cli import DEFAULT_HELLASWAG_DATA as DEFAULT_DATA_PATH
 
 RESULTS_FILE = "hellaswag_results.jsonl"
@@ -48,7 +49,7 @@ class HellaSwagConfig:
         "folder, e.g. log_fast for log_fast/model_final.pt, where plot.py --log-dir log_fast reads it; "
         f"{DEFAULT_LOG_DIR} for --hf)",
     )
-    device: str = field("auto", "auto (cuda, else mps, else cpu), cpu, cuda or mps", choices=DEVICE_CHOICES)
+    device: str = field("auto", DEVICE_HELP, choices=DEVICE_CHOICES)
     compile: bool = field(False, "torch.compile the model (CUDA only; pays off for the full set on a big model)")
 
     def __post_init__(self):

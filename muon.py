@@ -65,9 +65,9 @@ class Muon(torch.optim.Optimizer):
     fused attention projection c_attn (3C, C) is q, k and v stacked, three matrices of their own.
 
     Under FSDP2 each rank holds a block of rows of W, of its gradient and of m (DTensors). The
-    momentum stays sharded; u is all-gathered (in bf16), every rank orthogonalises every whole matrix (the
-    same bf16 numbers everywhere: no broadcast needed) and keeps its own rows of the result. That
-    repeats the Newton-Schulz work on each rank; spreading the matrices over the ranks and
+    momentum stays sharded; u is all-gathered (in ns_dtype: bf16, fp16 on older GPUs), every rank
+    orthogonalises every whole matrix (the same numbers everywhere: no broadcast needed) and keeps its
+    own rows of the result. That repeats the Newton-Schulz work on each rank; spreading the matrices over the ranks and
     broadcasting the results would not, at the cost of one more collective per matrix.
     """
 
@@ -107,7 +107,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(momentum).add_(p.grad)
                 update = p.grad.add(buf, alpha=momentum) if group["nesterov"] else buf
-                # bf16 before the all-gather (FSDP2): Newton-Schulz starts with that cast anyway, so the
+                # ns_dtype before the all-gather (FSDP2): Newton-Schulz starts with that cast anyway, so the
                 # numbers are the same and half the bytes cross the network.
                 blocks = whole(update.to(self.ns_dtype)).chunk(split, dim=0)  # q, k, v for c_attn; else the matrix
                 ortho = torch.cat([newton_schulz(b, group["ns_steps"], dtype=self.ns_dtype) for b in blocks]).to(

@@ -282,16 +282,29 @@ def native_bf16(device: torch.device) -> bool:
     slower than fp32, and flash / memory-efficient attention refuse it (the math kernel's T^2 memory)."""
     if device.type != "cuda":
         return device.type == "cpu"  # CPU autocast takes bf16 (the tests ask for it); MPS: see precision
+    return has_bf16_units(gpu_arch(device))
+
+
+def gpu_arch(device: torch.device) -> tuple[int, int] | str:
+    """A CUDA device's NVIDIA compute capability, (9, 0) for an H100; under ROCm its AMD architecture,
+    "gfx942" for an MI300X (gcnArchName)."""
     if torch.version.hip:
-        return has_bf16_units(amd_arch=torch.cuda.get_device_properties(device).gcnArchName)
-    return has_bf16_units(capability=torch.cuda.get_device_capability(device))
+        return torch.cuda.get_device_properties(device).gcnArchName
+    return torch.cuda.get_device_capability(device)
 
 
-def has_bf16_units(capability: tuple[int, int] | None = None, amd_arch: str | None = None) -> bool:
-    """Whether a GPU of this NVIDIA compute capability (sm80+) or AMD architecture multiplies bf16 natively."""
-    if amd_arch is not None:
-        return amd_arch.startswith(AMD_BF16_ARCHS)
-    return capability is not None and tuple(capability) >= (8, 0)
+def has_bf16_units(arch: tuple[int, int] | str) -> bool:
+    """Whether a GPU of this architecture (`gpu_arch`'s) multiplies bf16 natively: NVIDIA sm80+, AMD
+    AMD_BF16_ARCHS."""
+    if isinstance(arch, str):
+        return arch.startswith(AMD_BF16_ARCHS)
+    return tuple(arch) >= (8, 0)
+
+
+def gpu_precision(arch: tuple[int, int] | str) -> str:
+    """--precision auto on a GPU of this architecture (`gpu_arch`'s): bf16 where it has bf16 units,
+    else fp16 with loss scaling."""
+    return "bf16" if has_bf16_units(arch) else "fp16"
 
 
 def half_dtype(device: torch.device) -> torch.dtype:
@@ -308,7 +321,7 @@ def auto_precision(device: torch.device) -> str:
     (torch's MPS autocast covers fewer ops; --precision fp16 asks for it)."""
     if device.type != "cuda":
         return "fp32"
-    return "bf16" if native_bf16(device) else "fp16"
+    return gpu_precision(gpu_arch(device))
 
 
 def precision(device: torch.device, name: str = "auto") -> Precision:
@@ -351,6 +364,10 @@ class LossScaler:
         self.enabled = enabled
         self.scale = self.INITIAL if enabled else 1.0
         self.good_steps = 0  # in a row, since the last overflow or growth
+
+    def scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        """What backward starts from: the loss times the scale (off: the loss itself, no extra op)."""
+        return loss * self.scale if self.enabled else loss
 
     def unscale_(self, parameters) -> None:
         """Divide the gradients by the scale, in place (after the last micro-step's backward)."""
@@ -432,7 +449,7 @@ def compiles(device: torch.device, enabled: bool, on_cpu: bool = False, warn: bo
             where = (
                 "on MPS (torch.compile's MPS backend is experimental)"
                 if device.type == "mps"
-                else ("on CPU (compiling costs more than it saves there)")
+                else "on CPU (compiling costs more than it saves there)"
             )
             warnings.warn(f"--compile is ignored {where}", stacklevel=3)
         return False

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass
 
 import cli
-from cli import DEFAULT_CHECKPOINT, DEVICE_CHOICES, UserError, field, parse_config
+from cli import DEFAULT_CHECKPOINT, DEVICE_CHOICES, DEVICE_HELP, UserError, field, parse_config
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class SampleConfig:
     temperature: float = field(1.0, "softmax temperature; 0 = greedy")
     top_k: int = field(50, "sample among the k most likely tokens (0 = all)")
     seed: int = field(42, "seed of the sampling generator")
-    device: str = field("auto", "auto (cuda, else mps, else cpu), cpu, cuda or mps", choices=DEVICE_CHOICES)
+    device: str = field("auto", DEVICE_HELP, choices=DEVICE_CHOICES)
 
     def __post_init__(self):
         if self.num_samples < 1 or self.max_new_tokens < 1 or self.temperature < 0 or self.top_k < 0:

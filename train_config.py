@@ -161,7 +161,7 @@ class TrainConfig:
     # On purpose, e.g. a new data order after a loss spike: checkpoint.RESUME_REFUSED lists what it allows.
     allow_config_change: bool = field(False, "resume although the batch, data order or data changed")
     # Speed levers: bench/throughput.py measures each; none changes the math beyond rounding.
-    device: str = field("auto", "auto (cuda, else mps, else cpu), cpu, cuda or mps", choices=cli.DEVICE_CHOICES)
+    device: str = field("auto", cli.DEVICE_HELP, choices=cli.DEVICE_CHOICES)
     compile: bool = field(True, "torch.compile the model (CUDA; on CPU see --compile-on-cpu)")
     compile_on_cpu: bool = field(False, "compile on CPU too (inductor: the compiled path's tests)")
     # reduce-overhead and max-autotune capture CUDA graphs: one micro-step per rank only.

@@ -153,6 +153,11 @@ class Run:
     micro_steps_done: int = 0  # by this process: what a slow first step's notice reports
 
     @property
+    def decides_every_step(self) -> bool:
+        """Whether skip_reason decides each step's update (the spike guard, fp16's scaler): one host sync a step."""
+        return self.spike_guard.enabled or self.scaler.enabled
+
+    @property
     def fused_adamw(self) -> bool:
         """Whether AdamW runs as one fused kernel (CUDA only)."""
         return any(group.get("fused") for group in self.optimizer.param_groups)
@@ -272,12 +277,12 @@ def train_step(run: Run, step: int) -> StepResult:
                 _, loss = run.train_model(x, y)
             loss = loss / run.grad_accum  # the step's loss is the mean over its micro-batches
             loss_accum += loss.detach()
-            (loss * run.scaler.scale if run.scaler.enabled else loss).backward()
+            run.scaler.scaled(loss).backward()
         run.micro_steps_done += 1
     run.scaler.unscale_(run.model.parameters())  # fp16: the gradients of the loss itself, before clipping
     grad_norm = run.parallel.clip_grad_norm_(run.model, run.cfg.grad_clip)
     lr = learning_rate(step, run.cfg)
-    skipped = skip_reason(run, step, loss_accum, grad_norm) if run.spike_guard.enabled or run.scaler.enabled else None
+    skipped = skip_reason(run, step, loss_accum, grad_norm) if run.decides_every_step else None
     if skipped is None:
         set_learning_rates(run.optimizer, lr)
         run.optimizer.step()
@@ -422,10 +427,9 @@ def loop(run: Run, log: metrics.MetricsLog, stop: runtime.StopFlag, *, start_ste
     every = {"val": cfg.val_every, "hellaswag": cfg.hellaswag_every, "core": cfg.core_every, "sample": cfg.sample_every}
     clock = metrics.StepClock(runtime.device_sync(run.dist_info.device))
     peak = run_peak_flops(run)
-    # Steps with a non-finite loss or norm since the last sync, counted on the device: only without
-    # the guard (with it, train_step stops at the first one).
-    checked_every_step = run.spike_guard.enabled or run.scaler.enabled  # skip_reason looks at every step
-    nonfinite_steps = None if checked_every_step else torch.zeros((), device=run.dist_info.device)
+    # Steps with a non-finite loss or norm since the last sync, counted on the device: only when no
+    # step is decided on the host (else train_step stops at the first one).
+    nonfinite_steps = None if run.decides_every_step else torch.zeros((), device=run.dist_info.device)
     interrupted = False
 
     for step in range(start_step, cfg.max_steps + 1):

@@ -28,9 +28,7 @@ class Card(NamedTuple):
     @property
     def precision(self) -> str:
         """What --precision auto picks on it (runtime.auto_precision's rule)."""
-        if isinstance(self.arch, str):
-            return "bf16" if runtime.has_bf16_units(amd_arch=self.arch) else "fp16"
-        return "bf16" if runtime.has_bf16_units(capability=self.arch) else "fp16"
+        return runtime.gpu_precision(self.arch)
 
 
 # The memory an idle card reports free: its size less ~0.5 GiB of CUDA context (an H100's 79.1 of 79.6).
